@@ -1,0 +1,34 @@
+"""``python -m domains``: one guest-domain process, started by the hypervisor with the identity it assigned."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from domains.runtime import DomainProcess
+from pvcluster import trace
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m domains", description=__doc__)
+    ap.add_argument("--endpoint", required=True, help="the hypervisor's domain bus endpoint")
+    ap.add_argument("--identity", required=True, help="socket identity assigned by the hypervisor")
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--domid", required=True, type=int)
+    ap.add_argument("--name", required=True)
+    args = ap.parse_args(argv)
+    log = trace.configure(args.run_dir / "trace" / f"dom{args.domid}-{args.name}.jsonl", f"dom{args.domid}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    proc = DomainProcess(args.endpoint, args.identity.encode(), args.domid, args.name, log)
+    try:
+        return trio.run(proc.run)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+# pvkern: the built-in guest kernel (x86-32, Intel syntax, assembled by keystone).
+#
+# Boot (Xen PV convention): vCPU 0 enters at _start with %esi = start_info. It reads the command line,
+# counts its vCPUs with VCPUOP_is_up, brings the others up with VCPUOP_initialise + VCPUOP_up, waits until
+# each has said hello on the console, runs the selected workload and shuts down with the reason the command
+# line names (shutdown=poweroff|reboot|suspend|crash|watchdog).
+#
+# Hypercalls go through the hypervisor-filled hypercall page: `call hc_<name>` (labels made by the builder).
+# Conventions: routines preserve ebx, esi, edi, ebp unless stated; results in eax.
+
+.equ MAX_VCPUS, 32
+.equ LINE_LEN, 128
+.equ STACK_SIZE, 4096
+.equ SI_NR_PAGES, 32
+.equ SI_CMD_LINE, 80
+.equ CTX_SIZE, 2800
+.equ CTX_FLAGS, 512
+.equ CTX_EBX, 516
+.equ CTX_EIP, 548
+.equ CTX_ESP, 560
+
+_start:
+    cld
+    mov [start_info], esi
+    mov esp, boot_stack_top
+    call parse_cmdline
+    call count_vcpus
+    mov [nr_vcpus], eax
+
+    mov esi, msg_boot
+    xor eax, eax
+    mov ebx, [nr_vcpus]
+    call print_two_nums
+
+    # bring up the secondaries: each gets its own stack and its id in %ebx
+    mov ebx, 1
+.Lbring_up:
+    cmp ebx, [nr_vcpus]
+    jae .Lwait_secondaries
+    call vcpu_start
+    inc ebx
+    jmp .Lbring_up
+
+.Lwait_secondaries:
+    mov eax, [nr_vcpus]
+    dec eax
+    cmp [vcpus_done], eax
+    jae .Lsecondaries_done
+    mov ebx, 0                      # SCHEDOP_yield
+    xor ecx, ecx
+    call hc_sched_op
+    jmp .Lwait_secondaries
+
+.Lsecondaries_done:
+    xor ebx, ebx
+    call hello
+    cmp dword ptr [workload_hostile], 0
+    je .Lshutdown
+    call hostile_checks
+    test eax, eax
+    jz .Lshutdown
+    mov dword ptr [shutdown_reason], 3  # a failed check ends in a crash, so it cannot go unnoticed
+
+.Lshutdown:
+    mov esi, msg_shutdown
+    mov eax, [shutdown_reason]
+    call print_num_line
+    mov ebx, 2                      # SCHEDOP_shutdown
+    mov ecx, shutdown_reason
+    call hc_sched_op
+    # only reached if the hypervisor refused
+    mov esi, msg_shutdown_failed
+    call print_num_line
+.Lhang:
+    hlt
+    jmp .Lhang
+
+# ---------------------------------------------------------------------------------------------------
+# vcpu_start(ebx = vcpu id): VCPUOP_initialise with a context that enters secondary_entry, then VCPUOP_up
+vcpu_start:
+    push ebx
+    push edi
+    mov edi, vcpu_ctx
+    mov ecx, CTX_SIZE / 4
+    xor eax, eax
+    rep stosd
+    mov dword ptr [vcpu_ctx + CTX_EIP], secondary_entry
+    mov dword ptr [vcpu_ctx + CTX_EBX], ebx
+    mov eax, ebx
+    inc eax
+    shl eax, 12                      # STACK_SIZE
+    add eax, secondary_stacks
+    mov [vcpu_ctx + CTX_ESP], eax
+    mov ecx, ebx                     # vcpu id
+    mov ebx, 0                       # VCPUOP_initialise
+    mov edx, vcpu_ctx
+    call hc_vcpu_op
+    test eax, eax
+    jnz .Lstart_failed
+    mov ebx, 1                       # VCPUOP_up
+    mov ecx, [esp + 4]
+    xor edx, edx
+    call hc_vcpu_op
+    test eax, eax
+    jnz .Lstart_failed
+    pop edi
+    pop ebx
+    ret
+.Lstart_failed:
+    mov esi, msg_start_failed
+    call print_num_line
+    mov dword ptr [shutdown_reason], 3
+    jmp .Lshutdown
+
+secondary_entry:
+    call hello
+    lock inc dword ptr [vcpus_done]
+    mov ecx, ebx
+    mov ebx, 2                       # VCPUOP_down (self)
+    xor edx, edx
+    call hc_vcpu_op
+.Lsecondary_idle:
+    hlt
+    jmp .Lsecondary_idle
+
+# hello(ebx = vcpu id): "pvkern: vcpu N of M online"
+hello:
+    push ebx
+    mov esi, msg_hello
+    mov eax, ebx
+    mov ebx, [nr_vcpus]
+    call print_two_nums
+    pop ebx
+    ret
+
+# count_vcpus() -> eax: the first id for which VCPUOP_is_up fails (-ENOENT) is the vCPU count
+count_vcpus:
+    push ebx
+    push esi
+    xor esi, esi
+.Lcount_next:
+    cmp esi, MAX_VCPUS
+    jae .Lcount_done
+    mov ebx, 3                       # VCPUOP_is_up
+    mov ecx, esi
+    xor edx, edx
+    call hc_vcpu_op
+    test eax, eax
+    js .Lcount_done
+    inc esi
+    jmp .Lcount_next
+.Lcount_done:
+    mov eax, esi
+    pop esi
+    pop ebx
+    ret
+
+# parse_cmdline(): shutdown=<reason> and workload=hostile
+parse_cmdline:
+    push ebx
+    push esi
+    push edi
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    mov edi, str_shutdown_key
+    call find_after
+    test eax, eax
+    jz .Lparse_workload
+    movzx ecx, byte ptr [eax]
+    xor edx, edx
+    mov ebx, reason_letters
+.Lreason_scan:
+    movzx eax, byte ptr [ebx + edx]
+    test eax, eax
+    jz .Lreason_unknown
+    cmp eax, ecx
+    je .Lreason_found
+    inc edx
+    jmp .Lreason_scan
+.Lreason_unknown:
+    mov esi, msg_bad_reason
+    xor eax, eax
+    call print_num_line
+    mov edx, 3                       # an unknown reason is a configuration bug: crash loudly
+.Lreason_found:
+    mov [shutdown_reason], edx
+.Lparse_workload:
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    mov edi, str_hostile_key
+    call find_after
+    test eax, eax
+    setnz al
+    movzx eax, al
+    mov [workload_hostile], eax
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# find_after(esi = haystack, edi = needle) -> eax = address just past the first match, or 0
+find_after:
+    push ebx
+    push esi
+.Lfind_outer:
+    cmp byte ptr [esi], 0
+    je .Lfind_none
+    xor ecx, ecx
+.Lfind_inner:
+    movzx eax, byte ptr [edi + ecx]
+    test eax, eax
+    jz .Lfind_hit
+    movzx ebx, byte ptr [esi + ecx]
+    cmp eax, ebx
+    jne .Lfind_miss
+    inc ecx
+    jmp .Lfind_inner
+.Lfind_hit:
+    lea eax, [esi + ecx]
+    pop esi
+    pop ebx
+    ret
+.Lfind_miss:
+    inc esi
+    jmp .Lfind_outer
+.Lfind_none:
+    xor eax, eax
+    pop esi
+    pop ebx
+    ret
+
+# ---------------------------------------------------------------------------------------------------
+# hostile_checks() -> eax = number of failed checks. Each makes a hypercall with bad arguments and
+# compares the errno with the one Xen returns.
+hostile_checks:
+    push ebx
+    push esi
+    push edi
+    xor edi, edi                     # failures
+
+    mov eax, 99                      # no such hypercall
+    int 0x82
+    mov edx, -38
+    mov esi, msg_check_nosys
+    call check_result
+
+    mov ebx, 0                       # CONSOLEIO_write from an unmapped buffer
+    mov ecx, 16
+    mov edx, 0x10
+    call hc_console_io
+    mov edx, -14
+    mov esi, msg_check_console
+    call check_result
+
+    mov ebx, 2                       # SCHEDOP_shutdown with an unmapped argument
+    mov ecx, 0x20
+    call hc_sched_op
+    mov edx, -14
+    mov esi, msg_check_shutdown_ptr
+    call check_result
+
+    mov ebx, 2                       # SCHEDOP_shutdown with a reason that does not exist
+    mov ecx, bogus_reason
+    call hc_sched_op
+    mov edx, -22
+    mov esi, msg_check_shutdown_reason
+    call check_result
+
+    mov ebx, 3                       # VCPUOP_is_up on a vCPU the domain does not have
+    mov ecx, 99
+    xor edx, edx
+    call hc_vcpu_op
+    mov edx, -2
+    mov esi, msg_check_vcpu
+    call check_result
+
+    mov ebx, 6                       # XENVER_get_features into an unmapped buffer
+    mov ecx, 0x30
+    call hc_xen_version
+    mov edx, -14
+    mov esi, msg_check_features
+    call check_result
+
+    mov ebx, 0                       # VCPUOP_initialise of a vCPU that is already up (vCPU 0)
+    xor ecx, ecx
+    mov edx, vcpu_ctx
+    call hc_vcpu_op
+    mov edx, -17
+    mov esi, msg_check_reinit
+    call check_result
+
+    mov esi, msg_hostile_done
+    mov eax, edi
+    call print_num_line
+    mov eax, edi
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# check_result(eax = got, edx = expected, esi = label): prints "<label> <got>", counts a failure in edi
+check_result:
+    push edx
+    push eax
+    call print_num_line
+    pop eax
+    pop edx
+    cmp eax, edx
+    je .Lcheck_ok
+    inc edi
+    mov esi, msg_check_failed
+    mov eax, edx
+    call print_num_line
+.Lcheck_ok:
+    ret
+
+# ---------------------------------------------------------------------------------------------------
+# Console output. Each vCPU formats into its own line buffer (indexed by the id in the line's owner).
+# print_num_line(esi = text, eax = number): "<text><number>\n"
+print_num_line:
+    push ebx
+    push edi
+    push eax
+    call line_begin
+    pop eax
+    call put_num
+    jmp line_end
+
+# print_two_nums(esi = "A#B#C", eax = first, ebx = second): "A<first>B<second>C\n"
+print_two_nums:
+    push ebx
+    push edi
+    push ebx
+    push eax
+    call line_buffer
+    call put_until_hash
+    pop eax
+    call put_num
+    call put_until_hash
+    pop eax
+    call put_num
+    call put_until_hash
+    jmp line_end
+
+# line_begin(esi = text): edi = this vCPU's line buffer with the text copied in
+line_begin:
+    call line_buffer
+    jmp put_until_hash
+
+# put_until_hash(esi = text) appends at edi up to a '#' or the NUL; esi ends just past it
+put_until_hash:
+    lodsb
+    test al, al
+    jz .Lput_done
+    cmp al, 0x23
+    je .Lput_done
+    stosb
+    jmp put_until_hash
+.Lput_done:
+    ret
+
+# line_buffer() -> edi: a per-vCPU buffer, found from the stack the vCPU runs on
+line_buffer:
+    mov edi, esp
+    sub edi, secondary_stacks
+    shr edi, 12                      # STACK_SIZE
+    cmp edi, MAX_VCPUS
+    jb .Lbuf_ok
+    mov edi, MAX_VCPUS               # the boot stack: vCPU 0's own slot
+.Lbuf_ok:
+    shl edi, 7                       # LINE_LEN
+    add edi, line_buffers
+    ret
+
+# put_num(eax = signed number) appends its decimal form at edi
+put_num:
+    push ebx
+    push edx
+    push ecx
+    test eax, eax
+    jns .Lpositive
+    mov byte ptr [edi], 0x2d
+    inc edi
+    neg eax
+.Lpositive:
+    mov ebx, 10
+    xor ecx, ecx
+.Ldigits:
+    xor edx, edx
+    div ebx
+    add dl, 0x30
+    push edx
+    inc ecx
+    test eax, eax
+    jnz .Ldigits
+.Lemit:
+    pop eax
+    stosb
+    loop .Lemit
+    pop ecx
+    pop edx
+    pop ebx
+    ret
+
+# line_end: finishes the line started by line_begin (caller pushed ebx, edi) and writes it out
+line_end:
+    mov byte ptr [edi], 0x0a
+    inc edi
+    mov eax, edi
+    and eax, 0xFFFFFF80              # back to the buffer start (buffers are LINE_LEN aligned)
+    mov edx, eax                     # buffer
+    mov ecx, edi
+    sub ecx, eax                     # count
+    mov ebx, 0                       # CONSOLEIO_write
+    call hc_console_io
+    pop edi
+    pop ebx
+    ret
+
+# ---------------------------------------------------------------------------------------------------
+.align 4
+start_info: .long 0
+nr_vcpus: .long 0
+vcpus_done: .long 0
+shutdown_reason: .long 0
+workload_hostile: .long 0
+bogus_reason: .long 77
+
+str_shutdown_key: .asciz "shutdown="
+str_hostile_key: .asciz "workload=hostile"
+reason_letters: .asciz "prscw"
+msg_boot: .asciz "pvkern: booting on vcpu #, # vcpus"
+msg_hello: .asciz "pvkern: vcpu # of # online"
+msg_shutdown: .asciz "pvkern: shutting down, reason "
+msg_shutdown_failed: .asciz "pvkern: SCHEDOP_shutdown failed: "
+msg_start_failed: .asciz "pvkern: failed to start a vcpu: "
+msg_bad_reason: .asciz "pvkern: unknown shutdown= reason, crashing "
+msg_check_nosys: .asciz "pvkern: hostile: unknown hypercall -> "
+msg_check_console: .asciz "pvkern: hostile: console write from unmapped buffer -> "
+msg_check_shutdown_ptr: .asciz "pvkern: hostile: shutdown with unmapped argument -> "
+msg_check_shutdown_reason: .asciz "pvkern: hostile: shutdown with reason 77 -> "
+msg_check_vcpu: .asciz "pvkern: hostile: is_up on vcpu 99 -> "
+msg_check_features: .asciz "pvkern: hostile: get_features into unmapped buffer -> "
+msg_check_reinit: .asciz "pvkern: hostile: initialise vcpu 0 again -> "
+msg_check_failed: .asciz "pvkern: hostile: CHECK FAILED, expected "
+msg_hostile_done: .asciz "pvkern: hostile checks failed: "
+
+.align 128
+line_buffers: .space LINE_LEN * (MAX_VCPUS + 1)
+.align 4
+vcpu_ctx: .space CTX_SIZE
+.align 4096
+secondary_stacks: .space STACK_SIZE * MAX_VCPUS
+boot_stack: .space STACK_SIZE
+boot_stack_top:

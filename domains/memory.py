@@ -1,0 +1,52 @@
+"""Guest RAM: one anonymous mapping shared by every vCPU's Unicorn instance (``mem_map_ptr``)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from pvcluster.abi.xen import PAGE_SIZE
+
+
+class GuestRam:
+    """Guest-physical memory of ``nr_pages`` pages plus one trailing frame that holds ``shared_info``.
+
+    The domain runs without paging for now, so a guest virtual address is ``virt_base + physical``.
+    """
+
+    def __init__(self, memory_bytes: int, virt_base: int) -> None:
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
+            raise ValueError(f"memory size {memory_bytes} is not a positive multiple of {PAGE_SIZE}")
+        self.nr_pages = memory_bytes // PAGE_SIZE
+        self.size = memory_bytes + PAGE_SIZE
+        self.virt_base = virt_base
+        self.shared_info_paddr = memory_bytes
+        self.buf = mmap.mmap(-1, self.size)
+        self._anchor = ctypes.c_char.from_buffer(self.buf)
+        self.host_addr = ctypes.addressof(self._anchor)
+
+    def va_to_pa(self, va: int, length: int) -> int | None:
+        """Physical address of ``[va, va+length)`` if it lies wholly in guest RAM, else None."""
+        if length < 0:
+            return None
+        pa = va - self.virt_base
+        if pa < 0 or pa + length > self.size:
+            return None
+        return pa
+
+    def read_va(self, va: int, length: int) -> bytes | None:
+        pa = self.va_to_pa(va, length)
+        return None if pa is None else bytes(self.buf[pa : pa + length])
+
+    def write_va(self, va: int, data: bytes) -> bool:
+        pa = self.va_to_pa(va, len(data))
+        if pa is None:
+            return False
+        self.buf[pa : pa + len(data)] = data
+        return True
+
+    def write_pa(self, pa: int, data: bytes) -> None:
+        self.buf[pa : pa + len(data)] = data
+
+    def read_pa(self, pa: int, length: int) -> bytes:
+        return bytes(self.buf[pa : pa + length])

@@ -1,0 +1,186 @@
+"""The guest-domain process: builds the guest on the hypervisor's word, then runs its vCPUs window by window.
+
+In virtual-time mode the vCPUs of a domain run one after another in id order, each up to the window's end, so
+their interleaving over the shared RAM depends only on virtual time, never on host thread timing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+import zmq
+
+from domains.builder import BootState, build_domain
+from domains.elf_load import ImageError
+from domains.memory import GuestRam
+from domains.vcpu import InsnCounter, Vcpu, VcpuState
+from hypervisor.hypercalls import copy_in
+from pvcluster.bus import codec
+from pvcluster.bus.messages import (
+    Build,
+    BuildResult,
+    Error,
+    Hello,
+    HypercallReq,
+    HypercallResult,
+    Region,
+    Stop,
+    VcpuFault,
+    VcpuReport,
+    Window,
+    WindowDone,
+)
+from pvcluster.bus.zsock import TrioSocket
+
+# Wall clock only decides when a silent hypervisor is presumed dead; nothing simulated depends on it.
+HYPERVISOR_SILENCE_S = 120.0
+
+
+class DomainProcess:
+    def __init__(self, endpoint: str, identity: bytes, domid: int, name: str, log: Any) -> None:
+        self.endpoint = endpoint
+        self.identity = identity
+        self.domid = domid
+        self.name = name
+        self.log = log
+        self.ctx = zmq.Context()
+        self.ram: GuestRam | None = None
+        self.boot: BootState | None = None
+        self.vcpus: list[Vcpu] = []
+        self.vt_ns = 0
+        self._seq = 0
+        self._reported_traps: set[tuple[int, int]] = set()
+        self._reported_faults: set[int] = set()
+        self.exit_code = 0
+
+    def _trace(self, event: str, **fields: Any) -> None:
+        fields.setdefault("vt_ns", self.vt_ns)
+        self.log.info(event, dom=self.domid, **fields)
+
+    async def _send(self, sock: TrioSocket, body: Any) -> None:
+        self._seq += 1
+        await sock.send_multipart([codec.encode(body, seq=self._seq, vt_ns=self.vt_ns)])
+
+    async def run(self) -> int:
+        raw = self.ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.IDENTITY, self.identity)
+        raw.setsockopt(zmq.LINGER, 2000)
+        raw.connect(self.endpoint)
+        sock = TrioSocket(raw)
+        try:
+            await self._send(sock, Hello(pid=os.getpid()))
+            while True:
+                with trio.move_on_after(HYPERVISOR_SILENCE_S) as timeout:
+                    frames = await sock.recv_multipart()
+                if timeout.cancelled_caught:
+                    self._trace("domain.hypervisor_silent", seconds=HYPERVISOR_SILENCE_S)
+                    return 4
+                try:
+                    env = codec.decode(frames[-1])
+                except codec.FrameError as exc:
+                    self._trace(f"bus.{exc.kind}", detail=exc.detail)
+                    await self._send(sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1))
+                    continue
+                body = env.body
+                self.vt_ns = max(self.vt_ns, env.vt_ns)
+                if isinstance(body, Build) and self.ram is None:
+                    await self._send(sock, self._build(body))
+                    if self.ram is None:
+                        return 3
+                elif isinstance(body, Window) and self.ram is not None:
+                    await self._send(sock, self._window(body))
+                elif isinstance(body, Stop):
+                    self._trace("domain.stop", reason=body.reason)
+                    return self.exit_code
+                elif isinstance(body, Error):
+                    self._trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)
+                else:
+                    detail = f"{type(body).__name__} is not expected now"
+                    self._trace("bus.unexpected", detail=detail)
+                    await self._send(sock, Error("unexpected", detail, env.seq))
+        finally:
+            sock.close()
+            self.ctx.term()
+
+    # -- build ---------------------------------------------------------------------------------------------
+
+    def _build(self, req: Build) -> BuildResult:
+        try:
+            ram, boot = build_domain(req)
+        except ImageError as exc:
+            self._trace("domain.build_failed", code=exc.code, error=exc.message, kernel=req.kernel)
+            return BuildResult(ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os="")
+        self.ram, self.boot = ram, boot
+        counter = InsnCounter()
+        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr) for v in range(req.vcpus)]
+        boot_vcpu = self.vcpus[0]
+        boot_vcpu.set_regs(boot.regs)
+        boot_vcpu.initialised = True
+        boot_vcpu.state = VcpuState.RUNNING
+        boot_vcpu.advance_to(self.vt_ns)
+        self._trace("domain.built", entry=boot.entry, start_info=boot.start_info, guest_os=boot.image.guest_os,
+                    metadata=boot.image.metadata_source, backend=req.backend, boot=req.boot, vcpus=req.vcpus)
+        return BuildResult(ok=True, error_code="", error="", entry=boot.entry, start_info=boot.start_info,
+                           guest_os=boot.image.guest_os)
+
+    # -- windows ---------------------------------------------------------------------------------------------
+
+    def _apply(self, res: HypercallResult) -> None:
+        assert self.ram is not None
+        if not 0 <= res.vcpu < len(self.vcpus):
+            self._trace("domain.bad_result", vcpu=res.vcpu, detail="no such vCPU")
+            return
+        for w in res.writes:
+            if not self.ram.write_va(w.addr, w.data):
+                self._trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
+        for act in res.actions:
+            if not 0 <= act.vcpu < len(self.vcpus):
+                continue
+            target = self.vcpus[act.vcpu]
+            if act.kind == "set_context":
+                target.set_regs({k: v for k, v in act.regs.items() if k in ("eax", "ebx", "ecx", "edx", "esi",
+                                                                             "edi", "ebp", "esp", "eip", "eflags")})
+                target.initialised = True
+            elif act.kind == "up":
+                target.advance_to(res.vt_ns)
+                if target.trap is not None:  # it had taken itself down: VCPUOP_down returns now
+                    target.complete_trap(0, res.vt_ns)
+                else:
+                    target.state = VcpuState.RUNNING
+            elif act.kind == "down":
+                target.state = VcpuState.DOWN
+            elif act.kind == "block":
+                target.state = VcpuState.BLOCKED
+        vcpu = self.vcpus[res.vcpu]
+        if res.complete:
+            if vcpu.trap is None or vcpu.trap.seq != res.seq:
+                self._trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall")
+                return
+            vcpu.complete_trap(res.value, res.vt_ns)
+
+    def _window(self, window: Window) -> WindowDone:
+        assert self.ram is not None
+        for res in window.results:
+            self._apply(res)
+        for vcpu in self.vcpus:
+            vcpu.run(window.end_ns)
+        self.vt_ns = max(self.vt_ns, window.end_ns)
+        reqs: list[HypercallReq] = []
+        faults: list[VcpuFault] = []
+        ram = self.ram
+        for vcpu in self.vcpus:
+            trap = vcpu.trap
+            if trap is not None and (vcpu.vid, trap.seq) not in self._reported_traps:
+                self._reported_traps.add((vcpu.vid, trap.seq))
+                spans = copy_in(trap.nr, trap.args, ram.read_va)
+                regions = [Region(s.addr, s.length, ram.read_va(s.addr, s.length), s.writable) for s in spans]
+                reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
+            f = vcpu.fault
+            if f is not None and vcpu.vid not in self._reported_faults:
+                self._reported_faults.add(vcpu.vid)
+                faults.append(VcpuFault(vcpu.vid, f.vt_ns, f.kind, f.detail, f.eip, f.disasm))
+                self._trace("vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm)
+        reports = [VcpuReport(v.vid, v.state.value, v.clock_ns, v.instructions) for v in self.vcpus]
+        return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults)

@@ -1,0 +1,193 @@
+"""One guest vCPU: its own Unicorn instance (so its own TLB) over the domain's shared RAM.
+
+Virtual time advances with executed instructions. Unicorn cannot report how many instructions ran before an
+``emu_stop``, so a block hook counts each translated block's instructions (disassembled once with capstone and
+cached by address and bytes) before the block runs. A block hook that stops emulation prevents that block from
+running, so a slice ends at the first block boundary at or after the window end: deterministic, since block
+boundaries depend only on the code.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import capstone
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_FETCH_UNMAPPED,
+    UC_HOOK_MEM_INVALID,
+    UC_MODE_32,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as X
+
+from domains.memory import GuestRam
+from pvcluster.abi.xen import HYPERCALL_VECTOR
+
+_STOP_ADDR = 0xFFFFFFFF
+REG_IDS: dict[str, int] = {
+    "eax": X.UC_X86_REG_EAX,
+    "ebx": X.UC_X86_REG_EBX,
+    "ecx": X.UC_X86_REG_ECX,
+    "edx": X.UC_X86_REG_EDX,
+    "esi": X.UC_X86_REG_ESI,
+    "edi": X.UC_X86_REG_EDI,
+    "ebp": X.UC_X86_REG_EBP,
+    "esp": X.UC_X86_REG_ESP,
+    "eip": X.UC_X86_REG_EIP,
+    "eflags": X.UC_X86_REG_EFLAGS,
+}
+_ARG_REGS = [X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI]
+
+
+class VcpuState(enum.Enum):
+    DOWN = "down"  # not brought up (or taken down) by VCPUOP
+    RUNNING = "running"  # runnable: executes whenever its domain runs a window
+    HYPERCALL = "hypercall"  # trapped into the hypervisor, waiting for the result
+    BLOCKED = "blocked"  # SCHEDOP_block or hlt: waits for an event
+    CRASHED = "crashed"  # took a fault the domain cannot handle
+
+
+@attrs.frozen
+class Trap:
+    """A hypercall the vCPU made: ``int 0x82`` with the number in EAX and arguments in EBX..EDI."""
+
+    seq: int
+    vt_ns: int
+    nr: int
+    args: list[int]
+
+
+@attrs.frozen
+class Fault:
+    vt_ns: int
+    kind: str
+    detail: str
+    eip: int
+    disasm: str
+
+
+class InsnCounter:
+    """Instruction counts of translated blocks, shared by the vCPUs of one domain."""
+
+    def __init__(self) -> None:
+        self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+        self._cache: dict[tuple[int, bytes], int] = {}
+
+    def count(self, addr: int, code: bytes) -> int:
+        key = (addr, code)
+        n = self._cache.get(key)
+        if n is None:
+            n = sum(1 for _ in self._md.disasm_lite(code, addr)) or 1
+            self._cache[key] = n
+        return n
+
+    def disasm(self, addr: int, code: bytes) -> str:
+        for _, _, mnemonic, ops in self._md.disasm_lite(code, addr, 1):
+            return f"{mnemonic} {ops}".strip()
+        return f"<undecodable {code[:8].hex()}>"
+
+
+class Vcpu:
+    def __init__(self, vid: int, ram: GuestRam, counter: InsnCounter, ps_per_instr: int) -> None:
+        self.vid = vid
+        self.ram = ram
+        self.counter = counter
+        self.ps_per_instr = ps_per_instr
+        self.state = VcpuState.DOWN
+        self.initialised = False
+        self.clock_ps = 0
+        self.instructions = 0
+        self.trap: Trap | None = None
+        self.fault: Fault | None = None
+        self._end_ps = 0
+        self._trap_seq = 0
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        self.uc.mem_map_ptr(ram.virt_base, ram.size, UC_PROT_ALL, ram.host_addr)
+        self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
+
+    @property
+    def clock_ns(self) -> int:
+        return self.clock_ps // 1000
+
+    def advance_to(self, vt_ns: int) -> None:
+        """Virtual time passes while the vCPU is not executing (waiting, descheduled, just created)."""
+        self.clock_ps = max(self.clock_ps, vt_ns * 1000)
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        for name, value in regs.items():
+            self.uc.reg_write(REG_IDS[name], value & 0xFFFFFFFF)
+
+    def reg(self, name: str) -> int:
+        return int(self.uc.reg_read(REG_IDS[name]))
+
+    # -- hooks: keep them short, they run inside emu_start ---------------------------------------------
+
+    def _on_block(self, uc: Uc, addr: int, size: int, _: object) -> None:
+        if self.clock_ps >= self._end_ps:
+            uc.emu_stop()
+            return
+        pa = addr - self.ram.virt_base
+        n = self.counter.count(addr, self.ram.buf[pa : pa + size])
+        self.instructions += n
+        self.clock_ps += n * self.ps_per_instr
+
+    def _on_interrupt(self, uc: Uc, intno: int, _: object) -> None:
+        eip = int(uc.reg_read(X.UC_X86_REG_EIP))
+        if intno == HYPERCALL_VECTOR:
+            self._trap_seq += 1
+            args = [int(uc.reg_read(r)) for r in _ARG_REGS]
+            nr = int(uc.reg_read(X.UC_X86_REG_EAX))
+            self.trap = Trap(seq=self._trap_seq, vt_ns=self.clock_ns, nr=nr, args=args)
+        else:
+            self._set_fault("trap", f"unhandled exception or interrupt vector {intno}", eip)
+        uc.emu_stop()
+
+    def _on_bad_access(self, uc: Uc, access: int, addr: int, size: int, value: int, _: object) -> bool:
+        eip = int(uc.reg_read(X.UC_X86_REG_EIP))
+        self._set_fault("page-fault", f"access type {access} to unmapped address {addr:#010x} ({size} bytes)", eip)
+        return False
+
+    def _set_fault(self, kind: str, detail: str, eip: int) -> None:
+        code = self.ram.read_va(eip, 15) or b""
+        self.fault = Fault(self.clock_ns, kind, detail, eip, self.counter.disasm(eip, code))
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def run(self, end_ns: int) -> None:
+        """Execute until the clock reaches ``end_ns`` or the vCPU traps, blocks or faults."""
+        if self.state is not VcpuState.RUNNING:
+            return
+        self._end_ps = end_ns * 1000
+        while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
+            eip = self.reg("eip")
+            try:
+                self.uc.emu_start(eip, _STOP_ADDR)
+            except UcError as exc:
+                if self.fault is None:
+                    self._set_fault("cpu", str(exc), self.reg("eip"))
+            if self.fault is not None:
+                self.state = VcpuState.CRASHED
+            elif self.trap is not None:
+                self.state = VcpuState.HYPERCALL
+            elif self.clock_ps < self._end_ps:
+                # emu_start returned on its own: Unicorn does that after `hlt`.
+                here = self.reg("eip")
+                if self.ram.read_va(here - 1, 1) == b"\xf4":
+                    self.state = VcpuState.BLOCKED
+                else:
+                    self._set_fault("cpu", "emulation stopped unexpectedly", here)
+                    self.state = VcpuState.CRASHED
+
+    def complete_trap(self, value: int, vt_ns: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)
+        self.trap = None
+        self.advance_to(vt_ns)
+        self.state = VcpuState.RUNNING

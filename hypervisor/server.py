@@ -1,0 +1,336 @@
+"""The hypervisor process: the domain bus, the control socket, domain processes and the conductor loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+import zmq
+
+from hypervisor.conductor import Conductor, ReportError, Shutdown
+from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
+from hypervisor.hypercall_page import hypercall_page
+from pvcluster import launch
+from pvcluster.abi.xen import ShutdownReason
+from pvcluster.bus import codec
+from pvcluster.bus.endpoints import Endpoints
+from pvcluster.bus.messages import (
+    Build,
+    BuildResult,
+    CtlReply,
+    CtlRequest,
+    Error,
+    Hello,
+    Stop,
+    Window,
+    WindowDone,
+)
+from pvcluster.bus.zsock import TrioSocket
+from pvcluster.spec import ClusterSpec, DomainSpec
+
+# Wall-clock limits only decide when a silent peer is declared dead; they never shape simulated behaviour.
+WINDOW_REPORT_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+
+
+class Hypervisor:
+    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.log = log
+        self.table = DomainTable()
+        cost = spec.hypervisor.cost
+        self.conductor = Conductor(
+            window_ns=spec.hypervisor.window_ns,
+            hypercall_ns=cost.hypercall_ns,
+            jitter_ns=cost.hypercall_jitter_ns,
+            seed=spec.cluster.seed,
+            log=log,
+        )
+        self.dmesg: list[str] = []
+        self.ctx = zmq.Context()
+        self.endpoints = Endpoints.for_spec(spec, run_dir)
+        self.bus: TrioSocket | None = None
+        self.control: TrioSocket | None = None
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.changed = trio.Event()
+        self.reports_in = trio.Event()
+        self.awaiting: set[int] = set()
+        self.idle = False
+        self.stopping = False
+        self._send_seq = 0
+        self._page = hypercall_page()
+        self.nursery: trio.Nursery | None = None
+
+    # -- logging ---------------------------------------------------------------------------------------------
+
+    def printk(self, text: str, **fields: Any) -> None:
+        """A hypervisor log line, as `xl dmesg` shows it, and a trace event."""
+        vt = fields.pop("vt_ns", self.conductor.end_ns)
+        self.dmesg.append(f"(XEN) [{vt / 1000:12.3f} us] {text}")
+        del self.dmesg[:-5000]
+        self.log.info("dmesg", vt_ns=vt, text=text, **fields)
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- sockets ---------------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        bus = self.ctx.socket(zmq.ROUTER)
+        bus.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        bus.setsockopt(zmq.LINGER, 0)
+        bus.setsockopt(zmq.MAXMSGSIZE, 64 * codec.MAX_FRAME_BYTES)
+        control = self.ctx.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.MAXMSGSIZE, 64 * codec.MAX_FRAME_BYTES)
+        self.endpoints = self.endpoints.bind(bus, control)
+        self.bus, self.control = TrioSocket(bus), TrioSocket(control)
+        info = {"pid": os.getpid(), "bus": self.endpoints.bus, "control": self.endpoints.control}
+        tmp = self.run_dir / "hypervisor.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.run_dir / "hypervisor.json")
+        self.log.info("hypervisor.listening", vt_ns=0, **info)
+
+    async def _send(self, sock: TrioSocket, identity: bytes, body: Any) -> bool:
+        self._send_seq += 1
+        frame = codec.encode(body, seq=self._send_seq, vt_ns=self.conductor.end_ns)
+        try:
+            await sock.send_multipart([identity, frame])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; its watcher reports the death
+            self.log.warning("bus.send_failed", vt_ns=self.conductor.end_ns, peer=identity[:6].decode(errors="replace"),
+                             error=str(exc), msg=type(body).__name__)
+            return False
+        return True
+
+    async def _reject(self, sock: TrioSocket, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
+        self.log.warning(f"bus.{kind}", vt_ns=self.conductor.end_ns, detail=detail, ref_seq=seq, **fields)
+        await self._send(sock, identity, Error(kind=kind, detail=detail, ref_seq=seq))
+
+    # -- the domain bus --------------------------------------------------------------------------------------
+
+    async def bus_reader(self) -> None:
+        assert self.bus is not None
+        while True:
+            frames = await self.bus.recv_multipart()
+            identity = frames[0]
+            dom = self.table.by_identity(identity)
+            if len(frames) != 2:
+                await self._reject(self.bus, identity, "malformed", f"expected 1 payload frame, got {len(frames) - 1}",
+                                   -1, dom=dom.domid if dom else None)
+                continue
+            if dom is None:
+                await self._reject(self.bus, identity, "unknown-peer",
+                                   "this socket identity was not assigned by the hypervisor", -1,
+                                   peer=identity[:32].hex())
+                continue
+            try:
+                env = codec.decode(frames[1])
+            except codec.FrameError as exc:
+                await self._reject(self.bus, identity, exc.kind, exc.detail, exc.seq if exc.seq is not None else -1,
+                                   dom=dom.domid, size=len(frames[1]))
+                continue
+            try:
+                await self._on_domain_message(dom, env.body, env.seq)
+            except (ReportError, IllegalTransition) as exc:
+                await self._reject(self.bus, identity, "unexpected", str(exc), env.seq, dom=dom.domid)
+
+    async def _on_domain_message(self, dom: Domain, body: Any, seq: int) -> None:
+        if isinstance(body, Hello) and dom.state is DomainState.BUILDING and not dom.hello:
+            dom.hello = True
+            await self._send(self.bus, dom.identity, self._build_message(dom))  # type: ignore[arg-type]
+        elif isinstance(body, BuildResult) and dom.state is DomainState.BUILDING and dom.hello:
+            self._on_built(dom, body)
+        elif isinstance(body, WindowDone) and dom.domid in self.awaiting:
+            self.conductor.report(dom, body)
+            self.awaiting.discard(dom.domid)
+            if not self.awaiting:
+                self.reports_in.set()
+        elif isinstance(body, Error):
+            self.log.warning("bus.peer_error", vt_ns=self.conductor.end_ns, dom=dom.domid, kind=body.kind,
+                             detail=body.detail, ref_seq=body.ref_seq)
+        else:
+            raise ReportError(f"{type(body).__name__} is not expected from a domain in state {dom.state.value}")
+
+    def _build_message(self, dom: Domain) -> Build:
+        s: DomainSpec = dom.spec
+        return Build(
+            domid=dom.domid, name=dom.name, vcpus=s.vcpus, memory_bytes=s.memory_mib << 20, kernel=s.kernel,
+            cmdline=s.cmdline, backend=s.backend, boot=s.boot, patching=s.patching, hypercall_page=self._page,
+            ps_per_instr=self.spec.hypervisor.cost.ps_per_instr,
+        )
+
+    def _on_built(self, dom: Domain, res: BuildResult) -> None:
+        if not res.ok:
+            dom.crash_detail = f"build failed: {res.error_code}: {res.error}"
+            dom.move(DomainState.CRASHED, dom.crash_detail)
+            self.printk(f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code)
+            self._poke()
+            return
+        dom.move(DomainState.RUNNING, "built")
+        dom.vcpus[0].initialised = dom.vcpus[0].up = True
+        dom.vcpus[0].state = "running"
+        self.conductor.join(dom)
+        self.printk(f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
+                    f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
+                    dom=dom.domid, entry=res.entry, guest_os=res.guest_os, backend=dom.spec.backend,
+                    boot=dom.spec.boot)
+        self._poke()
+
+    # -- the conductor loop ----------------------------------------------------------------------------------
+
+    def participants(self) -> list[Domain]:
+        return [d for d in self.table if d.state is DomainState.RUNNING and d.joined_window is not None]
+
+    async def conductor_loop(self) -> None:
+        while True:
+            if any(d.state is DomainState.BUILDING for d in self.table):
+                # Building takes no virtual time: domains created together start together, whatever the
+                # order in which their processes happened to finish building.
+                await self.changed.wait()
+                continue
+            parts = self.participants()
+            end = self.conductor.next_end(parts) if parts else None
+            if end is None:
+                if parts and not self.idle:
+                    self.idle = True
+                    self.printk("no runnable vCPU and no pending event: the cluster is idle",
+                                domains=[d.domid for d in parts])
+                await self.changed.wait()
+                continue
+            self.idle = False
+            self.conductor.open(end)
+            self.awaiting = {d.domid for d in parts}
+            self.reports_in = trio.Event()
+            for d in parts:
+                window = Window(index=self.conductor.index, end_ns=self.conductor.end_ns,
+                                results=self.conductor.take_results(d.domid))
+                await self._send(self.bus, d.identity, window)  # type: ignore[arg-type]
+            with trio.move_on_after(WINDOW_REPORT_TIMEOUT_S):
+                await self.reports_in.wait()
+            for domid in sorted(self.awaiting):
+                dom = self.table.get(domid)
+                if dom is not None and dom.alive:
+                    self._crash(dom, f"no report for window {self.conductor.index} within "
+                                     f"{WINDOW_REPORT_TIMEOUT_S:.0f} s")
+            self.awaiting.clear()
+            for shutdown in self.conductor.close({d.domid: d for d in parts}):
+                await self._shutdown(shutdown)
+            for d in parts:
+                for fault in self.conductor.reports.get(d.domid, WindowDone(0, [], [], [])).faults:
+                    if d.alive:
+                        self._crash(d, f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} "
+                                       f"({fault.disasm})", vt_ns=fault.vt_ns)
+
+    async def _shutdown(self, sd: Shutdown) -> None:
+        dom = sd.dom
+        dom.shutdown_reason = sd.reason
+        dom.ended_vt = sd.vt_ns
+        if sd.reason is ShutdownReason.crash:
+            dom.crash_detail = "guest requested SCHEDOP_shutdown(crash)"
+            dom.move(DomainState.CRASHED, "guest shutdown: crash")
+        else:
+            dom.move(DomainState.SHUTTING_DOWN, f"guest shutdown: {sd.reason.name}")
+        self.conductor.leave(dom)
+        self.printk(f"d{dom.domid} ({dom.name}): shutdown, reason {sd.reason.name}", vt_ns=sd.vt_ns,
+                    dom=dom.domid, reason=sd.reason.name)
+        self.log.info("domain.shutdown", vt_ns=sd.vt_ns, dom=dom.domid, reason=sd.reason.name)
+        await self._send(self.bus, dom.identity, Stop(reason=sd.reason.name))  # type: ignore[arg-type]
+
+    def _crash(self, dom: Domain, detail: str, vt_ns: int | None = None) -> None:
+        vt = self.conductor.end_ns if vt_ns is None else vt_ns
+        dom.crash_detail = detail
+        dom.ended_vt = vt
+        dom.move(DomainState.CRASHED, detail)
+        self.conductor.leave(dom)
+        self.awaiting.discard(dom.domid)
+        if not self.awaiting:
+            self.reports_in.set()
+        self.printk(f"d{dom.domid} ({dom.name}) crashed: {detail}", vt_ns=vt, dom=dom.domid)
+        self.log.info("domain.crash", vt_ns=vt, dom=dom.domid, detail=detail)
+        proc = self.procs.get(dom.domid)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        self._poke()
+
+    # -- domain processes ------------------------------------------------------------------------------------
+
+    def create_domain(self, spec: DomainSpec) -> Domain:
+        assert self.nursery is not None
+        dom = self.table.create(spec)
+        argv = launch.python_module_argv(
+            "domains", "--endpoint", self.endpoints.bus, "--identity", dom.identity.decode(),
+            "--run-dir", str(self.run_dir), "--domid", str(dom.domid), "--name", dom.name,
+        )
+        proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log")
+        self.procs[dom.domid] = proc
+        self.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid)
+        self.nursery.start_soon(self._watch, dom, proc)
+        return dom
+
+    async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
+        rc = await launch.wait_exit(proc)
+        self.log.info("domain.process_exit", vt_ns=self.conductor.end_ns, dom=dom.domid, returncode=rc)
+        if dom.state is DomainState.SHUTTING_DOWN:
+            dom.move(DomainState.DEAD, f"process exited ({rc})")
+            self.printk(f"d{dom.domid} ({dom.name}): dead", dom=dom.domid)
+        elif dom.state is not DomainState.CRASHED and dom.state is not DomainState.DEAD:
+            self._crash(dom, f"domain process exited unexpectedly with code {rc}")
+        self.conductor.leave(dom)
+        self.awaiting.discard(dom.domid)
+        if not self.awaiting:
+            self.reports_in.set()
+        self._poke()
+
+    async def destroy(self, dom: Domain) -> None:
+        if dom.state is DomainState.DEAD:
+            return
+        if dom.state is DomainState.CRASHED:
+            dom.move(DomainState.DEAD, "destroyed")
+        elif dom.state is not DomainState.SHUTTING_DOWN:
+            dom.ended_vt = self.conductor.end_ns
+            dom.move(DomainState.SHUTTING_DOWN, "destroyed by the toolstack")
+        self.conductor.leave(dom)
+        self.printk(f"d{dom.domid} ({dom.name}): destroyed", dom=dom.domid)
+        await self._send(self.bus, dom.identity, Stop(reason="destroy"))  # type: ignore[arg-type]
+        proc = self.procs.get(dom.domid)
+        if proc is not None:
+            with trio.move_on_after(STOP_GRACE_S):
+                await launch.wait_exit(proc)
+            if proc.poll() is None:
+                proc.kill()
+                await launch.wait_exit(proc)
+        if dom.state is DomainState.SHUTTING_DOWN:
+            dom.move(DomainState.DEAD, "destroyed")
+        self._poke()
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from hypervisor.control import ControlServer
+
+        self.bind()
+        self.printk(f"pvcluster hypervisor up: {self.spec.hypervisor.pcpus} pcpus, window "
+                    f"{self.spec.hypervisor.window_ns} ns, seed {self.spec.cluster.seed}")
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.bus_reader)
+                nursery.start_soon(self.conductor_loop)
+                await ControlServer(self).serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+            for sock in (self.bus, self.control):
+                if sock is not None:
+                    sock.close()
+            self.ctx.term()
+            print("hypervisor: stopped", file=sys.stderr)

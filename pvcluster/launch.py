@@ -1,0 +1,80 @@
+"""Starting the cluster's child processes so that none outlives its parent."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the parent dies, and keep terminal Ctrl-C away from it.
+
+    The parent owns the child's shutdown; a Ctrl-C in the terminal reaches only the toolstack, which then brings
+    the cluster down in order.
+    """
+    os.setpgrp()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the hypervisor's watchdog still stops orphans
+        pass
+
+
+def detach() -> None:
+    """For ``--detach``: a new session, no death signal, so the hypervisor outlives the toolstack."""
+    os.setsid()
+
+
+def python_module_argv(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def preexec(detached: bool) -> Callable[[], None]:
+    return detach if detached else _die_with_parent
+
+
+def log_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def spawn(argv: list[str], *, log: Path, detached: bool = False) -> subprocess.Popen[bytes]:
+    fd = log_file(log)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            preexec_fn=preexec(detached),  # noqa: PLW1509 - needed for the death signal
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for ``proc`` to exit without a thread (a death signal follows the thread that forked the child)."""
+    import trio
+
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    try:
+        while proc.poll() is None:
+            if pidfd >= 0:
+                await trio.lowlevel.wait_readable(pidfd)
+            else:
+                await trio.sleep(0.02)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return int(proc.returncode)

@@ -1,0 +1,520 @@
+"""Cluster spec: the TOML file that says what to boot, validated in full before any process starts.
+
+``load_spec(path)`` reads a file (or, with no path, the embedded ``default_spec.toml``), ``parse_spec``
+reads text. Both return a frozen :class:`ClusterSpec` or raise :class:`SpecError` listing *every* problem
+found, each as ``"key.path: problem"``, so one edit-run cycle fixes a spec instead of one cycle per mistake.
+
+The parent hands the validated spec to child processes as ``ClusterSpec.to_dict()``; ``from_dict`` validates
+again because the dict crossed a process boundary and the receiving side must not trust it blindly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import importlib.resources
+import json
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import attrs
+
+from pvcluster.abi.xen import MAX_LEGACY_VCPUS
+
+__all__ = [
+    "BUILTIN_KERNELS",
+    "BusSection",
+    "ClusterSection",
+    "ClusterSpec",
+    "CostModel",
+    "DomainSpec",
+    "HypervisorSection",
+    "SpecError",
+    "default_spec_text",
+    "load_spec",
+    "parse_spec",
+]
+
+BUILTIN_KERNELS: tuple[str, ...] = ("pvkern",)
+
+Mode = Literal["virtual"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+Transport = Literal["ipc", "tcp"]
+Backend = Literal["xen", "native", "vmi"]
+Boot = Literal["ebx", "ident", "entry"]
+
+MODES: tuple[str, ...] = get_args(Mode)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BOOT_PROTOCOLS: tuple[str, ...] = get_args(Boot)
+# Accepted by the schema's vocabulary but not runnable yet; named so the error can say so rather than
+# pretending the word is unknown.
+UNIMPLEMENTED_MODES: tuple[str, ...] = ("realtime",)
+
+NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,31}"
+_NAME_RE = re.compile(NAME_PATTERN)
+MAX_DOMAINS = 64
+MAX_PCPUS = 64
+# shared_info holds vcpu_info for only the first 32 vCPUs; more would need VCPUOP_register_vcpu_info.
+MAX_VCPUS = MAX_LEGACY_VCPUS
+MAX_MEMORY_MIB = 256
+MIN_WINDOW_NS = 100
+MAX_PS_PER_INSTR = 1_000_000
+MAX_PORT = 65535
+# start_info.cmd_line is char[1024] and must keep room for its NUL terminator.
+GUEST_CMDLINE_MAX = 1024
+
+RUN_DIR_ENV = "PVCLUSTER_RUN_DIR"
+DEFAULT_SOURCE = "<default>"
+_DICT_SOURCE = "<dict>"
+
+_MISSING: Any = object()
+
+
+class SpecError(Exception):
+    """An invalid cluster spec; ``problems`` holds every problem found, each ``"key.path: problem"``."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        # Both values go into args so the exception survives pickling across a process boundary.
+        super().__init__(source, list(problems))
+        self.source = source
+        self.problems: list[str] = list(problems)
+
+    def __str__(self) -> str:
+        return f"invalid cluster spec {self.source}:" + "".join(f"\n  - {p}" for p in self.problems)
+
+
+@attrs.frozen
+class ClusterSection:
+    name: str
+    seed: int
+    run_dir: str  # "" or an absolute path; see ClusterSpec.resolved_run_dir
+    mode: Mode
+
+
+@attrs.frozen
+class CostModel:
+    ps_per_instr: int
+    hypercall_ns: int
+    hypercall_jitter_ns: int
+    link_ns: int
+
+
+@attrs.frozen
+class HypervisorSection:
+    pcpus: int
+    window_ns: int
+    log_level: LogLevel
+    cost: CostModel
+
+
+@attrs.frozen
+class BusSection:
+    transport: Transport
+    host: str
+    port: int
+
+
+@attrs.frozen
+class DomainSpec:
+    name: str
+    vcpus: int
+    memory_mib: int
+    kernel: str  # a BUILTIN_KERNELS name, or an absolute path to a readable file
+    cmdline: str
+    backend: Backend
+    boot: Boot
+    patching: bool
+
+    @property
+    def builtin_kernel(self) -> bool:
+        return self.kernel in BUILTIN_KERNELS
+
+
+@attrs.frozen
+class ClusterSpec:
+    """A validated spec. Build it with load_spec / parse_spec / from_dict; the constructor does not check."""
+
+    cluster: ClusterSection
+    hypervisor: HypervisorSection
+    bus: BusSection
+    domains: tuple[DomainSpec, ...]
+    source: str
+
+    def resolved_run_dir(self) -> Path:
+        """Where this cluster's sockets and traces go.
+
+        The environment is read here rather than at parse time so that a spec handed to a child keeps
+        meaning "the run directory of this run", not whatever the parent's environment said when parsing.
+        """
+        if self.cluster.run_dir:
+            return Path(self.cluster.run_dir)
+        env = os.environ.get(RUN_DIR_ENV)
+        if env:
+            return Path(env).expanduser().absolute() / self.cluster.name
+        # Per-uid so two users on one host do not collide on (or get refused by) each other's sockets.
+        return Path(f"/tmp/pvcluster-{os.getuid()}") / self.cluster.name
+
+    def domain(self, name: str) -> DomainSpec:
+        for dom in self.domains:
+            if dom.name == name:
+                return dom
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict in the TOML layout (``domain`` list included), plus ``source``."""
+        return {
+            "source": self.source,
+            "cluster": attrs.asdict(self.cluster),
+            "hypervisor": attrs.asdict(self.hypervisor),
+            "bus": attrs.asdict(self.bus),
+            "domain": [attrs.asdict(d) for d in self.domains],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterSpec:
+        """Rebuild (and re-validate) a spec from ``to_dict()`` output; relative paths resolve against CWD."""
+        if not isinstance(data, Mapping):
+            raise SpecError(_DICT_SOURCE, [f"spec: must be a table, got {_describe(data)}"])
+        body = dict(data)
+        source = body.pop("source", _DICT_SOURCE)
+        checker = _Checker(Path.cwd())
+        if not isinstance(source, str):
+            checker.error("source", f"must be a string, got {_describe(source)}")
+            source = _DICT_SOURCE
+        return checker.spec(body, source)
+
+
+def default_spec_text() -> str:
+    return importlib.resources.files("pvcluster").joinpath("default_spec.toml").read_text(encoding="utf-8")
+
+
+def parse_spec(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> ClusterSpec:
+    """Parse and validate spec text; relative paths in it resolve against ``base_dir`` (default: CWD)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(source, [f"TOML syntax error: {exc}"]) from None
+    return _Checker(Path(base_dir) if base_dir is not None else Path.cwd()).spec(data, source)
+
+
+def load_spec(path: str | os.PathLike[str] | None = None) -> ClusterSpec:
+    """Load a spec file, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_spec(default_spec_text(), source=DEFAULT_SOURCE)
+    p = Path(path)
+    source = str(p)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(source, [f"spec file not found: {p}"]) from None
+    except IsADirectoryError:
+        raise SpecError(source, [f"spec file is a directory: {p}"]) from None
+    except OSError as exc:
+        raise SpecError(source, [f"cannot read spec file {p}: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(source, [f"spec file is not valid UTF-8 (byte {exc.start})"]) from None
+    return parse_spec(text, source=source, base_dir=p.absolute().parent)
+
+
+def parse_domain_dict(data: object, *, base_dir: Path | None = None) -> DomainSpec:
+    """Validate one ``[[domain]]`` table on its own, as the hypervisor's ``create`` command receives it."""
+    checker = _Checker(Path(base_dir) if base_dir is not None else Path.cwd())
+    dom = checker.domain(data, "domain")
+    if checker.problems:
+        raise SpecError("<create>", checker.problems)
+    return dom
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _join(path: str, key: object) -> str:
+    k = str(key)
+    # Quote keys a reader could not type bare in TOML, so the path in the message is unambiguous.
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", k):
+        k = json.dumps(k, ensure_ascii=False)
+    return f"{path}.{k}" if path else k
+
+
+def _quote(s: str, limit: int = 60) -> str:
+    q = json.dumps(s, ensure_ascii=False)
+    return q if len(q) <= limit else q[: limit - 4] + '..."'
+
+
+def _describe(v: object) -> str:
+    """How a bad value appears in a message, in TOML's vocabulary (the user wrote TOML, not Python)."""
+    if isinstance(v, bool):
+        return f"boolean {'true' if v else 'false'}"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"float {v!r}"
+    if isinstance(v, str):
+        return _quote(v)
+    if isinstance(v, datetime.date | datetime.time):
+        return f"datetime {v.isoformat()}"
+    if isinstance(v, Mapping):
+        return "a table"
+    if isinstance(v, list | tuple):
+        return "an array"
+    if v is None:
+        return "null"
+    return type(v).__name__
+
+
+def _choices(allowed: Iterable[str]) -> str:
+    return ", ".join(json.dumps(a) for a in allowed)
+
+
+def _hint(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Checker:
+    """Walks the raw spec, collecting problems; a bad value is replaced by its default so the walk goes on."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+        self._bad: set[str] = set()
+
+    def error(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+        self._bad.add(path)
+
+    def ok(self, *paths: str) -> bool:
+        """Nothing reported at or above any of ``paths``: cross-field checks skip values already known bad."""
+        for p in paths:
+            for bad in self._bad:
+                if p == bad or p.startswith(bad + ".") or p.startswith(bad + "["):
+                    return False
+        return True
+
+    # ---- primitives
+
+    def table(self, value: object, path: str, keys: Sequence[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be a table, got {_describe(value)}")
+            return {}
+        for key in value:
+            if key not in keys:
+                self.error(_join(path, key), "unknown key" + _hint(str(key), keys))
+        return value
+
+    def integer(self, tbl: Mapping[str, Any], path: str, key: str, default: int, lo: int,
+                hi: int | None = None) -> int:
+        v = tbl.get(key, default)
+        # bool is an int subclass in Python, but `vcpus = true` is a mistake, not 1.
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            want = f"an integer between {lo} and {hi}" if hi is not None else f"an integer >= {lo}"
+            self.error(_join(path, key), f"must be {want}, got {_describe(v)}")
+            return default
+        return v
+
+    def string(self, tbl: Mapping[str, Any], path: str, key: str, default: str) -> str | None:
+        v = tbl.get(key, default)
+        if not isinstance(v, str):
+            self.error(_join(path, key), f"must be a string, got {_describe(v)}")
+            return None
+        if "\0" in v:
+            self.error(_join(path, key), "must not contain NUL characters")
+            return None
+        return v
+
+    def choice(self, tbl: Mapping[str, Any], path: str, key: str, default: str,
+               allowed: Sequence[str]) -> str:
+        v = tbl.get(key, default)
+        if isinstance(v, str) and v in allowed:
+            return v
+        hint = _hint(v, allowed) if isinstance(v, str) else ""
+        self.error(_join(path, key), f"must be one of {_choices(allowed)}, got {_describe(v)}{hint}")
+        return default
+
+    def boolean(self, tbl: Mapping[str, Any], path: str, key: str, default: bool) -> bool:
+        v = tbl.get(key, default)
+        if not isinstance(v, bool):
+            self.error(_join(path, key), f"must be a boolean (true or false), got {_describe(v)}")
+            return default
+        return v
+
+    def name(self, tbl: Mapping[str, Any], path: str, key: str, default: str) -> str:
+        v = tbl.get(key, default)
+        if v is _MISSING:
+            self.error(_join(path, key), "required key missing")
+            return ""
+        if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+            self.error(_join(path, key), f"must be a string matching {NAME_PATTERN}, got {_describe(v)}")
+            return ""
+        return v
+
+    def local_path(self, raw: str) -> Path:
+        p = Path(raw).expanduser()
+        return Path(os.path.abspath(p if p.is_absolute() else self.base_dir / p))
+
+    # ---- sections
+
+    def spec(self, data: Mapping[str, Any], source: str) -> ClusterSpec:
+        top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain"))
+        cluster = self.cluster(top.get("cluster", {}))
+        hypervisor = self.hypervisor(top.get("hypervisor", {}))
+        bus = self.bus(top.get("bus", {}))
+        domains = self.domains(top.get("domain", _MISSING))
+        if self.problems:
+            raise SpecError(source, self.problems)
+        return ClusterSpec(cluster, hypervisor, bus, domains, source)
+
+    def cluster(self, raw: object) -> ClusterSection:
+        path = "cluster"
+        t = self.table(raw, path, ("name", "seed", "run_dir", "mode"))
+        name = self.name(t, path, "name", "default")
+        seed = self.integer(t, path, "seed", 1, 0)
+        run_dir = self.string(t, path, "run_dir", "") or ""
+        if run_dir:
+            # Fixed now, against the spec's directory: children may run with another CWD.
+            run_dir = str(self.local_path(run_dir))
+        mode = t.get("mode", "virtual")
+        if mode in UNIMPLEMENTED_MODES:
+            self.error(f"{path}.mode", f"{_describe(mode)} is not implemented yet; only {_choices(MODES)} "
+                       "is accepted for now")
+            mode = "virtual"
+        else:
+            mode = self.choice(t, path, "mode", "virtual", MODES)
+        return ClusterSection(name or "default", seed, run_dir, cast(Mode, mode))
+
+    def hypervisor(self, raw: object) -> HypervisorSection:
+        path = "hypervisor"
+        t = self.table(raw, path, ("pcpus", "window_ns", "log_level", "cost"))
+        pcpus = self.integer(t, path, "pcpus", 2, 1, MAX_PCPUS)
+        window_ns = self.integer(t, path, "window_ns", 10000, MIN_WINDOW_NS)
+        log_level = self.choice(t, path, "log_level", "info", LOG_LEVELS)
+        cost = self.cost(t.get("cost", {}))
+        if self.ok(f"{path}.window_ns", f"{path}.cost.link_ns") and window_ns > cost.link_ns:
+            # A message sent at the start of a window must not be deliverable before that window ends,
+            # or lock-stepped processes could observe it out of order.
+            self.error(f"{path}.window_ns",
+                       f"must be <= hypervisor.cost.link_ns ({cost.link_ns}), got {window_ns}")
+        return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost)
+
+    def cost(self, raw: object) -> CostModel:
+        path = "hypervisor.cost"
+        t = self.table(raw, path, ("ps_per_instr", "hypercall_ns", "hypercall_jitter_ns", "link_ns"))
+        ps = self.integer(t, path, "ps_per_instr", 1000, 1, MAX_PS_PER_INSTR)
+        hc = self.integer(t, path, "hypercall_ns", 400, 0)
+        jitter = self.integer(t, path, "hypercall_jitter_ns", 40, 0)
+        link = self.integer(t, path, "link_ns", 10000, 1)
+        # Zero jitter is always fine (it is "no jitter"), which keeps hypercall_ns = 0 expressible.
+        if self.ok(f"{path}.hypercall_ns", f"{path}.hypercall_jitter_ns") and jitter and jitter >= hc:
+            self.error(f"{path}.hypercall_jitter_ns", f"must be less than hypercall_ns ({hc}), got {jitter}")
+        return CostModel(ps, hc, jitter, link)
+
+    def bus(self, raw: object) -> BusSection:
+        path = "bus"
+        t = self.table(raw, path, ("transport", "host", "port"))
+        transport = self.choice(t, path, "transport", "ipc", TRANSPORTS)
+        host = self.string(t, path, "host", "127.0.0.1")
+        if host is not None and not host.strip():
+            self.error(f"{path}.host", "must not be empty")
+        port = self.integer(t, path, "port", 0, 0, MAX_PORT)
+        return BusSection(cast(Transport, transport), host or "127.0.0.1", port)
+
+    def domains(self, raw: object) -> tuple[DomainSpec, ...]:
+        if raw is _MISSING:
+            self.error("domain", "at least one [[domain]] is required")
+            return ()
+        if isinstance(raw, Mapping):
+            self.error("domain", "must be an array of tables: write [[domain]] for each domain, not [domain]")
+            return ()
+        if not isinstance(raw, list | tuple):
+            self.error("domain", f"must be an array of tables ([[domain]]), got {_describe(raw)}")
+            return ()
+        if not raw:
+            self.error("domain", "at least one [[domain]] is required")
+        elif len(raw) > MAX_DOMAINS:
+            self.error("domain", f"at most {MAX_DOMAINS} domains are allowed, got {len(raw)}")
+        doms = tuple(self.domain(d, f"domain[{i}]") for i, d in enumerate(raw))
+        first: dict[str, int] = {}
+        for i, d in enumerate(doms):
+            if not d.name:
+                continue  # already reported
+            if d.name in first:
+                self.error(f"domain[{i}].name",
+                           f"duplicate domain name {_quote(d.name)} (also used by domain[{first[d.name]}])")
+            else:
+                first[d.name] = i
+        return doms
+
+    def domain(self, raw: object, path: str) -> DomainSpec:
+        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching")
+        t = self.table(raw, path, keys)
+        if not isinstance(raw, Mapping):
+            # Reported once; "name missing" on top of "not a table" would only be noise.
+            return DomainSpec("", 1, 4, BUILTIN_KERNELS[0], "", "xen", "ebx", True)
+        name = self.name(t, path, "name", _MISSING)
+        vcpus = self.integer(t, path, "vcpus", 1, 1, MAX_VCPUS)
+        memory_mib = self.integer(t, path, "memory_mib", 4, 1, MAX_MEMORY_MIB)
+        kernel = self.kernel(t, path, name)
+        cmdline = self.cmdline(t, path)
+        backend = self.choice(t, path, "backend", "xen", BACKENDS)
+        boot = self.choice(t, path, "boot", "ebx", BOOT_PROTOCOLS)
+        patching = self.boolean(t, path, "patching", True)
+        return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot),
+                          patching)
+
+    def kernel(self, t: Mapping[str, Any], path: str, name: str) -> str:
+        kpath = f"{path}.kernel"
+        v = self.string(t, path, "kernel", BUILTIN_KERNELS[0])
+        if v is None:
+            return BUILTIN_KERNELS[0]
+        if v in BUILTIN_KERNELS:
+            return v
+        if not v.strip():
+            self.error(kpath, f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or a path to a file, "
+                       f"got {_describe(v)}")
+            return BUILTIN_KERNELS[0]
+        p = self.local_path(v)
+        who = f"domain {_quote(name)}" if name else path
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            # A bare word that is no file is more likely a misspelt built-in than a missing file.
+            hint = _hint(v, BUILTIN_KERNELS) if os.sep not in v else ""
+            self.error(kpath, f"kernel file for {who} not found: {p}{hint}")
+            return str(p)
+        except OSError as exc:
+            self.error(kpath, f"kernel file for {who} is not accessible: {p} ({exc.strerror or exc})")
+            return str(p)
+        # Checked before opening: opening a FIFO would block the loader.
+        if not stat.S_ISREG(st.st_mode):
+            self.error(kpath, f"kernel file for {who} is not a regular file: {p}")
+            return str(p)
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            self.error(kpath, f"kernel file for {who} is not readable: {p} ({exc.strerror or exc})")
+        return str(p)
+
+    def cmdline(self, t: Mapping[str, Any], path: str) -> str:
+        v = self.string(t, path, "cmdline", "")
+        if v is None:
+            return ""
+        try:
+            size = len(v.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates; only reachable through from_dict
+            self.error(f"{path}.cmdline", "must be valid Unicode text")
+            return ""
+        if size >= GUEST_CMDLINE_MAX:
+            self.error(f"{path}.cmdline",
+                       f"must be shorter than {GUEST_CMDLINE_MAX} bytes as UTF-8, got {size} bytes")
+            return ""
+        return v

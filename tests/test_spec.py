@@ -1,0 +1,489 @@
+"""Cluster spec loading and validation (pvcluster/spec.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pvcluster.spec import (
+    BUILTIN_KERNELS,
+    ClusterSpec,
+    SpecError,
+    default_spec_text,
+    load_spec,
+    parse_spec,
+)
+
+# A minimal valid spec; cases append to it so each one isolates a single rule.
+BASE = """
+[[domain]]
+name = "alpha"
+"""
+
+
+def problems_of(text: str, **kw: object) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, **kw)  # type: ignore[arg-type]
+    return info.value.problems
+
+
+def one_problem(text: str) -> str:
+    probs = problems_of(text)
+    assert len(probs) == 1, probs
+    return probs[0]
+
+
+def with_section(section: str, body: str) -> str:
+    return f"[{section}]\n{body}\n{BASE}"
+
+
+def with_domain(body: str) -> str:
+    return f'[[domain]]\nname = "alpha"\n{body}\n'
+
+
+# ---------------------------------------------------------------------------------------------- default
+
+
+def test_default_loads_with_two_domains_of_two_vcpus() -> None:
+    spec = load_spec()
+    assert spec.source == "<default>"
+    assert [d.name for d in spec.domains] == ["alpha", "beta"]
+    assert [d.vcpus for d in spec.domains] == [2, 2]
+    assert spec.domain("beta").cmdline == "shutdown=reboot"
+    assert all(d.builtin_kernel for d in spec.domains)
+
+
+def test_default_file_holds_exactly_the_documented_schema() -> None:
+    expected = {
+        "cluster": {"name": "default", "seed": 1, "run_dir": "", "mode": "virtual"},
+        "hypervisor": {
+            "pcpus": 2,
+            "window_ns": 10000,
+            "log_level": "info",
+            "cost": {"ps_per_instr": 1000, "hypercall_ns": 400, "hypercall_jitter_ns": 40, "link_ns": 10000},
+        },
+        "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0},
+        "domain": [
+            {"name": n, "vcpus": 2, "memory_mib": 4, "kernel": "pvkern", "cmdline": c, "backend": "xen",
+             "boot": "ebx", "patching": True}
+            for n, c in (("alpha", "shutdown=poweroff"), ("beta", "shutdown=reboot"))
+        ],
+    }
+    assert tomllib.loads(default_spec_text()) == expected
+    assert {k: v for k, v in load_spec().to_dict().items() if k != "source"} == expected
+
+
+def test_default_file_documents_every_key() -> None:
+    # Every key line of the first occurrence of each table carries a comment.
+    seen: set[str] = set()
+    table = ""
+    for line in default_spec_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped.split("#")[0].strip()
+            continue
+        if "=" in stripped and not stripped.startswith("#"):
+            key = f"{table}.{stripped.split('=')[0].strip()}"
+            if key not in seen:
+                assert "#" in stripped, f"undocumented key: {key}"
+                seen.add(key)
+
+
+def test_omitted_sections_and_keys_take_defaults() -> None:
+    spec = parse_spec(BASE)
+    default = load_spec()
+    assert spec.cluster == default.cluster
+    assert spec.hypervisor == default.hypervisor
+    assert spec.bus == default.bus
+    dom = spec.domains[0]
+    assert (dom.vcpus, dom.memory_mib, dom.kernel, dom.cmdline, dom.backend, dom.boot, dom.patching) == (
+        1, 4, "pvkern", "", "xen", "ebx", True,
+    )
+
+
+def test_full_valid_spec() -> None:
+    spec = parse_spec(
+        """
+        [cluster]
+        name = "lab-1_x"
+        seed = 0
+        [hypervisor]
+        pcpus = 64
+        window_ns = 100
+        log_level = "debug"
+        [hypervisor.cost]
+        ps_per_instr = 1000000
+        hypercall_ns = 0
+        hypercall_jitter_ns = 0
+        link_ns = 100
+        [bus]
+        transport = "tcp"
+        host = "0.0.0.0"
+        port = 65535
+        [[domain]]
+        name = "a"
+        vcpus = 32
+        memory_mib = 256
+        backend = "vmi"
+        boot = "entry"
+        patching = false
+        cmdline = "x"
+        """
+    )
+    assert spec.cluster.name == "lab-1_x"
+    assert spec.hypervisor.cost.link_ns == 100
+    assert spec.bus.transport == "tcp" and spec.bus.port == 65535
+    assert spec.domains[0].vcpus == 32 and spec.domains[0].patching is False
+
+
+# ------------------------------------------------------------------------------------------- key errors
+
+
+def test_typo_names_key_and_suggests_fix() -> None:
+    prob = one_problem(with_domain("vcpu = 2"))
+    assert prob == "domain[0].vcpu: unknown key (did you mean 'vcpus'?)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[clustr]\nname = "x"\n' + BASE, "clustr: unknown key (did you mean 'cluster'?)"),
+        (with_section("hypervisor.cost", "link = 5"),
+         "hypervisor.cost.link: unknown key (did you mean 'link_ns'?)"),
+        (with_section("bus", "zzz = 1"), "bus.zzz: unknown key"),
+        ('[[domains]]\nname = "a"\n' + BASE, "domains: unknown key (did you mean 'domain'?)"),
+    ],
+)
+def test_unknown_keys_everywhere(text: str, expected: str) -> None:
+    assert one_problem(text) == expected
+
+
+def test_domain_name_is_required() -> None:
+    assert one_problem("[[domain]]\nvcpus = 1\n") == "domain[0].name: required key missing"
+
+
+# ---------------------------------------------------------------------------------------- range / type
+
+
+def test_negative_vcpus_names_domain_index() -> None:
+    text = BASE + '[[domain]]\nname = "beta"\nvcpus = -1\n'
+    assert one_problem(text) == "domain[1].vcpus: must be an integer between 1 and 32, got -1"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        (with_section("cluster", 'name = "Bad"'), "cluster.name", "must be a string matching"),
+        (with_section("cluster", f'name = "{"a" * 33}"'), "cluster.name", "must be a string matching"),
+        (with_section("cluster", 'name = "-x"'), "cluster.name", "must be a string matching"),
+        (with_section("cluster", "seed = -1"), "cluster.seed", "must be an integer >= 0, got -1"),
+        (with_section("cluster", "seed = 1.5"), "cluster.seed", "got float 1.5"),
+        (with_section("cluster", "run_dir = 3"), "cluster.run_dir", "must be a string, got 3"),
+        (with_section("hypervisor", "pcpus = 0"), "hypervisor.pcpus", "between 1 and 64, got 0"),
+        (with_section("hypervisor", "pcpus = 65"), "hypervisor.pcpus", "between 1 and 64, got 65"),
+        (with_section("hypervisor", "window_ns = 99"), "hypervisor.window_ns", "integer >= 100, got 99"),
+        (with_section("hypervisor.cost", "ps_per_instr = 0"), "hypervisor.cost.ps_per_instr", "got 0"),
+        (with_section("hypervisor.cost", "ps_per_instr = 1000001"), "hypervisor.cost.ps_per_instr",
+         "between 1 and 1000000"),
+        (with_section("hypervisor.cost", "hypercall_ns = -1"), "hypervisor.cost.hypercall_ns", ">= 0"),
+        (with_section("hypervisor.cost", "hypercall_jitter_ns = -1"), "hypervisor.cost.hypercall_jitter_ns",
+         ">= 0"),
+        (with_section("hypervisor.cost", "link_ns = 0"), "hypervisor.cost.link_ns", ">= 1, got 0"),
+        (with_section("bus", "port = 65536"), "bus.port", "between 0 and 65535, got 65536"),
+        (with_section("bus", "port = -1"), "bus.port", "between 0 and 65535"),
+        (with_section("bus", 'host = ""'), "bus.host", "must not be empty"),
+        (with_section("bus", "host = 1"), "bus.host", "must be a string"),
+        (with_domain("vcpus = 33"), "domain[0].vcpus", "between 1 and 32, got 33"),
+        (with_domain("memory_mib = 0"), "domain[0].memory_mib", "between 1 and 256, got 0"),
+        (with_domain("memory_mib = 257"), "domain[0].memory_mib", "between 1 and 256, got 257"),
+        (with_domain('memory_mib = "4"'), "domain[0].memory_mib", 'got "4"'),
+        (with_domain("patching = 1"), "domain[0].patching", "must be a boolean"),
+        (with_domain('patching = "yes"'), "domain[0].patching", "must be a boolean"),
+        (with_domain("cmdline = 5"), "domain[0].cmdline", "must be a string"),
+        (with_domain('cmdline = "a\\u0000b"'), "domain[0].cmdline", "NUL"),
+        (with_domain(f'cmdline = "{"x" * 1024}"'), "domain[0].cmdline", "shorter than 1024 bytes"),
+        # 512 two-byte characters: short in characters, too long in bytes.
+        (with_domain(f'cmdline = "{"é" * 512}"'), "domain[0].cmdline", "got 1024 bytes"),
+        (with_domain("kernel = 1"), "domain[0].kernel", "must be a string"),
+        (with_domain('kernel = ""'), "domain[0].kernel", "built-in kernel"),
+        ('[[domain]]\nname = "Alpha"\n', "domain[0].name", "must be a string matching"),
+        ("[[domain]]\nname = 7\n", "domain[0].name", "must be a string matching"),
+    ],
+)
+def test_range_and_type_rules(text: str, path: str, fragment: str) -> None:
+    prob = one_problem(text)
+    assert prob.startswith(f"{path}: "), prob
+    assert fragment in prob, prob
+
+
+@pytest.mark.parametrize("key", ["vcpus", "memory_mib"])
+def test_bool_is_not_an_integer(key: str) -> None:
+    prob = one_problem(with_domain(f"{key} = true"))
+    assert prob.startswith(f"domain[0].{key}: must be an integer") and prob.endswith("got boolean true")
+
+
+def test_cmdline_just_under_limit_is_fine() -> None:
+    spec = parse_spec(with_domain(f'cmdline = "{"x" * 1023}"'))
+    assert len(spec.domains[0].cmdline) == 1023
+
+
+def test_window_must_not_exceed_link_latency() -> None:
+    text = "[hypervisor]\nwindow_ns = 5000\n[hypervisor.cost]\nlink_ns = 4000\n" + BASE
+    assert one_problem(text) == "hypervisor.window_ns: must be <= hypervisor.cost.link_ns (4000), got 5000"
+    # Equal is allowed.
+    parse_spec("[hypervisor]\nwindow_ns = 4000\n[hypervisor.cost]\nlink_ns = 4000\n" + BASE)
+
+
+def test_window_check_skipped_when_link_itself_is_bad() -> None:
+    text = "[hypervisor]\nwindow_ns = 5000\n[hypervisor.cost]\nlink_ns = true\n" + BASE
+    assert [p.split(":")[0] for p in problems_of(text)] == ["hypervisor.cost.link_ns"]
+
+
+def test_jitter_must_be_below_hypercall_cost() -> None:
+    text = with_section("hypervisor.cost", "hypercall_ns = 40\nhypercall_jitter_ns = 40")
+    expected = "hypervisor.cost.hypercall_jitter_ns: must be less than hypercall_ns (40), got 40"
+    assert one_problem(text) == expected
+
+
+# ----------------------------------------------------------------------------------------------- enums
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        (with_section("hypervisor", 'log_level = "warn"'), "hypervisor.log_level",
+         'must be one of "debug", "info", "warning", "error", got "warn" (did you mean \'warning\'?)'),
+        (with_section("bus", 'transport = "udp"'), "bus.transport", 'must be one of "ipc", "tcp", got "udp"'),
+        (with_domain('backend = "kvm"'), "domain[0].backend", 'must be one of "xen", "native", "vmi"'),
+        (with_domain('boot = "grub"'), "domain[0].boot", 'must be one of "ebx", "ident", "entry"'),
+        (with_domain("boot = 1"), "domain[0].boot", "got 1"),
+        (with_section("cluster", 'mode = "fast"'), "cluster.mode", 'must be one of "virtual", got "fast"'),
+    ],
+)
+def test_enum_rules(text: str, path: str, fragment: str) -> None:
+    prob = one_problem(text)
+    assert prob.startswith(f"{path}: "), prob
+    assert fragment in prob, prob
+
+
+def test_realtime_mode_is_not_implemented_yet() -> None:
+    prob = one_problem(with_section("cluster", 'mode = "realtime"'))
+    assert prob.startswith("cluster.mode: ") and "not implemented yet" in prob
+
+
+# --------------------------------------------------------------------------------------- structure
+
+
+def test_domain_as_table_instead_of_array() -> None:
+    prob = one_problem('[domain]\nname = "alpha"\n')
+    assert prob.startswith("domain: must be an array of tables") and "[[domain]]" in prob
+
+
+def test_domain_array_of_non_tables() -> None:
+    assert one_problem("domain = [1]\n") == "domain[0]: must be a table, got 1"
+
+
+def test_section_must_be_a_table() -> None:
+    assert one_problem('hypervisor = 3\n' + BASE) == "hypervisor: must be a table, got 3"
+
+
+def test_at_least_one_domain() -> None:
+    assert one_problem('[cluster]\nname = "x"\n') == "domain: at least one [[domain]] is required"
+    assert one_problem("domain = []\n") == "domain: at least one [[domain]] is required"
+
+
+def test_at_most_64_domains() -> None:
+    text = "".join(f'[[domain]]\nname = "d{i}"\n' for i in range(65))
+    assert one_problem(text) == "domain: at most 64 domains are allowed, got 65"
+    assert len(parse_spec("".join(f'[[domain]]\nname = "d{i}"\n' for i in range(64))).domains) == 64
+
+
+def test_duplicate_domain_names() -> None:
+    text = BASE + '[[domain]]\nname = "beta"\n' + BASE
+    assert one_problem(text) == 'domain[2].name: duplicate domain name "alpha" (also used by domain[0])'
+
+
+def test_toml_syntax_error_has_line_and_column() -> None:
+    err = problems_of('[cluster]\nname = "x"\nseed = \n')
+    assert len(err) == 1
+    assert err[0].startswith("TOML syntax error:") and "line 3" in err[0] and "column" in err[0]
+
+
+# -------------------------------------------------------------------------------------- collection
+
+
+def test_all_problems_are_collected() -> None:
+    text = """
+    [cluster]
+    seed = -3
+    [hypervisor]
+    log_level = "loud"
+    [[domain]]
+    name = "alpha"
+    vcpu = 2
+    """
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, source="my.toml")
+    err = info.value
+    assert len(err.problems) == 3, err.problems
+    paths = [p.split(":")[0] for p in err.problems]
+    assert paths == ["cluster.seed", "hypervisor.log_level", "domain[0].vcpu"]
+    assert str(err) == "invalid cluster spec my.toml:\n" + "\n".join(f"  - {p}" for p in err.problems)
+
+
+def test_problems_in_several_domains_are_all_reported() -> None:
+    text = '[[domain]]\nname = "a"\nvcpus = 0\n[[domain]]\nvcpus = 99\nboot = "x"\n'
+    paths = [p.split(":")[0] for p in problems_of(text)]
+    assert paths == ["domain[0].vcpus", "domain[1].name", "domain[1].vcpus", "domain[1].boot"]
+
+
+def test_spec_error_pickles() -> None:
+    try:
+        parse_spec("[[domain]]\nvcpus = 0\n", source="x.toml")
+    except SpecError as exc:
+        again = pickle.loads(pickle.dumps(exc))
+        assert again.problems == exc.problems and str(again) == str(exc)
+    else:
+        pytest.fail("no SpecError")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(SpecError) as info:
+        load_spec(missing)
+    assert info.value.problems == [f"spec file not found: {missing}"]
+    assert str(missing) in str(info.value)
+
+
+def test_load_spec_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(BASE)
+    spec = load_spec(f)
+    assert spec.source == str(f)
+    assert load_spec(str(f)) == spec
+
+
+def test_missing_kernel_file_names_domain_and_path(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[[domain]]\nname = "alpha"\nkernel = "kernels/guest.elf"\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(f)
+    (prob,) = info.value.problems
+    expected = tmp_path / "kernels" / "guest.elf"
+    assert prob == f"domain[0].kernel: kernel file for domain \"alpha\" not found: {expected}"
+
+
+def test_misspelt_builtin_kernel_gets_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    prob = one_problem(with_domain('kernel = "pvkrn"'))
+    assert "not found" in prob and "did you mean 'pvkern'?" in prob
+
+
+def test_kernel_directory_is_rejected(tmp_path: Path) -> None:
+    probs = problems_of(with_domain(f'kernel = "{tmp_path}"'))
+    assert len(probs) == 1 and "not a regular file" in probs[0] and str(tmp_path) in probs[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_kernel_file(tmp_path: Path) -> None:
+    k = tmp_path / "k.elf"
+    k.write_bytes(b"\x7fELF")
+    k.chmod(0)
+    probs = problems_of(with_domain(f'kernel = "{k}"'))
+    assert len(probs) == 1 and "not readable" in probs[0] and str(k) in probs[0]
+
+
+def test_relative_kernel_resolves_against_spec_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_dir = tmp_path / "specs"
+    (spec_dir / "k").mkdir(parents=True)
+    kernel = spec_dir / "k" / "guest.elf"
+    kernel.write_bytes(b"\x7fELF")
+    f = spec_dir / "c.toml"
+    f.write_text('[[domain]]\nname = "alpha"\nkernel = "k/guest.elf"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # CWD must not matter
+    spec = load_spec(f)
+    assert spec.domains[0].kernel == str(kernel)
+    assert Path(spec.domains[0].kernel).is_absolute()
+    assert not spec.domains[0].builtin_kernel
+
+
+def test_relative_kernel_in_parse_spec_uses_base_dir_or_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "guest.elf").write_bytes(b"")
+    text = with_domain('kernel = "guest.elf"')
+    assert parse_spec(text, base_dir=tmp_path).domains[0].kernel == str(tmp_path / "guest.elf")
+    monkeypatch.chdir(tmp_path)
+    assert parse_spec(text).domains[0].kernel == str(tmp_path / "guest.elf")
+
+
+def test_builtin_kernel_name_is_kept() -> None:
+    assert parse_spec(with_domain(f'kernel = "{BUILTIN_KERNELS[0]}"')).domains[0].kernel == "pvkern"
+
+
+# ---------------------------------------------------------------------------------------- run_dir
+
+
+def test_run_dir_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PVCLUSTER_RUN_DIR", raising=False)
+    spec = parse_spec(with_section("cluster", 'name = "c1"'))
+    assert spec.resolved_run_dir() == Path(f"/tmp/pvcluster-{os.getuid()}/c1")
+
+
+def test_run_dir_with_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PVCLUSTER_RUN_DIR", str(tmp_path))
+    spec = parse_spec(with_section("cluster", 'name = "c1"'))
+    assert spec.resolved_run_dir() == tmp_path / "c1"
+
+
+def test_explicit_run_dir_wins_and_resolves_against_spec_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PVCLUSTER_RUN_DIR", "/somewhere/else")
+    f = tmp_path / "c.toml"
+    f.write_text(with_section("cluster", 'run_dir = "runs/here"'))
+    spec = load_spec(f)
+    assert spec.cluster.run_dir == str(tmp_path / "runs" / "here")
+    assert spec.resolved_run_dir() == tmp_path / "runs" / "here"
+
+
+# ----------------------------------------------------------------------------------- dict round trip
+
+
+def test_to_dict_from_dict_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "guest.elf").write_bytes(b"")
+    text = BASE + '[[domain]]\nname = "beta"\nkernel = "guest.elf"\nvcpus = 3\n'
+    spec = parse_spec(text, source="rt.toml", base_dir=tmp_path)
+    wire = json.loads(json.dumps(spec.to_dict()))
+    again = ClusterSpec.from_dict(wire)
+    assert again == spec
+    assert again.source == "rt.toml"
+    assert ClusterSpec.from_dict(load_spec().to_dict()) == load_spec()
+
+
+def test_from_dict_revalidates() -> None:
+    wire = load_spec().to_dict()
+    wire["domain"][1]["vcpus"] = 0
+    wire["bus"]["bogus"] = 1
+    with pytest.raises(SpecError) as info:
+        ClusterSpec.from_dict(wire)
+    assert info.value.source == "<default>"
+    assert [p.split(":")[0] for p in info.value.problems] == ["bus.bogus", "domain[1].vcpus"]
+
+
+def test_from_dict_rejects_lone_surrogates() -> None:
+    wire = load_spec().to_dict()
+    wire["domain"][0]["cmdline"] = "a\udc80"
+    with pytest.raises(SpecError) as info:
+        ClusterSpec.from_dict(wire)
+    assert info.value.problems == ["domain[0].cmdline: must be valid Unicode text"]
