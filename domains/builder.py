@@ -57,7 +57,9 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     if image.hypercall_page is not None:
         pa = ram.va_to_pa(image.hypercall_page, PAGE_SIZE)
         if pa is None or pa + PAGE_SIZE > req.memory_bytes:
-            raise ImageError("bad-metadata", f"hypercall page {image.hypercall_page:#x} is outside guest memory")
+            raise ImageError(
+                "bad-metadata", f"hypercall page {image.hypercall_page:#x} is outside guest memory"
+            )
         ram.write_pa(pa, req.hypercall_page)
     si_pa = _page_up(image.image_end - image.virt_base)
     stack_top_pa = si_pa + PAGE_SIZE * (1 + BOOT_STACK_PAGES)

@@ -81,7 +81,9 @@ class DomainProcess:
                     env = codec.decode(frames[-1])
                 except codec.FrameError as exc:
                     self._trace(f"bus.{exc.kind}", detail=exc.detail)
-                    await self._send(sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1))
+                    await self._send(
+                        sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1)
+                    )
                     continue
                 body = env.body
                 self.vt_ns = max(self.vt_ns, env.vt_ns)
@@ -111,7 +113,9 @@ class DomainProcess:
             ram, boot = build_domain(req)
         except ImageError as exc:
             self._trace("domain.build_failed", code=exc.code, error=exc.message, kernel=req.kernel)
-            return BuildResult(ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os="")
+            return BuildResult(
+                ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os=""
+            )
         self.ram, self.boot = ram, boot
         counter = InsnCounter()
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr) for v in range(req.vcpus)]
@@ -120,10 +124,24 @@ class DomainProcess:
         boot_vcpu.initialised = True
         boot_vcpu.state = VcpuState.RUNNING
         boot_vcpu.advance_to(self.vt_ns)
-        self._trace("domain.built", entry=boot.entry, start_info=boot.start_info, guest_os=boot.image.guest_os,
-                    metadata=boot.image.metadata_source, backend=req.backend, boot=req.boot, vcpus=req.vcpus)
-        return BuildResult(ok=True, error_code="", error="", entry=boot.entry, start_info=boot.start_info,
-                           guest_os=boot.image.guest_os)
+        self._trace(
+            "domain.built",
+            entry=boot.entry,
+            start_info=boot.start_info,
+            guest_os=boot.image.guest_os,
+            metadata=boot.image.metadata_source,
+            backend=req.backend,
+            boot=req.boot,
+            vcpus=req.vcpus,
+        )
+        return BuildResult(
+            ok=True,
+            error_code="",
+            error="",
+            entry=boot.entry,
+            start_info=boot.start_info,
+            guest_os=boot.image.guest_os,
+        )
 
     # -- windows ---------------------------------------------------------------------------------------------
 
@@ -140,8 +158,13 @@ class DomainProcess:
                 continue
             target = self.vcpus[act.vcpu]
             if act.kind == "set_context":
-                target.set_regs({k: v for k, v in act.regs.items() if k in ("eax", "ebx", "ecx", "edx", "esi",
-                                                                             "edi", "ebp", "esp", "eip", "eflags")})
+                target.set_regs(
+                    {
+                        k: v
+                        for k, v in act.regs.items()
+                        if k in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags")
+                    }
+                )
                 target.initialised = True
             elif act.kind == "up":
                 target.advance_to(res.vt_ns)
@@ -156,7 +179,9 @@ class DomainProcess:
         vcpu = self.vcpus[res.vcpu]
         if res.complete:
             if vcpu.trap is None or vcpu.trap.seq != res.seq:
-                self._trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall")
+                self._trace(
+                    "domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall"
+                )
                 return
             vcpu.complete_trap(res.value, res.vt_ns)
 
@@ -181,6 +206,8 @@ class DomainProcess:
             if f is not None and vcpu.vid not in self._reported_faults:
                 self._reported_faults.add(vcpu.vid)
                 faults.append(VcpuFault(vcpu.vid, f.vt_ns, f.kind, f.detail, f.eip, f.disasm))
-                self._trace("vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm)
+                self._trace(
+                    "vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm
+                )
         reports = [VcpuReport(v.vid, v.state.value, v.clock_ns, v.instructions) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults)

@@ -152,7 +152,9 @@ class Vcpu:
 
     def _on_bad_access(self, uc: Uc, access: int, addr: int, size: int, value: int, _: object) -> bool:
         eip = int(uc.reg_read(X.UC_X86_REG_EIP))
-        self._set_fault("page-fault", f"access type {access} to unmapped address {addr:#010x} ({size} bytes)", eip)
+        self._set_fault(
+            "page-fault", f"access type {access} to unmapped address {addr:#010x} ({size} bytes)", eip
+        )
         return False
 
     def _set_fault(self, kind: str, detail: str, eip: int) -> None:

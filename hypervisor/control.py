@@ -36,8 +36,9 @@ class ControlServer:
             reply, done = await self._handle(payload)
             self._seq += 1
             try:
-                await sock.send_multipart([identity, *envelope, codec.encode(reply, seq=self._seq,
-                                                                              vt_ns=self.hv.conductor.end_ns)])
+                await sock.send_multipart(
+                    [identity, *envelope, codec.encode(reply, seq=self._seq, vt_ns=self.hv.conductor.end_ns)]
+                )
             except zmq.ZMQError:
                 pass
             if done:
@@ -50,7 +51,9 @@ class ControlServer:
             self.hv.log.warning(f"control.{exc.kind}", vt_ns=self.hv.conductor.end_ns, detail=exc.detail)
             return CtlReply(ok=False, data=None, error=f"{exc.kind}: {exc.detail}"), False
         if not isinstance(env.body, CtlRequest):
-            return CtlReply(ok=False, data=None, error=f"expected CtlRequest, got {type(env.body).__name__}"), False
+            return CtlReply(
+                ok=False, data=None, error=f"expected CtlRequest, got {type(env.body).__name__}"
+            ), False
         req = env.body
         handler = getattr(self, f"cmd_{req.cmd}", None)
         if handler is None:

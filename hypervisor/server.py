@@ -22,8 +22,6 @@ from pvcluster.bus.endpoints import Endpoints
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
-    CtlReply,
-    CtlRequest,
     Error,
     Hello,
     Stop,
@@ -104,12 +102,19 @@ class Hypervisor:
         try:
             await sock.send_multipart([identity, frame])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; its watcher reports the death
-            self.log.warning("bus.send_failed", vt_ns=self.conductor.end_ns, peer=identity[:6].decode(errors="replace"),
-                             error=str(exc), msg=type(body).__name__)
+            self.log.warning(
+                "bus.send_failed",
+                vt_ns=self.conductor.end_ns,
+                peer=identity[:6].decode(errors="replace"),
+                error=str(exc),
+                msg=type(body).__name__,
+            )
             return False
         return True
 
-    async def _reject(self, sock: TrioSocket, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
+    async def _reject(
+        self, sock: TrioSocket, identity: bytes, kind: str, detail: str, seq: int, **fields: Any
+    ) -> None:
         self.log.warning(f"bus.{kind}", vt_ns=self.conductor.end_ns, detail=detail, ref_seq=seq, **fields)
         await self._send(sock, identity, Error(kind=kind, detail=detail, ref_seq=seq))
 
@@ -122,19 +127,37 @@ class Hypervisor:
             identity = frames[0]
             dom = self.table.by_identity(identity)
             if len(frames) != 2:
-                await self._reject(self.bus, identity, "malformed", f"expected 1 payload frame, got {len(frames) - 1}",
-                                   -1, dom=dom.domid if dom else None)
+                await self._reject(
+                    self.bus,
+                    identity,
+                    "malformed",
+                    f"expected 1 payload frame, got {len(frames) - 1}",
+                    -1,
+                    dom=dom.domid if dom else None,
+                )
                 continue
             if dom is None:
-                await self._reject(self.bus, identity, "unknown-peer",
-                                   "this socket identity was not assigned by the hypervisor", -1,
-                                   peer=identity[:32].hex())
+                await self._reject(
+                    self.bus,
+                    identity,
+                    "unknown-peer",
+                    "this socket identity was not assigned by the hypervisor",
+                    -1,
+                    peer=identity[:32].hex(),
+                )
                 continue
             try:
                 env = codec.decode(frames[1])
             except codec.FrameError as exc:
-                await self._reject(self.bus, identity, exc.kind, exc.detail, exc.seq if exc.seq is not None else -1,
-                                   dom=dom.domid, size=len(frames[1]))
+                await self._reject(
+                    self.bus,
+                    identity,
+                    exc.kind,
+                    exc.detail,
+                    exc.seq if exc.seq is not None else -1,
+                    dom=dom.domid,
+                    size=len(frames[1]),
+                )
                 continue
             try:
                 await self._on_domain_message(dom, env.body, env.seq)
@@ -153,16 +176,32 @@ class Hypervisor:
             if not self.awaiting:
                 self.reports_in.set()
         elif isinstance(body, Error):
-            self.log.warning("bus.peer_error", vt_ns=self.conductor.end_ns, dom=dom.domid, kind=body.kind,
-                             detail=body.detail, ref_seq=body.ref_seq)
+            self.log.warning(
+                "bus.peer_error",
+                vt_ns=self.conductor.end_ns,
+                dom=dom.domid,
+                kind=body.kind,
+                detail=body.detail,
+                ref_seq=body.ref_seq,
+            )
         else:
-            raise ReportError(f"{type(body).__name__} is not expected from a domain in state {dom.state.value}")
+            raise ReportError(
+                f"{type(body).__name__} is not expected from a domain in state {dom.state.value}"
+            )
 
     def _build_message(self, dom: Domain) -> Build:
         s: DomainSpec = dom.spec
         return Build(
-            domid=dom.domid, name=dom.name, vcpus=s.vcpus, memory_bytes=s.memory_mib << 20, kernel=s.kernel,
-            cmdline=s.cmdline, backend=s.backend, boot=s.boot, patching=s.patching, hypercall_page=self._page,
+            domid=dom.domid,
+            name=dom.name,
+            vcpus=s.vcpus,
+            memory_bytes=s.memory_mib << 20,
+            kernel=s.kernel,
+            cmdline=s.cmdline,
+            backend=s.backend,
+            boot=s.boot,
+            patching=s.patching,
+            hypercall_page=self._page,
             ps_per_instr=self.spec.hypervisor.cost.ps_per_instr,
         )
 
@@ -170,17 +209,24 @@ class Hypervisor:
         if not res.ok:
             dom.crash_detail = f"build failed: {res.error_code}: {res.error}"
             dom.move(DomainState.CRASHED, dom.crash_detail)
-            self.printk(f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code)
+            self.printk(
+                f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code
+            )
             self._poke()
             return
         dom.move(DomainState.RUNNING, "built")
         dom.vcpus[0].initialised = dom.vcpus[0].up = True
         dom.vcpus[0].state = "running"
         self.conductor.join(dom)
-        self.printk(f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
-                    f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
-                    dom=dom.domid, entry=res.entry, guest_os=res.guest_os, backend=dom.spec.backend,
-                    boot=dom.spec.boot)
+        self.printk(
+            f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
+            f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
+            dom=dom.domid,
+            entry=res.entry,
+            guest_os=res.guest_os,
+            backend=dom.spec.backend,
+            boot=dom.spec.boot,
+        )
         self._poke()
 
     # -- the conductor loop ----------------------------------------------------------------------------------
@@ -200,8 +246,10 @@ class Hypervisor:
             if end is None:
                 if parts and not self.idle:
                     self.idle = True
-                    self.printk("no runnable vCPU and no pending event: the cluster is idle",
-                                domains=[d.domid for d in parts])
+                    self.printk(
+                        "no runnable vCPU and no pending event: the cluster is idle",
+                        domains=[d.domid for d in parts],
+                    )
                 await self.changed.wait()
                 continue
             self.idle = False
@@ -209,24 +257,33 @@ class Hypervisor:
             self.awaiting = {d.domid for d in parts}
             self.reports_in = trio.Event()
             for d in parts:
-                window = Window(index=self.conductor.index, end_ns=self.conductor.end_ns,
-                                results=self.conductor.take_results(d.domid))
+                window = Window(
+                    index=self.conductor.index,
+                    end_ns=self.conductor.end_ns,
+                    results=self.conductor.take_results(d.domid),
+                )
                 await self._send(self.bus, d.identity, window)  # type: ignore[arg-type]
             with trio.move_on_after(WINDOW_REPORT_TIMEOUT_S):
                 await self.reports_in.wait()
             for domid in sorted(self.awaiting):
                 dom = self.table.get(domid)
                 if dom is not None and dom.alive:
-                    self._crash(dom, f"no report for window {self.conductor.index} within "
-                                     f"{WINDOW_REPORT_TIMEOUT_S:.0f} s")
+                    self._crash(
+                        dom,
+                        f"no report for window {self.conductor.index} within {WINDOW_REPORT_TIMEOUT_S:.0f} s",
+                    )
             self.awaiting.clear()
             for shutdown in self.conductor.close({d.domid: d for d in parts}):
                 await self._shutdown(shutdown)
             for d in parts:
                 for fault in self.conductor.reports.get(d.domid, WindowDone(0, [], [], [])).faults:
                     if d.alive:
-                        self._crash(d, f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} "
-                                       f"({fault.disasm})", vt_ns=fault.vt_ns)
+                        self._crash(
+                            d,
+                            f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} "
+                            f"({fault.disasm})",
+                            vt_ns=fault.vt_ns,
+                        )
 
     async def _shutdown(self, sd: Shutdown) -> None:
         dom = sd.dom
@@ -238,8 +295,12 @@ class Hypervisor:
         else:
             dom.move(DomainState.SHUTTING_DOWN, f"guest shutdown: {sd.reason.name}")
         self.conductor.leave(dom)
-        self.printk(f"d{dom.domid} ({dom.name}): shutdown, reason {sd.reason.name}", vt_ns=sd.vt_ns,
-                    dom=dom.domid, reason=sd.reason.name)
+        self.printk(
+            f"d{dom.domid} ({dom.name}): shutdown, reason {sd.reason.name}",
+            vt_ns=sd.vt_ns,
+            dom=dom.domid,
+            reason=sd.reason.name,
+        )
         self.log.info("domain.shutdown", vt_ns=sd.vt_ns, dom=dom.domid, reason=sd.reason.name)
         await self._send(self.bus, dom.identity, Stop(reason=sd.reason.name))  # type: ignore[arg-type]
 
@@ -265,8 +326,17 @@ class Hypervisor:
         assert self.nursery is not None
         dom = self.table.create(spec)
         argv = launch.python_module_argv(
-            "domains", "--endpoint", self.endpoints.bus, "--identity", dom.identity.decode(),
-            "--run-dir", str(self.run_dir), "--domid", str(dom.domid), "--name", dom.name,
+            "domains",
+            "--endpoint",
+            self.endpoints.bus,
+            "--identity",
+            dom.identity.decode(),
+            "--run-dir",
+            str(self.run_dir),
+            "--domid",
+            str(dom.domid),
+            "--name",
+            dom.name,
         )
         proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log")
         self.procs[dom.domid] = proc
@@ -316,8 +386,10 @@ class Hypervisor:
         from hypervisor.control import ControlServer
 
         self.bind()
-        self.printk(f"pvcluster hypervisor up: {self.spec.hypervisor.pcpus} pcpus, window "
-                    f"{self.spec.hypervisor.window_ns} ns, seed {self.spec.cluster.seed}")
+        self.printk(
+            f"pvcluster hypervisor up: {self.spec.hypervisor.pcpus} pcpus, window "
+            f"{self.spec.hypervisor.window_ns} ns, seed {self.spec.cluster.seed}"
+        )
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery

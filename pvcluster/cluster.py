@@ -1,7 +1,7 @@
 """Launching a cluster and watching it: the Python API behind `pvcluster up`, also used by test scripts.
 
-    with Cluster.start(load_spec(path)) as cluster:
-        final = cluster.wait()           # until every domain has shut down, crashed, or the cluster idles
+with Cluster.start(load_spec(path)) as cluster:
+    final = cluster.wait()           # until every domain has shut down, crashed, or the cluster idles
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class Cluster:
-    def __init__(self, spec: ClusterSpec, run_dir: Path, proc: subprocess.Popen[bytes] | None,
-                 client: ControlClient) -> None:
+    def __init__(
+        self, spec: ClusterSpec, run_dir: Path, proc: subprocess.Popen[bytes] | None, client: ControlClient
+    ) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.proc = proc
@@ -44,14 +45,22 @@ class Cluster:
         self.started_wall = time.monotonic()
 
     @classmethod
-    def start(cls, spec: ClusterSpec, *, run_dir: Path | None = None, detach: bool = False,
-              progress: Callable[[str], None] | None = None) -> Cluster:
+    def start(
+        cls,
+        spec: ClusterSpec,
+        *,
+        run_dir: Path | None = None,
+        detach: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> Cluster:
         say = progress or (lambda _msg: None)
         run_dir = (run_dir or spec.resolved_run_dir()).absolute()
         info = read_hypervisor_info(run_dir)
         if info is not None:
-            raise ClusterError(f"a cluster is already running in {run_dir} (hypervisor pid {info['pid']}); "
-                               f"stop it with `pvcluster down --run-dir {run_dir}`")
+            raise ClusterError(
+                f"a cluster is already running in {run_dir} (hypervisor pid {info['pid']}); "
+                f"stop it with `pvcluster down --run-dir {run_dir}`"
+            )
         for stale in ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock"):
             p = run_dir / stale
             if p.is_dir():
@@ -61,25 +70,31 @@ class Cluster:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
         say(f"starting the hypervisor in {run_dir}")
-        argv = launch.python_module_argv("hypervisor", "--spec-json", str(run_dir / "spec.json"),
-                                         "--run-dir", str(run_dir))
+        argv = launch.python_module_argv(
+            "hypervisor", "--spec-json", str(run_dir / "spec.json"), "--run-dir", str(run_dir)
+        )
         hv_log = run_dir / "logs" / "hypervisor.log"
         proc = launch.spawn(argv, log=hv_log, detached=detach)
         deadline = time.monotonic() + START_TIMEOUT_S
         while (info := read_hypervisor_info(run_dir)) is None or info["pid"] != proc.pid:
             if proc.poll() is not None:
-                raise ClusterError(f"the hypervisor exited with code {proc.returncode} while starting:\n"
-                                   f"{_tail(hv_log)}")
+                raise ClusterError(
+                    f"the hypervisor exited with code {proc.returncode} while starting:\n{_tail(hv_log)}"
+                )
             if time.monotonic() > deadline:
                 proc.kill()
-                raise ClusterError(f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}")
+                raise ClusterError(
+                    f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}"
+                )
             time.sleep(0.02)
         cluster = cls(spec, run_dir, proc, ControlClient(info["control"]))
         try:
             for dom in spec.domains:
                 created = cluster.client.call("create", domain=_domain_dict(dom))
-                say(f"created domain {created['domid']} ({dom.name}): {dom.vcpus} vcpus, kernel {dom.kernel}, "
-                    f"backend {dom.backend}, boot {dom.boot}")
+                say(
+                    f"created domain {created['domid']} ({dom.name}): {dom.vcpus} vcpus, kernel {dom.kernel}, "
+                    f"backend {dom.backend}, boot {dom.boot}"
+                )
         except ControlError as exc:
             cluster.down()
             raise ClusterError(f"creating domains failed: {exc}") from None
@@ -95,14 +110,21 @@ class Cluster:
         data: dict[str, Any] = self.client.call("status")
         return data
 
-    def wait(self, *, timeout_s: float = 600.0, poll_s: float = 0.05,
-             on_status: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        *,
+        timeout_s: float = 600.0,
+        poll_s: float = 0.05,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until every domain is dead or crashed, or the cluster is idle; return the last status."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ClusterError(f"the hypervisor exited with code {self.proc.returncode}:\n"
-                                   f"{_tail(self.run_dir / 'logs' / 'hypervisor.log')}")
+                raise ClusterError(
+                    f"the hypervisor exited with code {self.proc.returncode}:\n"
+                    f"{_tail(self.run_dir / 'logs' / 'hypervisor.log')}"
+                )
             st = self.status()
             if on_status is not None:
                 on_status(st)
@@ -142,6 +164,12 @@ class Cluster:
 
 def _domain_dict(dom: Any) -> dict[str, Any]:
     return {
-        "name": dom.name, "vcpus": dom.vcpus, "memory_mib": dom.memory_mib, "kernel": dom.kernel,
-        "cmdline": dom.cmdline, "backend": dom.backend, "boot": dom.boot, "patching": dom.patching,
+        "name": dom.name,
+        "vcpus": dom.vcpus,
+        "memory_mib": dom.memory_mib,
+        "kernel": dom.kernel,
+        "cmdline": dom.cmdline,
+        "backend": dom.backend,
+        "boot": dom.boot,
+        "patching": dom.patching,
     }

@@ -40,7 +40,7 @@ class ControlClient:
     def __init__(self, endpoint: str, timeout_s: float = 30.0) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._seq = itertools.count(1)
         self._sock = self._connect()
 

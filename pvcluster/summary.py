@@ -21,25 +21,42 @@ def hypercall_stats(run_dir: Path) -> dict[str, Any]:
             costs.append(ev["done_vt_ns"] - ev["vt_ns"])
     costs.sort()
     pct = (lambda p: costs[min(len(costs) - 1, int(p * len(costs)))]) if costs else (lambda p: 0)
-    return {"by_name": dict(sorted(by_name.items())), "count": len(costs), "p50_ns": pct(0.5),
-            "p99_ns": pct(0.99)}
+    return {
+        "by_name": dict(sorted(by_name.items())),
+        "count": len(costs),
+        "p50_ns": pct(0.5),
+        "p99_ns": pct(0.99),
+    }
 
 
 def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Console) -> None:
     table = Table(title="pvcluster run summary", title_justify="left")
     for col in ("dom", "name", "state", "reason", "vcpus", "hypercalls", "instructions", "virtual time"):
-        table.add_column(col, justify="right" if col in ("dom", "vcpus", "hypercalls", "instructions") else "left")
+        table.add_column(
+            col, justify="right" if col in ("dom", "vcpus", "hypercalls", "instructions") else "left"
+        )
     for d in status["domains"]:
         end = d["ended_vt_ns"] if d["ended_vt_ns"] is not None else status["vt_ns"]
         reason = d["shutdown_reason"] or (d["crash"][:60] if d["crash"] else "-")
-        table.add_row(str(d["domid"]), d["name"], d["state"], reason, str(d["vcpus"]), str(d["hypercalls"]),
-                      str(d["instructions"]), f"{(end - d['started_vt_ns']) / 1000:.3f} us")
+        table.add_row(
+            str(d["domid"]),
+            d["name"],
+            d["state"],
+            reason,
+            str(d["vcpus"]),
+            str(d["hypercalls"]),
+            str(d["instructions"]),
+            f"{(end - d['started_vt_ns']) / 1000:.3f} us",
+        )
     console.print(table)
     stats = hypercall_stats(run_dir)
     names = ", ".join(f"{k} {v}" for k, v in stats["by_name"].items())
-    console.print(f"hypercalls: {stats['count']} ({names}); virtual cost p50 {stats['p50_ns']} ns, "
-                  f"p99 {stats['p99_ns']} ns")
-    console.print(f"windows: {status['window']}, virtual time {status['vt_ns'] / 1000:.3f} us, "
-                  f"wall time {wall_s:.2f} s")
+    console.print(
+        f"hypercalls: {stats['count']} ({names}); virtual cost p50 {stats['p50_ns']} ns, "
+        f"p99 {stats['p99_ns']} ns"
+    )
+    console.print(
+        f"windows: {status['window']}, virtual time {status['vt_ns'] / 1000:.3f} us, wall time {wall_s:.2f} s"
+    )
     console.print("TLB-shootdown latencies: not measured yet (no shootdown workload in this build)")
     console.print(f"traces: {run_dir / 'trace'}")

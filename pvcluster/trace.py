@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,13 +17,13 @@ import structlog
 WALL_FIELDS = frozenset({"wall_ns", "pid"})
 
 
-def _add_wall(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_wall(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["wall_ns"] = time.time_ns()
     return event
 
 
-def _json(_: Any, __: str, event: dict[str, Any]) -> str:
-    return json.dumps(event, separators=(",", ":"), default=repr)
+def _json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    return json.dumps(dict(event), separators=(",", ":"), default=repr)
 
 
 class _LineFile:

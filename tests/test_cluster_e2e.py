@@ -25,7 +25,11 @@ def _run(spec: Any, run_dir: Path) -> tuple[dict[str, Any], dict[int, list[str]]
 
 
 def _hypercall_stream(run_dir: Path) -> list[dict[str, Any]]:
-    return [virtual_view(e) for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "hypercall"]
+    return [
+        virtual_view(e)
+        for e in read_events(run_dir / "trace" / "hypervisor.jsonl")
+        if e["event"] == "hypercall"
+    ]
 
 
 def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(run_dir: Path) -> None:
@@ -39,7 +43,9 @@ def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(r
         lines = consoles[d["domid"]]
         for v in range(d["vcpus"]):
             assert f"pvkern: vcpu {v} of {d['vcpus']} online" in lines, lines
-        assert lines[-1] == f"pvkern: shutting down, reason {['poweroff', 'reboot'].index(d['shutdown_reason'])}"
+        assert (
+            lines[-1] == f"pvkern: shutting down, reason {['poweroff', 'reboot'].index(d['shutdown_reason'])}"
+        )
     # every trace file parses, and simulated events carry virtual time
     files = sorted((run_dir / "trace").glob("*.jsonl"))
     assert {f.name for f in files} >= {"hypervisor.jsonl", "dom1-alpha.jsonl", "dom2-beta.jsonl"}
@@ -51,7 +57,9 @@ def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(r
     # console output went through CONSOLEIO_write from every vCPU
     writers = {(e["dom"], e["vcpu"]) for e in hcs if e["name"] == "console_io"}
     assert writers == {(d["domid"], v) for d in final["domains"] for v in range(d["vcpus"])}
-    shutdowns = [e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "domain.shutdown"]
+    shutdowns = [
+        e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "domain.shutdown"
+    ]
     assert sorted(e["reason"] for e in shutdowns) == ["poweroff", "reboot"]
 
 
@@ -65,9 +73,12 @@ def test_same_seed_same_hypercall_stream_other_seed_differs(run_dir: Path) -> No
     assert streams[0] == streams[1]
     assert len(streams[0]) > 20
     assert streams[0] != streams[2]
+
     # the other seed changes timing only, not what each vCPU asked for
     def per_vcpu(stream: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        return sorted(((e["dom"], e["vcpu"], e["span"], e["name"], e["args"]) for e in stream), key=lambda t: t[:2])
+        return sorted(
+            ((e["dom"], e["vcpu"], e["span"], e["name"], e["args"]) for e in stream), key=lambda t: t[:2]
+        )
 
     assert per_vcpu(streams[0]) == per_vcpu(streams[2])
 
@@ -108,13 +119,18 @@ def test_hostile_guest_gets_xen_errnos_and_the_cluster_carries_on(run_dir: Path)
 def test_cli_up_runs_default_and_prints_summary(run_dir: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pvcluster.cli", "up", "--run-dir", str(run_dir / "cli"), "--json"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "pvcluster run summary" in proc.stdout
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [d["state"] for d in final["domains"]] == ["dead", "dead"]
-    assert not (run_dir / "cli" / "hypervisor.json").exists() or "pid" in (run_dir / "cli" / "hypervisor.json").read_text()
+    assert (
+        not (run_dir / "cli" / "hypervisor.json").exists()
+        or "pid" in (run_dir / "cli" / "hypervisor.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,8 +144,12 @@ def test_cli_up_runs_default_and_prints_summary(run_dir: Path) -> None:
 def test_cli_rejects_bad_spec_naming_the_problem(run_dir: Path, body: str, needle: str) -> None:
     spec = run_dir / "bad.toml"
     spec.write_text(body)
-    proc = subprocess.run([sys.executable, "-m", "pvcluster.cli", "up", str(spec), "--run-dir", str(run_dir / "x")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvcluster.cli", "up", str(spec), "--run-dir", str(run_dir / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert needle in proc.stderr.replace("\n", " ").replace("  ", " ") or needle in proc.stderr
     assert not (run_dir / "x" / "hypervisor.json").exists()  # nothing started

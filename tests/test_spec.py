@@ -69,8 +69,16 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
         },
         "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0},
         "domain": [
-            {"name": n, "vcpus": 2, "memory_mib": 4, "kernel": "pvkern", "cmdline": c, "backend": "xen",
-             "boot": "ebx", "patching": True}
+            {
+                "name": n,
+                "vcpus": 2,
+                "memory_mib": 4,
+                "kernel": "pvkern",
+                "cmdline": c,
+                "backend": "xen",
+                "boot": "ebx",
+                "patching": True,
+            }
             for n, c in (("alpha", "shutdown=poweroff"), ("beta", "shutdown=reboot"))
         ],
     }
@@ -102,7 +110,13 @@ def test_omitted_sections_and_keys_take_defaults() -> None:
     assert spec.bus == default.bus
     dom = spec.domains[0]
     assert (dom.vcpus, dom.memory_mib, dom.kernel, dom.cmdline, dom.backend, dom.boot, dom.patching) == (
-        1, 4, "pvkern", "", "xen", "ebx", True,
+        1,
+        4,
+        "pvkern",
+        "",
+        "xen",
+        "ebx",
+        True,
     )
 
 
@@ -153,8 +167,10 @@ def test_typo_names_key_and_suggests_fix() -> None:
     ("text", "expected"),
     [
         ('[clustr]\nname = "x"\n' + BASE, "clustr: unknown key (did you mean 'cluster'?)"),
-        (with_section("hypervisor.cost", "link = 5"),
-         "hypervisor.cost.link: unknown key (did you mean 'link_ns'?)"),
+        (
+            with_section("hypervisor.cost", "link = 5"),
+            "hypervisor.cost.link: unknown key (did you mean 'link_ns'?)",
+        ),
         (with_section("bus", "zzz = 1"), "bus.zzz: unknown key"),
         ('[[domains]]\nname = "a"\n' + BASE, "domains: unknown key (did you mean 'domain'?)"),
     ],
@@ -188,11 +204,17 @@ def test_negative_vcpus_names_domain_index() -> None:
         (with_section("hypervisor", "pcpus = 65"), "hypervisor.pcpus", "between 1 and 64, got 65"),
         (with_section("hypervisor", "window_ns = 99"), "hypervisor.window_ns", "integer >= 100, got 99"),
         (with_section("hypervisor.cost", "ps_per_instr = 0"), "hypervisor.cost.ps_per_instr", "got 0"),
-        (with_section("hypervisor.cost", "ps_per_instr = 1000001"), "hypervisor.cost.ps_per_instr",
-         "between 1 and 1000000"),
+        (
+            with_section("hypervisor.cost", "ps_per_instr = 1000001"),
+            "hypervisor.cost.ps_per_instr",
+            "between 1 and 1000000",
+        ),
         (with_section("hypervisor.cost", "hypercall_ns = -1"), "hypervisor.cost.hypercall_ns", ">= 0"),
-        (with_section("hypervisor.cost", "hypercall_jitter_ns = -1"), "hypervisor.cost.hypercall_jitter_ns",
-         ">= 0"),
+        (
+            with_section("hypervisor.cost", "hypercall_jitter_ns = -1"),
+            "hypervisor.cost.hypercall_jitter_ns",
+            ">= 0",
+        ),
         (with_section("hypervisor.cost", "link_ns = 0"), "hypervisor.cost.link_ns", ">= 1, got 0"),
         (with_section("bus", "port = 65536"), "bus.port", "between 0 and 65535, got 65536"),
         (with_section("bus", "port = -1"), "bus.port", "between 0 and 65535"),
@@ -256,8 +278,11 @@ def test_jitter_must_be_below_hypercall_cost() -> None:
 @pytest.mark.parametrize(
     ("text", "path", "fragment"),
     [
-        (with_section("hypervisor", 'log_level = "warn"'), "hypervisor.log_level",
-         'must be one of "debug", "info", "warning", "error", got "warn" (did you mean \'warning\'?)'),
+        (
+            with_section("hypervisor", 'log_level = "warn"'),
+            "hypervisor.log_level",
+            'must be one of "debug", "info", "warning", "error", got "warn" (did you mean \'warning\'?)',
+        ),
         (with_section("bus", 'transport = "udp"'), "bus.transport", 'must be one of "ipc", "tcp", got "udp"'),
         (with_domain('backend = "kvm"'), "domain[0].backend", 'must be one of "xen", "native", "vmi"'),
         (with_domain('boot = "grub"'), "domain[0].boot", 'must be one of "ebx", "ident", "entry"'),
@@ -289,7 +314,7 @@ def test_domain_array_of_non_tables() -> None:
 
 
 def test_section_must_be_a_table() -> None:
-    assert one_problem('hypervisor = 3\n' + BASE) == "hypervisor: must be a table, got 3"
+    assert one_problem("hypervisor = 3\n" + BASE) == "hypervisor: must be a table, got 3"
 
 
 def test_at_least_one_domain() -> None:
@@ -378,7 +403,7 @@ def test_missing_kernel_file_names_domain_and_path(tmp_path: Path) -> None:
         load_spec(f)
     (prob,) = info.value.problems
     expected = tmp_path / "kernels" / "guest.elf"
-    assert prob == f"domain[0].kernel: kernel file for domain \"alpha\" not found: {expected}"
+    assert prob == f'domain[0].kernel: kernel file for domain "alpha" not found: {expected}'
 
 
 def test_misspelt_builtin_kernel_gets_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,7 +67,12 @@ def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     wanted = ("_start", "hypercall_page")
     # keystone cannot report symbol values, so each wanted label is located by assembling a probe that
     # stores the label's address as data at the end of the image.
-    probe = preprocess(source) + _hypercall_page_asm() + "\n.align 4\n__symtab:\n" + "".join(f".long {w}\n" for w in wanted)
+    probe = (
+        preprocess(source)
+        + _hypercall_page_asm()
+        + "\n.align 4\n__symtab:\n"
+        + "".join(f".long {w}\n" for w in wanted)
+    )
     try:
         encoding, _ = ks.asm(probe, base)
     except keystone.KsError as exc:

@@ -18,7 +18,16 @@ NR = Hypercall.vcpu_op
 VCPU_GUEST_CONTEXT_SIZE = 2800
 _USER_REGS = 516
 _REG_OFFSETS = {
-    "ebx": 0, "ecx": 4, "edx": 8, "esi": 12, "edi": 16, "ebp": 20, "eax": 24, "eip": 32, "eflags": 40, "esp": 44,
+    "ebx": 0,
+    "ecx": 4,
+    "edx": 8,
+    "esi": 12,
+    "edi": 16,
+    "ebp": 20,
+    "eax": 24,
+    "eip": 32,
+    "eflags": 40,
+    "esp": 44,
 }
 
 

@@ -49,7 +49,7 @@ def message(code: int) -> Callable[[type[T]], type[T]]:
     def register(cls: type[T]) -> type[T]:
         if code in _REGISTRY:
             raise ValueError(f"message code {code} used twice ({_REGISTRY[code].__name__}, {cls.__name__})")
-        attrs.resolve_types(cls)
+        attrs.resolve_types(cls)  # type: ignore[type-var]
         _REGISTRY[code] = cls
         _CODES[cls] = code
         return cls
@@ -107,7 +107,9 @@ def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise FrameError("bad-field", f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(_from_wire(a, v, f"{path}[{i}]", depth + 1) for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _from_wire(a, v, f"{path}[{i}]", depth + 1) for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         out = [_from_wire(item, v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -129,7 +131,7 @@ def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
             got = len(value) if isinstance(value, list) else type(value).__name__
             raise FrameError("bad-field", f"{path}: {tp.__name__} needs {len(fields)} fields, got {got}")
         kwargs = {
-            f.name: _from_wire(f.type, v, f"{path}.{f.name}", depth + 1) for f, v in zip(fields, value)
+            f.name: _from_wire(f.type, v, f"{path}.{f.name}", depth + 1) for f, v in zip(fields, value, strict=True)
         }
         try:
             return tp(**kwargs)

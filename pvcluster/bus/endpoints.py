@@ -30,8 +30,10 @@ class Endpoints:
         for name in ("bus.sock", "control.sock"):
             path = run_dir / name
             if len(str(path)) > _IPC_PATH_MAX:
-                raise ValueError(f"run directory {run_dir} is too long for an ipc:// socket path "
-                                 f"({len(str(path))} > {_IPC_PATH_MAX} bytes); choose a shorter cluster.run_dir")
+                raise ValueError(
+                    f"run directory {run_dir} is too long for an ipc:// socket path "
+                    f"({len(str(path))} > {_IPC_PATH_MAX} bytes); choose a shorter cluster.run_dir"
+                )
         return cls(bus=f"ipc://{run_dir / 'bus.sock'}", control=f"ipc://{run_dir / 'control.sock'}")
 
     def bind(self, bus: zmq.Socket, control: zmq.Socket) -> Endpoints:

@@ -17,12 +17,12 @@ _SAFETY_POLL_S = 0.05
 class TrioSocket:
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._reader_wake: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
 
     def _poke(self) -> None:
-        if self._reader_wake is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._reader_wake is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
             self._reader_wake.cancel()
 
     async def _park_reader(self) -> None:
