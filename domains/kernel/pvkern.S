@@ -11,6 +11,7 @@
 .equ MAX_VCPUS, 32
 .equ LINE_LEN, 128
 .equ STACK_SIZE, 4096
+.equ HCBENCH_ROUNDS, 2000
 .equ SI_NR_PAGES, 32
 .equ SI_CMD_LINE, 80
 .equ CTX_SIZE, 2800
@@ -54,6 +55,10 @@ _start:
 .Lsecondaries_done:
     xor ebx, ebx
     call hello
+    cmp dword ptr [workload_hcbench], 0
+    je .Lno_hcbench
+    call hypercall_bench
+.Lno_hcbench:
     cmp dword ptr [workload_hostile], 0
     je .Lshutdown
     call hostile_checks
@@ -193,6 +198,14 @@ parse_cmdline:
     setnz al
     movzx eax, al
     mov [workload_hostile], eax
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    mov edi, str_hcbench_key
+    call find_after
+    test eax, eax
+    setnz al
+    movzx eax, al
+    mov [workload_hcbench], eax
     pop edi
     pop esi
     pop ebx
@@ -225,6 +238,25 @@ find_after:
     jmp .Lfind_outer
 .Lfind_none:
     xor eax, eax
+    pop esi
+    pop ebx
+    ret
+
+# ---------------------------------------------------------------------------------------------------
+# hypercall_bench(): HCBENCH_ROUNDS back-to-back XENVER_version calls, for round-trip measurements
+hypercall_bench:
+    push ebx
+    push esi
+    mov esi, HCBENCH_ROUNDS
+.Lhcbench_next:
+    xor ebx, ebx                     # XENVER_version
+    xor ecx, ecx
+    call hc_xen_version
+    dec esi
+    jnz .Lhcbench_next
+    mov esi, msg_hcbench_done
+    mov eax, HCBENCH_ROUNDS
+    call print_num_line
     pop esi
     pop ebx
     ret
@@ -424,10 +456,13 @@ nr_vcpus: .long 0
 vcpus_done: .long 0
 shutdown_reason: .long 0
 workload_hostile: .long 0
+workload_hcbench: .long 0
 bogus_reason: .long 77
 
 str_shutdown_key: .asciz "shutdown="
 str_hostile_key: .asciz "workload=hostile"
+str_hcbench_key: .asciz "workload=hcbench"
+msg_hcbench_done: .asciz "pvkern: hypercall bench rounds: "
 reason_letters: .asciz "prscw"
 msg_boot: .asciz "pvkern: booting on vcpu #, # vcpus"
 msg_hello: .asciz "pvkern: vcpu # of # online"

@@ -1,0 +1,13 @@
+"""`python -m bench`: run every benchmark and print the ratios measured in this one run."""
+
+from __future__ import annotations
+
+from bench import hypercall_rtt
+
+
+def main() -> None:
+    hypercall_rtt.main()
+
+
+if __name__ == "__main__":
+    main()

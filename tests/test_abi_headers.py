@@ -1,0 +1,96 @@
+"""Cross-check the ABI numbers and layouts against Xen's public headers, where they are installed.
+
+The headers come with Debian's libxen-dev; the project never needs them, so this test skips without them (or
+without a gcc that can target -m32). The expressions are compiled for x86-32 and their values read back from the
+object file's .rodata, so layouts are checked as a 32-bit guest compiler sees them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from hypervisor.hypercalls import vcpu_op
+from pvcluster.abi import layouts
+from pvcluster.abi.errno import Errno
+from pvcluster.abi.xen import (
+    DOMID_INVALID,
+    DOMID_IO,
+    DOMID_SELF,
+    DOMID_XEN,
+    ConsoleIO,
+    Hypercall,
+    SchedOp,
+    ShutdownReason,
+    VcpuOp,
+    XenElfNote,
+    XenVer,
+)
+
+HEADERS = Path("/usr/include/xen/xen.h")
+
+
+def _checks() -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = [(f"__HYPERVISOR_{h.name}", int(h)) for h in Hypercall]
+    out += [(f"XEN_{e.name}", int(e)) for e in Errno]
+    out += [(f"CONSOLEIO_{c.name}", int(c)) for c in ConsoleIO]
+    out += [(f"XENVER_{c.name}", int(c)) for c in XenVer]
+    out += [(f"SCHEDOP_{c.name.rstrip('_')}", int(c)) for c in SchedOp]
+    out += [(f"SHUTDOWN_{c.name}", int(c)) for c in ShutdownReason]
+    out += [(f"VCPUOP_{c.name}", int(c)) for c in VcpuOp]
+    out += [(f"XEN_ELFNOTE_{c.name}", int(c)) for c in XenElfNote]
+    out += [
+        ("DOMID_SELF", DOMID_SELF),
+        ("DOMID_IO", DOMID_IO),
+        ("DOMID_XEN", DOMID_XEN),
+        ("DOMID_INVALID", DOMID_INVALID),
+    ]
+    out += [
+        ("sizeof(start_info_t)", layouts.START_INFO_SIZE),
+        ("offsetof(start_info_t, cmd_line)", layouts.START_INFO_CMDLINE),
+        ("offsetof(start_info_t, shared_info)", 36),
+        ("offsetof(start_info_t, nr_pages)", 32),
+        ("sizeof(shared_info_t)", layouts.SHARED_INFO_SIZE),
+        ("offsetof(shared_info_t, evtchn_pending)", layouts.SHARED_INFO_EVTCHN_PENDING),
+        ("offsetof(shared_info_t, evtchn_mask)", layouts.SHARED_INFO_EVTCHN_MASK),
+        ("sizeof(struct vcpu_info)", layouts.VCPU_INFO_SIZE),
+        ("sizeof(struct vcpu_guest_context)", vcpu_op.VCPU_GUEST_CONTEXT_SIZE),
+        ("offsetof(struct vcpu_guest_context, user_regs)", vcpu_op._USER_REGS),
+    ]
+    out += [(f"offsetof(struct cpu_user_regs, {r})", off) for r, off in vcpu_op._REG_OFFSETS.items()]
+    return out
+
+
+def test_abi_matches_xen_public_headers(tmp_path: Path) -> None:
+    if not HEADERS.exists():
+        pytest.skip("Xen public headers not installed (apt-get install libxen-dev)")
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    checks = _checks()
+    src = tmp_path / "abi.c"
+    src.write_text(
+        "#define __XEN_INTERFACE_VERSION__ 0x00030205\n"
+        "#include <stddef.h>\n#include <stdint.h>\n"
+        + "".join(f"#include <xen/{h}.h>\n" for h in ("xen", "vcpu", "sched", "version", "elfnote", "errno"))
+        + "const unsigned int vals[] = {\n"
+        + "".join(f"  (unsigned int)({expr}),\n" for expr, _ in checks)
+        + "};\n"
+    )
+    obj = tmp_path / "abi.o"
+    proc = subprocess.run(
+        [gcc, "-m32", "-ffreestanding", "-c", str(src), "-o", str(obj)], capture_output=True, text=True
+    )
+    if proc.returncode != 0 and "-m32" in proc.stderr:
+        pytest.skip(f"gcc cannot target x86-32 here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    with open(obj, "rb") as fh:
+        data = ELFFile(fh).get_section_by_name(".rodata").data()
+    got = struct.unpack_from(f"<{len(checks)}I", data)
+    mismatches = [(expr, want, have) for (expr, want), have in zip(checks, got, strict=True) if want != have]
+    assert not mismatches, mismatches
