@@ -405,4 +405,6 @@ class Hypervisor:
                 if sock is not None:
                     sock.close()
             self.ctx.term()
+            # A stale file would make the toolstack talk to a dead hypervisor.
+            (self.run_dir / "hypervisor.json").unlink(missing_ok=True)
             print("hypervisor: stopped", file=sys.stderr)

@@ -33,7 +33,17 @@ def read_hypervisor_info(run_dir: Path) -> dict[str, Any] | None:
         return None
     except PermissionError:
         pass
+    if _is_zombie(pid):
+        return None
     return info if isinstance(info.get("control"), str) else None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 class ControlClient:

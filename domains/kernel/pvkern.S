@@ -59,6 +59,15 @@ _start:
     je .Lno_hcbench
     call hypercall_bench
 .Lno_hcbench:
+    cmp dword ptr [workload_forever], 0
+    je .Lno_forever
+    mov esi, msg_forever
+    xor eax, eax
+    call print_num_line
+.Lforever:
+    pause
+    jmp .Lforever
+.Lno_forever:
     cmp dword ptr [workload_hostile], 0
     je .Lshutdown
     call hostile_checks
@@ -206,6 +215,14 @@ parse_cmdline:
     setnz al
     movzx eax, al
     mov [workload_hcbench], eax
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    mov edi, str_forever_key
+    call find_after
+    test eax, eax
+    setnz al
+    movzx eax, al
+    mov [workload_forever], eax
     pop edi
     pop esi
     pop ebx
@@ -457,11 +474,14 @@ vcpus_done: .long 0
 shutdown_reason: .long 0
 workload_hostile: .long 0
 workload_hcbench: .long 0
+workload_forever: .long 0
 bogus_reason: .long 77
 
 str_shutdown_key: .asciz "shutdown="
 str_hostile_key: .asciz "workload=hostile"
 str_hcbench_key: .asciz "workload=hcbench"
+str_forever_key: .asciz "workload=forever"
+msg_forever: .asciz "pvkern: spinning forever "
 msg_hcbench_done: .asciz "pvkern: hypercall bench rounds: "
 reason_letters: .asciz "prscw"
 msg_boot: .asciz "pvkern: booting on vcpu #, # vcpus"
