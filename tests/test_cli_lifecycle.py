@@ -32,8 +32,9 @@ cmdline = "shutdown=poweroff"
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -92,11 +93,19 @@ def test_no_child_outlives_the_toolstack(run_dir: Path, sig: signal.Signals) -> 
     spec = run_dir / "life.toml"
     spec.write_text(SPEC)
     rd = run_dir / "c"
-    up = subprocess.Popen([sys.executable, "-m", "pvcluster.cli", "up", str(spec), "--run-dir", str(rd)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pvcluster.cli", "up", str(spec), "--run-dir", str(rd)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        _wait_for(lambda: read_hypervisor_info(rd) is not None and "spinning forever" in
-                  _cli("console", "spinner", "--run-dir", str(rd)).stdout)
+        _wait_for(
+            lambda: (
+                read_hypervisor_info(rd) is not None
+                and "spinning forever" in _cli("console", "spinner", "--run-dir", str(rd)).stdout
+            )
+        )
         pids = _cluster_pids(rd)
         assert all(_alive(p) for p in pids[:2])
         up.send_signal(sig)  # SIGINT is what Ctrl-C delivers to the foreground toolstack

@@ -25,11 +25,7 @@ def _run(spec: Any, run_dir: Path) -> tuple[dict[str, Any], dict[int, list[str]]
 
 
 def _hypercall_stream(run_dir: Path) -> list[dict[str, Any]]:
-    return [
-        virtual_view(e)
-        for e in read_events(run_dir / "trace" / "hypervisor.jsonl")
-        if e["event"] == "hypercall"
-    ]
+    return [virtual_view(e) for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "hypercall"]
 
 
 def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(run_dir: Path) -> None:
@@ -43,9 +39,7 @@ def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(r
         lines = consoles[d["domid"]]
         for v in range(d["vcpus"]):
             assert f"pvkern: vcpu {v} of {d['vcpus']} online" in lines, lines
-        assert (
-            lines[-1] == f"pvkern: shutting down, reason {['poweroff', 'reboot'].index(d['shutdown_reason'])}"
-        )
+        assert lines[-1] == f"pvkern: shutting down, reason {['poweroff', 'reboot'].index(d['shutdown_reason'])}"
     # every trace file parses, and simulated events carry virtual time
     files = sorted((run_dir / "trace").glob("*.jsonl"))
     assert {f.name for f in files} >= {"hypervisor.jsonl", "dom1-alpha.jsonl", "dom2-beta.jsonl"}
@@ -57,9 +51,7 @@ def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(r
     # console output went through CONSOLEIO_write from every vCPU
     writers = {(e["dom"], e["vcpu"]) for e in hcs if e["name"] == "console_io"}
     assert writers == {(d["domid"], v) for d in final["domains"] for v in range(d["vcpus"])}
-    shutdowns = [
-        e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "domain.shutdown"
-    ]
+    shutdowns = [e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "domain.shutdown"]
     assert sorted(e["reason"] for e in shutdowns) == ["poweroff", "reboot"]
 
 
@@ -76,9 +68,7 @@ def test_same_seed_same_hypercall_stream_other_seed_differs(run_dir: Path) -> No
 
     # the other seed changes timing only, not what each vCPU asked for
     def per_vcpu(stream: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        return sorted(
-            ((e["dom"], e["vcpu"], e["span"], e["name"], e["args"]) for e in stream), key=lambda t: t[:2]
-        )
+        return sorted(((e["dom"], e["vcpu"], e["span"], e["name"], e["args"]) for e in stream), key=lambda t: t[:2])
 
     assert per_vcpu(streams[0]) == per_vcpu(streams[2])
 
@@ -128,8 +118,7 @@ def test_cli_up_runs_default_and_prints_summary(run_dir: Path) -> None:
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [d["state"] for d in final["domains"]] == ["dead", "dead"]
     assert (
-        not (run_dir / "cli" / "hypervisor.json").exists()
-        or "pid" in (run_dir / "cli" / "hypervisor.json").read_text()
+        not (run_dir / "cli" / "hypervisor.json").exists() or "pid" in (run_dir / "cli" / "hypervisor.json").read_text()
     )
 
 
@@ -153,3 +142,15 @@ def test_cli_rejects_bad_spec_naming_the_problem(run_dir: Path, body: str, needl
     assert proc.returncode == 2
     assert needle in proc.stderr.replace("\n", " ").replace("  ", " ") or needle in proc.stderr
     assert not (run_dir / "x" / "hypervisor.json").exists()  # nothing started
+
+
+def test_tcp_transport_runs_the_same_workload(run_dir: Path) -> None:
+    text = (Path(__file__).parent.parent / "pvcluster" / "default_spec.toml").read_text()
+    spec = parse_spec(text.replace('transport = "ipc"', 'transport = "tcp"'))
+    assert spec.bus.transport == "tcp"
+    final, consoles = _run(spec, run_dir)
+    assert [(d["state"], d["shutdown_reason"]) for d in final["domains"]] == [("dead", "poweroff"), ("dead", "reboot")]
+    info_events = [
+        e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "hypervisor.listening"
+    ]
+    assert info_events[0]["bus"].startswith("tcp://127.0.0.1:")
