@@ -17,9 +17,7 @@ from pvcluster.spec import ClusterSpec, SpecError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hypervisor", description=__doc__)
-    ap.add_argument(
-        "--spec-json", required=True, type=Path, help="validated cluster spec, as ClusterSpec.to_dict()"
-    )
+    ap.add_argument("--spec-json", required=True, type=Path, help="validated cluster spec, as ClusterSpec.to_dict()")
     ap.add_argument("--run-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     try:

@@ -127,23 +127,16 @@ class Conductor:
             times = [v.clock_ns for v in done.vcpus if v.state == "running"]
             times += [r.vt_ns for r in self.results.get(domid, []) if r.complete]
             times += [
-                r.vt_ns
-                for r in self.results.get(domid, [])
-                for a in r.actions
-                if a.kind in ("up", "set_context")
+                r.vt_ns for r in self.results.get(domid, []) for a in r.actions if a.kind in ("up", "set_context")
             ]
             self.horizon[domid] = min(times) if times else None
         return shutdowns
 
     def _apply(self, dom: Domain, req: HypercallReq) -> tuple[HypercallResult | None, Shutdown | None]:
         mem = GuestView(req_regions(req))
-        call = Call(
-            dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args), mem=mem, log=self.log
-        )
+        call = Call(dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args), mem=mem, log=self.log)
         value = dispatch(call)
-        done_vt = (
-            req.vt_ns + self.hypercall_ns + (self.rng.randint(0, self.jitter_ns) if self.jitter_ns else 0)
-        )
+        done_vt = req.vt_ns + self.hypercall_ns + (self.rng.randint(0, self.jitter_ns) if self.jitter_ns else 0)
         self.hypercalls += 1
         dom.hypercalls += 1
         dom.vcpus[req.vcpu].hypercalls += 1

@@ -51,9 +51,7 @@ class ControlServer:
             self.hv.log.warning(f"control.{exc.kind}", vt_ns=self.hv.conductor.end_ns, detail=exc.detail)
             return CtlReply(ok=False, data=None, error=f"{exc.kind}: {exc.detail}"), False
         if not isinstance(env.body, CtlRequest):
-            return CtlReply(
-                ok=False, data=None, error=f"expected CtlRequest, got {type(env.body).__name__}"
-            ), False
+            return CtlReply(ok=False, data=None, error=f"expected CtlRequest, got {type(env.body).__name__}"), False
         req = env.body
         handler = getattr(self, f"cmd_{req.cmd}", None)
         if handler is None:

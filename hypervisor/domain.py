@@ -73,9 +73,7 @@ class Domain:
 
     def move(self, new: DomainState, why: str) -> None:
         if new not in TRANSITIONS[self.state]:
-            raise IllegalTransition(
-                f"domain {self.domid} ({self.name}): {self.state.value} -> {new.value} ({why})"
-            )
+            raise IllegalTransition(f"domain {self.domid} ({self.name}): {self.state.value} -> {new.value} ({why})")
         self.history.append((new.value, why))
         self.state = new
 

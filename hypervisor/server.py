@@ -84,10 +84,12 @@ class Hypervisor:
         bus = self.ctx.socket(zmq.ROUTER)
         bus.setsockopt(zmq.ROUTER_MANDATORY, 1)
         bus.setsockopt(zmq.LINGER, 0)
-        bus.setsockopt(zmq.MAXMSGSIZE, 64 * codec.MAX_FRAME_BYTES)
+        # Frames up to twice the codec limit are read and answered "oversized"; beyond that ZeroMQ drops the
+        # peer before a byte reaches us, so no peer can make the hypervisor buffer more than this.
+        bus.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_FRAME_BYTES)
         control = self.ctx.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
-        control.setsockopt(zmq.MAXMSGSIZE, 64 * codec.MAX_FRAME_BYTES)
+        control.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_FRAME_BYTES)
         self.endpoints = self.endpoints.bind(bus, control)
         self.bus, self.control = TrioSocket(bus), TrioSocket(control)
         info = {"pid": os.getpid(), "bus": self.endpoints.bus, "control": self.endpoints.control}
@@ -112,9 +114,7 @@ class Hypervisor:
             return False
         return True
 
-    async def _reject(
-        self, sock: TrioSocket, identity: bytes, kind: str, detail: str, seq: int, **fields: Any
-    ) -> None:
+    async def _reject(self, sock: TrioSocket, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
         self.log.warning(f"bus.{kind}", vt_ns=self.conductor.end_ns, detail=detail, ref_seq=seq, **fields)
         await self._send(sock, identity, Error(kind=kind, detail=detail, ref_seq=seq))
 
@@ -126,16 +126,7 @@ class Hypervisor:
             frames = await self.bus.recv_multipart()
             identity = frames[0]
             dom = self.table.by_identity(identity)
-            if len(frames) != 2:
-                await self._reject(
-                    self.bus,
-                    identity,
-                    "malformed",
-                    f"expected 1 payload frame, got {len(frames) - 1}",
-                    -1,
-                    dom=dom.domid if dom else None,
-                )
-                continue
+            # Identity first: a peer the hypervisor did not create learns nothing about its frames.
             if dom is None:
                 await self._reject(
                     self.bus,
@@ -144,6 +135,16 @@ class Hypervisor:
                     "this socket identity was not assigned by the hypervisor",
                     -1,
                     peer=identity[:32].hex(),
+                )
+                continue
+            if len(frames) != 2:
+                await self._reject(
+                    self.bus,
+                    identity,
+                    "malformed",
+                    f"expected 1 payload frame, got {len(frames) - 1}",
+                    -1,
+                    dom=dom.domid,
                 )
                 continue
             try:
@@ -165,7 +166,10 @@ class Hypervisor:
                 await self._reject(self.bus, identity, "unexpected", str(exc), env.seq, dom=dom.domid)
 
     async def _on_domain_message(self, dom: Domain, body: Any, seq: int) -> None:
-        if isinstance(body, Hello) and dom.state is DomainState.BUILDING and not dom.hello:
+        if isinstance(body, Hello) and dom.state in (DomainState.SHUTTING_DOWN, DomainState.CRASHED, DomainState.DEAD):
+            # destroyed before its process connected: the Stop sent then could not be delivered
+            await self._send(self.bus, dom.identity, Stop(reason="destroy"))  # type: ignore[arg-type]
+        elif isinstance(body, Hello) and dom.state is DomainState.BUILDING and not dom.hello:
             dom.hello = True
             await self._send(self.bus, dom.identity, self._build_message(dom))  # type: ignore[arg-type]
         elif isinstance(body, BuildResult) and dom.state is DomainState.BUILDING and dom.hello:
@@ -185,9 +189,7 @@ class Hypervisor:
                 ref_seq=body.ref_seq,
             )
         else:
-            raise ReportError(
-                f"{type(body).__name__} is not expected from a domain in state {dom.state.value}"
-            )
+            raise ReportError(f"{type(body).__name__} is not expected from a domain in state {dom.state.value}")
 
     def _build_message(self, dom: Domain) -> Build:
         s: DomainSpec = dom.spec
@@ -209,9 +211,7 @@ class Hypervisor:
         if not res.ok:
             dom.crash_detail = f"build failed: {res.error_code}: {res.error}"
             dom.move(DomainState.CRASHED, dom.crash_detail)
-            self.printk(
-                f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code
-            )
+            self.printk(f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code)
             self._poke()
             return
         dom.move(DomainState.RUNNING, "built")
@@ -280,8 +280,7 @@ class Hypervisor:
                     if d.alive:
                         self._crash(
                             d,
-                            f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} "
-                            f"({fault.disasm})",
+                            f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} ({fault.disasm})",
                             vt_ns=fault.vt_ns,
                         )
 

@@ -45,10 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for d in st["domains"]:
             if last.get(d["domid"]) != d["state"]:
                 last[d["domid"]] = d["state"]
-                say(
-                    f"d{d['domid']} {d['name']}: {d['state']} (vt {st['vt_ns'] / 1000:.1f} us, "
-                    f"window {st['window']})"
-                )
+                say(f"d{d['domid']} {d['name']}: {d['state']} (vt {st['vt_ns'] / 1000:.1f} us, window {st['window']})")
 
     try:
         final = cluster.wait(timeout_s=args.timeout, on_status=progress)
@@ -75,10 +72,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     out.print(f"{'ID':>3}  {'Name':<16} {'State':<14} {'VCPUs':>5}  {'Hypercalls':>10}  Reason")
     for d in doms:
         reason = d["shutdown_reason"] or d["crash"] or ""
-        out.print(
-            f"{d['domid']:>3}  {d['name']:<16} {d['state']:<14} {d['vcpus']:>5}  {d['hypercalls']:>10}  "
-            f"{reason}"
-        )
+        out.print(f"{d['domid']:>3}  {d['name']:<16} {d['state']:<14} {d['vcpus']:>5}  {d['hypercalls']:>10}  {reason}")
     return 0
 
 
@@ -131,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, spec: bool = True) -> None:
-        p.add_argument(
-            "--run-dir", help="the cluster's run directory (default: from the spec's cluster.run_dir)"
-        )
+        p.add_argument("--run-dir", help="the cluster's run directory (default: from the spec's cluster.run_dir)")
         if spec:
             p.add_argument("--spec", help="spec file used only to locate the run directory")
 

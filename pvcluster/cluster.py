@@ -83,9 +83,7 @@ class Cluster:
                 )
             if time.monotonic() > deadline:
                 proc.kill()
-                raise ClusterError(
-                    f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}"
-                )
+                raise ClusterError(f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}")
             time.sleep(0.02)
         cluster = cls(spec, run_dir, proc, ControlClient(info["control"]))
         try:

@@ -311,9 +311,7 @@ class _Checker:
                 self.error(_join(path, key), "unknown key" + _hint(str(key), keys))
         return value
 
-    def integer(
-        self, tbl: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int | None = None
-    ) -> int:
+    def integer(self, tbl: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int | None = None) -> int:
         v = tbl.get(key, default)
         # bool is an int subclass in Python, but `vcpus = true` is a mistake, not 1.
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
@@ -332,9 +330,7 @@ class _Checker:
             return None
         return v
 
-    def choice(
-        self, tbl: Mapping[str, Any], path: str, key: str, default: str, allowed: Sequence[str]
-    ) -> str:
+    def choice(self, tbl: Mapping[str, Any], path: str, key: str, default: str, allowed: Sequence[str]) -> str:
         v = tbl.get(key, default)
         if isinstance(v, str) and v in allowed:
             return v
@@ -405,9 +401,7 @@ class _Checker:
         if self.ok(f"{path}.window_ns", f"{path}.cost.link_ns") and window_ns > cost.link_ns:
             # A message sent at the start of a window must not be deliverable before that window ends,
             # or lock-stepped processes could observe it out of order.
-            self.error(
-                f"{path}.window_ns", f"must be <= hypervisor.cost.link_ns ({cost.link_ns}), got {window_ns}"
-            )
+            self.error(f"{path}.window_ns", f"must be <= hypervisor.cost.link_ns ({cost.link_ns}), got {window_ns}")
         return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost)
 
     def cost(self, raw: object) -> CostModel:
@@ -474,9 +468,7 @@ class _Checker:
         backend = self.choice(t, path, "backend", "xen", BACKENDS)
         boot = self.choice(t, path, "boot", "ebx", BOOT_PROTOCOLS)
         patching = self.boolean(t, path, "patching", True)
-        return DomainSpec(
-            name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching
-        )
+        return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching)
 
     def kernel(self, t: Mapping[str, Any], path: str, name: str) -> str:
         kpath = f"{path}.kernel"
@@ -488,8 +480,7 @@ class _Checker:
         if not v.strip():
             self.error(
                 kpath,
-                f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or a path to a file, "
-                f"got {_describe(v)}",
+                f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or a path to a file, got {_describe(v)}",
             )
             return BUILTIN_KERNELS[0]
         p = self.local_path(v)

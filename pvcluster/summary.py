@@ -32,9 +32,7 @@ def hypercall_stats(run_dir: Path) -> dict[str, Any]:
 def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Console) -> None:
     table = Table(title="pvcluster run summary", title_justify="left")
     for col in ("dom", "name", "state", "reason", "vcpus", "hypercalls", "instructions", "virtual time"):
-        table.add_column(
-            col, justify="right" if col in ("dom", "vcpus", "hypercalls", "instructions") else "left"
-        )
+        table.add_column(col, justify="right" if col in ("dom", "vcpus", "hypercalls", "instructions") else "left")
     for d in status["domains"]:
         end = d["ended_vt_ns"] if d["ended_vt_ns"] is not None else status["vt_ns"]
         reason = d["shutdown_reason"] or (d["crash"][:60] if d["crash"] else "-")
@@ -52,8 +50,7 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
     stats = hypercall_stats(run_dir)
     names = ", ".join(f"{k} {v}" for k, v in stats["by_name"].items())
     console.print(
-        f"hypercalls: {stats['count']} ({names}); virtual cost p50 {stats['p50_ns']} ns, "
-        f"p99 {stats['p99_ns']} ns"
+        f"hypercalls: {stats['count']} ({names}); virtual cost p50 {stats['p50_ns']} ns, p99 {stats['p99_ns']} ns"
     )
     console.print(
         f"windows: {status['window']}, virtual time {status['vt_ns'] / 1000:.3f} us, wall time {wall_s:.2f} s"

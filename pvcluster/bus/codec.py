@@ -116,7 +116,9 @@ def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise FrameError("bad-field", f"{path}: expected a map with string keys")
-        return value
+        args = typing.get_args(tp)
+        vtype = args[1] if len(args) == 2 else Any
+        return {k: _from_wire(vtype, v, f"{path}[{k!r}]", depth + 1) for k, v in value.items()}
     if tp is int:
         if not _is_int(value):
             raise FrameError("bad-field", f"{path}: expected int, got {type(value).__name__}")
@@ -151,14 +153,17 @@ def decode(frame: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     except msgpack.ExtraData:
         raise FrameError("malformed", "trailing bytes after the message") from None
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        kind = "truncated" if "insufficient" in str(exc).lower() or "incomplete" in str(exc).lower() else "malformed"
-        raise FrameError(kind, f"not a msgpack message ({exc})") from None
+        # msgpack caps declared lengths at the buffer size, so a cut-off array or string shows up as
+        # "exceeds max_..._len": the frame ends before what it declares.
+        text = str(exc).lower()
+        kind = "truncated" if any(w in text for w in ("insufficient", "incomplete", "exceeds max_")) else "malformed"
+        raise FrameError(kind, f"not a msgpack message ({exc or type(exc).__name__})") from None
     if not isinstance(raw, list) or len(raw) != 5:
         raise FrameError("malformed", "frame is not a 5-element [version, type, seq, vt_ns, fields] array")
     version, code, seq, vt_ns, fields = raw
     if not (_is_int(seq) and seq >= 0):
         raise FrameError("malformed", "sequence number is not a non-negative integer")
-    if version != PROTO_VERSION:
+    if not _is_int(version) or version != PROTO_VERSION:
         raise FrameError("bad-version", f"protocol version {version!r}, this side speaks {PROTO_VERSION}", seq)
     if not _is_int(code) or code not in _REGISTRY:
         raise FrameError("unknown-type", f"unknown message type {code!r}", seq)
