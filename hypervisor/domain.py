@@ -68,6 +68,12 @@ class Domain:
     history: list[tuple[str, str]] = attrs.Factory(list)
 
     @property
+    def nr_pages(self) -> int:
+        """Frames the domain owns: machine frames 0 .. nr_pages-1 of its own RAM (an identity p2m). The frame
+        just after them holds shared_info and belongs to the hypervisor."""
+        return int(self.spec.memory_mib) << 8
+
+    @property
     def alive(self) -> bool:
         return self.state not in (DomainState.DEAD, DomainState.CRASHED)
 
