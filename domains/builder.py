@@ -7,6 +7,7 @@ its entry point with ``%esi`` = virtual address of ``start_info`` and ``%esp`` a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import attrs
@@ -21,6 +22,14 @@ from pvcluster.bus.messages import Build
 BOOT_STACK_PAGES = 4
 # %ebx under the "ebx" boot protocol: the hypervisor type the kernel switches its paravirt_ops on.
 HYPERVISOR_TYPE = {"xen": 0, "vmi": 1, "native": 2}
+# The start-info block opens with the hypervisor's magic string; its first 4 bytes are the 32-bit ident the
+# "ident" protocol matches ("xen-", "vmi-", "nat-").
+START_INFO_MAGIC = {"xen": b"xen-3.0-x86_32", "vmi": b"vmi-3.0-x86_32", "native": b"nat-3.0-x86_32"}
+ENTRY_SYMBOL = {"xen": "pv_entry_xen", "vmi": "pv_entry_vmi", "native": "pv_entry_native"}
+IDENT_ENTRY_SYMBOL = "pv_entry_ident"
+# Linux's switch for turning off paravirt call-site patching; the spec's `patching = false` appends it.
+NO_PATCHING_FLAG = "noreplace-paravirt"
+_IDENT_OVERRIDE = re.compile(r"(?:^|\s)ident=(0x[0-9a-fA-F]{1,8})(?:\s|$)")
 
 
 @attrs.frozen
@@ -48,6 +57,26 @@ def load_kernel_bytes(kernel: str) -> bytes:
         raise ImageError("unreadable", f"cannot read kernel {kernel}: {exc.strerror or exc}") from None
 
 
+def _entry_point(image: GuestImage, boot: str, backend: str) -> int:
+    """Where the vCPU starts, by boot protocol: the ELF entry ("ebx"), the ident entry if the image names one
+    ("ident"), or the image's entry point for this hypervisor ("entry")."""
+    if boot == "entry":
+        name = ENTRY_SYMBOL.get(backend, "")
+        if name not in image.symbols:
+            raise ImageError("no-entry-for-backend",
+                             f"boot protocol 'entry' needs the symbol {name!r} in the image; it has none")
+        return _inside(image, image.symbols[name], name)
+    if boot == "ident":
+        return _inside(image, image.symbols.get(IDENT_ENTRY_SYMBOL, image.entry), IDENT_ENTRY_SYMBOL)
+    return image.entry
+
+
+def _inside(image: GuestImage, addr: int, what: str) -> int:
+    if not any(s.vaddr <= addr < s.vaddr + s.memsz for s in image.segments):
+        raise ImageError("entry-outside-image", f"{what} at {addr:#x} is outside every loadable segment")
+    return addr
+
+
 def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     """Build the guest's memory for ``req``; raise ImageError with a specific code when it cannot be done."""
     image = parse_guest_image(load_kernel_bytes(req.kernel), req.memory_bytes)
@@ -68,17 +97,24 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
             "image-too-large",
             f"image, start_info and boot stack need {stack_top_pa} bytes; the domain has {req.memory_bytes}",
         )
-    cmdline = req.cmdline.encode()
+    cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()
+    cmdline = cmdline_text.encode()
+    if len(cmdline) >= 1024:
+        raise ImageError("bad-cmdline", f"command line of {len(cmdline)} bytes does not fit in start_info")
     start_info = StartInfo(
         nr_pages=ram.nr_pages,
         shared_info=ram.shared_info_paddr,
         cmd_line=cmdline,
     )
-    ram.write_pa(si_pa, start_info.pack())
+    block = bytearray(start_info.pack(magic=START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])))
+    m = _IDENT_OVERRIDE.search(req.cmdline)
+    if m:  # fault injection: a hypervisor ident no backend knows
+        block[0:4] = int(m.group(1), 16).to_bytes(4, "little")
+    ram.write_pa(si_pa, bytes(block))
     si_va = image.virt_base + si_pa
     stack_top = image.virt_base + stack_top_pa
     regs = {
-        "eip": image.entry,
+        "eip": _entry_point(image, req.boot, req.backend),
         "esi": si_va,
         "esp": stack_top,
         "ebx": HYPERVISOR_TYPE.get(req.backend, 2),

@@ -16,6 +16,8 @@ from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
 from domains.vcpu import InsnCounter, Vcpu, VcpuState
+from hypervisor.vmi_rom import VMI_ROM_BASE
+from pvcluster.abi.layouts import VCPU_INFO_SIZE
 from hypervisor.hypercalls import copy_in
 from pvcluster.bus import codec
 from pvcluster.bus.messages import (
@@ -119,6 +121,9 @@ class DomainProcess:
         self.ram, self.boot = ram, boot
         counter = InsnCounter()
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr) for v in range(req.vcpus)]
+        if req.rom:
+            for vcpu in self.vcpus:
+                vcpu.map_rom(VMI_ROM_BASE, req.rom)
         boot_vcpu = self.vcpus[0]
         boot_vcpu.set_regs(boot.regs)
         boot_vcpu.initialised = True
@@ -176,6 +181,19 @@ class DomainProcess:
                 target.state = VcpuState.DOWN
             elif act.kind == "block":
                 target.state = VcpuState.BLOCKED
+            elif act.kind == "write_pa":
+                addr, value = act.regs.get("addr", -1), act.regs.get("value", 0)
+                if 0 <= addr <= self.ram.size - 4:
+                    self.ram.write_pa(addr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+                else:
+                    self._trace("domain.bad_write", vcpu=res.vcpu, addr=addr, length=4)
+            elif act.kind == "set_cr3":
+                target.set_cr3(act.regs.get("cr3", 0))
+            elif act.kind in ("flush_tlb", "invlpg"):
+                target.flush_tlb()
+            else:
+                # set_va_pte needs the guest's page tables, which arrive with paging (issue 4)
+                self._trace("domain.unsupported_action", vcpu=res.vcpu, kind=act.kind)
         vcpu = self.vcpus[res.vcpu]
         if res.complete:
             if vcpu.trap is None or vcpu.trap.seq != res.seq:
@@ -185,11 +203,21 @@ class DomainProcess:
                 return
             vcpu.complete_trap(res.value, res.vt_ns)
 
+    def _publish_time(self, vcpu: Vcpu) -> None:
+        """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""
+        assert self.ram is not None
+        base = self.ram.shared_info_paddr + vcpu.vid * VCPU_INFO_SIZE + 32
+        version = int.from_bytes(self.ram.read_pa(base, 4), "little")
+        self.ram.write_pa(base, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+        self.ram.write_pa(base + 16, vcpu.clock_ns.to_bytes(8, "little"))
+        self.ram.write_pa(base, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+
     def _window(self, window: Window) -> WindowDone:
         assert self.ram is not None
         for res in window.results:
             self._apply(res)
         for vcpu in self.vcpus:
+            self._publish_time(vcpu)
             vcpu.run(window.end_ns)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reqs: list[HypercallReq] = []

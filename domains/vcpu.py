@@ -16,20 +16,27 @@ import capstone
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_BLOCK,
+    UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
     UC_HOOK_MEM_INVALID,
     UC_MODE_32,
     UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
     Uc,
     UcError,
 )
 from unicorn import x86_const as X
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from domains.memory import GuestRam
 from pvcluster.abi.xen import HYPERCALL_VECTOR
 
 _STOP_ADDR = 0xFFFFFFFF
+# The simulated platform's clock: `in eax, dx` from this port reads the vCPU's virtual time in ns (low 32 bits).
+# rdtsc cannot be hooked in Unicorn's Python binding and would read the host's clock.
+CLOCK_PORT = 0x5C
 REG_IDS: dict[str, int] = {
     "eax": X.UC_X86_REG_EAX,
     "ebx": X.UC_X86_REG_EBX,
@@ -112,6 +119,26 @@ class Vcpu:
         self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        self.flushes = 0
+
+    def map_rom(self, base: int, image: bytes) -> None:
+        """A read-only, executable page the hypervisor supplies (the VMI ROM); a guest write to it faults."""
+        self.uc.mem_map(base, len(image), UC_PROT_READ | UC_PROT_EXEC)
+        self.uc.mem_write(base, image)
+
+    def set_cr3(self, value: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
+
+    def flush_tlb(self) -> None:
+        """Drop this vCPU's cached translations (Unicorn has no single-page flush from the host side)."""
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.flushes += 1
+
+    def _on_in(self, uc: Uc, port: int, size: int, _: object) -> int:
+        if port == CLOCK_PORT:
+            return self.clock_ns & 0xFFFFFFFF
+        return 0xFFFFFFFF  # no device: the bus floats high
 
     @property
     def clock_ns(self) -> int:

@@ -14,7 +14,9 @@ import zmq
 
 from hypervisor.conductor import Conductor, ReportError, Shutdown
 from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
+from hypervisor import mm
 from hypervisor.hypercall_page import hypercall_page
+from hypervisor.vmi_rom import vmi_rom
 from pvcluster import launch
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
@@ -205,6 +207,7 @@ class Hypervisor:
             patching=s.patching,
             hypercall_page=self._page,
             ps_per_instr=self.spec.hypervisor.cost.ps_per_instr,
+            rom=vmi_rom() if s.backend == "vmi" else b"",
         )
 
     def _on_built(self, dom: Domain, res: BuildResult) -> None:
@@ -346,6 +349,7 @@ class Hypervisor:
     async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
         rc = await launch.wait_exit(proc)
         self.log.info("domain.process_exit", vt_ns=self.conductor.end_ns, dom=dom.domid, returncode=rc)
+        mm.forget(dom.domid)
         if dom.state is DomainState.SHUTTING_DOWN:
             dom.move(DomainState.DEAD, f"process exited ({rc})")
             self.printk(f"d{dom.domid} ({dom.name}): dead", dom=dom.domid)

@@ -40,9 +40,9 @@ SAMPLES: dict[type, list[Any]] = {
     Hello: [Hello(pid=1), Hello(pid=4_194_304)],
     Build: [
         Build(domid=1, name="alpha", vcpus=2, memory_bytes=4 << 20, kernel="pvkern", cmdline="shutdown=poweroff",
-              backend="xen", boot="ebx", patching=True, hypercall_page=bytes(range(256)) * 16, ps_per_instr=1000),
+              backend="xen", boot="ebx", patching=True, hypercall_page=bytes(range(256)) * 16, ps_per_instr=1000, rom=b""),
         Build(domid=7, name="x", vcpus=32, memory_bytes=256 << 20, kernel="/tmp/k.elf", cmdline="", backend="vmi",
-              boot="entry", patching=False, hypercall_page=b"", ps_per_instr=1),
+              boot="entry", patching=False, hypercall_page=b"", ps_per_instr=1, rom=b"\xcc" * 4096),
     ],
     BuildResult: [
         BuildResult(ok=True, error_code="", error="", entry=0xC0100000, start_info=0xC0200000, guest_os="linux"),
@@ -358,7 +358,7 @@ def test_map_values_are_checked_against_the_annotation(value: Any, got: str) -> 
     WindowDone(index=1, vcpus=[VcpuReport(vcpu=v, state="running", clock_ns=0, instructions=0) for v in range(32)],
                hypercalls=[], faults=[]),
     Build(domid=1, name="alpha", vcpus=2, memory_bytes=4 << 20, kernel="pvkern", cmdline="x" * 300, backend="xen",
-          boot="ebx", patching=True, hypercall_page=b"\xcc" * 4096, ps_per_instr=1000),
+          boot="ebx", patching=True, hypercall_page=b"\xcc" * 4096, ps_per_instr=1000, rom=b""),
 ], ids=["long-array", "long-bin"])
 def test_every_proper_prefix_is_truncated(body: Any) -> None:
     # msgpack caps a declared array/str/bin length at the buffer size; a frame cut off before the end of a

@@ -30,10 +30,47 @@ def _hypercall_page_asm() -> str:
     return "\n".join(lines) + "\n"
 
 
+# The built-in kernel's source files, assembled as one unit in this order.
+KERNEL_FILES = {"pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "opstest.S")}
+# pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
+PV_OPS = (
+    "init", "set_tss_desc", "irq_disable", "irq_enable", "save_fl", "restore_fl", "halt", "read_cr3", "write_cr3",
+    "set_pte", "flush_tlb_user", "flush_tlb_kernel", "flush_tlb_single", "flush_tlb_others", "send_ipi", "clock_ns",
+)
+PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
+ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")
+
+
 def kernel_source(name: str) -> str:
     if name not in BUILTIN_KERNELS:
         raise KernelBuildError(f"no built-in kernel named {name!r} (built-ins: {', '.join(BUILTIN_KERNELS)})")
-    return resources.files("domains.kernel").joinpath(f"{name}.S").read_text(encoding="utf-8")
+    files = resources.files("domains.kernel")
+    parts = [files.joinpath(f).read_text(encoding="utf-8") for f in KERNEL_FILES[name]]
+    # pvkern.S holds the shared .equ constants; the other files use them, so they must come after it.
+    return "\n".join(parts)
+
+
+_PVCALL = re.compile(r"^(\s*)PVCALL\s+(\w+)\s*(#.*)?$")
+
+
+def expand_pvcalls(source: str) -> str:
+    """Turn each ``PVCALL op`` into an indirect call through pv_ops and record it in the patch-site table."""
+    out: list[str] = []
+    sites: list[str] = []
+    for line in source.splitlines():
+        m = _PVCALL.match(line)
+        if not m:
+            out.append(line)
+            continue
+        op = m.group(2)
+        if op not in PV_OPS:
+            raise KernelBuildError(f"PVCALL of unknown op {op!r} (ops: {', '.join(PV_OPS)})")
+        label = f"__pv_site_{len(sites)}"
+        out.append(f"{label}:")
+        out.append(f"{m.group(1)}call dword ptr [pv_ops + {4 * PV_OPS.index(op)}]")
+        sites.append(f"    .long {PV_OPS.index(op)}, {label}, {PVCALL_SITE_LEN}")
+    out += [".align 4", "pv_patch_sites:", *sites, "pv_patch_sites_end:"]
+    return "\n".join(out) + "\n"
 
 
 _EQU = re.compile(r"^\s*\.equ\s+([A-Za-z_]\w*)\s*,\s*(.+?)\s*(#.*)?$")
@@ -60,15 +97,36 @@ def _substitute(line: str, consts: dict[str, str]) -> str:
     return code + hash_ + comment
 
 
+def _locate_error(ks: keystone.Ks, source: str, base: int, errno: int) -> str:
+    """keystone reports no line numbers: find the shortest prefix of the source that fails the same way."""
+    lines = source.splitlines()
+
+    def fails(n: int) -> bool:
+        try:
+            ks.asm("\n".join(lines[:n]), base)
+        except keystone.KsError as exc:
+            return bool(exc.errno == errno)
+        return False
+
+    lo, hi = 0, len(lines)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return f" at statement {lines[lo - 1].strip()!r}" if 0 < lo <= len(lines) else ""
+
+
 def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     """Assemble ``source`` at ``base``; return the bytes and the addresses of the symbols the loader needs."""
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32)
     symbols: dict[str, int] = {}
-    wanted = ("_start", "hypercall_page")
+    wanted = (*ENTRY_SYMBOLS, "hypercall_page", "pv_patch_sites", "pv_patch_sites_end")
     # keystone cannot report symbol values, so each wanted label is located by assembling a probe that
     # stores the label's address as data at the end of the image.
     probe = (
-        preprocess(source)
+        expand_pvcalls(preprocess(source))
         + _hypercall_page_asm()
         + "\n.align 4\n__symtab:\n"
         + "".join(f".long {w}\n" for w in wanted)
@@ -76,7 +134,8 @@ def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     try:
         encoding, _ = ks.asm(probe, base)
     except keystone.KsError as exc:
-        raise KernelBuildError(f"keystone failed to assemble the kernel: {exc}") from None
+        where = _locate_error(ks, probe, base, exc.errno)
+        raise KernelBuildError(f"keystone failed to assemble the kernel: {exc}{where}") from None
     code = bytes(encoding)
     table = code[len(code) - 4 * len(wanted) :]
     for i, w in enumerate(wanted):

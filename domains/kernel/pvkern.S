@@ -12,6 +12,17 @@
 .equ LINE_LEN, 128
 .equ STACK_SIZE, 4096
 .equ HCBENCH_ROUNDS, 2000
+.equ IRQBENCH_ROUNDS, 1000
+.equ PROTO_EBX, 0
+.equ PROTO_IDENT, 1
+.equ PROTO_ENTRY, 2
+.equ BACKEND_XEN, 0
+.equ BACKEND_VMI, 1
+.equ BACKEND_NATIVE, 2
+.equ XEN_IDENT, 0x2D6E6578
+.equ VMI_IDENT, 0x2D696D76
+.equ NATIVE_IDENT, 0x2D74616E
+.equ VMI_INIT_SIGNATURE, 0x564D4931
 .equ SI_NR_PAGES, 32
 .equ SI_CMD_LINE, 80
 .equ CTX_SIZE, 2800
@@ -20,11 +31,95 @@
 .equ CTX_EIP, 548
 .equ CTX_ESP, 560
 
+# The three boot protocols (paravirt-thread-2006.txt). Each ends in pv_boot(eax = backend id).
+# "ebx": one common entry point; %ebx = hypervisor type (0 xen, 1 vmi, anything else native).
 _start:
     cld
     mov [start_info], esi
     mov esp, boot_stack_top
+    mov dword ptr [boot_protocol], PROTO_EBX
+    mov eax, BACKEND_NATIVE
+    cmp ebx, 0
+    jne .Lebx_not_xen
+    mov eax, BACKEND_XEN
+.Lebx_not_xen:
+    cmp ebx, 1
+    jne .Lebx_not_vmi
+    mov eax, BACKEND_VMI
+.Lebx_not_vmi:
+    jmp pv_boot
+
+# "ident": a 32-bit hypervisor ident at the start of the start-info block, matched against each backend's.
+pv_entry_ident:
+    cld
+    mov [start_info], esi
+    mov esp, boot_stack_top
+    mov dword ptr [boot_protocol], PROTO_IDENT
+    mov edx, [esi]
+    mov [boot_ident], edx
+    mov eax, BACKEND_XEN
+    cmp edx, XEN_IDENT
+    je pv_boot
+    mov eax, BACKEND_VMI
+    cmp edx, VMI_IDENT
+    je pv_boot
+    mov eax, BACKEND_NATIVE
+    cmp edx, NATIVE_IDENT
+    je pv_boot
+    mov esi, msg_unknown_ident
+    mov eax, edx
+    jmp panic
+
+# "entry": one entry point per hypervisor, named in the image's metadata (symbols pv_entry_<backend>).
+pv_entry_xen:
+    mov eax, BACKEND_XEN
+    jmp entry_common
+pv_entry_vmi:
+    mov eax, BACKEND_VMI
+    jmp entry_common
+pv_entry_native:
+    mov eax, BACKEND_NATIVE
+entry_common:
+    cld
+    mov [start_info], esi
+    mov esp, boot_stack_top
+    mov dword ptr [boot_protocol], PROTO_ENTRY
+    jmp pv_boot
+
+# panic(esi = message, eax = number): print it and shut down with the crash reason
+panic:
+    call print_num_line
+    mov dword ptr [shutdown_reason], 3
+    jmp .Lshutdown
+
+# pv_boot(eax = backend id): install the backend's ops over the native defaults, patch, init, run
+pv_boot:
+    mov [backend_id], eax
     call parse_cmdline
+    mov eax, [backend_id]
+    call pv_install
+    test eax, eax
+    jz .Linstalled
+    mov esi, msg_install_failed
+    jmp panic
+.Linstalled:
+    cmp dword ptr [no_patching], 0
+    jne .Lpatched
+    call pv_patch
+.Lpatched:
+    PVCALL init
+    cmp dword ptr [backend_id], BACKEND_VMI
+    jne .Linit_checked
+    cmp eax, VMI_INIT_SIGNATURE      # the ROM's init answers with its signature
+    je .Linit_checked
+    mov esi, msg_vmi_init_failed
+    jmp panic
+.Linit_checked:
+    mov esi, msg_boot_protocol
+    mov eax, [boot_protocol]
+    mov ebx, [backend_id]
+    call print_two_nums
+    call pv_ops_dump
     call count_vcpus
     mov [nr_vcpus], eax
 
@@ -59,6 +154,18 @@ _start:
     je .Lno_hcbench
     call hypercall_bench
 .Lno_hcbench:
+    cmp dword ptr [workload_ops], 0
+    je .Lno_ops
+    call ops_test
+    test eax, eax
+    jz .Lno_ops
+    mov dword ptr [shutdown_reason], 3  # a failed op check ends in a crash
+.Lno_ops:
+    mov eax, [irqbench_rounds]
+    test eax, eax
+    jz .Lno_irqbench
+    call irq_bench
+.Lno_irqbench:
     cmp dword ptr [workload_forever], 0
     je .Lno_forever
     mov esi, msg_forever
@@ -147,6 +254,17 @@ hello:
     pop ebx
     ret
 
+# this_cpu() -> eax = this vCPU's id, found from the stack it runs on; clobbers nothing else
+this_cpu:
+    mov eax, esp
+    sub eax, secondary_stacks
+    shr eax, 12                      # STACK_SIZE
+    cmp eax, MAX_VCPUS
+    jb .Lthis_cpu_done
+    xor eax, eax                     # the boot stack: vCPU 0
+.Lthis_cpu_done:
+    ret
+
 # count_vcpus() -> eax: the first id for which VCPUOP_is_up fails (-ENOENT) is the vCPU count
 count_vcpus:
     push ebx
@@ -223,9 +341,33 @@ parse_cmdline:
     setnz al
     movzx eax, al
     mov [workload_forever], eax
+    mov edi, str_ops_key
+    call cmdline_flag
+    mov [workload_ops], eax
+    mov edi, str_nopatch_key
+    call cmdline_flag
+    mov [no_patching], eax
+    mov edi, str_irqbench_key
+    call cmdline_flag
+    test eax, eax
+    jz .Lno_irqbench_key
+    mov dword ptr [irqbench_rounds], IRQBENCH_ROUNDS
+.Lno_irqbench_key:
     pop edi
     pop esi
     pop ebx
+    ret
+
+# cmdline_flag(edi = key) -> eax = 1 if the command line contains key, else 0
+cmdline_flag:
+    push esi
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    call find_after
+    test eax, eax
+    setnz al
+    movzx eax, al
+    pop esi
     ret
 
 # find_after(esi = haystack, edi = needle) -> eax = address just past the first match, or 0
@@ -475,6 +617,12 @@ shutdown_reason: .long 0
 workload_hostile: .long 0
 workload_hcbench: .long 0
 workload_forever: .long 0
+workload_ops: .long 0
+no_patching: .long 0
+irqbench_rounds: .long 0
+boot_protocol: .long 0
+boot_ident: .long 0
+backend_id: .long 0
 bogus_reason: .long 77
 
 str_shutdown_key: .asciz "shutdown="
@@ -482,6 +630,13 @@ str_hostile_key: .asciz "workload=hostile"
 str_hcbench_key: .asciz "workload=hcbench"
 str_forever_key: .asciz "workload=forever"
 msg_forever: .asciz "pvkern: spinning forever "
+str_ops_key: .asciz "workload=ops"
+str_irqbench_key: .asciz "workload=irqbench"
+str_nopatch_key: .asciz "noreplace-paravirt"
+msg_unknown_ident: .asciz "pvkern: PANIC: unknown hypervisor ident "
+msg_vmi_init_failed: .asciz "pvkern: PANIC: the VMI ROM's init did not answer with its signature: "
+msg_install_failed: .asciz "pvkern: PANIC: backend could not be installed "
+msg_boot_protocol: .asciz "pvkern: boot protocol # (0 ebx, 1 ident, 2 entry), backend # (0 xen, 1 vmi, 2 native)"
 msg_hcbench_done: .asciz "pvkern: hypercall bench rounds: "
 reason_letters: .asciz "prscw"
 msg_boot: .asciz "pvkern: booting on vcpu #, # vcpus"

@@ -10,11 +10,21 @@ from __future__ import annotations
 from types import ModuleType
 
 from hypervisor.guestmem import Span
-from hypervisor.hypercalls import console_io, sched_op, vcpu_op, xen_version
+from hypervisor.hypercalls import (
+    console_io,
+    mmu_update,
+    mmuext_op,
+    sched_op,
+    update_va_mapping,
+    vcpu_op,
+    xen_version,
+)
 from hypervisor.hypercalls.base import Call, Reader
 from pvcluster.abi.errno import Errno
 
-FAMILIES: dict[int, ModuleType] = {int(m.NR): m for m in (console_io, xen_version, sched_op, vcpu_op)}
+FAMILIES: dict[int, ModuleType] = {
+    int(m.NR): m for m in (console_io, xen_version, sched_op, vcpu_op, mmu_update, update_va_mapping, mmuext_op)
+}
 
 # Copying in is capped per call, whatever a family asks for, so a hostile length cannot balloon a message.
 MAX_COPY_IN = 64 * 1024

@@ -35,12 +35,12 @@ class StartInfo:
     first_p2m_pfn: int = 0
     nr_p2m_frames: int = 0
 
-    def pack(self) -> bytes:
+    def pack(self, magic: bytes = START_INFO_MAGIC) -> bytes:
         if len(self.cmd_line) >= MAX_GUEST_CMDLINE:
             raise ValueError(f"command line of {len(self.cmd_line)} bytes does not fit in start_info")
         head = struct.pack(
             "<32s12I",
-            START_INFO_MAGIC,
+            magic,
             self.nr_pages,
             self.shared_info,
             self.flags,

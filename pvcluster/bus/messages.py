@@ -43,6 +43,7 @@ class Build:
     patching: bool
     hypercall_page: bytes
     ps_per_instr: int
+    rom: bytes  # the VMI ROM page when the hypervisor offers one (backend "vmi"), else empty
 
 
 @message(4)

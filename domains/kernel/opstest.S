@@ -1,0 +1,154 @@
+# ops_test() -> eax = number of failed checks. Calls every pv op through its (possibly patched) call site and
+# checks what it did, in guest code. Ops whose effect needs interrupt delivery between vCPUs (send_ipi,
+# halt's wake-up, the native flush_tlb_others) are reported as skipped.
+
+.equ TEST_TSS_SLOT, 5
+.equ TEST_TSS_BASE, 0x12345678
+.equ TEST_PTE_VALUE, 0x00003067
+
+ops_test:
+    push ebx
+    push esi
+    push edi
+    xor edi, edi
+
+    PVCALL irq_disable
+    PVCALL save_fl
+    and eax, EFLAGS_IF
+    xor edx, edx
+    mov esi, msg_t_irq_disable
+    call ops_expect
+
+    PVCALL irq_enable
+    PVCALL save_fl
+    and eax, EFLAGS_IF
+    mov edx, EFLAGS_IF
+    mov esi, msg_t_irq_enable
+    call ops_expect
+
+    PVCALL save_fl
+    mov ebx, eax
+    xor eax, eax
+    PVCALL restore_fl
+    PVCALL save_fl
+    and eax, EFLAGS_IF
+    xor edx, edx
+    mov esi, msg_t_restore_off
+    call ops_expect
+    mov eax, ebx
+    PVCALL restore_fl
+    PVCALL save_fl
+    and eax, EFLAGS_IF
+    mov edx, EFLAGS_IF
+    mov esi, msg_t_restore_on
+    call ops_expect
+
+    PVCALL read_cr3
+    mov ebx, eax
+    mov eax, test_page_dir
+    sub eax, VIRT_BASE
+    PVCALL write_cr3
+    PVCALL read_cr3
+    mov edx, test_page_dir
+    sub edx, VIRT_BASE
+    mov esi, msg_t_cr3
+    call ops_expect
+    mov eax, ebx
+    PVCALL write_cr3
+
+    mov eax, test_pte
+    mov edx, TEST_PTE_VALUE
+    PVCALL set_pte
+    mov eax, [test_pte]
+    mov edx, TEST_PTE_VALUE
+    mov esi, msg_t_set_pte
+    call ops_expect
+
+    PVCALL flush_tlb_user
+    xor edx, edx
+    mov esi, msg_t_flush_user
+    call ops_expect
+    PVCALL flush_tlb_kernel
+    xor edx, edx
+    mov esi, msg_t_flush_kernel
+    call ops_expect
+    mov eax, test_pte
+    PVCALL flush_tlb_single
+
+    mov eax, TEST_TSS_SLOT
+    mov edx, TEST_TSS_BASE
+    PVCALL set_tss_desc
+    mov eax, [gdt_table + TEST_TSS_SLOT * 8]
+    mov edx, 0x56780067
+    mov esi, msg_t_tss_low
+    call ops_expect
+    mov eax, [gdt_table + TEST_TSS_SLOT * 8 + 4]
+    mov edx, 0x12008934
+    mov esi, msg_t_tss_high
+    call ops_expect
+
+    PVCALL clock_ns
+    mov ebx, eax
+    mov ecx, 20000
+.Lops_burn:
+    dec ecx
+    jnz .Lops_burn
+    PVCALL clock_ns
+    sub eax, ebx
+    seta al                          # time moved forward
+    movzx eax, al
+    mov edx, 1
+    mov esi, msg_t_clock
+    call ops_expect
+
+    cmp dword ptr [backend_id], BACKEND_NATIVE
+    je .Lops_skip_others
+    mov dword ptr [test_cpumask], 0
+    mov eax, test_cpumask
+    mov edx, -1
+    PVCALL flush_tlb_others
+    xor edx, edx
+    mov esi, msg_t_flush_others
+    call ops_expect
+.Lops_skip_others:
+
+    mov esi, msg_t_done
+    mov eax, edi
+    call print_num_line
+    mov eax, edi
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# ops_expect(eax = got, edx = expected, esi = label): on a mismatch print it and count it in edi
+ops_expect:
+    cmp eax, edx
+    je .Lops_expect_ok
+    inc edi
+    push edx
+    call print_num_line
+    pop eax
+    mov esi, msg_t_expected
+    call print_num_line
+.Lops_expect_ok:
+    ret
+
+.align 4096
+test_page_dir: .space 4096
+test_pte: .long 0
+test_cpumask: .long 0
+msg_t_irq_disable: .asciz "pvkern: ops: FAIL irq_disable left IF = "
+msg_t_irq_enable: .asciz "pvkern: ops: FAIL irq_enable left IF = "
+msg_t_restore_off: .asciz "pvkern: ops: FAIL restore_fl(0) left IF = "
+msg_t_restore_on: .asciz "pvkern: ops: FAIL restore_fl(IF) left IF = "
+msg_t_cr3: .asciz "pvkern: ops: FAIL read_cr3 after write_cr3 = "
+msg_t_set_pte: .asciz "pvkern: ops: FAIL set_pte wrote "
+msg_t_flush_user: .asciz "pvkern: ops: FAIL flush_tlb_user returned "
+msg_t_flush_kernel: .asciz "pvkern: ops: FAIL flush_tlb_kernel returned "
+msg_t_tss_low: .asciz "pvkern: ops: FAIL set_tss_desc low word "
+msg_t_tss_high: .asciz "pvkern: ops: FAIL set_tss_desc high word "
+msg_t_clock: .asciz "pvkern: ops: FAIL clock_ns did not advance "
+msg_t_flush_others: .asciz "pvkern: ops: FAIL flush_tlb_others returned "
+msg_t_expected: .asciz "pvkern: ops:      expected "
+msg_t_done: .asciz "pvkern: ops test failures: "

@@ -1,0 +1,131 @@
+"""mmuext_op (26): pin and unpin page tables, switch the page-table base, flush TLBs, in a batch.
+
+Ops run in order and the batch stops at the first refusal; the done count reports how many succeeded either
+way, as Xen's does. Changes to a vCPU (a new CR3, flushes) become actions the domain process carries out.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from hypervisor import mm
+from hypervisor.guestmem import GuestFault, Span
+from hypervisor.hypercalls.base import Call, Reader
+from pvcluster.abi.errno import Errno
+from pvcluster.abi.xen import PAGE_SHIFT, Hypercall
+from pvcluster.bus.messages import VcpuAction
+
+NR = Hypercall.mmuext_op
+
+OP_SIZE = 12  # struct mmuext_op on x86-32: u32 cmd, u32 arg1 (mfn / linear_addr), u32 arg2 (nr_ents / vcpumask)
+
+
+class MmuextCmd(enum.IntEnum):
+    PIN_L1_TABLE = 0
+    PIN_L2_TABLE = 1
+    PIN_L3_TABLE = 2
+    PIN_L4_TABLE = 3
+    UNPIN_TABLE = 4
+    NEW_BASEPTR = 5
+    TLB_FLUSH_LOCAL = 6
+    INVLPG_LOCAL = 7
+    TLB_FLUSH_MULTI = 8
+    INVLPG_MULTI = 9
+    TLB_FLUSH_ALL = 10
+    INVLPG_ALL = 11
+    FLUSH_CACHE = 12
+    SET_LDT = 13
+
+
+_C = MmuextCmd
+_MULTI = (_C.TLB_FLUSH_MULTI, _C.INVLPG_MULTI)
+
+
+def copy_in(args: list[int], read: Reader) -> list[Span]:
+    ops, count, done = (a & 0xFFFFFFFF for a in args[:3])
+    spans = [Span(done, 4, writable=True)] if done else []
+    if not 0 < count <= mm.MAX_BATCH:
+        return spans
+    spans.insert(0, Span(ops, count * OP_SIZE))
+    # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read.
+    raw = read(ops, count * OP_SIZE)
+    if raw is None:
+        return spans
+    for cmd, _, mask_ptr in struct.iter_unpack("<3I", raw):
+        bitmap = Span(mask_ptr, 4)
+        if cmd in _MULTI and bitmap not in spans:
+            spans.append(bitmap)
+    return spans
+
+
+def handle(call: Call) -> int:
+    ops, count, done_ptr, foreigndom = (call.arg(i) for i in range(4))
+    rc, done = _run(call, ops, count, foreigndom)
+    if done_ptr:
+        try:
+            call.mem.write_u32(done_ptr, done)
+        except GuestFault:
+            # Xen ignores a failed copy of the done count: the ops already happened, so the result stands.
+            call.trace("mmu.done_fault", addr=done_ptr)
+    return rc
+
+
+def _run(call: Call, ops: int, count: int, foreigndom: int) -> tuple[int, int]:
+    """(result, number of ops that succeeded)."""
+    if not mm.is_self(call.dom, foreigndom):
+        return mm.deny(call, Errno.EPERM, "foreign-domid", foreigndom=foreigndom), 0
+    if count > mm.MAX_BATCH:
+        return mm.deny(call, Errno.E2BIG, "batch-too-large", count=count), 0
+    for i in range(count):
+        try:
+            cmd, arg1, arg2 = struct.unpack("<3I", call.mem.read(ops + i * OP_SIZE, OP_SIZE))
+        except GuestFault:
+            return mm.deny(call, Errno.EFAULT, "op-unmapped", index=i), i
+        rc = _op(call, i, cmd, arg1, arg2)
+        if rc:
+            return rc, i
+    return 0, count
+
+
+def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
+    dom = call.dom
+    targets: list[int] = []
+    if cmd in (_C.PIN_L1_TABLE, _C.PIN_L2_TABLE):
+        if not mm.owned(dom, arg1):
+            return mm.deny(call, Errno.EPERM, "pin-frame-not-owned", index=i, mfn=arg1)
+        if not mm.pin(dom, arg1, level=cmd - _C.PIN_L1_TABLE + 1):
+            return mm.deny(call, Errno.EINVAL, "already-pinned", index=i, mfn=arg1)
+    elif cmd in (_C.PIN_L3_TABLE, _C.PIN_L4_TABLE):
+        return mm.deny(call, Errno.EINVAL, "no-such-level", index=i, cmd=cmd)  # non-PAE paging has two levels
+    elif cmd == _C.UNPIN_TABLE:
+        if not mm.unpin(dom, arg1):
+            return mm.deny(call, Errno.EINVAL, "not-pinned", index=i, mfn=arg1)
+    elif cmd == _C.NEW_BASEPTR:
+        if not mm.owned(dom, arg1):
+            return mm.deny(call, Errno.EPERM, "baseptr-not-owned", index=i, mfn=arg1)
+        targets = [call.vcpu]
+        call.actions.append(VcpuAction(kind="set_cr3", vcpu=call.vcpu, regs={"cr3": arg1 << PAGE_SHIFT}))
+    elif cmd in (_C.TLB_FLUSH_LOCAL, _C.INVLPG_LOCAL, *_MULTI, _C.TLB_FLUSH_ALL, _C.INVLPG_ALL):
+        if cmd in (_C.TLB_FLUSH_LOCAL, _C.INVLPG_LOCAL):
+            targets = [call.vcpu]
+        elif cmd in (_C.TLB_FLUSH_ALL, _C.INVLPG_ALL):
+            targets = list(range(len(dom.vcpus)))
+        else:
+            try:
+                mask = call.mem.u32(arg2)
+            except GuestFault:
+                return mm.deny(call, Errno.EFAULT, "vcpumask-unmapped", index=i, addr=arg2)
+            named = mm.vcpus_in_mask(dom, mask)
+            if named is None:
+                return mm.deny(call, Errno.EINVAL, "vcpumask-bad-vcpu", index=i, mask=mask)
+            targets = named
+        invlpg = cmd in (_C.INVLPG_LOCAL, _C.INVLPG_MULTI, _C.INVLPG_ALL)
+        call.actions.extend(mm.flush_actions(targets, arg1 if invlpg else None))
+    elif cmd == _C.FLUSH_CACHE:
+        pass  # the simulated machine has no caches to write back
+    else:
+        # SET_LDT among them: descriptor tables are not modelled yet.
+        return mm.deny(call, Errno.ENOSYS, "unsupported-cmd", index=i, cmd=cmd)
+    call.trace("mmuext", cmd=_C(cmd).name, arg1=arg1, targets=targets)
+    return 0
