@@ -16,9 +16,9 @@ from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
 from domains.vcpu import InsnCounter, Vcpu, VcpuState
+from hypervisor.hypercalls import copy_in
 from hypervisor.vmi_rom import VMI_ROM_BASE
 from pvcluster.abi.layouts import VCPU_INFO_SIZE
-from hypervisor.hypercalls import copy_in
 from pvcluster.bus import codec
 from pvcluster.bus.messages import (
     Build,

@@ -12,9 +12,9 @@ from typing import Any
 import trio
 import zmq
 
+from hypervisor import mm
 from hypervisor.conductor import Conductor, ReportError, Shutdown
 from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
-from hypervisor import mm
 from hypervisor.hypercall_page import hypercall_page
 from hypervisor.vmi_rom import vmi_rom
 from pvcluster import launch

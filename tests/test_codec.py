@@ -40,7 +40,8 @@ SAMPLES: dict[type, list[Any]] = {
     Hello: [Hello(pid=1), Hello(pid=4_194_304)],
     Build: [
         Build(domid=1, name="alpha", vcpus=2, memory_bytes=4 << 20, kernel="pvkern", cmdline="shutdown=poweroff",
-              backend="xen", boot="ebx", patching=True, hypercall_page=bytes(range(256)) * 16, ps_per_instr=1000, rom=b""),
+              backend="xen", boot="ebx", patching=True, hypercall_page=bytes(range(256)) * 16, ps_per_instr=1000,
+              rom=b""),
         Build(domid=7, name="x", vcpus=32, memory_bytes=256 << 20, kernel="/tmp/k.elf", cmdline="", backend="vmi",
               boot="entry", patching=False, hypercall_page=b"", ps_per_instr=1, rom=b"\xcc" * 4096),
     ],
