@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from bench import hypercall_rtt
+from bench import hypercall_rtt, pvops
 
 
 def main() -> None:
     hypercall_rtt.main()
+    print()
+    pvops.main()
 
 
 if __name__ == "__main__":

@@ -162,7 +162,11 @@ class Vcpu:
             uc.emu_stop()
             return
         pa = addr - self.ram.virt_base
-        n = self.counter.count(addr, self.ram.buf[pa : pa + size])
+        if 0 <= pa and pa + size <= self.ram.size:
+            code = self.ram.buf[pa : pa + size]
+        else:  # code outside RAM: the ROM page
+            code = bytes(uc.mem_read(addr, size))
+        n = self.counter.count(addr, code)
         self.instructions += n
         self.clock_ps += n * self.ps_per_instr
 

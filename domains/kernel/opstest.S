@@ -5,6 +5,7 @@
 .equ TEST_TSS_SLOT, 5
 .equ TEST_TSS_BASE, 0x12345678
 .equ TEST_PTE_VALUE, 0x00003067
+.equ OPBENCH_ROUNDS, 200
 
 ops_test:
     push ebx
@@ -132,6 +133,52 @@ ops_expect:
     mov esi, msg_t_expected
     call print_num_line
 .Lops_expect_ok:
+    ret
+
+# op_bench(eax = pv_ops slot): OPBENCH_ROUNDS calls of one op through the pv_ops table, with benign arguments
+# (the bench subtracts a run without them to get instructions and virtual time per call)
+op_bench:
+    push ebx
+    push esi
+    mov ebx, eax
+    mov ecx, opbench_nop             # slot NR_PV_OPS: an empty op, the baseline the bench subtracts
+    cmp ebx, NR_PV_OPS
+    jae .Lopbench_have_target
+    mov ecx, [pv_ops + ebx*4]
+.Lopbench_have_target:
+    mov [opbench_target], ecx
+    mov esi, OPBENCH_ROUNDS
+.Lopbench_next:
+    mov eax, [opbench_args + ebx*8]
+    mov edx, [opbench_args + ebx*8 + 4]
+    call dword ptr [opbench_target]
+    dec esi
+    jnz .Lopbench_next
+    pop esi
+    pop ebx
+    ret
+
+.align 4
+opbench_args:
+    .long 0, 0                                   # init (not benchmarked)
+    .long TEST_TSS_SLOT, TEST_TSS_BASE           # set_tss_desc
+    .long 0, 0                                   # irq_disable
+    .long 0, 0                                   # irq_enable
+    .long 0, 0                                   # save_fl
+    .long EFLAGS_IF, 0                           # restore_fl
+    .long 0, 0                                   # halt (not benchmarked)
+    .long 0, 0                                   # read_cr3
+    .long test_page_dir - VIRT_BASE, 0           # write_cr3
+    .long test_pte, TEST_PTE_VALUE               # set_pte
+    .long 0, 0                                   # flush_tlb_user
+    .long 0, 0                                   # flush_tlb_kernel
+    .long test_pte, 0                            # flush_tlb_single
+    .long test_cpumask, -1                       # flush_tlb_others (an empty mask)
+    .long 0, 0                                   # send_ipi (not benchmarked)
+    .long 0, 0                                   # clock_ns
+    .long 0, 0                                   # the empty op
+opbench_target: .long 0
+opbench_nop:
     ret
 
 .align 4096

@@ -166,6 +166,11 @@ pv_boot:
     jz .Lno_irqbench
     call irq_bench
 .Lno_irqbench:
+    mov eax, [opbench_slot]
+    test eax, eax
+    js .Lno_opbench
+    call op_bench
+.Lno_opbench:
     cmp dword ptr [workload_forever], 0
     je .Lno_forever
     mov esi, msg_forever
@@ -347,6 +352,23 @@ parse_cmdline:
     mov edi, str_nopatch_key
     call cmdline_flag
     mov [no_patching], eax
+    mov esi, [start_info]
+    add esi, SI_CMD_LINE
+    mov edi, str_opbench_key
+    call find_after
+    test eax, eax
+    jz .Lno_opbench_key
+    movzx edx, byte ptr [eax]        # one or two decimal digits: the pv_ops slot
+    sub edx, 0x30
+    movzx ecx, byte ptr [eax + 1]
+    sub ecx, 0x30
+    cmp ecx, 9
+    ja .Lopbench_one_digit
+    imul edx, edx, 10
+    add edx, ecx
+.Lopbench_one_digit:
+    mov [opbench_slot], edx
+.Lno_opbench_key:
     mov edi, str_irqbench_key
     call cmdline_flag
     test eax, eax
@@ -620,6 +642,7 @@ workload_forever: .long 0
 workload_ops: .long 0
 no_patching: .long 0
 irqbench_rounds: .long 0
+opbench_slot: .long -1
 boot_protocol: .long 0
 boot_ident: .long 0
 backend_id: .long 0
@@ -632,6 +655,7 @@ str_forever_key: .asciz "workload=forever"
 msg_forever: .asciz "pvkern: spinning forever "
 str_ops_key: .asciz "workload=ops"
 str_irqbench_key: .asciz "workload=irqbench"
+str_opbench_key: .asciz "opbench="
 str_nopatch_key: .asciz "noreplace-paravirt"
 msg_unknown_ident: .asciz "pvkern: PANIC: unknown hypervisor ident "
 msg_vmi_init_failed: .asciz "pvkern: PANIC: the VMI ROM's init did not answer with its signature: "

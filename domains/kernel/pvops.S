@@ -57,7 +57,8 @@ pv_install:
     ret
 
 # pv_patch(): rewrite every recorded call site. A site whose op is still the native one and has an inline
-# template becomes those instructions; any other site becomes a direct `call`; the rest is padded with nops.
+# template becomes those instructions; any other site becomes a direct `call`, given a ds prefix so that it
+# fills the 6-byte site as one instruction. What is left is filled with one multi-byte nop, as Linux does.
 pv_patch:
     push ebx
     push esi
@@ -82,20 +83,22 @@ pv_patch:
     inc dword ptr [patched_inline]
     jmp .Lpatch_pad
 .Lpatch_direct:
-    mov byte ptr [edi], 0xE8
-    lea edx, [edi + 5]
+    mov byte ptr [edi], 0x3E         # ds: prefix, so the call is 6 bytes
+    mov byte ptr [edi + 1], 0xE8
+    lea edx, [edi + 6]
     sub eax, edx
-    mov [edi + 1], eax
-    add edi, 5
-    sub ebp, 5
+    mov [edi + 2], eax
+    add edi, 6
+    sub ebp, 6
     inc dword ptr [patched_direct]
 .Lpatch_pad:
     test ebp, ebp
-    jz .Lpatch_site_done
-    mov byte ptr [edi], 0x90
-    inc edi
-    dec ebp
-    jmp .Lpatch_pad
+    jle .Lpatch_site_done
+    cmp ebp, 5
+    ja .Lpatch_site_done             # templates leave at most 5 bytes
+    mov esi, [nop_table + ebp*4]
+    mov ecx, ebp
+    rep movsb
 .Lpatch_site_done:
     add ebx, 12
     jmp .Lpatch_next
@@ -283,7 +286,14 @@ inline_set_pte:
 inline_invlpg:
     invlpg [eax]
 
+# one nop instruction of each length 1..5 (the encodings Intel recommends)
+nop_1: .byte 0x90
+nop_2: .byte 0x66, 0x90
+nop_3: .byte 0x0F, 0x1F, 0x00
+nop_4: .byte 0x0F, 0x1F, 0x40, 0x00
+nop_5: .byte 0x0F, 0x1F, 0x44, 0x00, 0x00
 .align 4
+nop_table: .long 0, nop_1, nop_2, nop_3, nop_4, nop_5
 native_ops:
     .long native_init, native_set_tss_desc
     .long native_irq_disable, native_irq_enable, native_save_fl, native_restore_fl, native_halt
