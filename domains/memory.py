@@ -9,7 +9,8 @@ from pvcluster.abi.xen import PAGE_SIZE
 
 
 class GuestRam:
-    """Guest-physical memory of ``nr_pages`` pages plus one trailing frame that holds ``shared_info``.
+    """Guest-physical memory of ``nr_pages`` pages plus two hypervisor frames after it: ``shared_info`` and the
+    GDT the vCPUs run with (flat code and data segments, as Xen's reserved GDT entries provide).
 
     The domain runs without paging for now, so a guest virtual address is ``virt_base + physical``.
     """
@@ -18,9 +19,10 @@ class GuestRam:
         if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
             raise ValueError(f"memory size {memory_bytes} is not a positive multiple of {PAGE_SIZE}")
         self.nr_pages = memory_bytes // PAGE_SIZE
-        self.size = memory_bytes + PAGE_SIZE
+        self.size = memory_bytes + 2 * PAGE_SIZE
         self.virt_base = virt_base
         self.shared_info_paddr = memory_bytes
+        self.gdt_paddr = memory_bytes + PAGE_SIZE
         self.buf = mmap.mmap(-1, self.size)
         self._anchor = ctypes.c_char.from_buffer(self.buf)
         self.host_addr = ctypes.addressof(self._anchor)

@@ -15,7 +15,8 @@ import zmq
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
-from domains.vcpu import InsnCounter, Vcpu, VcpuState
+from domains import events
+from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercalls import copy_in
 from hypervisor.vmi_rom import VMI_ROM_BASE
 from pvcluster.abi.layouts import VCPU_INFO_SIZE
@@ -120,7 +121,10 @@ class DomainProcess:
             )
         self.ram, self.boot = ram, boot
         counter = InsnCounter()
+        ram.write_pa(ram.gdt_paddr, flat_gdt())
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr) for v in range(req.vcpus)]
+        for vcpu in self.vcpus:
+            vcpu.ipi_sink = self._route_ipi
         if req.rom:
             for vcpu in self.vcpus:
                 vcpu.map_rom(VMI_ROM_BASE, req.rom)
@@ -180,7 +184,20 @@ class DomainProcess:
             elif act.kind == "down":
                 target.state = VcpuState.DOWN
             elif act.kind == "block":
-                target.state = VcpuState.BLOCKED
+                # SCHEDOP_block enables event delivery first, and does not sleep if an event is already pending
+                events.set_upcall_mask(self.ram, target.vid, False)
+                if events.upcall_pending(self.ram, target.vid) and target.trap is not None:
+                    target.complete_trap(0, res.vt_ns)
+                else:
+                    target.state = VcpuState.BLOCKED
+            elif act.kind == "evtchn_pending":
+                events.set_pending(self.ram, act.regs.get("port", 0), target.vid)
+            elif act.kind == "evtchn_unmask":
+                events.unmask(self.ram, act.regs.get("port", 0), target.vid)
+            elif act.kind == "evtchn_clear":
+                events.clear(self.ram, act.regs.get("port", 0))
+            elif act.kind == "set_callback":
+                target.upcall_eip = act.regs.get("eip", 0)
             elif act.kind == "write_pa":
                 addr, value = act.regs.get("addr", -1), act.regs.get("value", 0)
                 if 0 <= addr <= self.ram.size - 4:
@@ -203,6 +220,17 @@ class DomainProcess:
                 return
             vcpu.complete_trap(res.value, res.vt_ns)
 
+    def _route_ipi(self, src: int, dest: int, vector: int, vt_ns: int) -> None:
+        """The APIC bus: an IPI reaches its target when that vCPU next runs at or after ``vt_ns``."""
+        targets = [v for v in self.vcpus if v.vid != src] if dest == -1 else self.vcpus[dest : dest + 1]
+        if not targets:
+            self._trace("apic.bad_destination", vcpu=src, dest=dest, vector=vector)
+        for target in targets:
+            if target.state is VcpuState.DOWN:
+                continue  # a vCPU that is not up has its APIC off
+            target.post_irq(vt_ns, src, vector)
+            self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target.vid, vector=vector)
+
     def _publish_time(self, vcpu: Vcpu) -> None:
         """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""
         assert self.ram is not None
@@ -211,6 +239,14 @@ class DomainProcess:
         self.ram.write_pa(base, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
         self.ram.write_pa(base + 16, vcpu.clock_ns.to_bytes(8, "little"))
         self.ram.write_pa(base, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    @staticmethod
+    def _report(v: Vcpu) -> VcpuReport:
+        # A halted vCPU with an interrupt coming is runnable from that moment: the conductor must not call the
+        # domain idle, nor start the next window past it.
+        if v.state is VcpuState.BLOCKED and v.trap is None and v.pending_irqs and v.reg("eflags") & 0x200:
+            return VcpuReport(v.vid, "running", max(v.clock_ns, v.pending_irqs[0][0] // 1000), v.instructions)
+        return VcpuReport(v.vid, v.state.value, v.clock_ns, v.instructions)
 
     def _window(self, window: Window) -> WindowDone:
         assert self.ram is not None
@@ -237,5 +273,5 @@ class DomainProcess:
                 self._trace(
                     "vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm
                 )
-        reports = [VcpuReport(v.vid, v.state.value, v.clock_ns, v.instructions) for v in self.vcpus]
+        reports = [self._report(v) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults)

@@ -10,6 +10,9 @@ boundaries depend only on the code.
 from __future__ import annotations
 
 import enum
+import heapq
+import struct
+from collections.abc import Callable
 
 import attrs
 import capstone
@@ -30,6 +33,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from domains import events
 from domains.memory import GuestRam
 from pvcluster.abi.xen import HYPERCALL_VECTOR
 
@@ -37,6 +41,21 @@ _STOP_ADDR = 0xFFFFFFFF
 # The simulated platform's clock: `in eax, dx` from this port reads the vCPU's virtual time in ns (low 32 bits).
 # rdtsc cannot be hooked in Unicorn's Python binding and would read the host's clock.
 CLOCK_PORT = 0x5C
+APIC_BASE = 0xFEE00000
+APIC_ID, APIC_EOI, APIC_ICR_LOW, APIC_ICR_HIGH = 0x20, 0xB0, 0x300, 0x310
+KERNEL_CS, KERNEL_DS = 0x08, 0x10
+EFLAGS_IF, EFLAGS_TF = 0x200, 0x100
+# (sender vCPU, destination vCPU or -1 for all but the sender, vector, virtual time)
+IpiSink = Callable[[int, int, int, int], None]
+
+
+def flat_gdt() -> bytes:
+    """null, then flat 4 GiB ring-0 code (0x08) and data (0x10) descriptors."""
+
+    def desc(access: int) -> bytes:
+        return struct.pack("<II", 0x0000FFFF, 0x00CF0000 | (access << 8))
+
+    return bytes(8) + desc(0x9A) + desc(0x92)
 REG_IDS: dict[str, int] = {
     "eax": X.UC_X86_REG_EAX,
     "ebx": X.UC_X86_REG_EBX,
@@ -121,6 +140,18 @@ class Vcpu:
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         self.flushes = 0
+        # interrupts posted to this vCPU: (virtual time, sender, sequence, vector), taken in that order
+        self.pending_irqs: list[tuple[int, int, int, int]] = []
+        self._irq_seq = 0
+        self.upcall_eip: int | None = None
+        self.ipi_sink: IpiSink | None = None
+        self._icr_high = 0
+        self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
+        gdt_va = ram.virt_base + ram.gdt_paddr
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_va, 23, 0))
+        self.uc.reg_write(X.UC_X86_REG_CS, KERNEL_CS)
+        for seg in (X.UC_X86_REG_DS, X.UC_X86_REG_ES, X.UC_X86_REG_SS, X.UC_X86_REG_FS, X.UC_X86_REG_GS):
+            self.uc.reg_write(seg, KERNEL_DS)
 
     def map_rom(self, base: int, image: bytes) -> None:
         """A read-only, executable page the hypervisor supplies (the VMI ROM); a guest write to it faults."""
@@ -134,6 +165,85 @@ class Vcpu:
         """Drop this vCPU's cached translations (Unicorn has no single-page flush from the host side)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.flushes += 1
+
+    # -- the local APIC (trapped MMIO) and interrupt delivery -----------------------------------------------
+
+    def _apic_read(self, uc: Uc, offset: int, size: int, _: object) -> int:
+        if offset == APIC_ID:
+            return self.vid << 24
+        if offset == APIC_ICR_HIGH:
+            return self._icr_high
+        return 0
+
+    def _apic_write(self, uc: Uc, offset: int, size: int, value: int, _: object) -> None:
+        if offset == APIC_ICR_HIGH:
+            self._icr_high = value & 0xFFFFFFFF
+        elif offset == APIC_ICR_LOW and self.ipi_sink is not None:
+            vector, shorthand = value & 0xFF, (value >> 18) & 3
+            if shorthand == 1:
+                self.ipi_sink(self.vid, self.vid, vector, self.clock_ns)
+            elif shorthand == 3:
+                self.ipi_sink(self.vid, -1, vector, self.clock_ns)
+            else:
+                self.ipi_sink(self.vid, self._icr_high >> 24, vector, self.clock_ns)
+        # EOI and the other registers need no model: delivery is edge-triggered and one at a time
+
+    def post_irq(self, vt_ns: int, src: int, vector: int) -> None:
+        self._irq_seq += 1
+        heapq.heappush(self.pending_irqs, (vt_ns * 1000, src, self._irq_seq, vector))
+
+    def _irq_enabled(self) -> bool:
+        return bool(self.reg("eflags") & EFLAGS_IF)
+
+    def _enter(self, target: int, clear_if: bool) -> bool:
+        """Push an interrupt frame (eflags, cs, eip) on the guest stack and continue at ``target``."""
+        esp, eflags = self.reg("esp"), self.reg("eflags")
+        frame = struct.pack("<III", self.reg("eip"), KERNEL_CS, eflags)
+        if not self.ram.write_va(esp - 12, frame):
+            self._set_fault("double-fault", f"interrupt frame at {esp - 12:#x} is not in guest memory", self.reg("eip"))
+            self.state = VcpuState.CRASHED
+            return False
+        self.set_regs({"esp": esp - 12, "eip": target,
+                       "eflags": eflags & ~(EFLAGS_IF | EFLAGS_TF) if clear_if else eflags & ~EFLAGS_TF})
+        return True
+
+    def _idt_gate(self, vector: int) -> int | None:
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 8 + 7 > limit:
+            return None
+        gate = self.ram.read_va(base + vector * 8, 8)
+        if gate is None or not gate[5] & 0x80:
+            return None
+        return int(struct.unpack_from("<H", gate, 0)[0] | struct.unpack_from("<H", gate, 6)[0] << 16)
+
+    def _inject(self) -> None:
+        """Take one interrupt or event upcall that is due, the way the CPU (or Xen) would."""
+        if self.pending_irqs and self.pending_irqs[0][0] <= self.clock_ps and self._irq_enabled():
+            vector = heapq.heappop(self.pending_irqs)[3]
+            target = self._idt_gate(vector)
+            if target is None:
+                self._set_fault("trap", f"interrupt vector {vector:#x} has no present IDT gate", self.reg("eip"))
+                self.state = VcpuState.CRASHED
+                return
+            self._enter(target, clear_if=True)
+            return
+        if (self.upcall_eip is not None and events.upcall_pending(self.ram, self.vid)
+                and not events.upcall_masked(self.ram, self.vid)):
+            # Xen masks further upcalls on entry; the guest's handler unmasks before it returns
+            events.set_upcall_mask(self.ram, self.vid, True)
+            self._enter(self.upcall_eip, clear_if=False)
+
+    def _wake(self, end_ps: int) -> None:
+        """A halted vCPU resumes on an interrupt it can take; one blocked in SCHEDOP_block on an event."""
+        if self.state is not VcpuState.BLOCKED:
+            return
+        if self.trap is not None:
+            if events.upcall_pending(self.ram, self.vid):
+                self.complete_trap(0, self.clock_ns)
+            return
+        if self.pending_irqs and self._irq_enabled() and self.pending_irqs[0][0] < end_ps:
+            self.clock_ps = max(self.clock_ps, self.pending_irqs[0][0])
+            self.state = VcpuState.RUNNING
 
     def _on_in(self, uc: Uc, port: int, size: int, _: object) -> int:
         if port == CLOCK_PORT:
@@ -195,10 +305,21 @@ class Vcpu:
     # -- running ------------------------------------------------------------------------------------------
 
     def run(self, end_ns: int) -> None:
-        """Execute until the clock reaches ``end_ns`` or the vCPU traps, blocks or faults."""
-        if self.state is not VcpuState.RUNNING:
-            return
-        self._end_ps = end_ns * 1000
+        """Execute until the clock reaches ``end_ns`` or the vCPU traps, blocks or faults; interrupts that come
+        due meanwhile are taken at the first block boundary at or after their time."""
+        end_ps = end_ns * 1000
+        while True:
+            self._wake(end_ps)
+            if self.state is not VcpuState.RUNNING or self.clock_ps >= end_ps:
+                return
+            self._inject()
+            if self.state is not VcpuState.RUNNING:
+                return
+            later = [t for t, *_ in self.pending_irqs if t > self.clock_ps]
+            self._end_ps = min([end_ps, *later])
+            self._slice()
+
+    def _slice(self) -> None:
         while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
             eip = self.reg("eip")
             try:
