@@ -12,10 +12,10 @@ from typing import Any
 import trio
 import zmq
 
+from domains import events
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
-from domains import events
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercalls import copy_in
 from hypervisor.vmi_rom import VMI_ROM_BASE
@@ -252,14 +252,14 @@ class DomainProcess:
         assert self.ram is not None
         for res in window.results:
             self._apply(res)
-        for vcpu in self.vcpus:
-            self._publish_time(vcpu)
-            vcpu.run(window.end_ns)
-        self.vt_ns = max(self.vt_ns, window.end_ns)
         reqs: list[HypercallReq] = []
         faults: list[VcpuFault] = []
         ram = self.ram
         for vcpu in self.vcpus:
+            self._publish_time(vcpu)
+            vcpu.run(window.end_ns)
+            # Copy the hypercall's arguments in now, as the CPU would at the trap: a vCPU that runs after this
+            # one in the same window must not be able to change what the hypervisor reads.
             trap = vcpu.trap
             if trap is not None and (vcpu.vid, trap.seq) not in self._reported_traps:
                 self._reported_traps.add((vcpu.vid, trap.seq))
@@ -273,5 +273,6 @@ class DomainProcess:
                 self._trace(
                     "vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm
                 )
+        self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults)

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 import zmq
 
-from hypervisor import mm
+from hypervisor import evtchn, mm
 from hypervisor.conductor import Conductor, ReportError, Shutdown
 from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
 from hypervisor.hypercall_page import hypercall_page
@@ -350,6 +350,8 @@ class Hypervisor:
         rc = await launch.wait_exit(proc)
         self.log.info("domain.process_exit", vt_ns=self.conductor.end_ns, dom=dom.domid, returncode=rc)
         mm.forget(dom.domid)
+        evtchn.close_all(dom.domid)  # peers' ports go back to unbound (telling them arrives with issue 5)
+        evtchn.forget(dom.domid)
         if dom.state is DomainState.SHUTTING_DOWN:
             dom.move(DomainState.DEAD, f"process exited ({rc})")
             self.printk(f"d{dom.domid} ({dom.name}): dead", dom=dom.domid)

@@ -27,7 +27,7 @@ PROTOCOLS = ("ebx", "ident", "entry")
 BACKEND_ID = {"xen": 0, "vmi": 1, "native": 2}
 PROTOCOL_ID = {"ebx": 0, "ident": 1, "entry": 2}
 # NULL in the backend's table: the native code must stay in those slots (the null-entry rule).
-XEN_NULL = {"set_tss_desc", "send_ipi"}
+XEN_NULL = {"set_tss_desc"}
 LETTER = {"xen": "X", "vmi": "V", "native": "N"}
 
 

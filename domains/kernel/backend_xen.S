@@ -1,7 +1,7 @@
 # The xen backend: every privileged operation becomes a hypercall through the hypercall page, or a write to
 # this vCPU's vcpu_info in shared_info (the virtual interrupt flag is evtchn_upcall_mask).
-# set_tss_desc is NULL: the native code runs instead (the null-entry rule). send_ipi is NULL until event
-# channels exist; halt blocks in the hypervisor.
+# set_tss_desc is NULL: the native code runs instead (the null-entry rule). IPIs travel on one event channel
+# per vCPU (EVTCHNOP_bind_ipi); the upcall handler runs the same handler bodies as the native IDT vectors.
 
 .equ VIRT_BASE, 0xC0000000
 .equ SI_SHARED_INFO, 36
@@ -17,6 +17,13 @@
 .equ MMUEXT_INVLPG_MULTI, 9
 .equ DOMID_SELF, 0x7FF0
 .equ EFLAGS_IF, 0x200
+.equ EVTCHNOP_send, 4
+.equ EVTCHNOP_bind_ipi, 7
+.equ CALLBACKOP_register, 0
+.equ SI_EVTCHN_PENDING, 2048
+.equ SI_EVTCHN_MASK, 2176
+.equ IPI_VECTOR_BIT, 16
+.equ FLUSH_VECTOR_BIT, 17
 
 xen_code_begin:
 xen_init:
@@ -27,8 +34,109 @@ xen_init:
     mov [xen_shared_info], eax
     mov esi, msg_xen_init
     call print_num_line
+    push ebx
+    mov ebx, CALLBACKOP_register     # the event upcall enters at xen_hypervisor_callback
+    mov ecx, xen_callback_reg
+    call hc_callback_op
+    test eax, eax
+    jnz .Lxen_init_failed
+    xor esi, esi                     # one IPI port per vCPU
+.Lxen_bind_next:
+    cmp esi, [nr_vcpus]
+    jae .Lxen_init_done
+    mov [xen_bind_ipi], esi
+    mov ebx, EVTCHNOP_bind_ipi
+    mov ecx, xen_bind_ipi
+    call hc_event_channel_op
+    test eax, eax
+    jnz .Lxen_init_failed
+    mov eax, [xen_bind_ipi + 4]
+    mov [xen_ipi_port + esi*4], eax
+    inc esi
+    jmp .Lxen_bind_next
+.Lxen_init_done:
+    pop ebx
     pop esi
     xor eax, eax
+    ret
+.Lxen_init_failed:
+    mov esi, msg_xen_init_failed
+    jmp panic
+
+# send_ipi(eax = vcpu, edx = vector): note the vector for the target, then signal its IPI port
+xen_send_ipi:
+    and edx, 31
+    lock bts dword ptr [xen_ipi_vectors + eax*4], edx
+    push ebx
+    push dword ptr [xen_ipi_port + eax*4]    # struct evtchn_send, on this vCPU's own stack
+    mov ebx, EVTCHNOP_send
+    mov ecx, esp
+    call hc_event_channel_op
+    add esp, 4
+    pop ebx
+    ret
+
+# The event upcall (entered with a frame eip, cs, eflags on the stack and upcalls masked): clear
+# evtchn_upcall_pending, take evtchn_pending_sel, and for every pending and unmasked port clear its bit with a
+# locked instruction and handle it. Unmask and return with iret.
+xen_hypervisor_callback:
+    pushad
+    call this_vcpu_info
+    mov esi, eax
+.Lcb_again:
+    mov byte ptr [esi + VI_UPCALL_PENDING], 0
+    xor ecx, ecx
+    xchg ecx, [esi + 4]              # evtchn_pending_sel
+    mov edi, [xen_shared_info]
+.Lcb_word:
+    bsf edx, ecx
+    jz .Lcb_words_done
+    btr ecx, edx
+.Lcb_bits:
+    mov eax, [edi + SI_EVTCHN_PENDING + edx*4]
+    mov ebx, [edi + SI_EVTCHN_MASK + edx*4]
+    not ebx
+    and eax, ebx
+    bsf ebx, eax
+    jz .Lcb_word
+    lock btr dword ptr [edi + SI_EVTCHN_PENDING + edx*4], ebx
+    mov eax, edx
+    shl eax, 5
+    add eax, ebx                     # port
+    push ecx
+    push edx
+    call xen_handle_port
+    pop edx
+    pop ecx
+    jmp .Lcb_bits
+.Lcb_words_done:
+    cmp byte ptr [esi + VI_UPCALL_PENDING], 0
+    jne .Lcb_again
+    mov byte ptr [esi + VI_UPCALL_MASK], 0
+    popad
+    iretd
+
+# xen_handle_port(eax = port): this vCPU's IPI port runs the handler bodies for the vectors noted
+xen_handle_port:
+    mov edx, eax
+    call this_cpu
+    cmp edx, [xen_ipi_port + eax*4]
+    jne .Lport_unknown
+    xor ecx, ecx
+    xchg ecx, [xen_ipi_vectors + eax*4]
+    push ecx
+    bt ecx, IPI_VECTOR_BIT
+    jnc .Lport_no_ipi
+    call ipi_body
+.Lport_no_ipi:
+    pop ecx
+    bt ecx, FLUSH_VECTOR_BIT
+    jnc .Lport_done
+    call flush_body
+.Lport_done:
+    ret
+.Lport_unknown:
+    lock inc dword ptr [xen_stray_events]
     ret
 
 # this_vcpu_info() -> eax = &shared_info->vcpu_info[this cpu]; clobbers nothing else
@@ -193,8 +301,16 @@ xen_ops:
     .long xen_irq_disable, xen_irq_enable, xen_save_fl, xen_restore_fl, xen_halt
     .long xen_read_cr3, xen_write_cr3, xen_set_pte, xen_flush_tlb_user, xen_flush_tlb_kernel
     .long xen_flush_tlb_single, xen_flush_tlb_others
-    .long 0
+    .long xen_send_ipi
     .long xen_clock_ns
 xen_shared_info: .long 0
+xen_callback_reg:
+    .word 0, 0                       # CALLBACKTYPE_event, flags
+    .long KERNEL_CS, xen_hypervisor_callback
+xen_bind_ipi: .long 0, 0             # struct evtchn_bind_ipi: vcpu, port (out)
+xen_ipi_port: .space 4 * MAX_VCPUS
+xen_ipi_vectors: .space 4 * MAX_VCPUS
+xen_stray_events: .long 0
+msg_xen_init_failed: .asciz "pvkern: PANIC: xen backend init failed (callback or IPI port): "
 xen_cr3: .space 4 * MAX_VCPUS
 msg_xen_init: .asciz "pvkern: xen backend init, shared_info at "

@@ -31,7 +31,7 @@ def _hypercall_page_asm() -> str:
 
 
 # The built-in kernel's source files, assembled as one unit in this order.
-KERNEL_FILES = {"pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "opstest.S")}
+KERNEL_FILES = {"pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "opstest.S")}
 # pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
 PV_OPS = (
     "init", "set_tss_desc", "irq_disable", "irq_enable", "save_fl", "restore_fl", "halt", "read_cr3", "write_cr3",

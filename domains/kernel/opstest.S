@@ -6,6 +6,7 @@
 .equ TEST_TSS_BASE, 0x12345678
 .equ TEST_PTE_VALUE, 0x00003067
 .equ OPBENCH_ROUNDS, 200
+.equ SPIN_LIMIT, 1000000
 
 ops_test:
     push ebx
@@ -102,16 +103,65 @@ ops_test:
     mov esi, msg_t_clock
     call ops_expect
 
-    cmp dword ptr [backend_id], BACKEND_NATIVE
-    je .Lops_skip_others
-    mov dword ptr [test_cpumask], 0
+    # halt: with interrupts off, an IPI to ourselves is held; halt enables them, sleeps and wakes on it
+    PVCALL irq_disable
+    call this_cpu
+    mov ebx, [ipi_count + eax*4]
+    mov edx, IPI_VECTOR
+    PVCALL send_ipi
+    PVCALL halt
+    PVCALL irq_enable
+    call this_cpu
+    mov eax, [ipi_count + eax*4]
+    sub eax, ebx
+    mov edx, 1
+    mov esi, msg_t_halt
+    call ops_expect
+
+    cmp dword ptr [nr_vcpus], 2
+    jb .Lops_single_cpu
+    # send_ipi: vCPU 1 sits in its idle loop; its handler counts the IPI
+    mov ebx, [ipi_count + 4]
+    mov eax, 1
+    mov edx, IPI_VECTOR
+    PVCALL send_ipi
+    mov ecx, SPIN_LIMIT
+.Lops_wait_ipi:
+    cmp [ipi_count + 4], ebx
+    jne .Lops_ipi_seen
+    pause
+    dec ecx
+    jnz .Lops_wait_ipi
+.Lops_ipi_seen:
+    mov eax, [ipi_count + 4]
+    sub eax, ebx
+    mov edx, 1
+    mov esi, msg_t_send_ipi
+    call ops_expect
+
+    # flush_tlb_others on vCPU 1: it returns once vCPU 1 has flushed (native: its IPI handler acknowledged;
+    # xen and vmi: the hypervisor flushed it)
+    mov ebx, [flush_count + 4]
+    mov dword ptr [test_cpumask], 2
     mov eax, test_cpumask
     mov edx, -1
     PVCALL flush_tlb_others
     xor edx, edx
     mov esi, msg_t_flush_others
     call ops_expect
-.Lops_skip_others:
+    cmp dword ptr [backend_id], BACKEND_NATIVE
+    jne .Lops_done
+    mov eax, [flush_count + 4]
+    sub eax, ebx
+    mov edx, 1
+    mov esi, msg_t_flush_acked
+    call ops_expect
+    jmp .Lops_done
+.Lops_single_cpu:
+    mov esi, msg_t_single
+    xor eax, eax
+    call print_num_line
+.Lops_done:
 
     mov esi, msg_t_done
     mov eax, edi
@@ -197,5 +247,9 @@ msg_t_tss_low: .asciz "pvkern: ops: FAIL set_tss_desc low word "
 msg_t_tss_high: .asciz "pvkern: ops: FAIL set_tss_desc high word "
 msg_t_clock: .asciz "pvkern: ops: FAIL clock_ns did not advance "
 msg_t_flush_others: .asciz "pvkern: ops: FAIL flush_tlb_others returned "
+msg_t_halt: .asciz "pvkern: ops: FAIL halt woke with this many IPIs handled: "
+msg_t_send_ipi: .asciz "pvkern: ops: FAIL send_ipi to vcpu 1, IPIs it handled: "
+msg_t_flush_acked: .asciz "pvkern: ops: FAIL flush_tlb_others: flushes vcpu 1 acknowledged: "
+msg_t_single: .asciz "pvkern: ops: one vcpu, send_ipi and flush_tlb_others to others skipped "
 msg_t_expected: .asciz "pvkern: ops:      expected "
 msg_t_done: .asciz "pvkern: ops test failures: "

@@ -30,6 +30,9 @@
 .equ CTX_EBX, 516
 .equ CTX_EIP, 548
 .equ CTX_ESP, 560
+.equ KERNEL_CS, 0x08
+.equ CTX_EVENT_CALLBACK_CS, 2780
+.equ CTX_EVENT_CALLBACK_EIP, 2784
 
 # The three boot protocols (paravirt-thread-2006.txt). Each ends in pv_boot(eax = backend id).
 # "ebx": one common entry point; %ebx = hypervisor type (0 xen, 1 vmi, anything else native).
@@ -103,6 +106,12 @@ pv_boot:
     mov esi, msg_install_failed
     jmp panic
 .Linstalled:
+    call count_vcpus                 # the backend's init sets up per-vCPU state (xen: IPI ports)
+    mov [nr_vcpus], eax
+    cmp dword ptr [backend_id], BACKEND_XEN
+    je .Lidt_done
+    call setup_idt                   # native and vmi take IPIs through the IDT; xen through event upcalls
+.Lidt_done:
     cmp dword ptr [no_patching], 0
     jne .Lpatched
     call pv_patch
@@ -120,8 +129,6 @@ pv_boot:
     mov ebx, [backend_id]
     call print_two_nums
     call pv_ops_dump
-    call count_vcpus
-    mov [nr_vcpus], eax
 
     mov esi, msg_boot
     xor eax, eax
@@ -212,6 +219,11 @@ vcpu_start:
     rep stosd
     mov dword ptr [vcpu_ctx + CTX_EIP], secondary_entry
     mov dword ptr [vcpu_ctx + CTX_EBX], ebx
+    cmp dword ptr [backend_id], BACKEND_XEN
+    jne .Lctx_no_callback
+    mov dword ptr [vcpu_ctx + CTX_EVENT_CALLBACK_CS], KERNEL_CS
+    mov dword ptr [vcpu_ctx + CTX_EVENT_CALLBACK_EIP], xen_hypervisor_callback
+.Lctx_no_callback:
     mov eax, ebx
     inc eax
     shl eax, 12                      # STACK_SIZE
@@ -239,14 +251,16 @@ vcpu_start:
     jmp .Lshutdown
 
 secondary_entry:
+    cmp dword ptr [backend_id], BACKEND_XEN
+    je .Lsecondary_no_idt
+    mov eax, idt_desc                # the IDT register is per CPU: every vCPU loads the shared table
+    .byte 0x0F, 0x01, 0x18           # lidt [eax]
+.Lsecondary_no_idt:
     call hello
     lock inc dword ptr [vcpus_done]
-    mov ecx, ebx
-    mov ebx, 2                       # VCPUOP_down (self)
-    xor edx, edx
-    call hc_vcpu_op
-.Lsecondary_idle:
-    hlt
+    PVCALL irq_enable
+.Lsecondary_idle:                    # the idle loop: sleep until an interrupt or event, handle it, sleep again
+    PVCALL halt
     jmp .Lsecondary_idle
 
 # hello(ebx = vcpu id): "pvkern: vcpu N of M online"

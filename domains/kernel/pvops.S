@@ -229,11 +229,9 @@ native_flush_tlb_kernel:
 native_flush_tlb_single:
     invlpg [eax]
     ret
-# flush_tlb_others(eax = vCPU bitmap pointer, edx = va or -1): an IPI to each target, whose handler flushes.
-# Interrupt delivery into vCPUs comes with the shootdown work; until then this reports -ENOSYS.
-native_flush_tlb_others:
-    mov eax, -38
-    ret
+# flush_tlb_others(eax = vCPU bitmap pointer, edx = va or -1): IPIs and acknowledgements (smp.S)
+native_flush_tlb_others_entry:
+    jmp native_flush_tlb_others
 # send_ipi(eax = vcpu, edx = vector): the local APIC's ICR (high word: destination, low word: vector)
 native_send_ipi:
     shl eax, 24
@@ -298,7 +296,7 @@ native_ops:
     .long native_init, native_set_tss_desc
     .long native_irq_disable, native_irq_enable, native_save_fl, native_restore_fl, native_halt
     .long native_read_cr3, native_write_cr3, native_set_pte, native_flush_tlb_user, native_flush_tlb_kernel
-    .long native_flush_tlb_single, native_flush_tlb_others
+    .long native_flush_tlb_single, native_flush_tlb_others_entry
     .long native_send_ipi
     .long native_clock_ns
 pv_ops: .space 4 * NR_PV_OPS

@@ -11,10 +11,13 @@ from types import ModuleType
 
 from hypervisor.guestmem import Span
 from hypervisor.hypercalls import (
+    callback_op,
     console_io,
+    event_channel_op,
     mmu_update,
     mmuext_op,
     sched_op,
+    set_callbacks,
     update_va_mapping,
     vcpu_op,
     xen_version,
@@ -23,7 +26,19 @@ from hypervisor.hypercalls.base import Call, Reader
 from pvcluster.abi.errno import Errno
 
 FAMILIES: dict[int, ModuleType] = {
-    int(m.NR): m for m in (console_io, xen_version, sched_op, vcpu_op, mmu_update, update_va_mapping, mmuext_op)
+    int(m.NR): m
+    for m in (
+        console_io,
+        xen_version,
+        sched_op,
+        vcpu_op,
+        mmu_update,
+        update_va_mapping,
+        mmuext_op,
+        event_channel_op,
+        callback_op,
+        set_callbacks,
+    )
 }
 
 # Copying in is capped per call, whatever a family asks for, so a hostile length cannot balloon a message.

@@ -17,6 +17,7 @@ NR = Hypercall.vcpu_op
 # table and control registers. Only the general registers, eip, eflags and esp are used here.
 VCPU_GUEST_CONTEXT_SIZE = 2800
 _USER_REGS = 516
+_EVENT_CALLBACK_EIP = 2784  # event_callback_cs @2780, event_callback_eip @2784
 _REG_OFFSETS = {
     "ebx": 0,
     "ecx": 4,
@@ -54,8 +55,14 @@ def handle(call: Call) -> int:
         regs = {name: struct.unpack_from("<I", ctx, off)[0] for name, off in _REG_OFFSETS.items()}
         # The guest cannot hand itself privileged flags: IF and IOPL come from the hypervisor.
         regs["eflags"] = (regs["eflags"] & 0x00000CD5) | 0x2
+        try:
+            callback_eip = call.mem.u32(call.arg(2) + _EVENT_CALLBACK_EIP)
+        except GuestFault:
+            return -Errno.EFAULT
         target.initialised = True
         call.actions.append(VcpuAction(kind="set_context", vcpu=vid, regs=regs))
+        if callback_eip:  # callbacks are per vCPU: a secondary gets its event callback from its first context
+            call.actions.append(VcpuAction(kind="set_callback", vcpu=vid, regs={"eip": callback_eip}))
         call.trace("vcpu.initialise", target=vid, eip=regs["eip"], esp=regs["esp"])
         return 0
     if cmd == VcpuOp.up:

@@ -1,0 +1,270 @@
+"""event_channel_op (32): allocate, bind, send on, close, query and unmask event-channel ports.
+
+Port states live in ``hypervisor/evtchn.py``; the pending and mask bits live in the guest's shared_info, so a
+delivery is a VcpuAction the domain process carries out: ``evtchn_pending`` (set the port pending and, unless it is
+masked, raise the upcall on ``vcpu``), ``evtchn_unmask`` (clear the mask bit; re-raise the upcall if the port is
+still pending) and ``evtchn_clear`` (clear the pending bit of a port being closed, so a reused port starts clean).
+
+As Xen's do_event_channel_op: the command struct is copied in whole (-EFAULT if it cannot be), and for the ops with
+out fields copied back whole after success; a failed copy-back leaves the port allocated and returns -EFAULT.
+Interdomain delivery, bind_interdomain and reset act on another domain's process and arrive with issue 5.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from hypervisor import evtchn
+from hypervisor.guestmem import GuestFault, Span
+from hypervisor.hypercalls.base import Call, Reader
+from pvcluster.abi.errno import Errno
+from pvcluster.abi.xen import DOMID_SELF, Hypercall
+from pvcluster.bus.messages import VcpuAction
+
+NR = Hypercall.event_channel_op
+
+
+class EvtchnOp(enum.IntEnum):
+    bind_interdomain = 0
+    bind_virq = 1
+    bind_pirq = 2
+    close = 3
+    send = 4
+    status = 5
+    alloc_unbound = 6
+    bind_ipi = 7
+    bind_vcpu = 8
+    unmask = 9
+    reset = 10
+    init_control = 11
+    expand_array = 12
+    set_priority = 13
+
+
+_O = EvtchnOp
+
+# Struct sizes on x86-32 (xen/event_channel.h; domid_t is u16, evtchn_port_t u32):
+#   alloc_unbound     u16 dom @0, u16 remote_dom @2, u32 port @4 (out)
+#   bind_interdomain  u16 remote_dom @0, u32 remote_port @4, u32 local_port @8 (out)
+#   bind_virq         u32 virq @0, u32 vcpu @4, u32 port @8 (out)
+#   bind_pirq         u32 pirq @0, u32 flags @4, u32 port @8 (out)
+#   bind_ipi          u32 vcpu @0, u32 port @4 (out)
+#   close/send/unmask u32 port @0
+#   status            u16 dom @0, u32 port @4, u32 status @8 (out), u32 vcpu @12 (out), union @16:8 (out)
+#   bind_vcpu         u32 port @0, u32 vcpu @4
+#   reset             u16 dom @0
+# The FIFO ABI ops (init_control, expand_array, set_priority) are not offered: -ENOSYS makes a guest stay with the
+# 2-level ABI, as Linux does when EVTCHNOP_init_control fails.
+SIZES: dict[int, int] = {
+    _O.bind_interdomain: 12,
+    _O.bind_virq: 12,
+    _O.bind_pirq: 12,
+    _O.close: 4,
+    _O.send: 4,
+    _O.status: 24,
+    _O.alloc_unbound: 8,
+    _O.bind_ipi: 8,
+    _O.bind_vcpu: 8,
+    _O.unmask: 4,
+    _O.reset: 2,
+}
+_HAS_OUT = frozenset({_O.bind_interdomain, _O.bind_virq, _O.bind_pirq, _O.status, _O.alloc_unbound, _O.bind_ipi})
+
+_ISSUE5 = "interdomain delivery arrives with issue 5"
+
+
+def copy_in(args: list[int], read: Reader) -> list[Span]:
+    cmd, ptr = args[0] & 0xFFFFFFFF, args[1] & 0xFFFFFFFF
+    size = SIZES.get(cmd)
+    if size is None:
+        return []
+    return [Span(ptr, size, writable=cmd in _HAS_OUT)]
+
+
+def handle(call: Call) -> int:
+    cmd, ptr = call.arg(0), call.arg(1)
+    size = SIZES.get(cmd)
+    if size is None:
+        return _deny(call, Errno.ENOSYS, "unsupported-cmd", cmd=cmd)
+    op = EvtchnOp(cmd)
+    try:
+        raw = call.mem.read(ptr, size)
+    except GuestFault:
+        return _deny(call, Errno.EFAULT, "struct-unmapped", op=op.name, addr=ptr)
+    return _OPS[op](call, ptr, raw)
+
+
+def _deny(call: Call, err: Errno, reason: str, **fields: Any) -> int:
+    call.trace("evtchn.denied", reason=reason, errno=err.name, **fields)
+    return -err
+
+
+def _is_self(call: Call, domid: int) -> bool:
+    """An unprivileged domain may name only itself (DOMID_SELF or its own id) as the domain a port belongs to."""
+    return domid in (DOMID_SELF, call.dom.domid)
+
+
+def _copy_out(call: Call, op: EvtchnOp, ptr: int, data: bytes) -> int:
+    """Write the struct back whole; 0, or -EFAULT (the op's effect stands: Xen's "cleaning up would be a mess")."""
+    try:
+        call.mem.write(ptr, data)
+    except GuestFault:
+        return _deny(call, Errno.EFAULT, "copy-out-failed", op=op.name, addr=ptr)
+    return 0
+
+
+def _with_port(raw: bytes, offset: int, port: int) -> bytes:
+    """The struct as copied in, with its out ``port`` field filled in."""
+    out = bytearray(raw)
+    struct.pack_into("<I", out, offset, port)
+    return bytes(out)
+
+
+def _pending(port: evtchn.Port) -> VcpuAction:
+    return VcpuAction(kind="evtchn_pending", vcpu=port.notify_vcpu, regs={"port": port.number})
+
+
+def _alloc_unbound(call: Call, ptr: int, raw: bytes) -> int:
+    dom, remote_dom = struct.unpack_from("<HH", raw)
+    if not _is_self(call, dom):
+        return _deny(call, Errno.EPERM, "foreign-domid", op="alloc_unbound", target_dom=dom)
+    if remote_dom == DOMID_SELF:
+        remote_dom = call.dom.domid
+    r = evtchn.alloc_unbound(call.dom.domid, remote_dom)
+    if isinstance(r, Errno):
+        return _deny(call, r, "no-free-port", op="alloc_unbound")
+    call.trace("evtchn.alloc_unbound", port=r.number, remote_dom=remote_dom)
+    return _copy_out(call, _O.alloc_unbound, ptr, _with_port(raw, 4, r.number))
+
+
+def _bind_interdomain(call: Call, ptr: int, raw: bytes) -> int:
+    remote_dom, remote_port = struct.unpack_from("<H2xI", raw)
+    return _deny(call, Errno.ENOSYS, _ISSUE5, op="bind_interdomain", remote_dom=remote_dom, remote_port=remote_port)
+
+
+def _bind_virq(call: Call, ptr: int, raw: bytes) -> int:
+    virq, vcpu = struct.unpack_from("<II", raw)
+    if virq >= evtchn.NR_VIRQS:
+        return _deny(call, Errno.EINVAL, "bad-virq", virq=virq)
+    if evtchn.virq_is_global(virq) and vcpu != 0:
+        return _deny(call, Errno.EINVAL, "global-virq-off-vcpu0", virq=virq, target=vcpu)
+    if vcpu >= len(call.dom.vcpus):
+        return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_virq", target=vcpu)
+    r = evtchn.bind_virq(call.dom.domid, virq, vcpu)
+    if isinstance(r, Errno):
+        reason = "virq-already-bound" if r is Errno.EEXIST else "no-free-port"
+        return _deny(call, r, reason, op="bind_virq", virq=virq, target=vcpu)
+    call.trace("evtchn.bind_virq", port=r.number, virq=virq, target=vcpu)
+    return _copy_out(call, _O.bind_virq, ptr, _with_port(raw, 8, r.number))
+
+
+def _bind_pirq(call: Call, ptr: int, raw: bytes) -> int:
+    (pirq,) = struct.unpack_from("<I", raw)
+    # Xen answers -EPERM to a domain that was given no access to the physical IRQ; none is given any here.
+    return _deny(call, Errno.EPERM, "no-pirq-access", pirq=pirq)
+
+
+def _close(call: Call, ptr: int, raw: bytes) -> int:
+    (port,) = struct.unpack_from("<I", raw)
+    r = evtchn.close(call.dom.domid, port)
+    if isinstance(r, Errno):
+        return _deny(call, r, "port-not-open", op="close", port=port)
+    call.actions.append(VcpuAction(kind="evtchn_clear", vcpu=r.notify_vcpu, regs={"port": port}))
+    call.trace("evtchn.close", port=port, was=r.state.value)
+    return 0
+
+
+def _send(call: Call, ptr: int, raw: bytes) -> int:
+    (port,) = struct.unpack_from("<I", raw)
+    p = evtchn.lookup(call.dom.domid, port)
+    if p is None:
+        return _deny(call, Errno.EINVAL, "bad-port", op="send", port=port)
+    if p.state is evtchn.PortState.IPI:
+        call.actions.append(_pending(p))
+        call.trace("evtchn.send", port=port, target=p.notify_vcpu)
+        return 0
+    if p.state is evtchn.PortState.UNBOUND:
+        call.trace("evtchn.send_dropped", port=port)  # nobody at the far end yet: Xen drops it silently
+        return 0
+    if p.state is evtchn.PortState.INTERDOMAIN:
+        return _deny(call, Errno.ENOSYS, _ISSUE5, op="send", port=port, remote_dom=p.remote_dom)
+    return _deny(call, Errno.EINVAL, "port-not-sendable", op="send", port=port, state=p.state.value)
+
+
+def _status(call: Call, ptr: int, raw: bytes) -> int:
+    dom, port = struct.unpack_from("<H2xI", raw)
+    if not _is_self(call, dom):
+        return _deny(call, Errno.EPERM, "foreign-domid", op="status", target_dom=dom)
+    p = evtchn.lookup(call.dom.domid, port)
+    if p is None:
+        return _deny(call, Errno.EINVAL, "bad-port", op="status", port=port)
+    out = bytearray(raw)
+    struct.pack_into("<II", out, 8, p.state.status, p.notify_vcpu)
+    # The union is written only where the state defines it; other bytes go back as the guest gave them (Xen copies
+    # the whole struct it copied in).
+    if p.state is evtchn.PortState.UNBOUND:
+        struct.pack_into("<H", out, 16, p.remote_dom)
+    elif p.state is evtchn.PortState.INTERDOMAIN:
+        struct.pack_into("<H", out, 16, p.remote_dom)  # the padding at 18 stays the guest's too
+        struct.pack_into("<I", out, 20, p.remote_port)
+    elif p.state is evtchn.PortState.VIRQ:
+        struct.pack_into("<I", out, 16, p.virq)
+    call.trace("evtchn.status", port=port, status=p.state.status.name, target=p.notify_vcpu)
+    return _copy_out(call, _O.status, ptr, bytes(out))
+
+
+def _bind_ipi(call: Call, ptr: int, raw: bytes) -> int:
+    (vcpu,) = struct.unpack_from("<I", raw)
+    if vcpu >= len(call.dom.vcpus):
+        return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_ipi", target=vcpu)
+    r = evtchn.bind_ipi(call.dom.domid, vcpu)
+    if isinstance(r, Errno):
+        return _deny(call, r, "no-free-port", op="bind_ipi")
+    call.trace("evtchn.bind_ipi", port=r.number, target=vcpu)
+    return _copy_out(call, _O.bind_ipi, ptr, _with_port(raw, 4, r.number))
+
+
+def _bind_vcpu(call: Call, ptr: int, raw: bytes) -> int:
+    port, vcpu = struct.unpack_from("<II", raw)
+    if vcpu >= len(call.dom.vcpus):  # checked before the port, as Xen does
+        return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_vcpu", target=vcpu)
+    err = evtchn.bind_vcpu(call.dom.domid, port, vcpu)
+    if err is not None:
+        return _deny(call, err, "port-not-rebindable", op="bind_vcpu", port=port)
+    call.trace("evtchn.bind_vcpu", port=port, target=vcpu)
+    return 0
+
+
+def _unmask(call: Call, ptr: int, raw: bytes) -> int:
+    (port,) = struct.unpack_from("<I", raw)
+    p = evtchn.lookup(call.dom.domid, port)
+    if p is None:
+        return _deny(call, Errno.EINVAL, "bad-port", op="unmask", port=port)
+    # Any port in range may be unmasked, whatever its state (Xen's evtchn_unmask checks only validity); a pending
+    # port raises the upcall on the vCPU it notifies.
+    call.actions.append(VcpuAction(kind="evtchn_unmask", vcpu=p.notify_vcpu, regs={"port": port}))
+    call.trace("evtchn.unmask", port=port, target=p.notify_vcpu)
+    return 0
+
+
+def _reset(call: Call, ptr: int, raw: bytes) -> int:
+    (dom,) = struct.unpack_from("<H", raw)
+    return _deny(call, Errno.ENOSYS, "reset arrives with issue 5", op="reset", target_dom=dom)
+
+
+_OPS: dict[EvtchnOp, Callable[[Call, int, bytes], int]] = {
+    _O.alloc_unbound: _alloc_unbound,
+    _O.bind_interdomain: _bind_interdomain,
+    _O.bind_virq: _bind_virq,
+    _O.bind_pirq: _bind_pirq,
+    _O.close: _close,
+    _O.send: _send,
+    _O.status: _status,
+    _O.bind_ipi: _bind_ipi,
+    _O.bind_vcpu: _bind_vcpu,
+    _O.unmask: _unmask,
+    _O.reset: _reset,
+}
