@@ -5,6 +5,7 @@
 
 .equ VIRT_BASE, 0xC0000000
 .equ SI_SHARED_INFO, 36
+.equ SI_PT_BASE, 60
 .equ VCPU_INFO_SIZE, 64
 .equ VI_UPCALL_PENDING, 0
 .equ VI_UPCALL_MASK, 1
@@ -34,6 +35,18 @@ xen_init:
     mov [xen_shared_info], eax
     mov esi, msg_xen_init
     call print_num_line
+    mov eax, [start_info]            # every vCPU starts on the page tables the builder made
+    mov eax, [eax + SI_PT_BASE]
+    test eax, eax
+    jz .Lxen_no_pt
+    sub eax, VIRT_BASE
+.Lxen_no_pt:
+    xor ecx, ecx
+.Lxen_cr3_fill:
+    mov [xen_cr3 + ecx*4], eax
+    inc ecx
+    cmp ecx, MAX_VCPUS
+    jb .Lxen_cr3_fill
     push ebx
     mov ebx, CALLBACKOP_register     # the event upcall enters at xen_hypervisor_callback
     mov ecx, xen_callback_reg

@@ -47,6 +47,15 @@ ops_test:
 
     PVCALL read_cr3
     mov ebx, eax
+    push esi                         # a copy of the live page directory maps the same: switching to it is safe
+    push edi
+    mov esi, eax
+    add esi, VIRT_BASE
+    mov edi, test_page_dir
+    mov ecx, 1024
+    rep movs dword ptr es:[edi], dword ptr [esi]
+    pop edi
+    pop esi
     mov eax, test_page_dir
     sub eax, VIRT_BASE
     PVCALL write_cr3
