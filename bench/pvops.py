@@ -61,7 +61,9 @@ def irq_pairs() -> dict[tuple[str, bool], tuple[float, float]]:
 def op_costs() -> dict[tuple[str, str], tuple[float, float]]:
     doms = [(f"{b}-empty", b, f"opbench={EMPTY_OP_SLOT:02d} shutdown=poweroff", True) for b in BACKENDS]
     doms += [
-        (f"{b}-{op}", b, f"opbench={PV_OPS.index(op):02d} shutdown=poweroff", True) for b in BACKENDS for op in BENCH_OPS
+        (f"{b}-{op}", b, f"opbench={PV_OPS.index(op):02d} shutdown=poweroff", True)
+        for b in BACKENDS
+        for op in BENCH_OPS
     ]
     res = _run(doms)
     return {(b, op): _cost(res, f"{b}-{op}", f"{b}-empty", OP_ROUNDS) for b in BACKENDS for op in BENCH_OPS}

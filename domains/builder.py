@@ -1,8 +1,13 @@
 """The domain builder: loads a guest ELF into guest RAM and lays out what Xen's builder would.
 
 Layout (guest-physical, page granular), as xc_dom_core does it for a PV x86-32 guest:
-``[kernel image][start_info][boot stack]`` and ``shared_info`` in the frame after guest RAM. The guest enters at
-its entry point with ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
+``[kernel image][start_info][boot stack][L2][L1...]`` and ``shared_info`` and the GDT frame after guest RAM. The
+initial page tables (non-PAE, 4 KiB pages) map ``[virt_base, virt_base + RAM + 2 pages)`` linearly onto
+physical 0 onwards, the local APIC page at 0xFEE00000 (uncached) and, when there is one, the VMI ROM at
+0xFFFF0000 (read-only), each at its own physical address. For the ``xen`` and ``vmi`` backends the page-table
+frames are read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update);
+a ``native`` kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2),
+``%esi`` = virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import attrs
 from domains.elf_load import GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, build_kernel
 from domains.memory import GuestRam
+from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
+from domains.vcpu import APIC_BASE
+from hypervisor.vmi_rom import VMI_ROM_BASE
 from pvcluster.abi.layouts import StartInfo
 from pvcluster.abi.xen import PAGE_SIZE
 from pvcluster.bus.messages import Build
@@ -29,6 +37,8 @@ ENTRY_SYMBOL = {"xen": "pv_entry_xen", "vmi": "pv_entry_vmi", "native": "pv_entr
 IDENT_ENTRY_SYMBOL = "pv_entry_ident"
 # Linux's switch for turning off paravirt call-site patching; the spec's `patching = false` appends it.
 NO_PATCHING_FLAG = "noreplace-paravirt"
+# Backends whose kernel must see its own page tables read-only (it updates them through the hypervisor).
+READ_ONLY_PAGE_TABLES = frozenset({"xen", "vmi"})
 _IDENT_OVERRIDE = re.compile(r"(?:^|\s)ident=(0x[0-9a-fA-F]{1,8})(?:\s|$)")
 
 
@@ -39,6 +49,14 @@ class BootState:
     start_info: int  # virtual address
     stack_top: int
     regs: dict[str, int]
+    cr3: int = 0  # physical (= machine) address of the initial page directory
+    pt_base: int = 0  # its virtual address (start_info.pt_base)
+    l2_mfn: int = 0
+    l1_mfns: tuple[int, ...] = ()
+
+    @property
+    def nr_pt_frames(self) -> int:
+        return 1 + len(self.l1_mfns)
 
 
 def _page_up(x: int) -> int:
@@ -84,19 +102,28 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     for seg in image.segments:
         ram.write_pa(seg.paddr, seg.data)
     if image.hypercall_page is not None:
-        pa = ram.va_to_pa(image.hypercall_page, PAGE_SIZE)
-        if pa is None or pa + PAGE_SIZE > req.memory_bytes:
+        pa = image.hypercall_page - image.virt_base
+        if pa < 0 or pa + PAGE_SIZE > req.memory_bytes:
             raise ImageError(
                 "bad-metadata", f"hypercall page {image.hypercall_page:#x} is outside guest memory"
             )
         ram.write_pa(pa, req.hypercall_page)
     si_pa = _page_up(image.image_end - image.virt_base)
     stack_top_pa = si_pa + PAGE_SIZE * (1 + BOOT_STACK_PAGES)
-    if stack_top_pa > req.memory_bytes:
+    rom_pages = tuple(VMI_ROM_BASE + off for off in range(0, len(req.rom or b""), PAGE_SIZE))
+    try:
+        maps = initial_mappings(image.virt_base, ram.size, mmio=(APIC_BASE,), rom=rom_pages)
+    except ValueError as exc:
+        raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
+    pt_pa = stack_top_pa
+    pt_end_pa = pt_pa + PAGE_SIZE * (1 + l1_tables_needed(maps))
+    if pt_end_pa > req.memory_bytes:
         raise ImageError(
             "image-too-large",
-            f"image, start_info and boot stack need {stack_top_pa} bytes; the domain has {req.memory_bytes}",
+            f"image, start_info, boot stack and page tables need {pt_end_pa} bytes; "
+            f"the domain has {req.memory_bytes}",
         )
+    tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
     cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()
     cmdline = cmdline_text.encode()
     if len(cmdline) >= 1024:
@@ -104,6 +131,8 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     start_info = StartInfo(
         nr_pages=ram.nr_pages,
         shared_info=ram.shared_info_paddr,
+        pt_base=image.virt_base + tables.l2,
+        nr_pt_frames=len(tables.frames),
         cmd_line=cmdline,
     )
     block = bytearray(start_info.pack(magic=START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])))
@@ -120,4 +149,15 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         "ebx": HYPERVISOR_TYPE.get(req.backend, 2),
         "eflags": 0x2,
     }
-    return ram, BootState(image=image, entry=image.entry, start_info=si_va, stack_top=stack_top, regs=regs)
+    frames = tables.frames
+    return ram, BootState(
+        image=image,
+        entry=image.entry,
+        start_info=si_va,
+        stack_top=stack_top,
+        regs=regs,
+        cr3=tables.l2,
+        pt_base=image.virt_base + tables.l2,
+        l2_mfn=frames[0],
+        l1_mfns=frames[1:],
+    )

@@ -12,7 +12,9 @@ class GuestRam:
     """Guest-physical memory of ``nr_pages`` pages plus two hypervisor frames after it: ``shared_info`` and the
     GDT the vCPUs run with (flat code and data segments, as Xen's reserved GDT entries provide).
 
-    The domain runs without paging for now, so a guest virtual address is ``virt_base + physical``.
+    Each vCPU maps the buffer at physical address 0 and runs with paging on; the builder's initial tables map it
+    linearly at ``virt_base`` (so the GDT, for one, is at virtual ``virt_base + gdt_paddr``). Access by virtual
+    address goes through a vCPU's page tables: see ``domains.paging``.
     """
 
     def __init__(self, memory_bytes: int, virt_base: int) -> None:
@@ -26,26 +28,6 @@ class GuestRam:
         self.buf = mmap.mmap(-1, self.size)
         self._anchor = ctypes.c_char.from_buffer(self.buf)
         self.host_addr = ctypes.addressof(self._anchor)
-
-    def va_to_pa(self, va: int, length: int) -> int | None:
-        """Physical address of ``[va, va+length)`` if it lies wholly in guest RAM, else None."""
-        if length < 0:
-            return None
-        pa = va - self.virt_base
-        if pa < 0 or pa + length > self.size:
-            return None
-        return pa
-
-    def read_va(self, va: int, length: int) -> bytes | None:
-        pa = self.va_to_pa(va, length)
-        return None if pa is None else bytes(self.buf[pa : pa + length])
-
-    def write_va(self, va: int, data: bytes) -> bool:
-        pa = self.va_to_pa(va, len(data))
-        if pa is None:
-            return False
-        self.buf[pa : pa + len(data)] = data
-        return True
 
     def write_pa(self, pa: int, data: bytes) -> None:
         self.buf[pa : pa + len(data)] = data

@@ -16,6 +16,7 @@ from domains import events
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
+from domains.paging import pte_address, read_virt, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercalls import copy_in
 from hypervisor.vmi_rom import VMI_ROM_BASE
@@ -28,6 +29,7 @@ from pvcluster.bus.messages import (
     Hello,
     HypercallReq,
     HypercallResult,
+    Ipi,
     Region,
     Stop,
     VcpuFault,
@@ -57,6 +59,7 @@ class DomainProcess:
         self._reported_traps: set[tuple[int, int]] = set()
         self._reported_faults: set[int] = set()
         self.exit_code = 0
+        self._ipis: list[Ipi] = []
 
     def _trace(self, event: str, **fields: Any) -> None:
         fields.setdefault("vt_ns", self.vt_ns)
@@ -122,7 +125,9 @@ class DomainProcess:
         self.ram, self.boot = ram, boot
         counter = InsnCounter()
         ram.write_pa(ram.gdt_paddr, flat_gdt())
-        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr) for v in range(req.vcpus)]
+        # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
+        # may name other ones (the hypervisor then sends set_cr3).
+        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3) for v in range(req.vcpus)]
         for vcpu in self.vcpus:
             vcpu.ipi_sink = self._route_ipi
         if req.rom:
@@ -142,6 +147,9 @@ class DomainProcess:
             backend=req.backend,
             boot=req.boot,
             vcpus=req.vcpus,
+            pt_base=boot.pt_base,
+            l2_mfn=boot.l2_mfn,
+            l1_mfns=list(boot.l1_mfns),
         )
         return BuildResult(
             ok=True,
@@ -159,8 +167,10 @@ class DomainProcess:
         if not 0 <= res.vcpu < len(self.vcpus):
             self._trace("domain.bad_result", vcpu=res.vcpu, detail="no such vCPU")
             return
+        # copy_to_guest: through the page tables of the vCPU that made the call
+        cr3 = self.vcpus[res.vcpu].cr3
         for w in res.writes:
-            if not self.ram.write_va(w.addr, w.data):
+            if not write_virt(self.ram, cr3, w.addr, w.data):
                 self._trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
         for act in res.actions:
             if not 0 <= act.vcpu < len(self.vcpus):
@@ -208,8 +218,16 @@ class DomainProcess:
                 target.set_cr3(act.regs.get("cr3", 0))
             elif act.kind in ("flush_tlb", "invlpg"):
                 target.flush_tlb()
+            elif act.kind == "set_va_pte":
+                # update_va_mapping: the L1 entry for va in the calling vCPU's tables; no flush here (the
+                # hypervisor's flush actions follow)
+                va, value = act.regs.get("va", 0), act.regs.get("value", 0)
+                pte_pa = pte_address(self.ram, target.cr3, va)
+                if pte_pa is None:
+                    self._trace("domain.bad_write", vcpu=res.vcpu, va=va, detail="no L1 table maps this va")
+                else:
+                    self.ram.write_pa(pte_pa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
             else:
-                # set_va_pte needs the guest's page tables, which arrive with paging (issue 4)
                 self._trace("domain.unsupported_action", vcpu=res.vcpu, kind=act.kind)
         vcpu = self.vcpus[res.vcpu]
         if res.complete:
@@ -221,15 +239,11 @@ class DomainProcess:
             vcpu.complete_trap(res.value, res.vt_ns)
 
     def _route_ipi(self, src: int, dest: int, vector: int, vt_ns: int) -> None:
-        """The APIC bus: an IPI reaches its target when that vCPU next runs at or after ``vt_ns``."""
-        targets = [v for v in self.vcpus if v.vid != src] if dest == -1 else self.vcpus[dest : dest + 1]
-        if not targets:
-            self._trace("apic.bad_destination", vcpu=src, dest=dest, vector=vector)
+        """The APIC bus leads to the hypervisor: it delivers each IPI when its target next holds a pCPU."""
+        targets = [v.vid for v in self.vcpus if v.vid != src] if dest == -1 else [dest]
         for target in targets:
-            if target.state is VcpuState.DOWN:
-                continue  # a vCPU that is not up has its APIC off
-            target.post_irq(vt_ns, src, vector)
-            self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target.vid, vector=vector)
+            self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns))
+            self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
     def _publish_time(self, vcpu: Vcpu) -> None:
         """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""
@@ -248,14 +262,34 @@ class DomainProcess:
             return VcpuReport(v.vid, "running", max(v.clock_ns, v.pending_irqs[0][0] // 1000), v.instructions)
         return VcpuReport(v.vid, v.state.value, v.clock_ns, v.instructions)
 
+    def _copy_in(self, vcpu: Vcpu, nr: int, args: list[int]) -> list[Region]:
+        """The guest buffers hypercall ``nr`` names, read through ``vcpu``'s page tables. A span that is not
+        mapped (or, for one the hypervisor may write, not mapped writable) goes with data None: -EFAULT."""
+        assert self.ram is not None
+        ram, cr3 = self.ram, vcpu.cr3
+
+        def read(va: int, n: int, write: bool = False) -> bytes | None:
+            return read_virt(ram, cr3, va, n, write)
+
+        return [Region(s.addr, s.length, read(s.addr, s.length, s.writable), s.writable)
+                for s in copy_in(nr, args, read)]
+
     def _window(self, window: Window) -> WindowDone:
         assert self.ram is not None
         for res in window.results:
             self._apply(res)
         reqs: list[HypercallReq] = []
         faults: list[VcpuFault] = []
-        ram = self.ram
+        self._ipis = []
+        for irq in window.irqs:
+            if 0 <= irq.dest < len(self.vcpus) and self.vcpus[irq.dest].state is not VcpuState.DOWN:
+                self.vcpus[irq.dest].post_irq(irq.vt_ns, irq.src, irq.vector)
+        run = set(window.run)
         for vcpu in self.vcpus:
+            if vcpu.vid not in run:
+                if vcpu.state in (VcpuState.RUNNING, VcpuState.HYPERCALL):
+                    vcpu.advance_to(window.end_ns)  # runnable but without a pCPU: it waits out the window
+                continue
             self._publish_time(vcpu)
             vcpu.run(window.end_ns)
             # Copy the hypercall's arguments in now, as the CPU would at the trap: a vCPU that runs after this
@@ -263,8 +297,7 @@ class DomainProcess:
             trap = vcpu.trap
             if trap is not None and (vcpu.vid, trap.seq) not in self._reported_traps:
                 self._reported_traps.add((vcpu.vid, trap.seq))
-                spans = copy_in(trap.nr, trap.args, ram.read_va)
-                regions = [Region(s.addr, s.length, ram.read_va(s.addr, s.length), s.writable) for s in spans]
+                regions = self._copy_in(vcpu, trap.nr, trap.args)
                 reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
             f = vcpu.fault
             if f is not None and vcpu.vid not in self._reported_faults:
@@ -275,4 +308,4 @@ class DomainProcess:
                 )
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
-        return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults)
+        return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis)

@@ -5,6 +5,13 @@ Virtual time advances with executed instructions. Unicorn cannot report how many
 cached by address and bytes) before the block runs. A block hook that stops emulation prevents that block from
 running, so a slice ends at the first block boundary at or after the window end: deterministic, since block
 boundaries depend only on the code.
+
+Memory: the domain's RAM is mapped at physical address 0 in every instance, the local APIC's MMIO page at physical
+0xFEE00000 and the VMI ROM (when there is one) at physical 0xFFFF0000. The vCPU runs with paging on (CR0.PG, and
+CR0.WP so that ring-0 writes honour read-only entries: the guest kernel runs at CPL 0 here) from its creation,
+on the domain builder's page tables; the guest may switch them (``mov cr3`` or the hypervisor's ``set_cr3``).
+Whatever this module reads or writes by virtual address uses the software walk in ``domains.paging`` with this
+vCPU's current CR3. A page fault stops the vCPU with a "page-fault" fault naming CR2 and the kind of access.
 """
 
 from __future__ import annotations
@@ -35,14 +42,22 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from domains import events
 from domains.memory import GuestRam
+from domains.paging import read_virt, translate, write_virt
 from pvcluster.abi.xen import HYPERCALL_VECTOR
 
-_STOP_ADDR = 0xFFFFFFFF
+_STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
 # The simulated platform's clock: `in eax, dx` from this port reads the vCPU's virtual time in ns (low 32 bits).
 # rdtsc cannot be hooked in Unicorn's Python binding and would read the host's clock.
 CLOCK_PORT = 0x5C
 APIC_BASE = 0xFEE00000
 APIC_ID, APIC_EOI, APIC_ICR_LOW, APIC_ICR_HIGH = 0x20, 0xB0, 0x300, 0x310
+CR0_WP, CR0_PG = 1 << 16, 1 << 31
+PAGE_FAULT_VECTOR = 14
+_PAGE = 0x1000
+_MOV_TO_CR = b"\x0f\x22"  # the opcode of `mov crN, r32`
+_GROUP7 = b"\x0f\x01"  # the opcode of invlpg (and lgdt, lidt, ...)
+# Instructions that write memory without naming it as an operand (the stack).
+_IMPLICIT_WRITERS = ("push", "call", "enter")
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
 EFLAGS_IF, EFLAGS_TF = 0x200, 0x100
 # (sender vCPU, destination vCPU or -1 for all but the sender, vector, virtual time)
@@ -96,6 +111,8 @@ class Fault:
     detail: str
     eip: int
     disasm: str
+    cr2: int | None = None  # page faults: the faulting linear address
+    write: bool | None = None  # page faults: whether the access was a write
 
 
 class InsnCounter:
@@ -104,6 +121,7 @@ class InsnCounter:
     def __init__(self) -> None:
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
         self._cache: dict[tuple[int, bytes], int] = {}
+        self._md_detail: capstone.Cs | None = None
 
     def count(self, addr: int, code: bytes) -> int:
         key = (addr, code)
@@ -118,9 +136,23 @@ class InsnCounter:
             return f"{mnemonic} {ops}".strip()
         return f"<undecodable {code[:8].hex()}>"
 
+    def writes_memory(self, addr: int, code: bytes) -> bool:
+        """Whether the instruction at ``addr`` writes memory (an operand it writes, or the stack)."""
+        if self._md_detail is None:
+            self._md_detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+            self._md_detail.detail = True
+        for insn in self._md_detail.disasm(code, addr, 1):
+            if insn.mnemonic.split()[-1].startswith(_IMPLICIT_WRITERS):
+                return True
+            return any(op.type == capstone.x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE
+                       for op in insn.operands)
+        return False
+
 
 class Vcpu:
-    def __init__(self, vid: int, ram: GuestRam, counter: InsnCounter, ps_per_instr: int) -> None:
+    def __init__(self, vid: int, ram: GuestRam, counter: InsnCounter, ps_per_instr: int, cr3: int) -> None:
+        """A vCPU with paging on over the page directory at physical ``cr3`` (the domain builder's), which must
+        map the GDT at ``ram.virt_base + ram.gdt_paddr``."""
         self.vid = vid
         self.ram = ram
         self.counter = counter
@@ -134,7 +166,19 @@ class Vcpu:
         self._end_ps = 0
         self._trap_seq = 0
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
-        self.uc.mem_map_ptr(ram.virt_base, ram.size, UC_PROT_ALL, ram.host_addr)
+        self.uc.mem_map_ptr(0, ram.size, UC_PROT_ALL, ram.host_addr)
+        # No exit address: with `until` = 0xFFFFFFFF Unicorn looks that address up through the page tables when
+        # emulation stops, and the silent #PF it takes there turns the guest's next real #PF into a #DF.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
+        # The block hook's view of code translations, the way the CPU's TLB holds them: CR3 as last read (None:
+        # read it again) and va page -> physical page. Both are forgotten whenever the CPU's own translations may
+        # change: at the start of emulation, on set_cr3 and flush_tlb, and after a block that holds the bytes
+        # of `mov crN, r32` or of invlpg (each ends its block, so the next block is the first to run after it).
+        # Reading a register through the Python binding, or walking the tables, would cost more than the rest
+        # of the hook on every block.
+        self._fetch_cr3: int | None = None
+        self._code_tlb: dict[int, int] = {}
         self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
@@ -147,6 +191,9 @@ class Vcpu:
         self.ipi_sink: IpiSink | None = None
         self._icr_high = 0
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
+        # Paging first: loading the segment registers reads their descriptors from the GDT by virtual address.
+        self.uc.reg_write(X.UC_X86_REG_CR3, cr3 & 0xFFFFF000)
+        self.uc.reg_write(X.UC_X86_REG_CR0, int(self.uc.reg_read(X.UC_X86_REG_CR0)) | CR0_PG | CR0_WP)
         gdt_va = ram.virt_base + ram.gdt_paddr
         self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_va, 23, 0))
         self.uc.reg_write(X.UC_X86_REG_CS, KERNEL_CS)
@@ -154,16 +201,54 @@ class Vcpu:
             self.uc.reg_write(seg, KERNEL_DS)
 
     def map_rom(self, base: int, image: bytes) -> None:
-        """A read-only, executable page the hypervisor supplies (the VMI ROM); a guest write to it faults."""
+        """A read-only, executable page the hypervisor supplies (the VMI ROM) at physical ``base``, which the
+        builder's page tables map read-only at the same virtual address; a guest write to it faults."""
         self.uc.mem_map(base, len(image), UC_PROT_READ | UC_PROT_EXEC)
         self.uc.mem_write(base, image)
 
     def set_cr3(self, value: int) -> None:
+        """Load CR3 (which, as on the CPU, drops this vCPU's TLB)."""
         self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
+        self._forget_translations()
+
+    def _forget_translations(self) -> None:
+        self._fetch_cr3 = None
+        self._code_tlb.clear()
+
+    @property
+    def cr3(self) -> int:
+        return int(self.uc.reg_read(X.UC_X86_REG_CR3))
+
+    def read_virt(self, va: int, length: int, write: bool = False) -> bytes | None:
+        """Guest memory by virtual address through this vCPU's page tables (see ``domains.paging.read_virt``)."""
+        return read_virt(self.ram, self.cr3, va, length, write)
+
+    def write_virt(self, va: int, data: bytes) -> bool:
+        return write_virt(self.ram, self.cr3, va, data)
+
+    def fetch(self, va: int, length: int) -> bytes:
+        """Code bytes at ``va`` as the vCPU would fetch them (RAM or the ROM page); as many as are mapped."""
+        out = bytearray()
+        cr3 = self.cr3
+        while length > 0:
+            n = min(length, _PAGE - (va & (_PAGE - 1)))
+            pa = translate(self.ram, cr3, va, False)
+            if pa is None:
+                break
+            if pa + n <= self.ram.size:
+                out += self.ram.buf[pa : pa + n]
+            else:
+                try:
+                    out += self.uc.mem_read(pa, n)  # physical: the ROM
+                except UcError:
+                    break
+            va, length = va + n, length - n
+        return bytes(out)
 
     def flush_tlb(self) -> None:
         """Drop this vCPU's cached translations (Unicorn has no single-page flush from the host side)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._forget_translations()
         self.flushes += 1
 
     # -- the local APIC (trapped MMIO) and interrupt delivery -----------------------------------------------
@@ -199,7 +284,7 @@ class Vcpu:
         """Push an interrupt frame (eflags, cs, eip) on the guest stack and continue at ``target``."""
         esp, eflags = self.reg("esp"), self.reg("eflags")
         frame = struct.pack("<III", self.reg("eip"), KERNEL_CS, eflags)
-        if not self.ram.write_va(esp - 12, frame):
+        if not self.write_virt(esp - 12, frame):
             self._set_fault("double-fault", f"interrupt frame at {esp - 12:#x} is not in guest memory", self.reg("eip"))
             self.state = VcpuState.CRASHED
             return False
@@ -211,7 +296,7 @@ class Vcpu:
         _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 8 + 7 > limit:
             return None
-        gate = self.ram.read_va(base + vector * 8, 8)
+        gate = self.read_virt(base + vector * 8, 8)
         if gate is None or not gate[5] & 0x80:
             return None
         return int(struct.unpack_from("<H", gate, 0)[0] | struct.unpack_from("<H", gate, 6)[0] << 16)
@@ -271,11 +356,23 @@ class Vcpu:
         if self.clock_ps >= self._end_ps:
             uc.emu_stop()
             return
-        pa = addr - self.ram.virt_base
-        if 0 <= pa and pa + size <= self.ram.size:
-            code = self.ram.buf[pa : pa + size]
-        else:  # code outside RAM: the ROM page
-            code = bytes(uc.mem_read(addr, size))
+        # The block's bytes, found the way the CPU just fetched them: through this vCPU's page tables.
+        frame = self._code_tlb.get(addr >> 12)
+        if frame is None:
+            cr3 = self._fetch_cr3
+            if cr3 is None:
+                cr3 = self._fetch_cr3 = int(uc.reg_read(X.UC_X86_REG_CR3))
+            pa = translate(self.ram, cr3, addr, False)
+            if pa is not None:
+                frame = self._code_tlb[addr >> 12] = pa & ~(_PAGE - 1)
+        offset = addr & (_PAGE - 1)
+        if frame is not None and offset + size <= _PAGE and frame + _PAGE <= self.ram.size:
+            code = self.ram.buf[frame + offset : frame + offset + size]
+        else:  # the block crosses a page, or it is in the ROM
+            code = self.fetch(addr, size)
+        # (0x0F in code: a quick test first; the bytes may also be in an operand, which costs a harmless refill)
+        if 0x0F in code and (_MOV_TO_CR in code or _GROUP7 in code):
+            self._forget_translations()
         n = self.counter.count(addr, code)
         self.instructions += n
         self.clock_ps += n * self.ps_per_instr
@@ -287,6 +384,8 @@ class Vcpu:
             args = [int(uc.reg_read(r)) for r in _ARG_REGS]
             nr = int(uc.reg_read(X.UC_X86_REG_EAX))
             self.trap = Trap(seq=self._trap_seq, vt_ns=self.clock_ns, nr=nr, args=args)
+        elif intno == PAGE_FAULT_VECTOR:
+            self._page_fault(int(uc.reg_read(X.UC_X86_REG_CR2)), eip)
         else:
             self._set_fault("trap", f"unhandled exception or interrupt vector {intno}", eip)
         uc.emu_stop()
@@ -298,9 +397,23 @@ class Vcpu:
         )
         return False
 
-    def _set_fault(self, kind: str, detail: str, eip: int) -> None:
-        code = self.ram.read_va(eip, 15) or b""
-        self.fault = Fault(self.clock_ns, kind, detail, eip, self.counter.disasm(eip, code))
+    def _page_fault(self, cr2: int, eip: int) -> None:
+        """Unicorn hands over #PF without its error code: tell the access from the tables and the instruction.
+        A present page can fault only on a write (CPL 0, no NX without PAE); a missing one on any access."""
+        code = self.fetch(eip, 15)
+        present = translate(self.ram, self.cr3, cr2, False) is not None
+        if not code or (eip <= cr2 < eip + 15 and not present):
+            access, write = "instruction fetch", False
+        else:
+            write = present or self.counter.writes_memory(eip, code)
+            access = "write" if write else "read"
+        why = "page is read-only" if present else "page not present"
+        self._set_fault("page-fault", f"{access} at cr2={cr2:#010x}: {why}", eip, cr2=cr2, write=write)
+
+    def _set_fault(self, kind: str, detail: str, eip: int, cr2: int | None = None,
+                   write: bool | None = None) -> None:
+        code = self.fetch(eip, 15)
+        self.fault = Fault(self.clock_ns, kind, detail, eip, self.counter.disasm(eip, code), cr2, write)
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -322,6 +435,7 @@ class Vcpu:
     def _slice(self) -> None:
         while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
             eip = self.reg("eip")
+            self._forget_translations()
             try:
                 self.uc.emu_start(eip, _STOP_ADDR)
             except UcError as exc:
@@ -334,7 +448,7 @@ class Vcpu:
             elif self.clock_ps < self._end_ps:
                 # emu_start returned on its own: Unicorn does that after `hlt`.
                 here = self.reg("eip")
-                if self.ram.read_va(here - 1, 1) == b"\xf4":
+                if self.fetch(here - 1, 1) == b"\xf4":
                     self.state = VcpuState.BLOCKED
                 else:
                     self._set_fault("cpu", "emulation stopped unexpectedly", here)

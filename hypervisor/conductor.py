@@ -10,6 +10,7 @@ longer than the smallest link latency, so nothing sent in one window can land in
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -45,9 +46,11 @@ class Conductor:
     end_ns: int = 0
     results: dict[int, list[HypercallResult]] = attrs.Factory(dict)
     reports: dict[int, WindowDone] = attrs.Factory(dict)
-    # earliest virtual time each participating domain will next run from, by domid
-    horizon: dict[int, int | None] = attrs.Factory(dict)
+    # the virtual time each vCPU will next run from, by (domid, vcpu); None while it cannot run
+    times: dict[tuple[int, int], int | None] = attrs.Factory(dict)
     hypercalls: int = 0
+    # whether a vCPU holds a pCPU right now (the scheduler's view), for shootdown traces
+    is_running: Callable[[tuple[int, int]], bool] = lambda _key: True
 
     def __attrs_post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -58,20 +61,27 @@ class Conductor:
         """``dom`` was built: its vCPU 0 starts at the current conductor time."""
         dom.started_vt = self.end_ns
         dom.joined_window = self.index + 1
-        self.horizon[dom.domid] = self.end_ns
+        self.times[(dom.domid, 0)] = self.end_ns
 
     def leave(self, dom: Domain) -> None:
-        self.horizon.pop(dom.domid, None)
+        for key in [k for k in self.times if k[0] == dom.domid]:
+            del self.times[key]
         self.results.pop(dom.domid, None)
         self.reports.pop(dom.domid, None)
 
-    def next_end(self, participants: list[Domain]) -> int | None:
-        """End of the next window, or None when no participating vCPU can run (the cluster is idle)."""
-        times = [t for d in participants if (t := self.horizon.get(d.domid)) is not None]
+    def wake(self, key: tuple[int, int], vt_ns: int) -> None:
+        """An interrupt or event makes a waiting vCPU runnable from ``vt_ns`` on."""
+        current = self.times.get(key)
+        self.times[key] = vt_ns if current is None else max(current, vt_ns)
+
+    def next_end(self, runs: dict[int, list[int]]) -> int | None:
+        """End of the next window: one window past the earliest clock among the vCPUs that hold a pCPU in it
+        (a vCPU that waits for a pCPU does not hold time back: its clock moves on while it waits). None when no
+        scheduled vCPU can run: the cluster is idle."""
+        times = [t for domid, vids in runs.items() for v in vids if (t := self.times.get((domid, v))) is not None]
         if not times:
             return None
-        start = max(min(times), self.end_ns - self.window_ns)
-        return start + self.window_ns
+        return min(times) + self.window_ns
 
     def open(self, end_ns: int) -> None:
         self.index += 1
@@ -122,20 +132,55 @@ class Conductor:
                 self.results.setdefault(domid, []).append(result)
         for domid, done in self.reports.items():
             if domid in stopped:
-                self.horizon[domid] = None
                 continue
-            times = [v.clock_ns for v in done.vcpus if v.state == "running"]
-            times += [r.vt_ns for r in self.results.get(domid, []) if r.complete]
-            times += [
-                r.vt_ns for r in self.results.get(domid, []) for a in r.actions if a.kind in ("up", "set_context")
-            ]
-            self.horizon[domid] = min(times) if times else None
+            for v in done.vcpus:
+                self.times[(domid, v.vcpu)] = v.clock_ns if v.state == "running" else None
+            for r in self.results.get(domid, []):
+                # a deferred result (the vCPU blocked, or took itself down) still has actions the domain must
+                # apply in a window before its vCPU can be seen as blocked
+                self.wake((domid, r.vcpu), r.vt_ns)
+                for a in r.actions:
+                    if a.kind == "up":
+                        self.wake((domid, a.vcpu), r.vt_ns)
         return shutdowns
+
+    def _skip_flushes(self, dom: Domain, req: HypercallReq, call: Call) -> None:
+        """Fault injection: the hypervisor "forgets" to flush the other vCPUs a hypercall names."""
+        dropped = [a.vcpu for a in call.actions if a.kind in _FLUSHES and a.vcpu != call.vcpu]
+        if dropped:
+            call.actions = [a for a in call.actions if not (a.kind in _FLUSHES and a.vcpu != call.vcpu)]
+            self.log.info("fault.skip_flush", vt_ns=req.vt_ns, dom=dom.domid, vcpu=req.vcpu, targets=dropped)
+
+    def _trace_pv_shootdown(self, dom: Domain, req: HypercallReq, call: Call, done_vt: int, value: int) -> None:
+        """A flush of other vCPUs in one hypercall is a paravirtual shootdown: it completes when the hypercall
+        does, because targets without a pCPU are flushed before they next run."""
+        if req.nr not in (Hypercall.mmuext_op, Hypercall.update_va_mapping) or as_signed(value) < 0:
+            return
+        targets, pages = _flush_targets(call)
+        if not targets:
+            return
+        preempted = [v for v in targets if not self.is_running((dom.domid, v))]
+        self.log.info(
+            "shootdown",
+            vt_ns=req.vt_ns,
+            dom=dom.domid,
+            vcpu=req.vcpu,
+            span=f"sd-d{dom.domid}v{req.vcpu}-{req.seq}",
+            mode="pv",
+            targets=targets,
+            preempted=len(preempted),
+            pages=pages if pages else "all",
+            end_vt_ns=done_vt,
+            latency_ns=done_vt - req.vt_ns,
+            messages=1,
+        )
 
     def _apply(self, dom: Domain, req: HypercallReq) -> tuple[HypercallResult | None, Shutdown | None]:
         mem = GuestView(req_regions(req))
         call = Call(dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args), mem=mem, log=self.log)
         value = dispatch(call)
+        if "skip-flush" in getattr(dom.spec, "faults", ()):
+            self._skip_flushes(dom, req, call)
         done_vt = req.vt_ns + self.hypercall_ns + (self.rng.randint(0, self.jitter_ns) if self.jitter_ns else 0)
         self.hypercalls += 1
         dom.hypercalls += 1
@@ -156,6 +201,7 @@ class Conductor:
         )
         if call.shutdown is not None:
             return None, Shutdown(dom, ShutdownReason(call.shutdown), req.vt_ns)
+        self._trace_pv_shootdown(dom, req, call, done_vt, value)
         result = HypercallResult(
             vcpu=req.vcpu,
             seq=req.seq,
@@ -166,6 +212,15 @@ class Conductor:
             complete=not call.deferred,
         )
         return result, None
+
+
+_FLUSHES = ("flush_tlb", "invlpg")
+
+
+def _flush_targets(call: Call) -> tuple[list[int], int]:
+    targets = sorted({a.vcpu for a in call.actions if a.kind in _FLUSHES and a.vcpu != call.vcpu})
+    pages = sum(1 for a in call.actions if a.kind == "invlpg")
+    return targets, pages
 
 
 def req_regions(req: HypercallReq) -> list[Any]:

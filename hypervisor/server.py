@@ -16,6 +16,7 @@ from hypervisor import evtchn, mm
 from hypervisor.conductor import Conductor, ReportError, Shutdown
 from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
 from hypervisor.hypercall_page import hypercall_page
+from hypervisor.scheduler import Scheduler
 from hypervisor.vmi_rom import vmi_rom
 from pvcluster import launch
 from pvcluster.abi.xen import ShutdownReason
@@ -26,6 +27,7 @@ from pvcluster.bus.messages import (
     BuildResult,
     Error,
     Hello,
+    Ipi,
     Stop,
     Window,
     WindowDone,
@@ -52,6 +54,12 @@ class Hypervisor:
             seed=spec.cluster.seed,
             log=log,
         )
+        self.scheduler = Scheduler(spec.hypervisor.pcpus, spec.hypervisor.slice_ns, log)
+        self.conductor.is_running = self.scheduler.is_running
+        self.ipi_ns = cost.ipi_ns
+        # IPIs waiting for their target to hold a pCPU, by (domid, vcpu)
+        self.pending_ipis: dict[tuple[int, int], list[Ipi]] = {}
+        self._runs: dict[int, list[int]] = {}
         self.dmesg: list[str] = []
         self.ctx = zmq.Context()
         self.endpoints = Endpoints.for_spec(spec, run_dir)
@@ -221,6 +229,7 @@ class Hypervisor:
         dom.vcpus[0].initialised = dom.vcpus[0].up = True
         dom.vcpus[0].state = "running"
         self.conductor.join(dom)
+        self.scheduler.wake((dom.domid, 0), dom.started_vt, "boot")
         self.printk(
             f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
             f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
@@ -245,7 +254,11 @@ class Hypervisor:
                 await self.changed.wait()
                 continue
             parts = self.participants()
-            end = self.conductor.next_end(parts) if parts else None
+            runs = self._runs = self.scheduler.pick(self.conductor.end_ns)
+            end = self.conductor.next_end(runs) if parts else None
+            if end is None and parts:
+                # nothing scheduled can run; a vCPU waiting for a pCPU may still be able to
+                end = self.conductor.next_end({d.domid: list(range(len(d.vcpus))) for d in parts})
             if end is None:
                 if parts and not self.idle:
                     self.idle = True
@@ -260,10 +273,14 @@ class Hypervisor:
             self.awaiting = {d.domid for d in parts}
             self.reports_in = trio.Event()
             for d in parts:
+                run = runs.get(d.domid, [])
+                irqs = [i for v in run for i in self.pending_ipis.pop((d.domid, v), [])]
                 window = Window(
                     index=self.conductor.index,
                     end_ns=self.conductor.end_ns,
                     results=self.conductor.take_results(d.domid),
+                    run=run,
+                    irqs=irqs,
                 )
                 await self._send(self.bus, d.identity, window)  # type: ignore[arg-type]
             with trio.move_on_after(WINDOW_REPORT_TIMEOUT_S):
@@ -276,8 +293,10 @@ class Hypervisor:
                         f"no report for window {self.conductor.index} within {WINDOW_REPORT_TIMEOUT_S:.0f} s",
                     )
             self.awaiting.clear()
+            self._schedule_reports(parts)
             for shutdown in self.conductor.close({d.domid: d for d in parts}):
                 await self._shutdown(shutdown)
+            self._wake_targets(parts)
             for d in parts:
                 for fault in self.conductor.reports.get(d.domid, WindowDone(0, [], [], [])).faults:
                     if d.alive:
@@ -286,6 +305,45 @@ class Hypervisor:
                             f"vcpu {fault.vcpu} {fault.kind}: {fault.detail} at eip {fault.eip:#x} ({fault.disasm})",
                             vt_ns=fault.vt_ns,
                         )
+
+    def _schedule_reports(self, parts: list[Domain]) -> None:
+        """Feed the window's vCPU states to the scheduler and queue the IPIs the vCPUs sent."""
+        for d in parts:
+            done = self.conductor.reports.get(d.domid)
+            if done is None:
+                continue
+            ran = set(self._runs.get(d.domid, []))
+            for v in done.vcpus:
+                self.scheduler.report((d.domid, v.vcpu), v.state, v.clock_ns, v.vcpu in ran)
+            for ipi in done.ipis:
+                if not 0 <= ipi.dest < len(d.vcpus) or not 0 <= ipi.src < len(d.vcpus):
+                    self.log.warning("ipi.dropped", vt_ns=ipi.vt_ns, dom=d.domid, vcpu=ipi.src, dest=ipi.dest,
+                                     vector=ipi.vector, why="no such vCPU")
+                    continue
+                arrive = Ipi(ipi.src, ipi.dest, ipi.vector, ipi.vt_ns + self.ipi_ns)
+                self.pending_ipis.setdefault((d.domid, ipi.dest), []).append(arrive)
+                self.log.info("ipi", vt_ns=ipi.vt_ns, dom=d.domid, vcpu=ipi.src, dest=ipi.dest, vector=ipi.vector,
+                              target_running=self.scheduler.is_running((d.domid, ipi.dest)))
+                self.scheduler.wake((d.domid, ipi.dest), arrive.vt_ns, "ipi")
+
+    def _wake_targets(self, parts: list[Domain]) -> None:
+        """Events and vCPU bring-up decided in this window make their targets runnable."""
+        for d in parts:
+            for res in self.conductor.results.get(d.domid, []):
+                for act in res.actions:
+                    if act.kind in ("evtchn_pending", "evtchn_unmask", "up"):
+                        self.scheduler.wake((d.domid, act.vcpu), res.vt_ns, act.kind)
+                        self.conductor.wake((d.domid, act.vcpu), res.vt_ns)
+        for (domid, vid), ipis in self.pending_ipis.items():
+            if ipis:
+                self.conductor.wake((domid, vid), min(i.vt_ns for i in ipis))
+
+    def _leave(self, dom: Domain) -> None:
+        """``dom`` stops taking part in windows: its vCPUs give up their pCPUs and its queued IPIs are dropped."""
+        self.conductor.leave(dom)
+        self.scheduler.offline(dom.domid, self.conductor.end_ns)
+        for key in [k for k in self.pending_ipis if k[0] == dom.domid]:
+            del self.pending_ipis[key]
 
     async def _shutdown(self, sd: Shutdown) -> None:
         dom = sd.dom
@@ -296,7 +354,7 @@ class Hypervisor:
             dom.move(DomainState.CRASHED, "guest shutdown: crash")
         else:
             dom.move(DomainState.SHUTTING_DOWN, f"guest shutdown: {sd.reason.name}")
-        self.conductor.leave(dom)
+        self._leave(dom)
         self.printk(
             f"d{dom.domid} ({dom.name}): shutdown, reason {sd.reason.name}",
             vt_ns=sd.vt_ns,
@@ -311,7 +369,7 @@ class Hypervisor:
         dom.crash_detail = detail
         dom.ended_vt = vt
         dom.move(DomainState.CRASHED, detail)
-        self.conductor.leave(dom)
+        self._leave(dom)
         self.awaiting.discard(dom.domid)
         if not self.awaiting:
             self.reports_in.set()
@@ -357,7 +415,7 @@ class Hypervisor:
             self.printk(f"d{dom.domid} ({dom.name}): dead", dom=dom.domid)
         elif dom.state is not DomainState.CRASHED and dom.state is not DomainState.DEAD:
             self._crash(dom, f"domain process exited unexpectedly with code {rc}")
-        self.conductor.leave(dom)
+        self._leave(dom)
         self.awaiting.discard(dom.domid)
         if not self.awaiting:
             self.reports_in.set()
@@ -371,7 +429,7 @@ class Hypervisor:
         elif dom.state is not DomainState.SHUTTING_DOWN:
             dom.ended_vt = self.conductor.end_ns
             dom.move(DomainState.SHUTTING_DOWN, "destroyed by the toolstack")
-        self.conductor.leave(dom)
+        self._leave(dom)
         self.printk(f"d{dom.domid} ({dom.name}): destroyed", dom=dom.domid)
         await self._send(self.bus, dom.identity, Stop(reason="destroy"))  # type: ignore[arg-type]
         proc = self.procs.get(dom.domid)

@@ -170,4 +170,5 @@ def _domain_dict(dom: Any) -> dict[str, Any]:
         "backend": dom.backend,
         "boot": dom.boot,
         "patching": dom.patching,
+        "faults": list(dom.faults),
     }

@@ -77,6 +77,10 @@ _DICT_SOURCE = "<dict>"
 _MISSING: Any = object()
 
 
+# Hypervisor-side bugs a domain can be run under, to prove the checkers catch them.
+DOMAIN_FAULTS = ("skip-flush",)
+
+
 class SpecError(Exception):
     """An invalid cluster spec; ``problems`` holds every problem found, each ``"key.path: problem"``."""
 
@@ -104,6 +108,7 @@ class CostModel:
     hypercall_ns: int
     hypercall_jitter_ns: int
     link_ns: int
+    ipi_ns: int = 1000
 
 
 @attrs.frozen
@@ -112,6 +117,7 @@ class HypervisorSection:
     window_ns: int
     log_level: LogLevel
     cost: CostModel
+    slice_ns: int = 30000
 
 
 @attrs.frozen
@@ -131,6 +137,7 @@ class DomainSpec:
     backend: Backend
     boot: Boot
     patching: bool
+    faults: tuple[str, ...] = ()
 
     @property
     def builtin_kernel(self) -> bool:
@@ -174,7 +181,7 @@ class ClusterSpec:
             "cluster": attrs.asdict(self.cluster),
             "hypervisor": attrs.asdict(self.hypervisor),
             "bus": attrs.asdict(self.bus),
-            "domain": [attrs.asdict(d) for d in self.domains],
+            "domain": [{**attrs.asdict(d), "faults": list(d.faults)} for d in self.domains],
         }
 
     @classmethod
@@ -393,7 +400,7 @@ class _Checker:
 
     def hypervisor(self, raw: object) -> HypervisorSection:
         path = "hypervisor"
-        t = self.table(raw, path, ("pcpus", "window_ns", "log_level", "cost"))
+        t = self.table(raw, path, ("pcpus", "window_ns", "slice_ns", "log_level", "cost"))
         pcpus = self.integer(t, path, "pcpus", 2, 1, MAX_PCPUS)
         window_ns = self.integer(t, path, "window_ns", 10000, MIN_WINDOW_NS)
         log_level = self.choice(t, path, "log_level", "info", LOG_LEVELS)
@@ -402,11 +409,15 @@ class _Checker:
             # A message sent at the start of a window must not be deliverable before that window ends,
             # or lock-stepped processes could observe it out of order.
             self.error(f"{path}.window_ns", f"must be <= hypervisor.cost.link_ns ({cost.link_ns}), got {window_ns}")
-        return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost)
+        slice_ns = self.integer(t, path, "slice_ns", 30000, MIN_WINDOW_NS)
+        if self.ok(f"{path}.window_ns", f"{path}.slice_ns") and slice_ns < window_ns:
+            # The scheduler preempts only at window boundaries, so a shorter slice could not be honoured.
+            self.error(f"{path}.slice_ns", f"must be >= hypervisor.window_ns ({window_ns}), got {slice_ns}")
+        return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost, slice_ns)
 
     def cost(self, raw: object) -> CostModel:
         path = "hypervisor.cost"
-        t = self.table(raw, path, ("ps_per_instr", "hypercall_ns", "hypercall_jitter_ns", "link_ns"))
+        t = self.table(raw, path, ("ps_per_instr", "hypercall_ns", "hypercall_jitter_ns", "link_ns", "ipi_ns"))
         ps = self.integer(t, path, "ps_per_instr", 1000, 1, MAX_PS_PER_INSTR)
         hc = self.integer(t, path, "hypercall_ns", 400, 0)
         jitter = self.integer(t, path, "hypercall_jitter_ns", 40, 0)
@@ -414,7 +425,8 @@ class _Checker:
         # Zero jitter is always fine (it is "no jitter"), which keeps hypercall_ns = 0 expressible.
         if self.ok(f"{path}.hypercall_ns", f"{path}.hypercall_jitter_ns") and jitter and jitter >= hc:
             self.error(f"{path}.hypercall_jitter_ns", f"must be less than hypercall_ns ({hc}), got {jitter}")
-        return CostModel(ps, hc, jitter, link)
+        ipi = self.integer(t, path, "ipi_ns", 1000, 0)
+        return CostModel(ps, hc, jitter, link, ipi)
 
     def bus(self, raw: object) -> BusSection:
         path = "bus"
@@ -455,7 +467,7 @@ class _Checker:
         return doms
 
     def domain(self, raw: object, path: str) -> DomainSpec:
-        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching")
+        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults")
         t = self.table(raw, path, keys)
         if not isinstance(raw, Mapping):
             # Reported once; "name missing" on top of "not a table" would only be noise.
@@ -468,7 +480,19 @@ class _Checker:
         backend = self.choice(t, path, "backend", "xen", BACKENDS)
         boot = self.choice(t, path, "boot", "ebx", BOOT_PROTOCOLS)
         patching = self.boolean(t, path, "patching", True)
-        return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching)
+        faults = self.faults(t, path)
+        return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching,
+                          faults)
+
+    def faults(self, t: Mapping[str, Any], path: str) -> tuple[str, ...]:
+        raw = t.get("faults", [])
+        if not isinstance(raw, list) or not all(isinstance(f, str) for f in raw):
+            self.error(_join(path, "faults"), f"must be a list of fault names, got {_describe(raw)}")
+            return ()
+        for f in raw:
+            if f not in DOMAIN_FAULTS:
+                self.error(_join(path, "faults"), f"unknown fault {_quote(f)} (known: {_choices(DOMAIN_FAULTS)})")
+        return tuple(f for f in raw if f in DOMAIN_FAULTS)
 
     def kernel(self, t: Mapping[str, Any], path: str, name: str) -> str:
         kpath = f"{path}.kernel"

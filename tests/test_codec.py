@@ -262,17 +262,17 @@ def bad_field(body_code: int, fields: Any, seq: int = 77) -> FrameError:
 def test_str_where_int_expected_nested_in_a_list_of_hypercall_results() -> None:
     good = [0, 1, 100, 0, [], [], True]
     bad = [1, 2, 200, "0xffffffea", [], [], True]
-    err = bad_field(code_of(Window), [3, 30_000, [good, bad]])
+    err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], []])
     assert err.detail == "Window.results[1].value: expected int, got str"
 
 
 def test_wrong_type_deep_inside_a_window() -> None:
     action = ["set_context", 0, "not a map"]
     result = [0, 1, 100, 0, [[0x1000, b"ab"]], [action], True]
-    err = bad_field(code_of(Window), [3, 30_000, [result]])
+    err = bad_field(code_of(Window), [3, 30_000, [result], [], []])
     assert err.detail == "Window.results[0].actions[0].regs: expected a map with string keys"
     write = [0x1000, "ab"]  # str where bytes expected
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]]])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]], [], []])
     assert err.detail == "Window.results[0].writes[0].data: expected bytes, got str"
 
 
@@ -289,7 +289,7 @@ def test_wrong_field_count(fields: Any, detail: str) -> None:
 
 def test_wrong_field_count_in_a_nested_record() -> None:
     report = [0, "running", 0]  # VcpuReport has 4 fields
-    err = bad_field(code_of(WindowDone), [1, [report], [], []])
+    err = bad_field(code_of(WindowDone), [1, [report], [], [], []])
     assert err.detail == "WindowDone.vcpus[0]: VcpuReport needs 4 fields, got 3"
 
 
@@ -300,7 +300,7 @@ def test_bool_where_int_expected(value: bool) -> None:
 
 def test_bool_where_int_expected_inside_an_int_list() -> None:
     req = [0, 1, 0, 18, [0, True, 0], []]
-    err = bad_field(code_of(WindowDone), [1, [], [req], []])
+    err = bad_field(code_of(WindowDone), [1, [], [req], [], []])
     assert err.detail == "WindowDone.hypercalls[0].args[1]: expected int, got bool"
 
 
@@ -316,7 +316,8 @@ def test_other_types_where_int_expected(pid: Any) -> None:
 
 def test_optional_field_accepts_none_and_its_type_but_nothing_else() -> None:
     def req(data: Any) -> bytes:
-        return frame(PROTO_VERSION, code_of(WindowDone), 1, 0, [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True]]]], []])
+        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True]]]], [], []]
+        return frame(PROTO_VERSION, code_of(WindowDone), 1, 0, fields)
 
     assert decode(req(None)).body.hypercalls[0].regions[0].data is None
     assert decode(req(b"abcd")).body.hypercalls[0].regions[0].data == b"abcd"
@@ -329,7 +330,7 @@ def test_none_where_a_required_str_is_expected() -> None:
 
 
 def test_list_where_a_list_is_expected_but_got_a_map() -> None:
-    err = bad_field(code_of(Window), [1, 10, {"0": []}])
+    err = bad_field(code_of(Window), [1, 10, {"0": []}, [], []])
     assert err.detail == "Window.results: expected a list, got dict"
 
 
@@ -351,7 +352,7 @@ def test_any_field_passes_through_but_the_frame_is_still_checked() -> None:
                          ids=["str", "bool", "float", "nil"])
 def test_map_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
     action = ["set_context", 0, {"esp": 0x2000, "eip": value}]  # VcpuAction.regs is dict[str, int]
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [action], True]]])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [action], True]], [], []])
     assert err.detail == f"Window.results[0].actions[0].regs['eip']: expected int, got {got}"
 
 

@@ -64,8 +64,10 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
         "hypervisor": {
             "pcpus": 2,
             "window_ns": 10000,
+            "slice_ns": 30000,
             "log_level": "info",
-            "cost": {"ps_per_instr": 1000, "hypercall_ns": 400, "hypercall_jitter_ns": 40, "link_ns": 10000},
+            "cost": {"ps_per_instr": 1000, "hypercall_ns": 400, "hypercall_jitter_ns": 40, "link_ns": 10000,
+                     "ipi_ns": 1000},
         },
         "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0},
         "domain": [
@@ -78,6 +80,7 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
                 "backend": "xen",
                 "boot": "ebx",
                 "patching": True,
+                "faults": [],
             }
             for n, c in (("alpha", "shutdown=poweroff"), ("beta", "shutdown=reboot"))
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keystone
 
 from domains.memory import GuestRam
+from domains.paging import build_initial_tables, initial_mappings
 from domains.vcpu import APIC_BASE, InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.vmi_rom import VMI_ROM_BASE, vmi_rom
 
@@ -17,7 +18,9 @@ def _vcpu(source: str, vid: int = 0) -> tuple[Vcpu, GuestRam]:
     ram = GuestRam(1 << 20, BASE)
     ram.write_pa(0, code)
     ram.write_pa(ram.gdt_paddr, flat_gdt())
-    vcpu = Vcpu(vid, ram, InsnCounter(), 1000)
+    maps = initial_mappings(BASE, ram.size, mmio=(APIC_BASE,), rom=(VMI_ROM_BASE,))
+    tables = build_initial_tables(ram, 0xF0000, maps, tables_read_only=True)
+    vcpu = Vcpu(vid, ram, InsnCounter(), 1000, tables.l2)
     vcpu.set_regs({"eip": BASE, "esp": BASE + 0x80000, "eflags": 0x2})
     vcpu.state = VcpuState.RUNNING
     return vcpu, ram

@@ -25,6 +25,7 @@
 .equ SI_EVTCHN_MASK, 2176
 .equ IPI_VECTOR_BIT, 16
 .equ FLUSH_VECTOR_BIT, 17
+.equ CR3_VECTOR_BIT, 18
 
 xen_code_begin:
 xen_init:
@@ -143,9 +144,15 @@ xen_handle_port:
     call ipi_body
 .Lport_no_ipi:
     pop ecx
+    push ecx
     bt ecx, FLUSH_VECTOR_BIT
-    jnc .Lport_done
+    jnc .Lport_no_flush
     call flush_body
+.Lport_no_flush:
+    pop ecx
+    bt ecx, CR3_VECTOR_BIT
+    jnc .Lport_done
+    call cr3_body
 .Lport_done:
     ret
 .Lport_unknown:

@@ -31,11 +31,27 @@ def _hypercall_page_asm() -> str:
 
 
 # The built-in kernel's source files, assembled as one unit in this order.
-KERNEL_FILES = {"pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "opstest.S")}
+KERNEL_FILES = {
+    "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S")
+}
 # pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
 PV_OPS = (
-    "init", "set_tss_desc", "irq_disable", "irq_enable", "save_fl", "restore_fl", "halt", "read_cr3", "write_cr3",
-    "set_pte", "flush_tlb_user", "flush_tlb_kernel", "flush_tlb_single", "flush_tlb_others", "send_ipi", "clock_ns",
+    "init",
+    "set_tss_desc",
+    "irq_disable",
+    "irq_enable",
+    "save_fl",
+    "restore_fl",
+    "halt",
+    "read_cr3",
+    "write_cr3",
+    "set_pte",
+    "flush_tlb_user",
+    "flush_tlb_kernel",
+    "flush_tlb_single",
+    "flush_tlb_others",
+    "send_ipi",
+    "clock_ns",
 )
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")

@@ -161,6 +161,13 @@ pv_boot:
     je .Lno_hcbench
     call hypercall_bench
 .Lno_hcbench:
+    cmp dword ptr [workload_shootdown], 0
+    je .Lno_shootdown
+    call shootdown_run
+    test eax, eax
+    jz .Lno_shootdown
+    mov dword ptr [shutdown_reason], 3  # a stale read ends the run as a crash: it cannot go unnoticed
+.Lno_shootdown:
     cmp dword ptr [workload_ops], 0
     je .Lno_ops
     call ops_test
@@ -258,6 +265,8 @@ secondary_entry:
 .Lsecondary_no_idt:
     call hello
     lock inc dword ptr [vcpus_done]
+    cmp dword ptr [workload_shootdown], 0
+    jne shootdown_target
     PVCALL irq_enable
 .Lsecondary_idle:                    # the idle loop: sleep until an interrupt or event, handle it, sleep again
     PVCALL halt
@@ -363,6 +372,12 @@ parse_cmdline:
     mov edi, str_ops_key
     call cmdline_flag
     mov [workload_ops], eax
+    mov edi, str_shootdown_key
+    call cmdline_flag
+    mov [workload_shootdown], eax
+    mov edi, str_cr3_key
+    call cmdline_flag
+    mov [sd_cr3_mode], eax
     mov edi, str_nopatch_key
     call cmdline_flag
     mov [no_patching], eax
@@ -668,6 +683,8 @@ str_hcbench_key: .asciz "workload=hcbench"
 str_forever_key: .asciz "workload=forever"
 msg_forever: .asciz "pvkern: spinning forever "
 str_ops_key: .asciz "workload=ops"
+str_shootdown_key: .asciz "workload=shootdown"
+str_cr3_key: .asciz "tlbflush=cr3"
 str_irqbench_key: .asciz "workload=irqbench"
 str_opbench_key: .asciz "opbench="
 str_nopatch_key: .asciz "noreplace-paravirt"

@@ -15,6 +15,9 @@ setup_idt:
     mov eax, FLUSH_VECTOR
     mov edx, flush_interrupt
     call set_gate
+    mov eax, 0xF2                    # CR3_VECTOR (shootdown.S)
+    mov edx, cr3_interrupt
+    call set_gate
     mov eax, idt_desc
     .byte 0x0F, 0x01, 0x18           # lidt [eax]
     pop eax

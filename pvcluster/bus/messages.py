@@ -121,12 +121,24 @@ class VcpuFault:
     disasm: str
 
 
+@attrs.frozen
+class Ipi:
+    """An inter-processor interrupt within one domain, routed through the hypervisor's scheduler."""
+
+    src: int
+    dest: int
+    vector: int
+    vt_ns: int
+
+
 @message(5)
 @attrs.frozen
 class Window:
     index: int
     end_ns: int
     results: list[HypercallResult]
+    run: list[int] = attrs.Factory(list)  # the vCPUs that hold a physical CPU in this window
+    irqs: list[Ipi] = attrs.Factory(list)  # interrupts to take, each no earlier than its vt_ns
 
 
 @message(6)
@@ -136,6 +148,7 @@ class WindowDone:
     vcpus: list[VcpuReport]
     hypercalls: list[HypercallReq]
     faults: list[VcpuFault]
+    ipis: list[Ipi] = attrs.Factory(list)
 
 
 @message(7)

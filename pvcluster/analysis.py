@@ -1,0 +1,109 @@
+"""Trace analysis: TLB-shootdown latency by design, from the guest's marks and the hypervisor's events.
+
+The shootdown workload marks each shootdown on port 0x5D (the domain traces them as ``guest.mark``): code 1 when
+the initiator asks the other vCPUs to flush, code 2 when that call returned (every target flushed, or for the
+paravirtual design, will be before it next runs), code 3 for a stale read. Latency is virtual time from 1 to 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pvcluster.trace import read_events
+
+
+@attrs.frozen
+class Shootdown:
+    dom: int
+    mode: str
+    round: int
+    start_ns: int
+    end_ns: int
+    messages: int
+    preempted: int
+
+    @property
+    def latency_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+def mode_of(domain: dict[str, Any]) -> str:
+    if "tlbflush=cr3" in domain.get("cmdline", ""):
+        return "cr3"
+    return {"native": "native", "xen": "pv", "vmi": "vmi"}.get(domain.get("backend", ""), "?")
+
+
+def _events(run_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str]]:
+    hv = list(read_events(run_dir / "trace" / "hypervisor.jsonl"))
+    doms: dict[int, list[dict[str, Any]]] = {}
+    names: dict[int, str] = {}
+    for f in sorted((run_dir / "trace").glob("dom*-*.jsonl")):
+        domid_text, _, name = f.stem.removeprefix("dom").partition("-")
+        if not domid_text.isdigit():
+            continue
+        names[int(domid_text)] = name
+        doms[int(domid_text)] = [e for e in read_events(f) if "dom" in e]
+    return hv, doms, names
+
+
+def shootdowns(run_dir: Path) -> list[Shootdown]:
+    spec = json.loads((run_dir / "spec.json").read_text())
+    names = {d["name"]: d for d in spec["domain"]}
+    hv, doms, dom_names = _events(run_dir)
+    out: list[Shootdown] = []
+    for domid, events in sorted(doms.items()):
+        mode = mode_of(names.get(dom_names.get(domid, ""), {}))
+        starts = {e["round"]: e["vt_ns"] for e in events if e["event"] == "guest.mark" and e["code"] == 1}
+        ends = {e["round"]: e["vt_ns"] for e in events if e["event"] == "guest.mark" and e["code"] == 2}
+        ipis = [e for e in hv if e["event"] == "ipi" and e["dom"] == domid]
+        pv = [e for e in hv if e["event"] == "shootdown" and e["dom"] == domid]
+        for rnd, start in sorted(starts.items()):
+            end = ends.get(rnd)
+            if end is None:
+                continue
+            sent = [e for e in ipis if start <= e["vt_ns"] <= end and e["vector"] in (0xF1, 0xF2)]
+            calls = [e for e in pv if start <= e["vt_ns"] <= end]
+            if calls:
+                messages, preempted = len(calls), sum(e["preempted"] for e in calls)
+            else:
+                # each IPI crosses the bus twice (domain -> hypervisor -> target); the acknowledgement is memory
+                messages, preempted = 2 * len(sent), sum(1 for e in sent if not e["target_running"])
+            out.append(Shootdown(domid, mode, rnd, start, end, messages, preempted))
+    return out
+
+
+def stale_reads(run_dir: Path) -> int:
+    _, doms, _ = _events(run_dir)
+    return sum(1 for evs in doms.values() for e in evs if e["event"] == "guest.mark" and e["code"] == 3)
+
+
+def percentile(sorted_values: list[int], p: float) -> int:
+    if not sorted_values:
+        return 0
+    rank = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+def latency_table(items: Iterable[Shootdown]) -> list[dict[str, Any]]:
+    by_mode: dict[str, list[Shootdown]] = {}
+    for s in items:
+        by_mode.setdefault(s.mode, []).append(s)
+    rows = []
+    for mode, group in sorted(by_mode.items()):
+        lat = sorted(s.latency_ns for s in group)
+        rows.append({
+            "mode": mode,
+            "shootdowns": len(group),
+            "p50_us": percentile(lat, 50) / 1000,
+            "p90_us": percentile(lat, 90) / 1000,
+            "p99_us": percentile(lat, 99) / 1000,
+            "max_us": lat[-1] / 1000,
+            "messages_per_shootdown": sum(s.messages for s in group) / len(group),
+            "preempted_targets": sum(s.preempted for s in group) / len(group),
+        })
+    return rows
