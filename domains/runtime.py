@@ -130,6 +130,7 @@ class DomainProcess:
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3) for v in range(req.vcpus)]
         for vcpu in self.vcpus:
             vcpu.ipi_sink = self._route_ipi
+            vcpu.mark_sink = self._mark
         if req.rom:
             for vcpu in self.vcpus:
                 vcpu.map_rom(VMI_ROM_BASE, req.rom)
@@ -158,6 +159,8 @@ class DomainProcess:
             entry=boot.entry,
             start_info=boot.start_info,
             guest_os=boot.image.guest_os,
+            l2_mfn=boot.l2_mfn,
+            l1_mfns=list(boot.l1_mfns),
         )
 
     # -- windows ---------------------------------------------------------------------------------------------
@@ -244,6 +247,9 @@ class DomainProcess:
         for target in targets:
             self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns))
             self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
+
+    def _mark(self, vcpu: int, value: int, vt_ns: int) -> None:
+        self._trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=value & 0xFF, round=value >> 8)
 
     def _publish_time(self, vcpu: Vcpu) -> None:
         """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""

@@ -49,6 +49,9 @@ _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns e
 # The simulated platform's clock: `in eax, dx` from this port reads the vCPU's virtual time in ns (low 32 bits).
 # rdtsc cannot be hooked in Unicorn's Python binding and would read the host's clock.
 CLOCK_PORT = 0x5C
+# A guest writes (detail << 8) | code here to put a mark in the trace with the exact virtual time (workloads use it
+# to bracket what they measure, e.g. each TLB shootdown).
+MARK_PORT = 0x5D
 APIC_BASE = 0xFEE00000
 APIC_ID, APIC_EOI, APIC_ICR_LOW, APIC_ICR_HIGH = 0x20, 0xB0, 0x300, 0x310
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
@@ -183,6 +186,9 @@ class Vcpu:
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # (vcpu, value, virtual time): what the guest writes to the trace-mark port
+        self.mark_sink: Callable[[int, int, int], None] | None = None
         self.flushes = 0
         # interrupts posted to this vCPU: (virtual time, sender, sequence, vector), taken in that order
         self.pending_irqs: list[tuple[int, int, int, int]] = []
@@ -329,6 +335,10 @@ class Vcpu:
         if self.pending_irqs and self._irq_enabled() and self.pending_irqs[0][0] < end_ps:
             self.clock_ps = max(self.clock_ps, self.pending_irqs[0][0])
             self.state = VcpuState.RUNNING
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _: object) -> None:
+        if port == MARK_PORT and self.mark_sink is not None:
+            self.mark_sink(self.vid, value & 0xFFFFFFFF, self.clock_ns)
 
     def _on_in(self, uc: Uc, port: int, size: int, _: object) -> int:
         if port == CLOCK_PORT:

@@ -226,6 +226,11 @@ class Hypervisor:
             self._poke()
             return
         dom.move(DomainState.RUNNING, "built")
+        if dom.spec.backend != "native":
+            # a paravirtualized guest's initial tables are validated and pinned, so it cannot map them writable
+            mm.pin(dom, res.l2_mfn, 2)
+            for mfn in res.l1_mfns:
+                mm.pin(dom, mfn, 1)
         dom.vcpus[0].initialised = dom.vcpus[0].up = True
         dom.vcpus[0].state = "running"
         self.conductor.join(dom)

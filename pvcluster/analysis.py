@@ -33,9 +33,11 @@ class Shootdown:
 
 
 def mode_of(domain: dict[str, Any]) -> str:
+    """The shootdown design a domain runs: its backend's flush_tlb_others, or IPIs that reload cr3."""
+    backend = domain.get("backend", "")
     if "tlbflush=cr3" in domain.get("cmdline", ""):
-        return "cr3"
-    return {"native": "native", "xen": "pv", "vmi": "vmi"}.get(domain.get("backend", ""), "?")
+        return f"cr3 ({backend})"
+    return {"native": "native", "xen": "pv", "vmi": "pv (vmi rom)"}.get(backend, "?")
 
 
 def _events(run_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str]]:
@@ -62,17 +64,18 @@ def shootdowns(run_dir: Path) -> list[Shootdown]:
         ends = {e["round"]: e["vt_ns"] for e in events if e["event"] == "guest.mark" and e["code"] == 2}
         ipis = [e for e in hv if e["event"] == "ipi" and e["dom"] == domid]
         pv = [e for e in hv if e["event"] == "shootdown" and e["dom"] == domid]
+        hcalls = [e for e in hv if e["event"] == "hypercall" and e["dom"] == domid and e["vcpu"] == 0]
         for rnd, start in sorted(starts.items()):
             end = ends.get(rnd)
             if end is None:
                 continue
             sent = [e for e in ipis if start <= e["vt_ns"] <= end and e["vector"] in (0xF1, 0xF2)]
             calls = [e for e in pv if start <= e["vt_ns"] <= end]
-            if calls:
-                messages, preempted = len(calls), sum(e["preempted"] for e in calls)
-            else:
-                # each IPI crosses the bus twice (domain -> hypervisor -> target); the acknowledgement is memory
-                messages, preempted = 2 * len(sent), sum(1 for e in sent if not e["target_running"])
+            traps = [e for e in hcalls if start <= e["vt_ns"] <= end]
+            # a hypercall is one request on the bus; an APIC IPI crosses it twice (sender -> hypervisor -> target);
+            # acknowledgements are writes to shared memory and cost no message
+            messages = len(traps) + 2 * len(sent)
+            preempted = sum(e["preempted"] for e in calls) + sum(1 for e in sent if not e["target_running"])
             out.append(Shootdown(domid, mode, rnd, start, end, messages, preempted))
     return out
 

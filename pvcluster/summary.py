@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pvcluster.analysis import latency_table, shootdowns, stale_reads
 from pvcluster.trace import read_events
 
 
@@ -55,5 +56,19 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
     console.print(
         f"windows: {status['window']}, virtual time {status['vt_ns'] / 1000:.3f} us, wall time {wall_s:.2f} s"
     )
-    console.print("TLB-shootdown latencies: not measured yet (no shootdown workload in this build)")
+    rows = latency_table(shootdowns(run_dir))
+    if rows:
+        sd = Table(title="TLB shootdown latency (virtual µs, from request to the last target's flush)",
+                   title_justify="left")
+        for col in ("design", "shootdowns", "p50", "p90", "p99", "max", "messages", "preempted targets"):
+            sd.add_column(col, justify="left" if col == "design" else "right")
+        for r in rows:
+            sd.add_row(r["mode"], str(r["shootdowns"]), f"{r['p50_us']:.3f}", f"{r['p90_us']:.3f}",
+                       f"{r['p99_us']:.3f}", f"{r['max_us']:.3f}", f"{r['messages_per_shootdown']:.2f}",
+                       f"{r['preempted_targets']:.2f}")
+        console.print(sd)
+        stale = stale_reads(run_dir)
+        console.print(f"stale TLB reads detected: {stale}" + ("  [red](a flush was missed)[/]" if stale else ""))
+    else:
+        console.print("TLB shootdowns: none in this run (the guests' workload=shootdown measures them)")
     console.print(f"traces: {run_dir / 'trace'}")

@@ -54,7 +54,7 @@ def test_default_loads_with_two_domains_of_two_vcpus() -> None:
     assert spec.source == "<default>"
     assert [d.name for d in spec.domains] == ["alpha", "beta"]
     assert [d.vcpus for d in spec.domains] == [2, 2]
-    assert spec.domain("beta").cmdline == "shutdown=reboot"
+    assert spec.domain("beta").cmdline == "workload=shootdown shutdown=reboot"
     assert all(d.builtin_kernel for d in spec.domains)
 
 
@@ -77,12 +77,13 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
                 "memory_mib": 4,
                 "kernel": "pvkern",
                 "cmdline": c,
-                "backend": "xen",
+                "backend": b,
                 "boot": "ebx",
                 "patching": True,
                 "faults": [],
             }
-            for n, c in (("alpha", "shutdown=poweroff"), ("beta", "shutdown=reboot"))
+            for n, c, b in (("alpha", "workload=shootdown shutdown=poweroff", "native"),
+                            ("beta", "workload=shootdown shutdown=reboot", "xen"))
         ],
     }
     assert tomllib.loads(default_spec_text()) == expected

@@ -55,6 +55,8 @@ class BuildResult:
     entry: int
     start_info: int  # guest virtual address of start_info
     guest_os: str
+    l2_mfn: int = 0  # the initial page directory, pinned by the hypervisor as Xen's builder pins it
+    l1_mfns: list[int] = attrs.Factory(list)
 
 
 @attrs.frozen
