@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pvcluster.analysis import latency_table, shootdowns
 from pvcluster.cluster import Cluster
 from pvcluster.spec import load_spec, parse_spec
 from pvcluster.trace import read_events, virtual_view
@@ -58,11 +59,15 @@ def test_default_cluster_boots_every_vcpu_and_shuts_down_with_the_guest_reason(r
 def test_same_seed_same_hypercall_stream_other_seed_differs(run_dir: Path) -> None:
     text = (Path(__file__).parent.parent / "pvcluster" / "default_spec.toml").read_text()
     streams = []
+    tables = []
     for i, seed in enumerate((7, 7, 8)):
         spec = parse_spec(text.replace("seed = 1", f"seed = {seed}"))
         _run(spec, run_dir / str(i))
         streams.append(_hypercall_stream(run_dir / str(i)))
+        tables.append(latency_table(shootdowns(run_dir / str(i))))
     assert streams[0] == streams[1]
+    # the summary table `pvcluster up` prints: same seed, same latencies
+    assert tables[0] == tables[1] and len(tables[0]) == 2
     assert len(streams[0]) > 20
     assert streams[0] != streams[2]
 
