@@ -32,7 +32,8 @@ def _hypercall_page_asm() -> str:
 
 # The built-in kernel's source files, assembled as one unit in this order.
 KERNEL_FILES = {
-    "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S")
+    "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S",
+               "mmuhostile.S")
 }
 # pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
 PV_OPS = (

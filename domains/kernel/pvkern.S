@@ -161,6 +161,13 @@ pv_boot:
     je .Lno_hcbench
     call hypercall_bench
 .Lno_hcbench:
+    cmp dword ptr [workload_mmuhostile], 0
+    je .Lno_mmuhostile
+    call mmu_hostile
+    test eax, eax
+    jz .Lno_mmuhostile
+    mov dword ptr [shutdown_reason], 3
+.Lno_mmuhostile:
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown
     call shootdown_run
@@ -375,6 +382,9 @@ parse_cmdline:
     mov edi, str_shootdown_key
     call cmdline_flag
     mov [workload_shootdown], eax
+    mov edi, str_mmuhostile_key
+    call cmdline_flag
+    mov [workload_mmuhostile], eax
     mov edi, str_cr3_key
     call cmdline_flag
     mov [sd_cr3_mode], eax
@@ -684,6 +694,7 @@ str_forever_key: .asciz "workload=forever"
 msg_forever: .asciz "pvkern: spinning forever "
 str_ops_key: .asciz "workload=ops"
 str_shootdown_key: .asciz "workload=shootdown"
+str_mmuhostile_key: .asciz "workload=mmuhostile"
 str_cr3_key: .asciz "tlbflush=cr3"
 str_irqbench_key: .asciz "workload=irqbench"
 str_opbench_key: .asciz "opbench="
