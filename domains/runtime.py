@@ -21,6 +21,7 @@ from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercalls import copy_in
 from hypervisor.vmi_rom import VMI_ROM_BASE
 from pvcluster.abi.layouts import VCPU_INFO_SIZE
+from pvcluster.analysis import mode_of
 from pvcluster.bus import codec
 from pvcluster.bus.messages import (
     Build,
@@ -60,6 +61,8 @@ class DomainProcess:
         self._reported_faults: set[int] = set()
         self.exit_code = 0
         self._ipis: list[Ipi] = []
+        self._span_start: dict[int, int] = {}
+        self._shootdown_mode = ""
 
     def _trace(self, event: str, **fields: Any) -> None:
         fields.setdefault("vt_ns", self.vt_ns)
@@ -123,6 +126,7 @@ class DomainProcess:
                 ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os=""
             )
         self.ram, self.boot = ram, boot
+        self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
         counter = InsnCounter()
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
@@ -249,7 +253,15 @@ class DomainProcess:
             self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
     def _mark(self, vcpu: int, value: int, vt_ns: int) -> None:
-        self._trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=value & 0xFF, round=value >> 8)
+        code, rnd = value & 0xFF, value >> 8
+        span = f"sd-d{self.domid}-r{rnd}"
+        self._trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=code, round=rnd, span=span)
+        if code == 1:
+            self._span_start[rnd] = vt_ns
+        elif code == 2 and rnd in self._span_start:
+            start = self._span_start.pop(rnd)
+            self._trace("shootdown.span", vt_ns=start, vcpu=vcpu, span=span, round=rnd, end_vt_ns=vt_ns,
+                        latency_ns=vt_ns - start, mode=self._shootdown_mode)
 
     def _publish_time(self, vcpu: Vcpu) -> None:
         """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""

@@ -12,10 +12,11 @@ from typing import Any
 
 from rich.console import Console
 
+from pvcluster.analysis import latency_table, shootdowns, stale_reads
 from pvcluster.cluster import Cluster, ClusterError
 from pvcluster.control import ControlClient, ControlError
 from pvcluster.spec import SpecError, load_spec
-from pvcluster.summary import render
+from pvcluster.summary import hypercall_stats, render
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -107,6 +108,27 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Merge a run's trace files and report shootdown latency (works on a finished run too)."""
+    run_dir = _run_dir(args)
+    if not (run_dir / "trace" / "hypervisor.jsonl").exists():
+        err.print(f"[red]error:[/] no traces in {run_dir / 'trace'}")
+        return 1
+    rows = latency_table(shootdowns(run_dir))
+    if args.json:
+        print(json.dumps({"shootdowns": rows, "stale_reads": stale_reads(run_dir),
+                          "hypercalls": hypercall_stats(run_dir)}))
+        return 0
+    if not rows:
+        out.print("no shootdowns in this run")
+    for r in rows:
+        out.print(f"{r['mode']:<16} n={r['shootdowns']:<4} p50 {r['p50_us']:9.3f} us  p90 {r['p90_us']:9.3f} us  "
+                  f"p99 {r['p99_us']:9.3f} us  max {r['max_us']:9.3f} us  "
+                  f"messages {r['messages_per_shootdown']:.2f}  preempted {r['preempted_targets']:.2f}")
+    out.print(f"stale reads: {stale_reads(run_dir)}")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
@@ -163,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.add_argument("dom", help="domain id or name")
         p.set_defaults(fn=cmd_pause)
+
+    p = sub.add_parser("trace", help="shootdown latency by design from a run's traces (running or finished)")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_trace)
 
     p = sub.add_parser("down", help="destroy every domain and stop the hypervisor")
     common(p)

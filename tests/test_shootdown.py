@@ -84,3 +84,19 @@ def test_every_shootdown_has_a_span_with_its_hops(run: dict[str, Any]) -> None:
     nat_dom = run["final"]["nat"]["domid"]
     ipis = [e for e in events if e["event"] == "ipi" and e["dom"] == nat_dom and e["vector"] == 0xF1]
     assert len(ipis) == 40 and all(e["dest"] == 1 for e in ipis)
+
+
+def test_trace_command_reports_the_run(run: dict[str, Any]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pvcluster.cli", "trace", "--run-dir", str(run["run_dir"]), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {r["mode"] for r in report["shootdowns"]} >= {"native", "pv", "cr3 (native)", "cr3 (xen)", "pv (vmi rom)"}
+    assert report["stale_reads"] > 0  # the skip-flush domain's
+    spans = [e for f in (run["run_dir"] / "trace").glob("dom*-nat.jsonl") for e in read_events(f)
+             if e["event"] == "shootdown.span"]
+    assert len(spans) == 40 and all(e["mode"] == "native" and e["latency_ns"] > 0 for e in spans)
