@@ -7,6 +7,7 @@ checked against the annotation of the attrs class registered for ``type_code``, 
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def message_types() -> dict[int, type]:
 
 def _to_wire(value: Any) -> Any:
     if attrs.has(type(value)):
-        return [_to_wire(getattr(value, f.name)) for f in attrs.fields(type(value))]
+        return [_to_wire(getattr(value, f.name)) for f in _fields(type(value))]
     if isinstance(value, (list, tuple)):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
@@ -82,64 +83,105 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
+class _Bad(Exception):
+    """A field that does not match its annotation. The path is built only on the way out, so a valid frame
+    (the common case) costs no string formatting."""
+
+    def __init__(self, msg: str) -> None:
+        self.msg = msg
+        self.where: list[str] = []
+
+
+@functools.cache
+def _shape(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(tp), typing.get_args(tp)
+
+
+@functools.cache
+def _fields(tp: type) -> tuple[Any, ...]:
+    return tuple(attrs.fields(attrs.resolve_types(tp)))  # type: ignore[type-var]
+
+
+def _wire(tp: Any, value: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH:
-        raise FrameError("bad-field", f"{path}: nested too deeply")
-    origin = typing.get_origin(tp)
+        raise _Bad("nested too deeply")
     if tp is Any:
         return value
+    if tp is int:
+        if not _is_int(value):
+            raise _Bad(f"expected int, got {type(value).__name__}")
+        return value
+    if tp is str or tp is bytes or tp is bool or tp is float:
+        if not isinstance(value, tp) or (tp is float and isinstance(value, bool)):
+            raise _Bad(f"expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    origin, args = _shape(tp)
+    if origin is list or origin is tuple:
+        if not isinstance(value, list):
+            raise _Bad(f"expected a list, got {type(value).__name__}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _Bad(f"expected {len(args)} items, got {len(value)}")
+            items = list(zip(args, value, strict=True))
+        else:
+            item = args[0] if args else Any
+            items = [(item, v) for v in value]
+        out = []
+        for i, (a, v) in enumerate(items):
+            try:
+                out.append(_wire(a, v, depth + 1))
+            except _Bad as bad:
+                bad.where.append(f"[{i}]")
+                raise
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Bad("expected a map with string keys")
+        vtype = args[1] if len(args) == 2 else Any
+        result = {}
+        for k, v in value.items():
+            try:
+                result[k] = _wire(vtype, v, depth + 1)
+            except _Bad as bad:
+                bad.where.append(f"[{k!r}]")
+                raise
+        return result
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(tp):
+        first: _Bad | None = None
+        for alt in args:
             if alt is type(None):
                 if value is None:
                     return None
                 continue
             try:
-                return _from_wire(alt, value, path, depth + 1)
-            except FrameError as exc:
-                errors.append(exc.detail)
-        raise FrameError("bad-field", errors[0] if errors else f"{path}: expected {tp}, got None")
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise FrameError("bad-field", f"{path}: expected a list, got {type(value).__name__}")
-        args = typing.get_args(tp)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise FrameError("bad-field", f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(
-                _from_wire(a, v, f"{path}[{i}]", depth + 1) for i, (a, v) in enumerate(zip(args, value, strict=True))
-            )
-        item = args[0] if args else Any
-        out = [_from_wire(item, v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise FrameError("bad-field", f"{path}: expected a map with string keys")
-        args = typing.get_args(tp)
-        vtype = args[1] if len(args) == 2 else Any
-        return {k: _from_wire(vtype, v, f"{path}[{k!r}]", depth + 1) for k, v in value.items()}
-    if tp is int:
-        if not _is_int(value):
-            raise FrameError("bad-field", f"{path}: expected int, got {type(value).__name__}")
-        return value
-    if tp in (str, bytes, bool, float):
-        if not isinstance(value, tp) or (tp is float and isinstance(value, bool)):
-            raise FrameError("bad-field", f"{path}: expected {tp.__name__}, got {type(value).__name__}")
-        return value
+                return _wire(alt, value, depth + 1)
+            except _Bad as bad:
+                first = first or bad
+        raise first if first is not None else _Bad(f"expected {tp}, got None")
     if attrs.has(tp):
-        fields = attrs.fields(attrs.resolve_types(tp))
+        fields = _fields(tp)
         if not isinstance(value, list) or len(value) != len(fields):
             got = len(value) if isinstance(value, list) else type(value).__name__
-            raise FrameError("bad-field", f"{path}: {tp.__name__} needs {len(fields)} fields, got {got}")
-        kwargs = {
-            f.name: _from_wire(f.type, v, f"{path}.{f.name}", depth + 1) for f, v in zip(fields, value, strict=True)
-        }
+            raise _Bad(f"{tp.__name__} needs {len(fields)} fields, got {got}")
+        kwargs = {}
+        for f, v in zip(fields, value, strict=True):
+            try:
+                kwargs[f.name] = _wire(f.type, v, depth + 1)
+            except _Bad as bad:
+                bad.where.append(f".{f.name}")
+                raise
         try:
             return tp(**kwargs)
         except (ValueError, TypeError) as exc:
-            raise FrameError("bad-field", f"{path}: {exc}") from None
-    raise FrameError("bad-field", f"{path}: unsupported annotation {tp!r}")
+            raise _Bad(str(exc)) from None
+    raise _Bad(f"unsupported annotation {tp!r}")
+
+
+def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
+    try:
+        return _wire(tp, value, depth)
+    except _Bad as bad:
+        raise FrameError("bad-field", f"{path}{''.join(reversed(bad.where))}: {bad.msg}") from None
 
 
 def decode(frame: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
