@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from bench import hypercall_rtt, pvops
+from bench import hypercall_rtt, multicall, pvops
 
 
 def main() -> None:
     hypercall_rtt.main()
     print()
     pvops.main()
+    print()
+    multicall.main()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def clear(ram: GuestRam, port: int) -> None:
         _set_bit(ram, SHARED_INFO_EVTCHN_PENDING, port, False)
 
 
+def is_pending(ram: GuestRam, port: int) -> bool:
+    return 0 < port < NR_EVENT_CHANNELS and _bit(ram, SHARED_INFO_EVTCHN_PENDING, port)
+
+
 def upcall_pending(ram: GuestRam, vcpu: int) -> bool:
     return ram.read_pa(ram.shared_info_paddr + _vcpu_info(ram, vcpu) + _UPCALL_PENDING, 1) != b"\x00"
 

@@ -33,6 +33,7 @@ from pvcluster.bus.messages import (
     Ipi,
     Region,
     Stop,
+    VcpuAction,
     VcpuFault,
     VcpuReport,
     Window,
@@ -207,6 +208,21 @@ class DomainProcess:
                     target.complete_trap(0, res.vt_ns)
                 else:
                     target.state = VcpuState.BLOCKED
+            elif act.kind == "poll":
+                # SCHEDOP_poll: done at once if a polled port is pending, else the vCPU sleeps until one is (the
+                # upcall mask is left alone, unlike block)
+                ports = [act.regs.get(f"p{i}", 0) for i in range(act.regs.get("nr", 0))]
+                if target.trap is None:
+                    pass
+                elif any(events.is_pending(self.ram, p) for p in ports):
+                    target.complete_trap(0, res.vt_ns)
+                else:
+                    target.poll_ports = ports
+                    target.state = VcpuState.BLOCKED
+            elif act.kind == "poll_timeout":
+                if target.trap is not None and target.poll_ports is not None \
+                        and target.trap.vt_ns == act.regs.get("trap_vt"):
+                    target.complete_trap(0, res.vt_ns)
             elif act.kind == "evtchn_pending":
                 events.set_pending(self.ram, act.regs.get("port", 0), target.vid)
             elif act.kind == "evtchn_unmask":
@@ -292,8 +308,25 @@ class DomainProcess:
         return [Region(s.addr, s.length, read(s.addr, s.length, s.writable), s.writable)
                 for s in copy_in(nr, args, read)]
 
+    def _event(self, act: VcpuAction) -> None:
+        """An action decided outside this domain's own hypercalls, arriving at regs["vt_ns"]: a vCPU asleep until
+        then wakes no earlier than that."""
+        vt = act.regs.get("vt_ns", self.vt_ns)
+        self._trace("domain.event", vt_ns=vt, vcpu=act.vcpu, kind=act.kind, port=act.regs.get("port"))
+        blocked = 0 <= act.vcpu < len(self.vcpus) and self.vcpus[act.vcpu].state is VcpuState.BLOCKED
+        if blocked and act.kind != "poll_timeout":  # a poll timeout that ends a poll advances the clock itself
+            self.vcpus[act.vcpu].advance_to(vt)
+        if act.kind == "evtchn_pending":  # and a vCPU polling the port wakes no earlier than the event either
+            for v in self.vcpus:
+                if v.poll_ports is not None and act.regs.get("port") in v.poll_ports:
+                    v.advance_to(vt)
+        self._apply(HypercallResult(vcpu=act.vcpu, seq=-1, vt_ns=vt, value=0, writes=[], actions=[act],
+                                    complete=False))
+
     def _window(self, window: Window) -> WindowDone:
         assert self.ram is not None
+        for act in window.events:
+            self._event(act)
         for res in window.results:
             self._apply(res)
         reqs: list[HypercallReq] = []

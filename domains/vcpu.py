@@ -194,6 +194,8 @@ class Vcpu:
         self.pending_irqs: list[tuple[int, int, int, int]] = []
         self._irq_seq = 0
         self.upcall_eip: int | None = None
+        # SCHEDOP_poll in progress: the ports it waits on (it does not wake on other events)
+        self.poll_ports: list[int] | None = None
         self.ipi_sink: IpiSink | None = None
         self._icr_high = 0
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
@@ -329,7 +331,10 @@ class Vcpu:
         if self.state is not VcpuState.BLOCKED:
             return
         if self.trap is not None:
-            if events.upcall_pending(self.ram, self.vid):
+            if self.poll_ports is not None:
+                if any(events.is_pending(self.ram, p) for p in self.poll_ports):
+                    self.complete_trap(0, self.clock_ns)
+            elif events.upcall_pending(self.ram, self.vid):
                 self.complete_trap(0, self.clock_ns)
             return
         if self.pending_irqs and self._irq_enabled() and self.pending_irqs[0][0] < end_ps:
@@ -467,5 +472,6 @@ class Vcpu:
     def complete_trap(self, value: int, vt_ns: int) -> None:
         self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)
         self.trap = None
+        self.poll_ports = None
         self.advance_to(vt_ns)
         self.state = VcpuState.RUNNING

@@ -15,12 +15,13 @@ from typing import Any
 
 import attrs
 
+from hypervisor import timers
 from hypervisor.domain import Domain, DomainState
 from hypervisor.guestmem import GuestView
 from hypervisor.hypercalls import Call, dispatch
 from pvcluster.abi.errno import as_signed
 from pvcluster.abi.xen import Hypercall, ShutdownReason
-from pvcluster.bus.messages import HypercallReq, HypercallResult, WindowDone
+from pvcluster.bus.messages import HypercallReq, HypercallResult, VcpuAction, WindowDone
 
 
 class ReportError(Exception):
@@ -51,6 +52,12 @@ class Conductor:
     hypercalls: int = 0
     # whether a vCPU holds a pCPU right now (the scheduler's view), for shootdown traces
     is_running: Callable[[tuple[int, int]], bool] = lambda _key: True
+    # modelled bus latency: an event one domain raises in another lands this long after it was raised
+    link_ns: int = 0
+    # events for a domain's vCPUs decided elsewhere (interdomain sends, peers closing, timers), by domid; each
+    # action's regs carry its arrival time as "vt_ns"; a window carries those due by its end
+    events: dict[int, list[VcpuAction]] = attrs.Factory(dict)
+    domain_alive: Callable[[int], bool] | None = None
 
     def __attrs_post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -68,6 +75,19 @@ class Conductor:
             del self.times[key]
         self.results.pop(dom.domid, None)
         self.reports.pop(dom.domid, None)
+        self.events.pop(dom.domid, None)
+
+    def post(self, domid: int, action: VcpuAction, vt_ns: int) -> None:
+        """Queue ``action`` for ``domid``, to arrive at ``vt_ns``."""
+        self.events.setdefault(domid, []).append(VcpuAction(action.kind, action.vcpu, {**action.regs, "vt_ns": vt_ns}))
+
+    def take_events(self, domid: int) -> list[VcpuAction]:
+        """The events for ``domid`` due by the end of the open window, in arrival order."""
+        queue = self.events.get(domid, [])
+        due = sorted((a for a in queue if a.regs["vt_ns"] <= self.end_ns), key=lambda a: a.regs["vt_ns"])
+        if due:
+            self.events[domid] = [a for a in queue if a.regs["vt_ns"] > self.end_ns]
+        return due
 
     def wake(self, key: tuple[int, int], vt_ns: int) -> None:
         """An interrupt or event makes a waiting vCPU runnable from ``vt_ns`` on."""
@@ -154,7 +174,8 @@ class Conductor:
     def _trace_pv_shootdown(self, dom: Domain, req: HypercallReq, call: Call, done_vt: int, value: int) -> None:
         """A flush of other vCPUs in one hypercall is a paravirtual shootdown: it completes when the hypercall
         does, because targets without a pCPU are flushed before they next run."""
-        if req.nr not in (Hypercall.mmuext_op, Hypercall.update_va_mapping) or as_signed(value) < 0:
+        flushing = (Hypercall.mmuext_op, Hypercall.update_va_mapping, Hypercall.multicall)
+        if req.nr not in flushing or as_signed(value) < 0:
             return
         targets, pages = _flush_targets(call)
         if not targets:
@@ -177,8 +198,12 @@ class Conductor:
 
     def _apply(self, dom: Domain, req: HypercallReq) -> tuple[HypercallResult | None, Shutdown | None]:
         mem = GuestView(req_regions(req))
-        call = Call(dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args), mem=mem, log=self.log)
+        call = Call(dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args), mem=mem, log=self.log,
+                    domain_alive=self.domain_alive)
+        timers.end_poll(dom.domid, req.vcpu)  # a vCPU that traps again is no longer in an earlier poll
         value = dispatch(call)
+        for domid, action in call.remote:
+            self.post(domid, action, req.vt_ns + self.link_ns)
         if "skip-flush" in getattr(dom.spec, "faults", ()):
             self._skip_flushes(dom, req, call)
         done_vt = req.vt_ns + self.hypercall_ns + (self.rng.randint(0, self.jitter_ns) if self.jitter_ns else 0)

@@ -242,7 +242,8 @@ def bind_interdomain(domid: int, remote_domid: int, remote_port: int) -> Port | 
     """Connect a fresh port of ``domid`` to ``remote_domid``'s UNBOUND ``remote_port``, which must be waiting for
     ``domid``; both ends become INTERDOMAIN. As in Xen the local port is taken first (-ENOSPC before -EINVAL), and
     the caller should then set the local port pending: notifications sent while the remote end was unbound were
-    dropped. Loopback (``remote_domid == domid``) is allowed. Not reachable by guests before issue 5."""
+    dropped. Loopback (``remote_domid == domid``) is allowed. EVTCHNOP_bind_interdomain checks the remote domain exists
+    (-ESRCH) before calling this."""
     local = _free_port(_table(domid))
     if local is None:
         return Errno.ENOSPC

@@ -46,6 +46,10 @@ class GuestView:
                 return r, addr - r.addr
         raise GuestFault(addr, length, "is not mapped" if not writable else "is not mapped writable")
 
+    def check(self, addr: int, length: int, *, writable: bool = False) -> None:
+        """Raise GuestFault unless [addr, +length) may be read (or, with ``writable``, written)."""
+        self._find(addr, length, writable=writable)
+
     def read(self, addr: int, length: int) -> bytes:
         r, off = self._find(addr, length, writable=False)
         assert r.data is not None

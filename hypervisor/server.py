@@ -12,7 +12,7 @@ from typing import Any
 import trio
 import zmq
 
-from hypervisor import evtchn, mm
+from hypervisor import evtchn, mm, timers
 from hypervisor.conductor import Conductor, ReportError, Shutdown
 from hypervisor.domain import Domain, DomainState, DomainTable, IllegalTransition
 from hypervisor.hypercall_page import hypercall_page
@@ -29,6 +29,7 @@ from pvcluster.bus.messages import (
     Hello,
     Ipi,
     Stop,
+    VcpuAction,
     Window,
     WindowDone,
 )
@@ -56,6 +57,8 @@ class Hypervisor:
         )
         self.scheduler = Scheduler(spec.hypervisor.pcpus, spec.hypervisor.slice_ns, log)
         self.conductor.is_running = self.scheduler.is_running
+        self.conductor.link_ns = cost.link_ns
+        self.conductor.domain_alive = self._domain_alive
         self.ipi_ns = cost.ipi_ns
         # IPIs waiting for their target to hold a pCPU, by (domid, vcpu)
         self.pending_ipis: dict[tuple[int, int], list[Ipi]] = {}
@@ -275,6 +278,7 @@ class Hypervisor:
                 continue
             self.idle = False
             self.conductor.open(end)
+            self._fire_timers()
             self.awaiting = {d.domid for d in parts}
             self.reports_in = trio.Event()
             for d in parts:
@@ -286,6 +290,7 @@ class Hypervisor:
                     results=self.conductor.take_results(d.domid),
                     run=run,
                     irqs=irqs,
+                    events=self.conductor.take_events(d.domid),
                 )
                 await self._send(self.bus, d.identity, window)  # type: ignore[arg-type]
             with trio.move_on_after(WINDOW_REPORT_TIMEOUT_S):
@@ -342,11 +347,72 @@ class Hypervisor:
         for (domid, vid), ipis in self.pending_ipis.items():
             if ipis:
                 self.conductor.wake((domid, vid), min(i.vt_ns for i in ipis))
+        running = {d.domid for d in parts if d.state is DomainState.RUNNING}
+        for domid, queue in self.conductor.events.items():
+            if domid not in running:
+                continue
+            for act in queue:
+                self._wake_at((domid, act.vcpu), act.regs["vt_ns"], act.kind)
+                if act.kind == "evtchn_pending":  # a vCPU polling the port may not be the one it notifies
+                    for v in timers.pollers(domid):
+                        self._wake_at((domid, v), act.regs["vt_ns"], "poll")
+        # a vCPU that cannot run but has a timer armed runs again at its deadline, so a window reaches it
+        for key in timers.armed():
+            deadline = timers.next_deadline(*key)
+            dom = self.table.get(key[0])
+            if key[0] in running and deadline is not None and dom is not None and dom.vcpus[key[1]].up:
+                self._wake_at(key, deadline, "timer")
+
+    def _wake_at(self, key: tuple[int, int], vt_ns: int, why: str) -> None:
+        """Make a vCPU that cannot run now runnable from ``vt_ns``; a vCPU that can run keeps its own clock."""
+        if self.conductor.times.get(key) is None:
+            self.conductor.times[key] = vt_ns
+            self.scheduler.wake(key, vt_ns, why)
+
+    def _fire_timers(self) -> None:
+        """Timers due by the end of the window just opened become events for their domains."""
+        for exp in timers.due(self.conductor.end_ns):
+            dom = self.table.get(exp.domid)
+            if dom is None or dom.state is not DomainState.RUNNING:
+                continue
+            if exp.kind == "poll":
+                action = VcpuAction(kind="poll_timeout", vcpu=exp.vcpu, regs={"trap_vt": exp.seq})
+            else:
+                port = evtchn.virq_port(exp.domid, exp.vcpu, evtchn.Virq.TIMER)
+                p = evtchn.lookup(exp.domid, port) if port is not None else None
+                if p is None:
+                    self.log.info("timer.expired", vt_ns=exp.vt_ns, dom=exp.domid, vcpu=exp.vcpu, kind=exp.kind,
+                                  port=None)
+                    continue
+                action = VcpuAction(kind="evtchn_pending", vcpu=p.notify_vcpu, regs={"port": p.number})
+            self.log.info("timer.expired", vt_ns=exp.vt_ns, dom=exp.domid, vcpu=exp.vcpu, kind=exp.kind,
+                          port=action.regs.get("port"))
+            self.conductor.post(exp.domid, action, exp.vt_ns)
+
+    def _domain_alive(self, domid: int) -> bool:
+        dom = self.table.get(domid)
+        return dom is not None and dom.alive
+
+    def _notify_peers(self, domid: int, peers: list[tuple[int, int]]) -> None:
+        """``domid``'s channels were closed: each peer port is UNBOUND now; raise an event on it for its owner."""
+        for peer_dom, peer_port in peers:
+            p = evtchn.lookup(peer_dom, peer_port)
+            if p is None or p.state is not evtchn.PortState.UNBOUND:
+                continue
+            vt = self.conductor.end_ns + self.conductor.link_ns
+            self.log.info("evtchn.peer_closed", vt_ns=vt, dom=peer_dom, port=peer_port, remote_dom=domid)
+            self.conductor.post(peer_dom, VcpuAction(kind="evtchn_pending", vcpu=p.notify_vcpu,
+                                                     regs={"port": peer_port}), vt)
+            self._wake_at((peer_dom, p.notify_vcpu), vt, "peer-closed")
 
     def _leave(self, dom: Domain) -> None:
-        """``dom`` stops taking part in windows: its vCPUs give up their pCPUs and its queued IPIs are dropped."""
+        """``dom`` stops taking part in windows: its vCPUs give up their pCPUs, its queued IPIs are dropped, its
+        timers stopped and its event channels closed."""
         self.conductor.leave(dom)
         self.scheduler.offline(dom.domid, self.conductor.end_ns)
+        timers.forget(dom.domid)
+        # its channels close now, in virtual time, not when its process happens to exit: peers see them go
+        self._notify_peers(dom.domid, evtchn.close_all(dom.domid))
         for key in [k for k in self.pending_ipis if k[0] == dom.domid]:
             del self.pending_ipis[key]
 
@@ -413,8 +479,9 @@ class Hypervisor:
         rc = await launch.wait_exit(proc)
         self.log.info("domain.process_exit", vt_ns=self.conductor.end_ns, dom=dom.domid, returncode=rc)
         mm.forget(dom.domid)
-        evtchn.close_all(dom.domid)  # peers' ports go back to unbound (telling them arrives with issue 5)
+        self._notify_peers(dom.domid, evtchn.close_all(dom.domid))  # peers' ports go back to unbound
         evtchn.forget(dom.domid)
+        timers.forget(dom.domid)
         if dom.state is DomainState.SHUTTING_DOWN:
             dom.move(DomainState.DEAD, f"process exited ({rc})")
             self.printk(f"d{dom.domid} ({dom.name}): dead", dom=dom.domid)

@@ -61,6 +61,9 @@ SAMPLES: dict[type, list[Any]] = {
                 complete=False,
             ),
         ]),
+        Window(index=13, end_ns=130_000, results=[], run=[0], irqs=[],
+               events=[VcpuAction(kind="evtchn_pending", vcpu=0, regs={"port": 3, "vt_ns": 125_000}),
+                       VcpuAction(kind="poll_timeout", vcpu=1, regs={"trap_vt": 7, "vt_ns": 126_000})]),
     ],
     WindowDone: [
         WindowDone(index=0, vcpus=[], hypercalls=[], faults=[]),
@@ -262,17 +265,17 @@ def bad_field(body_code: int, fields: Any, seq: int = 77) -> FrameError:
 def test_str_where_int_expected_nested_in_a_list_of_hypercall_results() -> None:
     good = [0, 1, 100, 0, [], [], True]
     bad = [1, 2, 200, "0xffffffea", [], [], True]
-    err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], [], []])
     assert err.detail == "Window.results[1].value: expected int, got str"
 
 
 def test_wrong_type_deep_inside_a_window() -> None:
     action = ["set_context", 0, "not a map"]
     result = [0, 1, 100, 0, [[0x1000, b"ab"]], [action], True]
-    err = bad_field(code_of(Window), [3, 30_000, [result], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [result], [], [], []])
     assert err.detail == "Window.results[0].actions[0].regs: expected a map with string keys"
     write = [0x1000, "ab"]  # str where bytes expected
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]], [], [], []])
     assert err.detail == "Window.results[0].writes[0].data: expected bytes, got str"
 
 
@@ -330,7 +333,7 @@ def test_none_where_a_required_str_is_expected() -> None:
 
 
 def test_list_where_a_list_is_expected_but_got_a_map() -> None:
-    err = bad_field(code_of(Window), [1, 10, {"0": []}, [], []])
+    err = bad_field(code_of(Window), [1, 10, {"0": []}, [], [], []])
     assert err.detail == "Window.results: expected a list, got dict"
 
 
@@ -352,7 +355,7 @@ def test_any_field_passes_through_but_the_frame_is_still_checked() -> None:
                          ids=["str", "bool", "float", "nil"])
 def test_map_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
     action = ["set_context", 0, {"esp": 0x2000, "eip": value}]  # VcpuAction.regs is dict[str, int]
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [action], True]], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [action], True]], [], [], []])
     assert err.detail == f"Window.results[0].actions[0].regs['eip']: expected int, got {got}"
 
 

@@ -109,8 +109,8 @@ def _new_port(rc_call: tuple[int, Call], offset: int) -> int:
 
 
 def _connect(dom: Domain) -> tuple[int, int]:
-    """An interdomain channel between ``dom`` and OTHER, made with the module (bind_interdomain is issue 5):
-    (dom's port, OTHER's port)."""
+    """An interdomain channel between ``dom`` and OTHER, made with the module (the hypercall path is tested in
+    test_evtchn_interdomain.py): (dom's port, OTHER's port)."""
     theirs = evtchn.alloc_unbound(OTHER, dom.domid)
     assert isinstance(theirs, Port)
     ours = evtchn.bind_interdomain(dom.domid, OTHER, theirs.number)
@@ -291,11 +291,10 @@ def test_send_on_a_port_that_is_not_the_callers_to_send_on_is_einval(dom: Domain
     assert rc == -Errno.EINVAL and call.actions == []
 
 
-def test_send_on_an_interdomain_port_waits_for_issue_5(dom: Domain) -> None:
-    ours, _ = _connect(dom)
+def test_send_on_an_interdomain_port_makes_the_peer_port_pending_in_the_peer_domain(dom: Domain) -> None:
+    ours, theirs = _connect(dom)
     rc, call = _port_op(dom, EvtchnOp.send, ours)
-    assert rc == -Errno.ENOSYS and call.actions == []
-    assert _denied(call) == ["interdomain delivery arrives with issue 5"]
+    assert rc == 0 and call.actions == [] and call.remote == [(OTHER, _pending(0, theirs))]
 
 
 # -- close --------------------------------------------------------------------------------------------------
@@ -493,7 +492,7 @@ def test_bind_virq_errors(dom: Domain) -> None:
     assert len(evtchn.in_use(dom.domid)) == 2
 
 
-# -- ENOSPC, ops that wait for issue 5, unknown ops ----------------------------------------------------------
+# -- ENOSPC, refused and unknown ops ------------------------------------------------------------------------
 
 
 def test_every_port_but_zero_can_be_used_then_enospc_until_one_is_closed(dom: Domain) -> None:
@@ -506,12 +505,11 @@ def test_every_port_but_zero_can_be_used_then_enospc_until_one_is_closed(dom: Do
     assert _new_port(_virq(dom, Virq.TIMER, 0), 8) == 500
 
 
-def test_bind_interdomain_and_reset_wait_for_issue_5(dom: Domain) -> None:
+def test_bind_interdomain_to_a_port_not_offered_is_einval(dom: Domain) -> None:
+    evtchn.bind_ipi(OTHER, 0)
     rc, call = _run(dom, EvtchnOp.bind_interdomain, struct.pack("<HHII", OTHER, 0, 1, 0))
-    assert rc == -Errno.ENOSYS and call.mem.writes == [] and call.actions == []
-    assert _denied(call) == ["interdomain delivery arrives with issue 5"]
-    rc, call = _run(dom, EvtchnOp.reset, struct.pack("<H", DOMID_SELF))
-    assert rc == -Errno.ENOSYS and _denied(call) == ["reset arrives with issue 5"]
+    assert rc == -Errno.EINVAL and call.mem.writes == [] and call.actions == []
+    assert _denied(call) == ["remote-port-not-offered"]
 
 
 def test_bind_pirq_is_eperm_and_fifo_and_unknown_ops_are_enosys(dom: Domain) -> None:

@@ -26,6 +26,12 @@
 .equ IPI_VECTOR_BIT, 16
 .equ FLUSH_VECTOR_BIT, 17
 .equ CR3_VECTOR_BIT, 18
+.equ HC_MMU_UPDATE, 1
+.equ HC_MMUEXT_OP, 26
+.equ XEN_MC_MAX, 64                  # entries in a vCPU's lazy-MMU batch; a full batch is sent at once
+.equ XEN_MC_ENTRY, 32                # struct multicall_entry: u32 op, u32 result, u32 args[6]
+.equ XEN_MC_ARGS, 2048               # offset of the 16-byte argument buffers (one per entry) in a batch area
+.equ XEN_MC_AREA, 3072               # one vCPU's batch area: XEN_MC_MAX entries, then their argument buffers
 
 xen_code_begin:
 xen_init:
@@ -156,8 +162,7 @@ xen_handle_port:
 .Lport_done:
     ret
 .Lport_unknown:
-    lock inc dword ptr [xen_stray_events]
-    ret
+    jmp evw_port_event               # evtchn_work.S: timer ticks, else a stray event
 
 # this_vcpu_info() -> eax = &shared_info->vcpu_info[this cpu]; clobbers nothing else
 this_vcpu_info:
@@ -232,13 +237,39 @@ xen_write_cr3:
     mov edx, eax
     call this_cpu
     mov [xen_cr3 + eax*4], edx
+    cmp dword ptr [xen_mc_count + eax*4], 0
+    je .Lxen_cr3_now
+    push edx                         # lazy MMU mode: the updates queued so far reach the hypervisor first
+    call xen_mc_flush
+    pop edx
+.Lxen_cr3_now:
     shr edx, 12
     mov eax, MMUEXT_NEW_BASEPTR
     xor ecx, ecx
-    jmp xen_mmuext_one
+    jmp xen_mmuext_now
 
 # set_pte(eax = pte virtual address, edx = value): one MMU_NORMAL_PT_UPDATE with the pte's machine address
+# (in lazy MMU mode queued in this vCPU's multicall batch; returns 0 then)
 xen_set_pte:
+    push eax
+    call this_cpu
+    cmp dword ptr [xen_lazy + eax*4], 0
+    pop eax
+    je .Lxen_set_pte_now
+    push edx
+    push eax
+    mov eax, HC_MMU_UPDATE
+    call xen_mc_queue
+    pop ecx
+    sub ecx, VIRT_BASE
+    mov [eax], ecx                   # ptr (low), command 0 in the low bits
+    mov dword ptr [eax + 4], 0
+    pop edx
+    mov [eax + 8], edx               # val
+    mov dword ptr [eax + 12], 0
+    xor eax, eax
+    ret
+.Lxen_set_pte_now:
     push ebx
     push esi
     sub esp, 16
@@ -283,8 +314,28 @@ xen_flush_tlb_others:
     xor edx, edx
     jmp xen_mmuext_one
 
-# xen_mmuext_one(eax = cmd, edx = arg1, ecx = arg2) -> eax = hypercall result
+# xen_mmuext_one(eax = cmd, edx = arg1, ecx = arg2) -> eax = hypercall result (in lazy MMU mode the op is
+# queued in this vCPU's multicall batch and the result is 0)
 xen_mmuext_one:
+    push eax
+    call this_cpu
+    cmp dword ptr [xen_lazy + eax*4], 0
+    pop eax
+    je xen_mmuext_now
+    push ecx
+    push edx
+    push eax
+    mov eax, HC_MMUEXT_OP
+    call xen_mc_queue
+    pop ecx
+    mov [eax], ecx                   # cmd
+    pop ecx
+    mov [eax + 4], ecx               # arg1
+    pop ecx
+    mov [eax + 8], ecx               # arg2
+    xor eax, eax
+    ret
+xen_mmuext_now:
     push ebx
     push esi
     sub esp, 12
@@ -297,6 +348,144 @@ xen_mmuext_one:
     mov esi, DOMID_SELF
     call hc_mmuext_op
     add esp, 12
+    pop esi
+    pop ebx
+    ret
+
+# Lazy MMU mode, as Linux's xen backend has it: between lazy_mmu_begin and lazy_mmu_end, set_pte and the TLB
+# flush ops append entries to a per-vCPU multicall batch instead of trapping; lazy_mmu_end sends the batch as one
+# multicall. Event upcalls are masked for the section (restored at its end), so an upcall handler's own MMU ops
+# never land in the batch of the code it interrupted.
+
+# lazy_mmu_begin() -> eax = 0 (a second begin without an end changes nothing)
+xen_lazy_mmu_begin:
+    call this_cpu
+    cmp dword ptr [xen_lazy + eax*4], 0
+    jne .Lxen_lazy_begin_done
+    mov dword ptr [xen_lazy + eax*4], 1
+    mov ecx, eax
+    call this_vcpu_info
+    movzx edx, byte ptr [eax + VI_UPCALL_MASK]
+    mov [xen_lazy_mask + ecx*4], edx
+    mov byte ptr [eax + VI_UPCALL_MASK], 1
+.Lxen_lazy_begin_done:
+    xor eax, eax
+    ret
+
+# lazy_mmu_end() -> eax = 0, or the first failure among the batch's entries since lazy_mmu_begin
+xen_lazy_mmu_end:
+    call this_cpu
+    cmp dword ptr [xen_lazy + eax*4], 0
+    je .Lxen_lazy_end_idle
+    call xen_mc_flush
+    call this_cpu
+    mov ecx, eax
+    mov dword ptr [xen_lazy + ecx*4], 0
+    xor eax, eax
+    xchg eax, [xen_mc_error + ecx*4]
+    cmp dword ptr [xen_lazy_mask + ecx*4], 0
+    jne .Lxen_lazy_end_done          # events were masked before the section: they stay masked
+    push eax
+    mov eax, EFLAGS_IF               # unmask, and take an event that arrived meanwhile
+    call xen_restore_fl
+    pop eax
+.Lxen_lazy_end_done:
+    ret
+.Lxen_lazy_end_idle:
+    xor eax, eax
+    ret
+
+# xen_mc_flush() -> eax = 0, or the first failure (the multicall's own error, else the first failing entry's
+# result): send this vCPU's batch as one multicall (a single entry as its own hypercall) and empty it. The first
+# failure is also kept in xen_mc_error for lazy_mmu_end. Clobbers ecx, edx.
+xen_mc_flush:
+    push ebx
+    push esi
+    push edi
+    call this_cpu
+    mov esi, eax
+    xor eax, eax
+    mov ecx, [xen_mc_count + esi*4]
+    test ecx, ecx
+    jz .Lxen_mc_flush_done
+    mov dword ptr [xen_mc_count + esi*4], 0
+    imul ebx, esi, XEN_MC_AREA
+    add ebx, xen_mc_area
+    mov edi, ebx
+    cmp ecx, 1
+    jne .Lxen_mc_multi
+    push esi                         # one entry: its hypercall itself, without the multicall (as Linux does)
+    push edi
+    mov eax, [edi]
+    shl eax, 5                       # the op's stub in the hypercall page
+    add eax, hypercall_page
+    mov ebx, [edi + 8]
+    mov ecx, [edi + 12]
+    mov edx, [edi + 16]
+    mov esi, [edi + 20]
+    mov edi, [edi + 24]
+    call eax
+    pop edi
+    pop esi
+    mov [edi + 4], eax
+    test eax, eax
+    jnz .Lxen_mc_failed
+    jmp .Lxen_mc_flush_done
+.Lxen_mc_multi:
+    push ecx
+    call hc_multicall                # ebx = entries, ecx = count
+    pop ecx
+    test eax, eax
+    jnz .Lxen_mc_failed
+.Lxen_mc_scan:
+    mov eax, [edi + 4]               # each entry's result
+    test eax, eax
+    jnz .Lxen_mc_failed
+    add edi, XEN_MC_ENTRY
+    dec ecx
+    jnz .Lxen_mc_scan
+    jmp .Lxen_mc_flush_done
+.Lxen_mc_failed:
+    cmp dword ptr [xen_mc_error + esi*4], 0
+    jne .Lxen_mc_flush_done
+    mov [xen_mc_error + esi*4], eax
+.Lxen_mc_flush_done:
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# xen_mc_queue(eax = hypercall nr) -> eax = the new entry's 16-byte argument buffer. The entry is
+# nr(buffer, 1, NULL, DOMID_SELF), the shape of mmu_update and mmuext_op; the caller fills the buffer. A full
+# batch is sent first. Clobbers ecx, edx.
+xen_mc_queue:
+    push ebx
+    push esi
+    mov ebx, eax
+    call this_cpu
+    mov esi, eax
+    cmp dword ptr [xen_mc_count + esi*4], XEN_MC_MAX
+    jb .Lxen_mcq_room
+    call xen_mc_flush
+.Lxen_mcq_room:
+    mov ecx, [xen_mc_count + esi*4]
+    inc dword ptr [xen_mc_count + esi*4]
+    imul eax, esi, XEN_MC_AREA
+    add eax, xen_mc_area
+    mov edx, ecx
+    shl edx, 4
+    lea edx, [eax + edx + XEN_MC_ARGS]
+    shl ecx, 5
+    add eax, ecx                     # the entry
+    mov [eax], ebx                   # op
+    mov dword ptr [eax + 4], 0       # result
+    mov [eax + 8], edx               # args: the buffer, count 1, no done count, DOMID_SELF
+    mov dword ptr [eax + 12], 1
+    mov dword ptr [eax + 16], 0
+    mov dword ptr [eax + 20], DOMID_SELF
+    mov dword ptr [eax + 24], 0
+    mov dword ptr [eax + 28], 0
+    mov eax, edx
     pop esi
     pop ebx
     ret
@@ -323,6 +512,7 @@ xen_ops:
     .long xen_flush_tlb_single, xen_flush_tlb_others
     .long xen_send_ipi
     .long xen_clock_ns
+    .long xen_lazy_mmu_begin, xen_lazy_mmu_end
 xen_shared_info: .long 0
 xen_callback_reg:
     .word 0, 0                       # CALLBACKTYPE_event, flags
@@ -334,3 +524,10 @@ xen_stray_events: .long 0
 msg_xen_init_failed: .asciz "pvkern: PANIC: xen backend init failed (callback or IPI port): "
 xen_cr3: .space 4 * MAX_VCPUS
 msg_xen_init: .asciz "pvkern: xen backend init, shared_info at "
+.align 4
+xen_lazy: .space 4 * MAX_VCPUS       # per vCPU: in lazy MMU mode
+xen_lazy_mask: .space 4 * MAX_VCPUS  # per vCPU: evtchn_upcall_mask when the lazy section began
+xen_mc_count: .space 4 * MAX_VCPUS   # per vCPU: entries queued
+xen_mc_error: .space 4 * MAX_VCPUS   # per vCPU: the first failure since lazy_mmu_begin
+.align 32
+xen_mc_area: .space XEN_MC_AREA * MAX_VCPUS

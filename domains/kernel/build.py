@@ -33,7 +33,7 @@ def _hypercall_page_asm() -> str:
 # The built-in kernel's source files, assembled as one unit in this order.
 KERNEL_FILES = {
     "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S",
-               "mmuhostile.S")
+               "mmuhostile.S", "multicall_bench.S", "evtchn_work.S")
 }
 # pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
 PV_OPS = (
@@ -53,6 +53,8 @@ PV_OPS = (
     "flush_tlb_others",
     "send_ipi",
     "clock_ns",
+    "lazy_mmu_begin",
+    "lazy_mmu_end",
 )
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")

@@ -5,6 +5,7 @@
 .equ TEST_TSS_SLOT, 5
 .equ TEST_TSS_BASE, 0x12345678
 .equ TEST_PTE_VALUE, 0x00003067
+.equ TEST_LAZY_PTE_VALUE, 0x00004067
 .equ OPBENCH_ROUNDS, 200
 .equ SPIN_LIMIT, 1000000
 
@@ -73,6 +74,22 @@ ops_test:
     mov eax, [test_pte]
     mov edx, TEST_PTE_VALUE
     mov esi, msg_t_set_pte
+    call ops_expect
+
+    PVCALL lazy_mmu_begin            # lazy MMU mode: the update and the flushes may wait for lazy_mmu_end
+    mov eax, test_pte
+    mov edx, TEST_LAZY_PTE_VALUE
+    PVCALL set_pte
+    mov eax, test_pte
+    PVCALL flush_tlb_single
+    PVCALL flush_tlb_user
+    PVCALL lazy_mmu_end              # xen: one multicall of three entries
+    xor edx, edx
+    mov esi, msg_t_lazy_end
+    call ops_expect
+    mov eax, [test_pte]
+    mov edx, TEST_LAZY_PTE_VALUE
+    mov esi, msg_t_lazy_pte
     call ops_expect
 
     PVCALL flush_tlb_user
@@ -235,6 +252,8 @@ opbench_args:
     .long test_cpumask, -1                       # flush_tlb_others (an empty mask)
     .long 0, 0                                   # send_ipi (not benchmarked)
     .long 0, 0                                   # clock_ns
+    .long 0, 0                                   # lazy_mmu_begin
+    .long 0, 0                                   # lazy_mmu_end
     .long 0, 0                                   # the empty op
 opbench_target: .long 0
 opbench_nop:
@@ -250,6 +269,8 @@ msg_t_restore_off: .asciz "pvkern: ops: FAIL restore_fl(0) left IF = "
 msg_t_restore_on: .asciz "pvkern: ops: FAIL restore_fl(IF) left IF = "
 msg_t_cr3: .asciz "pvkern: ops: FAIL read_cr3 after write_cr3 = "
 msg_t_set_pte: .asciz "pvkern: ops: FAIL set_pte wrote "
+msg_t_lazy_end: .asciz "pvkern: ops: FAIL lazy_mmu_end returned "
+msg_t_lazy_pte: .asciz "pvkern: ops: FAIL set_pte in lazy MMU mode wrote "
 msg_t_flush_user: .asciz "pvkern: ops: FAIL flush_tlb_user returned "
 msg_t_flush_kernel: .asciz "pvkern: ops: FAIL flush_tlb_kernel returned "
 msg_t_tss_low: .asciz "pvkern: ops: FAIL set_tss_desc low word "

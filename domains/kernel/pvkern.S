@@ -168,6 +168,16 @@ pv_boot:
     jz .Lno_mmuhostile
     mov dword ptr [shutdown_reason], 3
 .Lno_mmuhostile:
+    call mc_bench                    # workload=mcbench (multicall_bench.S); returns 0 when not asked for
+    test eax, eax
+    jz .Lno_mcbench
+    mov dword ptr [shutdown_reason], 3
+.Lno_mcbench:
+    call evtchn_work                 # workload=pingserver|pingclient|timer (evtchn_work.S); 0 when not asked for
+    test eax, eax
+    jz .Lno_evtchn_work
+    mov dword ptr [shutdown_reason], 3
+.Lno_evtchn_work:
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown
     call shootdown_run

@@ -7,11 +7,12 @@
 #          13 flush_tlb_others
 #   apic:  14 send_ipi
 #   time:  15 clock_ns
+#   lazy:  16 lazy_mmu_begin  17 lazy_mmu_end (after the VMI ROM's 16 slots, which the ROM does not have: NULL)
 # Calling convention: arguments in eax, edx, ecx; result in eax; an op may clobber eax, ecx and edx.
 # Call sites are written `PVCALL op` (the builder's preprocessor turns each into `call [pv_ops + 4*slot]` and
 # records it in the patch-site table pv_patch_sites: u32 slot, u32 site, u32 length).
 
-.equ NR_PV_OPS, 16
+.equ NR_PV_OPS, 18
 .equ APIC_BASE, 0xFEE00000
 .equ CLOCK_PORT, 0x5C
 .equ VMI_ROM_BASE, 0xFFFF0000
@@ -245,6 +246,11 @@ native_clock_ns:
     mov edx, CLOCK_PORT
     in eax, dx
     ret
+# lazy_mmu_begin(), lazy_mmu_end() -> eax = 0: on bare hardware every update takes effect at once
+native_lazy_mmu_begin:
+native_lazy_mmu_end:
+    xor eax, eax
+    ret
 native_code_end:
 
 # Inline replacements the patcher may use for sites whose op is still native: (pointer, length) per slot
@@ -265,6 +271,8 @@ native_inline:
     .long 0, 0                       # flush_tlb_others
     .long 0, 0                       # send_ipi
     .long 0, 0                       # clock_ns
+    .long 0, 0                       # lazy_mmu_begin
+    .long 0, 0                       # lazy_mmu_end
 inline_cli:
     cli
 inline_sti:
@@ -299,6 +307,7 @@ native_ops:
     .long native_flush_tlb_single, native_flush_tlb_others_entry
     .long native_send_ipi
     .long native_clock_ns
+    .long native_lazy_mmu_begin, native_lazy_mmu_end
 pv_ops: .space 4 * NR_PV_OPS
 patched_inline: .long 0
 patched_direct: .long 0

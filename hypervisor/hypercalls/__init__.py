@@ -16,8 +16,10 @@ from hypervisor.hypercalls import (
     event_channel_op,
     mmu_update,
     mmuext_op,
+    multicall,
     sched_op,
     set_callbacks,
+    set_timer_op,
     update_va_mapping,
     vcpu_op,
     xen_version,
@@ -35,14 +37,20 @@ FAMILIES: dict[int, ModuleType] = {
         mmu_update,
         update_va_mapping,
         mmuext_op,
+        multicall,
         event_channel_op,
         callback_op,
         set_callbacks,
+        set_timer_op,
     )
 }
 
-# Copying in is capped per call, whatever a family asks for, so a hostile length cannot balloon a message.
+# Copying in is capped, whatever a family asks for, so a hostile length cannot balloon a message: each span at
+# MAX_COPY_IN, and all the spans of one trap together at MAX_COPY_IN_TOTAL (a multicall names the buffers of up
+# to 512 entries). Spans past the total are dropped in order, so the first ones (a multicall's entry array) stay;
+# a dropped span reads as unmapped, -EFAULT for whatever needed it.
 MAX_COPY_IN = 64 * 1024
+MAX_COPY_IN_TOTAL = 256 * 1024
 
 
 def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
@@ -50,7 +58,13 @@ def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
     if family is None:
         return []
     spans: list[Span] = family.copy_in(args, read)
-    return [s for s in spans if 0 < s.length <= MAX_COPY_IN]
+    kept: list[Span] = []
+    total = 0
+    for s in spans:
+        if 0 < s.length <= MAX_COPY_IN and total + s.length <= MAX_COPY_IN_TOTAL:
+            kept.append(s)
+            total += s.length
+    return kept
 
 
 def dispatch(call: Call) -> int:

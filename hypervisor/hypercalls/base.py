@@ -41,6 +41,11 @@ class Call:
     # When set, the vCPU gets no result now: it blocked, or its domain is going away.
     deferred: bool = False
     shutdown: int | None = None
+    # Actions for another domain's vCPUs (an interdomain event): (domid, action). The conductor delivers them in
+    # that domain's next window, ``link_ns`` after the call.
+    remote: list[tuple[int, VcpuAction]] = attrs.Factory(list)
+    # Whether a domid names a live domain; None: any domain with event-channel state counts (unit tests).
+    domain_alive: Callable[[int], bool] | None = None
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF

@@ -7,7 +7,10 @@ still pending) and ``evtchn_clear`` (clear the pending bit of a port being close
 
 As Xen's do_event_channel_op: the command struct is copied in whole (-EFAULT if it cannot be), and for the ops with
 out fields copied back whole after success; a failed copy-back leaves the port allocated and returns -EFAULT.
-Interdomain delivery, bind_interdomain and reset act on another domain's process and arrive with issue 5.
+Interdomain delivery acts on another domain's process: the handler puts the peer's ``evtchn_pending`` in
+``call.remote`` and the conductor hands it to that domain in its next window, ``link_ns`` after the send.
+Closing one end of an interdomain channel (close, reset, or the domain dying) leaves the other end UNBOUND and
+raises an event on it, so its owner sees the peer go.
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ SIZES: dict[int, int] = {
 }
 _HAS_OUT = frozenset({_O.bind_interdomain, _O.bind_virq, _O.bind_pirq, _O.status, _O.alloc_unbound, _O.bind_ipi})
 
-_ISSUE5 = "interdomain delivery arrives with issue 5"
 
 
 def copy_in(args: list[int], read: Reader) -> list[Span]:
@@ -140,9 +142,34 @@ def _alloc_unbound(call: Call, ptr: int, raw: bytes) -> int:
     return _copy_out(call, _O.alloc_unbound, ptr, _with_port(raw, 4, r.number))
 
 
+def _alive(call: Call, domid: int) -> bool:
+    if call.domain_alive is not None:
+        return call.domain_alive(domid)
+    return domid == call.dom.domid or domid in evtchn._tables
+
+
+def _notify(call: Call, domid: int, port: evtchn.Port) -> None:
+    """An event on ``port`` of ``domid``: the caller's own through its actions, another domain's through remote."""
+    if domid == call.dom.domid:
+        call.actions.append(_pending(port))
+    else:
+        call.remote.append((domid, _pending(port)))
+
+
 def _bind_interdomain(call: Call, ptr: int, raw: bytes) -> int:
     remote_dom, remote_port = struct.unpack_from("<H2xI", raw)
-    return _deny(call, Errno.ENOSYS, _ISSUE5, op="bind_interdomain", remote_dom=remote_dom, remote_port=remote_port)
+    if remote_dom == DOMID_SELF:
+        remote_dom = call.dom.domid
+    if not _alive(call, remote_dom):  # Xen: rcu_lock_domain_by_id fails
+        return _deny(call, Errno.ESRCH, "no-such-domain", op="bind_interdomain", remote_dom=remote_dom)
+    r = evtchn.bind_interdomain(call.dom.domid, remote_dom, remote_port)
+    if isinstance(r, Errno):
+        reason = "no-free-port" if r is Errno.ENOSPC else "remote-port-not-offered"
+        return _deny(call, r, reason, op="bind_interdomain", remote_dom=remote_dom, remote_port=remote_port)
+    # As Xen: the local end starts pending, since anything sent while the remote end was unbound was dropped.
+    call.actions.append(_pending(r))
+    call.trace("evtchn.bind_interdomain", port=r.number, remote_dom=remote_dom, remote_port=remote_port)
+    return _copy_out(call, _O.bind_interdomain, ptr, _with_port(raw, 8, r.number))
 
 
 def _bind_virq(call: Call, ptr: int, raw: bytes) -> int:
@@ -174,7 +201,18 @@ def _close(call: Call, ptr: int, raw: bytes) -> int:
         return _deny(call, r, "port-not-open", op="close", port=port)
     call.actions.append(VcpuAction(kind="evtchn_clear", vcpu=r.notify_vcpu, regs={"port": port}))
     call.trace("evtchn.close", port=port, was=r.state.value)
+    _notify_peer(call, r)
     return 0
+
+
+def _notify_peer(call: Call, was: evtchn.Port) -> None:
+    """``was`` (as it was before closing) was INTERDOMAIN: its peer is UNBOUND now; tell the peer's owner."""
+    if was.state is not evtchn.PortState.INTERDOMAIN or was.remote_dom is None or was.remote_port is None:
+        return
+    peer = evtchn.lookup(was.remote_dom, was.remote_port)
+    if peer is not None and peer.state is evtchn.PortState.UNBOUND:
+        _notify(call, was.remote_dom, peer)
+        call.trace("evtchn.peer_closed", port=was.number, remote_dom=was.remote_dom, remote_port=was.remote_port)
 
 
 def _send(call: Call, ptr: int, raw: bytes) -> int:
@@ -190,7 +228,13 @@ def _send(call: Call, ptr: int, raw: bytes) -> int:
         call.trace("evtchn.send_dropped", port=port)  # nobody at the far end yet: Xen drops it silently
         return 0
     if p.state is evtchn.PortState.INTERDOMAIN:
-        return _deny(call, Errno.ENOSYS, _ISSUE5, op="send", port=port, remote_dom=p.remote_dom)
+        assert p.remote_dom is not None and p.remote_port is not None
+        peer = evtchn.lookup(p.remote_dom, p.remote_port)
+        assert peer is not None
+        _notify(call, p.remote_dom, peer)
+        call.trace("evtchn.send", port=port, remote_dom=p.remote_dom, remote_port=p.remote_port,
+                   target=peer.notify_vcpu)
+        return 0
     return _deny(call, Errno.EINVAL, "port-not-sendable", op="send", port=port, state=p.state.value)
 
 
@@ -252,7 +296,15 @@ def _unmask(call: Call, ptr: int, raw: bytes) -> int:
 
 def _reset(call: Call, ptr: int, raw: bytes) -> int:
     (dom,) = struct.unpack_from("<H", raw)
-    return _deny(call, Errno.ENOSYS, "reset arrives with issue 5", op="reset", target_dom=dom)
+    if not _is_self(call, dom):
+        # Xen: -ESRCH for no such domain, then the XSM check refuses an unprivileged caller any other domain
+        err = Errno.EPERM if _alive(call, dom) else Errno.ESRCH
+        return _deny(call, err, "foreign-domid", op="reset", target_dom=dom)
+    for p in reversed(evtchn.in_use(call.dom.domid)):  # highest first, as close_all
+        if not p.free:  # a loopback peer closed earlier in this loop is free already
+            _close(call, 0, struct.pack("<I", p.number))
+    call.trace("evtchn.reset")
+    return 0
 
 
 _OPS: dict[EvtchnOp, Callable[[Call, int, bytes], int]] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from hypervisor import timers
 from hypervisor.guestmem import GuestFault, Span
 from hypervisor.hypercalls.base import Call, Reader
 from pvcluster.abi.errno import Errno
@@ -32,10 +33,57 @@ _REG_OFFSETS = {
 }
 
 
+# struct vcpu_set_periodic_timer { u64 period_ns; }; struct vcpu_set_singleshot_timer { u64 timeout_abs_ns;
+# u32 flags; }: 12 bytes on x86-32, where a u64 is 4-aligned.
+_TIMER_STRUCTS: dict[int, int] = {VcpuOp.set_periodic_timer: 8, VcpuOp.set_singleshot_timer: 12}
+VCPU_SSHOTTMR_FUTURE = 1
+ETIME = 62  # xen/errno.h
+MIN_PERIOD_NS = 1_000_000  # Xen refuses periods under MILLISECS(1)
+STIME_DELTA_MAX = (1 << 62) - 1
+
+
 def copy_in(args: list[int], read: Reader) -> list[Span]:
     if args[0] == VcpuOp.initialise:
         return [Span(args[2], VCPU_GUEST_CONTEXT_SIZE)]
+    size = _TIMER_STRUCTS.get(args[0] & 0xFFFFFFFF)
+    if size is not None:
+        return [Span(args[2], size)]
     return []
+
+
+def _timer_op(call: Call, cmd: int, vid: int) -> int:
+    """VCPUOP_{set,stop}_{periodic,singleshot}_timer, in virtual time (``hypervisor/timers.py``)."""
+    domid = call.dom.domid
+    if cmd == VcpuOp.stop_periodic_timer:
+        timers.set_periodic(domid, vid, 0, call.vt_ns)
+        call.trace("timer.stop", kind="periodic", target=vid)
+        return 0
+    if cmd == VcpuOp.set_periodic_timer:
+        try:
+            (period,) = struct.unpack("<Q", call.mem.read(call.arg(2), 8))
+        except GuestFault:
+            return -Errno.EFAULT
+        if not MIN_PERIOD_NS <= period <= STIME_DELTA_MAX:
+            return -Errno.EINVAL
+        timers.set_periodic(domid, vid, period, call.vt_ns)
+        call.trace("timer.set", kind="periodic", target=vid, period_ns=period)
+        return 0
+    # the singleshot timer is only the calling vCPU's to set or stop (Xen: v != current is -EINVAL)
+    if vid != call.vcpu:
+        return -Errno.EINVAL
+    if cmd == VcpuOp.stop_singleshot_timer:
+        timers.set_singleshot(domid, vid, None)
+        call.trace("timer.stop", kind="singleshot", target=vid)
+        return 0
+    try:
+        deadline, flags = struct.unpack("<QI", call.mem.read(call.arg(2), 12))
+    except GuestFault:
+        return -Errno.EFAULT
+    if flags & VCPU_SSHOTTMR_FUTURE and deadline < call.vt_ns:
+        return -ETIME
+    timers.set_singleshot(domid, vid, deadline)
+    call.trace("timer.set", kind="singleshot", target=vid, deadline_ns=deadline)
+    return 0
 
 
 def handle(call: Call) -> int:
@@ -43,6 +91,9 @@ def handle(call: Call) -> int:
     if vid >= len(call.dom.vcpus):
         return -Errno.ENOENT
     target = call.dom.vcpus[vid]
+    if cmd in (VcpuOp.set_periodic_timer, VcpuOp.stop_periodic_timer, VcpuOp.set_singleshot_timer,
+               VcpuOp.stop_singleshot_timer):
+        return _timer_op(call, cmd, vid)
     if cmd == VcpuOp.is_up:
         return 1 if target.up else 0
     if cmd == VcpuOp.initialise:

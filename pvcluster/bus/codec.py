@@ -64,7 +64,7 @@ def message_types() -> dict[int, type]:
 
 def _to_wire(value: Any) -> Any:
     if attrs.has(type(value)):
-        return [_to_wire(getattr(value, f.name)) for f in _fields(type(value))]
+        return [_to_wire(getattr(value, f.name)) for f in _fields(type(value))]  # type: ignore[arg-type]
     if isinstance(value, (list, tuple)):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):

@@ -141,6 +141,9 @@ class Window:
     results: list[HypercallResult]
     run: list[int] = attrs.Factory(list)  # the vCPUs that hold a physical CPU in this window
     irqs: list[Ipi] = attrs.Factory(list)  # interrupts to take, each no earlier than its vt_ns
+    # actions decided outside this domain's own hypercalls (interdomain events, peers closing, timers, poll
+    # timeouts), each with its arrival time in regs["vt_ns"]; applied before the vCPUs run
+    events: list[VcpuAction] = attrs.Factory(list)
 
 
 @message(6)
