@@ -24,7 +24,8 @@ EMPTY_OP_SLOT = len(PV_OPS)
 
 
 def _run(domains: list[tuple[str, str, str, bool]]) -> dict[str, dict[str, Any]]:
-    text = '[cluster]\nname = "bench"\n' + "".join(
+    # one pCPU per vCPU: scheduling must not add waiting time to the differences the bench takes
+    text = f'[cluster]\nname = "bench"\n[hypervisor]\npcpus = {len(domains)}\n' + "".join(
         f'[[domain]]\nname = "{n}"\nvcpus = 1\nbackend = "{b}"\ncmdline = "{c}"\npatching = {str(p).lower()}\n'
         for n, b, c, p in domains
     )

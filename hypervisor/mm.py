@@ -11,8 +11,11 @@ destroyed. Domids come from one ``DomainTable``, which never reuses them.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hypervisor.guestmem import GuestFault
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import DOMID_SELF, MAX_LEGACY_VCPUS, PAGE_SHIFT
 from pvcluster.bus.messages import VcpuAction
@@ -101,3 +104,35 @@ def flush_actions(targets: list[int], va: int | None) -> list[VcpuAction]:
     if va is None:
         return [VcpuAction(kind="flush_tlb", vcpu=v, regs={}) for v in targets]
     return [VcpuAction(kind="invlpg", vcpu=v, regs={"va": va & 0xFFFFFFFF}) for v in targets]
+
+
+def run_batch(
+    call: Any, fmt: str, unmapped: str, one: Callable[[Any, int, tuple[int, ...]], int], what: str = "request"
+) -> int:
+    """The batch protocol mmu_update and mmuext_op share: (array, count, done pointer, foreign domid). Entries run
+    in order and stop at the first failure; the done pointer gets how many succeeded, as Xen reports it."""
+    base, count, done_ptr, foreigndom = (call.arg(i) for i in range(4))
+    size = struct.calcsize(fmt)
+    rc, done = 0, 0
+    if not is_self(call.dom, foreigndom):
+        rc = deny(call, Errno.EPERM, "foreign-domid", foreigndom=foreigndom)
+    elif count > MAX_BATCH:
+        rc = deny(call, Errno.E2BIG, "batch-too-large", count=count)
+    else:
+        for i in range(count):
+            try:
+                fields = struct.unpack(fmt, call.mem.read(base + i * size, size))
+            except GuestFault:
+                rc = deny(call, Errno.EFAULT, unmapped, index=i)
+                break
+            rc = one(call, i, fields)
+            if rc:
+                break
+            done = i + 1
+    if done_ptr:
+        try:
+            call.mem.write_u32(done_ptr, done)
+        except GuestFault:
+            # Xen ignores a failed copy of the done count: the updates already happened, so the result stands.
+            call.trace("mmu.done_fault", addr=done_ptr, what=what)
+    return rc

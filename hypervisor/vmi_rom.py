@@ -66,6 +66,7 @@ from collections.abc import Callable
 
 import keystone
 
+from pvcluster.abi.pvops import PV_OPS, VMI_ROM_SLOTS
 from pvcluster.abi.xen import DOMID_SELF, HYPERCALL_VECTOR, PAGE_SIZE, Hypercall
 
 VMI_ROM_BASE = 0xFFFF0000
@@ -78,24 +79,7 @@ VMI_ROM_HEADER_SIZE = 16
 VMI_ROM_FILL = 0xCC  # int3
 VMI_OP_ALIGN = 16
 
-VMI_OPS: tuple[str, ...] = (
-    "init",
-    "set_tss_desc",
-    "irq_disable",
-    "irq_enable",
-    "save_fl",
-    "restore_fl",
-    "halt",
-    "read_cr3",
-    "write_cr3",
-    "set_pte",
-    "flush_tlb_user",
-    "flush_tlb_kernel",
-    "flush_tlb_single",
-    "flush_tlb_others",
-    "send_ipi",
-    "clock_ns",
-)
+VMI_OPS: tuple[str, ...] = PV_OPS[:VMI_ROM_SLOTS]
 VMI_OP_INDEX: dict[str, int] = {name: i for i, name in enumerate(VMI_OPS)}
 VMI_ROM_TABLE_OFFSET = VMI_ROM_HEADER_SIZE
 

@@ -9,6 +9,7 @@ from importlib import resources
 import keystone
 
 from domains.elf_pack import Segment, pack_elf32
+from pvcluster.abi.pvops import PV_OPS
 from pvcluster.abi.xen import HYPERCALL_STUB_SIZE, PAGE_SIZE, Hypercall, XenElfNote
 
 VIRT_BASE = 0xC0000000
@@ -35,27 +36,6 @@ KERNEL_FILES = {
     "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S",
                "mmuhostile.S", "multicall_bench.S", "evtchn_work.S")
 }
-# pv_ops slots, in the order of the table in pvops.S (and of the VMI ROM's table).
-PV_OPS = (
-    "init",
-    "set_tss_desc",
-    "irq_disable",
-    "irq_enable",
-    "save_fl",
-    "restore_fl",
-    "halt",
-    "read_cr3",
-    "write_cr3",
-    "set_pte",
-    "flush_tlb_user",
-    "flush_tlb_kernel",
-    "flush_tlb_single",
-    "flush_tlb_others",
-    "send_ipi",
-    "clock_ns",
-    "lazy_mmu_begin",
-    "lazy_mmu_end",
-)
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")
 

@@ -48,15 +48,7 @@ ops_test:
 
     PVCALL read_cr3
     mov ebx, eax
-    push esi                         # a copy of the live page directory maps the same: switching to it is safe
-    push edi
-    mov esi, eax
-    add esi, VIRT_BASE
-    mov edi, test_page_dir
-    mov ecx, 1024
-    rep movs dword ptr es:[edi], dword ptr [esi]
-    pop edi
-    pop esi
+    call copy_live_pgdir
     mov eax, test_page_dir
     sub eax, VIRT_BASE
     PVCALL write_cr3
@@ -213,10 +205,26 @@ ops_expect:
 
 # op_bench(eax = pv_ops slot): OPBENCH_ROUNDS calls of one op through the pv_ops table, with benign arguments
 # (the bench subtracts a run without them to get instructions and virtual time per call)
+# copy_live_pgdir(eax = machine address of the live page directory): test_page_dir becomes a copy of it, which
+# maps the same, so switching cr3 to it is safe
+copy_live_pgdir:
+    push esi
+    push edi
+    mov esi, eax
+    add esi, VIRT_BASE
+    mov edi, test_page_dir
+    mov ecx, 1024
+    rep movs dword ptr es:[edi], dword ptr [esi]
+    pop edi
+    pop esi
+    ret
+
 op_bench:
     push ebx
     push esi
     mov ebx, eax
+    PVCALL read_cr3                  # write_cr3 is benchmarked with a copy of the live page directory
+    call copy_live_pgdir
     mov ecx, opbench_nop             # slot NR_PV_OPS: an empty op, the baseline the bench subtracts
     cmp ebx, NR_PV_OPS
     jae .Lopbench_have_target

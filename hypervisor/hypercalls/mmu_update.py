@@ -8,10 +8,9 @@ succeeded either way, as Xen's does.
 from __future__ import annotations
 
 import enum
-import struct
 
 from hypervisor import mm
-from hypervisor.guestmem import GuestFault, Span
+from hypervisor.guestmem import Span
 from hypervisor.hypercalls.base import Call, Reader
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import PAGE_SHIFT, Hypercall
@@ -39,32 +38,7 @@ def copy_in(args: list[int], read: Reader) -> list[Span]:
 
 
 def handle(call: Call) -> int:
-    reqs, count, done_ptr, foreigndom = (call.arg(i) for i in range(4))
-    rc, done = _run(call, reqs, count, foreigndom)
-    if done_ptr:
-        try:
-            call.mem.write_u32(done_ptr, done)
-        except GuestFault:
-            # Xen ignores a failed copy of the done count: the updates already happened, so the result stands.
-            call.trace("mmu.done_fault", addr=done_ptr)
-    return rc
-
-
-def _run(call: Call, reqs: int, count: int, foreigndom: int) -> tuple[int, int]:
-    """(result, number of requests that succeeded)."""
-    if not mm.is_self(call.dom, foreigndom):
-        return mm.deny(call, Errno.EPERM, "foreign-domid", foreigndom=foreigndom), 0
-    if count > mm.MAX_BATCH:
-        return mm.deny(call, Errno.E2BIG, "batch-too-large", count=count), 0
-    for i in range(count):
-        try:
-            ptr, val = struct.unpack("<QQ", call.mem.read(reqs + i * REQUEST_SIZE, REQUEST_SIZE))
-        except GuestFault:
-            return mm.deny(call, Errno.EFAULT, "request-unmapped", index=i), i
-        rc = _update(call, i, ptr, val)
-        if rc:
-            return rc, i
-    return 0, count
+    return mm.run_batch(call, "<QQ", "request-unmapped", lambda c, i, f: _update(c, i, f[0], f[1]))
 
 
 def _update(call: Call, i: int, ptr: int, val: int) -> int:

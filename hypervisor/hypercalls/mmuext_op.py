@@ -60,32 +60,7 @@ def copy_in(args: list[int], read: Reader) -> list[Span]:
 
 
 def handle(call: Call) -> int:
-    ops, count, done_ptr, foreigndom = (call.arg(i) for i in range(4))
-    rc, done = _run(call, ops, count, foreigndom)
-    if done_ptr:
-        try:
-            call.mem.write_u32(done_ptr, done)
-        except GuestFault:
-            # Xen ignores a failed copy of the done count: the ops already happened, so the result stands.
-            call.trace("mmu.done_fault", addr=done_ptr)
-    return rc
-
-
-def _run(call: Call, ops: int, count: int, foreigndom: int) -> tuple[int, int]:
-    """(result, number of ops that succeeded)."""
-    if not mm.is_self(call.dom, foreigndom):
-        return mm.deny(call, Errno.EPERM, "foreign-domid", foreigndom=foreigndom), 0
-    if count > mm.MAX_BATCH:
-        return mm.deny(call, Errno.E2BIG, "batch-too-large", count=count), 0
-    for i in range(count):
-        try:
-            cmd, arg1, arg2 = struct.unpack("<3I", call.mem.read(ops + i * OP_SIZE, OP_SIZE))
-        except GuestFault:
-            return mm.deny(call, Errno.EFAULT, "op-unmapped", index=i), i
-        rc = _op(call, i, cmd, arg1, arg2)
-        if rc:
-            return rc, i
-    return 0, count
+    return mm.run_batch(call, "<3I", "op-unmapped", lambda c, i, f: _op(c, i, f[0], f[1], f[2]), what="op")
 
 
 def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
