@@ -212,11 +212,9 @@ class DomainProcess:
                 # SCHEDOP_poll: done at once if a polled port is pending, else the vCPU sleeps until one is (the
                 # upcall mask is left alone, unlike block)
                 ports = [act.regs.get(f"p{i}", 0) for i in range(act.regs.get("nr", 0))]
-                if target.trap is None:
-                    pass
-                elif any(events.is_pending(self.ram, p) for p in ports):
+                if target.trap is not None and any(events.is_pending(self.ram, p) for p in ports):
                     target.complete_trap(0, res.vt_ns)
-                else:
+                elif target.trap is not None:
                     target.poll_ports = ports
                     target.state = VcpuState.BLOCKED
             elif act.kind == "poll_timeout":

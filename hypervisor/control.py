@@ -39,8 +39,8 @@ class ControlServer:
                 await sock.send_multipart(
                     [identity, *envelope, codec.encode(reply, seq=self._seq, vt_ns=self.hv.conductor.end_ns)]
                 )
-            except zmq.ZMQError:
-                pass
+            except zmq.ZMQError as exc:  # the client went away; the command itself was carried out
+                self.hv.log.warning("control.reply_failed", vt_ns=self.hv.conductor.end_ns, error=str(exc))
             if done:
                 return
 

@@ -140,7 +140,7 @@ class Cluster:
         try:
             self.client.call("down", timeout_s=timeout_s)
         except ControlError:
-            pass
+            pass  # an unresponsive hypervisor is signalled and then killed below
         finally:
             self.client.close()
         if self.proc is None:

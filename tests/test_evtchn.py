@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from helpers import RecordingLog
 
 from hypervisor import evtchn
 from hypervisor.domain import Domain, DomainTable, IllegalTransition
@@ -34,12 +35,7 @@ OTHER = 2  # a second domid, used through hypervisor/evtchn.py directly (the hyp
 _S = PortState
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
+_Log = RecordingLog
 
 
 @pytest.fixture

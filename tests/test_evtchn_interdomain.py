@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import keystone
 import pytest
+from helpers import RecordingLog
 
 from domains import events as guest_events
 from domains.memory import GuestRam
@@ -40,12 +41,7 @@ VIRT = 0xC0000000
 _S = PortState
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
+_Log = RecordingLog
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import RecordingLog
 
 from hypervisor import mm
 from hypervisor.domain import Domain, DomainTable
@@ -29,12 +29,7 @@ PT, PT2, DATA = 0x100, 0x101, 0x200  # a page-table frame, a second one, and a d
 P, RW, PSE = 0x1, 0x2, 0x80
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
+_Log = RecordingLog
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import RecordingLog
 
 from hypervisor import hypercalls, mm
 from hypervisor.domain import Domain, DomainTable
@@ -35,12 +36,7 @@ SCHEDOP_BLOCK, SCHEDOP_SHUTDOWN = 1, 2
 UNTOUCHED = 0xA5A5A5A5  # what the test puts in every result field before the call
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
+_Log = RecordingLog
 
 
 @pytest.fixture
