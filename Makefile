@@ -1,29 +1,19 @@
-# Quick start: `make up` (set up, run the default cluster, print a summary) and `make test`.
+# Shortcuts for dev.py, which needs nothing but Python (the README's Quick start uses it directly).
 PYTHON ?= python3
-VENV ?= .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: up test lint bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+up:
+	$(PYTHON) dev.py up $(SPEC)
 
-up: $(STAMP)
-	$(BIN)/pvcluster up $(SPEC)
+test:
+	$(PYTHON) dev.py test $(PYTEST_ARGS)
 
-test: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+lint:
+	$(PYTHON) dev.py lint
 
-lint: $(STAMP)
-	$(BIN)/ruff check pvcluster hypervisor domains tests bench
-	$(BIN)/mypy pvcluster hypervisor domains
-
-bench: $(STAMP)
-	$(BIN)/python -m bench
+bench:
+	$(PYTHON) dev.py bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
