@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,10 +27,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypervisor: bad spec: {exc}", file=sys.stderr)
         return 2
     log = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
-    # SIGTERM (the toolstack going away) must still run the clean-up that kills the domain processes.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    hv = Hypervisor(spec, args.run_dir, log)
+
+    def on_term(signum: int, _frame: object) -> None:
+        # The toolstack died or gave up on a clean `down`: take the domain processes down at once. Doing it
+        # here, not by raising into trio, cannot be lost in whatever the event loop was doing.
+        for proc in hv.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        (args.run_dir / "hypervisor.json").unlink(missing_ok=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
-        trio.run(Hypervisor(spec, args.run_dir, log).run)
+        trio.run(hv.run)
     except KeyboardInterrupt:
         return 130
     return 0
