@@ -17,6 +17,7 @@ machine does not allow raises ``IllegalPortTransition``: that is a bug in the ca
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
@@ -189,6 +190,15 @@ def _free_port(t: _Table) -> Port | None:
     return next((p for p in t.ports if p.free), None)
 
 
+def _allocate(t: _Table, state: PortState, **fields: Any) -> Port | Errno:
+    """The lowest free port, moved to ``state``; -ENOSPC when the table is full."""
+    p = _free_port(t)
+    if p is None:
+        return Errno.ENOSPC
+    p.transition(state, **fields)
+    return p
+
+
 def lookup(domid: int, port: int) -> Port | None:
     """Port ``port`` of ``domid``; None if the number is past the table (Xen: not a valid port, -EINVAL)."""
     if not 0 <= port < NR_EVENT_CHANNELS:
@@ -208,11 +218,7 @@ def virq_port(domid: int, vcpu: int, virq: int) -> int | None:
 
 def alloc_unbound(domid: int, remote_dom: int) -> Port | Errno:
     """A fresh port waiting for ``remote_dom`` (already resolved from DOMID_SELF) to bind to it."""
-    p = _free_port(_table(domid))
-    if p is None:
-        return Errno.ENOSPC
-    p.transition(PortState.UNBOUND, remote_dom=remote_dom)
-    return p
+    return _allocate(_table(domid), PortState.UNBOUND, remote_dom=remote_dom)
 
 
 def bind_virq(domid: int, virq: int, vcpu: int) -> Port | Errno:
@@ -222,20 +228,14 @@ def bind_virq(domid: int, virq: int, vcpu: int) -> Port | Errno:
     t = _table(domid)
     if (vcpu, virq) in t.virqs:
         return Errno.EEXIST
-    p = _free_port(t)
-    if p is None:
-        return Errno.ENOSPC
-    p.transition(PortState.VIRQ, virq=virq, vcpu=vcpu)
-    t.virqs[(vcpu, virq)] = p.number
+    p = _allocate(t, PortState.VIRQ, virq=virq, vcpu=vcpu)
+    if isinstance(p, Port):
+        t.virqs[(vcpu, virq)] = p.number
     return p
 
 
 def bind_ipi(domid: int, vcpu: int) -> Port | Errno:
-    p = _free_port(_table(domid))
-    if p is None:
-        return Errno.ENOSPC
-    p.transition(PortState.IPI, vcpu=vcpu)
-    return p
+    return _allocate(_table(domid), PortState.IPI, vcpu=vcpu)
 
 
 def bind_interdomain(domid: int, remote_domid: int, remote_port: int) -> Port | Errno:

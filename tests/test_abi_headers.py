@@ -7,13 +7,9 @@ object file's .rodata, so layouts are checked as a 32-bit guest compiler sees th
 
 from __future__ import annotations
 
-import shutil
-import struct
-import subprocess
 from pathlib import Path
 
-import pytest
-from elftools.elf.elffile import ELFFile
+from helpers import assert_matches_xen_headers
 
 from hypervisor.hypercalls import vcpu_op
 from pvcluster.abi import layouts
@@ -67,30 +63,4 @@ def _checks() -> list[tuple[str, int]]:
 
 
 def test_abi_matches_xen_public_headers(tmp_path: Path) -> None:
-    if not HEADERS.exists():
-        pytest.skip("Xen public headers not installed (apt-get install libxen-dev)")
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("no gcc")
-    checks = _checks()
-    src = tmp_path / "abi.c"
-    src.write_text(
-        "#define __XEN_INTERFACE_VERSION__ 0x00030205\n"
-        "#include <stddef.h>\n#include <stdint.h>\n"
-        + "".join(f"#include <xen/{h}.h>\n" for h in ("xen", "vcpu", "sched", "version", "elfnote", "errno"))
-        + "const unsigned int vals[] = {\n"
-        + "".join(f"  (unsigned int)({expr}),\n" for expr, _ in checks)
-        + "};\n"
-    )
-    obj = tmp_path / "abi.o"
-    proc = subprocess.run(
-        [gcc, "-m32", "-ffreestanding", "-c", str(src), "-o", str(obj)], capture_output=True, text=True
-    )
-    if proc.returncode != 0 and "-m32" in proc.stderr:
-        pytest.skip(f"gcc cannot target x86-32 here: {proc.stderr.strip()[:200]}")
-    assert proc.returncode == 0, proc.stderr
-    with open(obj, "rb") as fh:
-        data = ELFFile(fh).get_section_by_name(".rodata").data()
-    got = struct.unpack_from(f"<{len(checks)}I", data)
-    mismatches = [(expr, want, have) for (expr, want), have in zip(checks, got, strict=True) if want != have]
-    assert not mismatches, mismatches
+    assert_matches_xen_headers(tmp_path, ("xen", "vcpu", "sched", "version", "elfnote", "errno"), _checks())

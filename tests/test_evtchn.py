@@ -7,16 +7,13 @@ in a hand-made guest region, and checks the result, the vCPU actions, and the ex
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from elftools.elf.elffile import ELFFile
-from helpers import RecordingLog
+from helpers import RecordingLog, assert_matches_xen_headers
 
 from hypervisor import evtchn
 from hypervisor.domain import Domain, DomainTable, IllegalTransition
@@ -716,32 +713,4 @@ def _header_checks() -> list[tuple[str, int]]:
 
 
 def test_layouts_match_xen_public_headers(tmp_path: Path) -> None:
-    if not HEADERS.exists():
-        pytest.skip("Xen public headers not installed (apt-get install libxen-dev)")
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("no gcc")
-    checks = _header_checks()
-    src = tmp_path / "evtchn.c"
-    src.write_text(
-        "#define __XEN_INTERFACE_VERSION__ 0x00030205\n"
-        "#include <stddef.h>\n#include <stdint.h>\n"
-        + "".join(f"#include <xen/{h}.h>\n" for h in ("xen", "event_channel", "callback"))
-        + "const unsigned int vals[] = {\n"
-        + "".join(f"  (unsigned int)({expr}),\n" for expr, _ in checks)
-        + "};\n"
-    )
-    obj = tmp_path / "evtchn.o"
-    proc = subprocess.run(
-        [gcc, "-m32", "-ffreestanding", "-c", str(src), "-o", str(obj)], capture_output=True, text=True
-    )
-    if proc.returncode != 0 and "-m32" in proc.stderr:
-        pytest.skip(f"gcc cannot target x86-32 here: {proc.stderr.strip()[:200]}")
-    assert proc.returncode == 0, proc.stderr
-    with open(obj, "rb") as fh:
-        rodata = ELFFile(fh).get_section_by_name(".rodata")
-        assert rodata is not None
-        data = rodata.data()
-    got = struct.unpack_from(f"<{len(checks)}I", data)
-    mismatches = [(expr, want, have) for (expr, want), have in zip(checks, got, strict=True) if want != have]
-    assert not mismatches, mismatches
+    assert_matches_xen_headers(tmp_path, ("xen", "event_channel", "callback"), _header_checks())
