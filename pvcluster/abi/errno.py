@@ -19,6 +19,7 @@ class Errno(enum.IntEnum):
     EINVAL = 22
     ENOSPC = 28
     ENOSYS = 38
+    ETIME = 62
 
 
 def neg(e: Errno) -> int:

@@ -26,4 +26,5 @@ PV_OPS: tuple[str, ...] = (
     "lazy_mmu_begin",  # mmu ops added with lazy MMU batching (issue 5)
     "lazy_mmu_end",
 )
+NR_PV_OPS = len(PV_OPS)
 VMI_ROM_SLOTS = 16

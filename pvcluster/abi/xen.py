@@ -1,6 +1,8 @@
-"""Xen x86-32 PV ABI numbers, as in Xen's public headers (xen/xen.h, sched.h, vcpu.h, ...).
+"""Xen x86-32 PV ABI numbers, as in Xen's public headers (xen/xen.h, sched.h, vcpu.h, event_channel.h, ...).
 
-Cross-checked against /usr/include/xen where present (tests/test_abi_headers.py).
+Enums name the members as Xen's macros do after their prefix (``EvtchnOp.send`` is ``EVTCHNOP_send``), so the
+guest assembly gets Xen's own names (``pvcluster/abi/asm.py``). Cross-checked against /usr/include/xen where
+present (tests/test_abi_headers.py).
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ import enum
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-HYPERCALL_STUB_SIZE = 32
-MAX_LEGACY_VCPUS = 32
+HYPERCALL_STUB_SHIFT = 5  # the hypercall page holds one 32-byte stub per hypercall number
+HYPERCALL_STUB_SIZE = 1 << HYPERCALL_STUB_SHIFT
+XEN_LEGACY_MAX_VCPUS = 32  # shared_info's vcpu_info array (arch-x86/xen.h)
+MAX_LEGACY_VCPUS = XEN_LEGACY_MAX_VCPUS
+MAX_GUEST_CMDLINE = 1024
 XEN_VERSION_MAJOR = 4
 XEN_VERSION_MINOR = 17
 XEN_EXTRAVERSION = b".0-pvcluster"
@@ -142,3 +147,123 @@ DOMID_SELF = 0x7FF0
 DOMID_IO = 0x7FF1
 DOMID_XEN = 0x7FF2
 DOMID_INVALID = 0x7FF4
+
+
+class EvtchnOp(enum.IntEnum):
+    """EVTCHNOP_* (event_channel.h): the cmd of event_channel_op."""
+
+    bind_interdomain = 0
+    bind_virq = 1
+    bind_pirq = 2
+    close = 3
+    send = 4
+    status = 5
+    alloc_unbound = 6
+    bind_ipi = 7
+    bind_vcpu = 8
+    unmask = 9
+    reset = 10
+    init_control = 11
+    expand_array = 12
+    set_priority = 13
+
+
+class EvtchnStat(enum.IntEnum):
+    """EVTCHNSTAT_*: a port's state as EVTCHNOP_status reports it."""
+
+    closed = 0
+    unbound = 1
+    interdomain = 2
+    pirq = 3
+    virq = 4
+    ipi = 5
+
+
+# The 2-level event-channel ABI of a 32-bit guest: evtchn_pending / evtchn_mask hold 32 words of 32 bits
+# (EVTCHN_2L_NR_CHANNELS with a 4-byte xen_ulong_t).
+NR_EVENT_CHANNELS = 1024
+
+
+class Virq(enum.IntEnum):
+    """VIRQ_* (xen.h). Per-vCPU ones are bound on a chosen vCPU; the others are global."""
+
+    TIMER = 0
+    DEBUG = 1
+    CONSOLE = 2
+    DOM_EXC = 3
+    TBUF = 4
+    DEBUGGER = 6
+    XENOPROF = 7
+    CON_RING = 8
+    PCPU_STATE = 9
+    MEM_EVENT = 10
+    ARGO = 11
+    ENOMEM = 12
+    XENPMU = 13
+
+
+NR_VIRQS = 24
+
+
+class MmuCmd(enum.IntEnum):
+    """MMU_* (xen.h): the low two bits of mmu_update's ``ptr``. MMU_PT_UPDATE_NO_TRANSLATE (3) is for translated
+    guests only."""
+
+    NORMAL_PT_UPDATE = 0
+    MACHPHYS_UPDATE = 1
+    PT_UPDATE_PRESERVE_AD = 2
+
+
+class MmuextCmd(enum.IntEnum):
+    """MMUEXT_* (xen.h): the cmd of one struct mmuext_op."""
+
+    PIN_L1_TABLE = 0
+    PIN_L2_TABLE = 1
+    PIN_L3_TABLE = 2
+    PIN_L4_TABLE = 3
+    UNPIN_TABLE = 4
+    NEW_BASEPTR = 5
+    TLB_FLUSH_LOCAL = 6
+    INVLPG_LOCAL = 7
+    TLB_FLUSH_MULTI = 8
+    INVLPG_MULTI = 9
+    TLB_FLUSH_ALL = 10
+    INVLPG_ALL = 11
+    FLUSH_CACHE = 12
+    SET_LDT = 13
+
+
+# Xen's hypervisor-internal flag (not in the public headers) that marks a preempted mmu_update count for its
+# continuation.
+MMU_UPDATE_PREEMPTED = 0x80000000
+
+# update_va_mapping flags (xen.h): the flush type in bits 0-1, the flush scope in bit 2 (else a vCPU bitmap pointer).
+UVMF_NONE = 0
+UVMF_TLB_FLUSH = 1
+UVMF_INVLPG = 2
+UVMF_FLUSHTYPE_MASK = 3
+UVMF_MULTI = 0
+UVMF_LOCAL = 0
+UVMF_ALL = 4
+
+
+class CallbackOp(enum.IntEnum):
+    """CALLBACKOP_* (callback.h)."""
+
+    register = 0
+    unregister = 1
+
+
+class CallbackType(enum.IntEnum):
+    """CALLBACKTYPE_* (callback.h), as in interface version 0x00030207 and later."""
+
+    event = 0
+    failsafe = 1
+    syscall = 2  # 64-bit guests only
+    sysenter_deprecated = 3  # CALLBACKTYPE_sysenter for __XEN_INTERFACE_VERSION__ < 0x00030207
+    nmi = 4
+    sysenter = 5
+    syscall32 = 7
+
+
+CALLBACKF_MASK_EVENTS = 1  # CALLBACKF_mask_events

@@ -1,0 +1,89 @@
+"""The simulated machine's own numbers: what the built-in guest kernel and the Python side agree on beyond Xen's ABI.
+
+None of these come from Xen, so no header can check them; they are defined here once for the domain process
+(``domains/vcpu.py``, ``domains/builder.py``), the hypervisor's VMI ROM, the trace analysis and, through the
+generated assembly include (``pvcluster/abi/asm.py``), the guest kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pvcluster.abi.layouts import START_INFO_MAGIC, Layout
+
+# Where the built-in kernel links itself and maps guest RAM linearly; the VMI ROM's set_pte relies on it too.
+VIRT_BASE = 0xC0000000
+
+# The flat GDT the domain process installs for every vCPU: ring-0 code and data over 4 GiB.
+KERNEL_CS = 0x08
+KERNEL_DS = 0x10
+
+# I/O ports. `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns (low 32 bits): rdtsc cannot be hooked
+# in Unicorn's Python binding and would read the host's clock. A write to MARK_PORT puts a guest mark in the trace
+# at the exact virtual time: value = code | detail << MARK_DETAIL_SHIFT (the detail is a round or a count).
+CLOCK_PORT = 0x5C
+MARK_PORT = 0x5D
+MARK_DETAIL_SHIFT = 8
+MARK_CODE_MASK = (1 << MARK_DETAIL_SHIFT) - 1
+
+
+class Mark(enum.IntEnum):
+    """Guest mark codes, which the trace analysis, the benches and the tests look for."""
+
+    SHOOTDOWN_REQUEST = 1  # workload=shootdown: the initiator asks the others to flush (detail: round)
+    SHOOTDOWN_DONE = 2  # flush_tlb_others returned (detail: round)
+    SHOOTDOWN_STALE = 3  # a vCPU read a stale translation (detail: round)
+    MCBENCH_START = 0x41  # workload=mcbench: before the first update (detail: batch size)
+    MCBENCH_END = 0x42  # after the last update (detail: updates)
+    MCBENCH_FAIL = 0x43  # a check failed (detail: failures)
+    PING_SENT = 0x51  # workload=pingclient: event sent (detail: round)
+    PING_ECHO = 0x52  # its echo seen (detail: round)
+
+
+# The local APIC: one trapped MMIO page. The ICR's high word holds the destination APIC ID in its top byte, as the
+# ID register does.
+APIC_BASE = 0xFEE00000
+APIC_ID = 0x20
+APIC_EOI = 0xB0
+APIC_ICR_LOW = 0x300
+APIC_ICR_HIGH = 0x310
+APIC_ID_SHIFT = 24
+
+# The built-in kernel's interrupt vectors for IPIs; the trace analysis counts IPIs on the two flush vectors.
+IPI_VECTOR = 0xF0
+FLUSH_VECTOR = 0xF1
+CR3_VECTOR = 0xF2
+
+
+class HypervisorType(enum.IntEnum):
+    """The hypervisor type in %ebx under the "ebx" boot protocol; the built-in kernel numbers its paravirt backends
+    the same way (and prints that number)."""
+
+    xen = 0
+    vmi = 1
+    native = 2
+
+
+class BootProtocol(enum.IntEnum):
+    """The boot protocols (``boot`` in the spec), numbered as the built-in kernel prints which one it came in by."""
+
+    ebx = 0
+    ident = 1
+    entry = 2
+
+
+# The start-info block opens with the hypervisor's magic string (Xen's own for xen); its first 4 bytes are the 32-bit
+# ident the "ident" protocol matches ("xen-", "vmi-", "nat-").
+START_INFO_MAGICS: dict[HypervisorType, bytes] = {
+    HypervisorType.xen: START_INFO_MAGIC,
+    HypervisorType.vmi: b"vmi-3.0-x86_32",
+    HypervisorType.native: b"nat-3.0-x86_32",
+}
+BOOT_IDENTS: dict[HypervisorType, int] = {t: int.from_bytes(m[:4], "little") for t, m in START_INFO_MAGICS.items()}
+
+# The VMI ROM (hypervisor/vmi_rom.py): one page of op code the guest finds by the magic in its header, followed by
+# a table of op entries (offsets from the ROM base, 0 for NULL) right after the header.
+VMI_ROM_BASE = 0xFFFF0000
+VMI_ROM_MAGIC = 0x31494D56  # b"VMI1" little-endian
+VMI_INIT_SIGNATURE = 0x564D4931  # what the ROM's init op returns: b"1IMV" little-endian
+VMI_ROM_HEADER = Layout(None, "VMI_ROM_HEADER", 16, {"magic": 0, "version": 4, "nr_ops": 8, "reserved": 12})
