@@ -2,17 +2,19 @@
 # The kernel finds the ROM by its signature, and each non-zero entry of the ROM's table becomes the op;
 # a zero entry is NULL, so the native code keeps that op.
 
+.include "abi.inc"
+
 # vmi_probe() -> eax = 0 and vmi_ops filled, or nonzero when no ROM is mapped
 vmi_probe:
-    cmp dword ptr [VMI_ROM_BASE], VMI_MAGIC
+    cmp dword ptr [VMI_ROM_BASE + VMI_ROM_HEADER_magic], VMI_ROM_MAGIC
     jne .Lvmi_absent
     xor ecx, ecx
 .Lvmi_next:
-    cmp ecx, [VMI_ROM_BASE + 8]
+    cmp ecx, [VMI_ROM_BASE + VMI_ROM_HEADER_nr_ops]
     jae .Lvmi_done
     cmp ecx, NR_PV_OPS
     jae .Lvmi_done
-    mov eax, [VMI_ROM_BASE + 16 + ecx*4]
+    mov eax, [VMI_ROM_BASE + VMI_ROM_HEADER_SIZE + ecx*4]    # the op table follows the header
     test eax, eax
     jz .Lvmi_null
     add eax, VMI_ROM_BASE

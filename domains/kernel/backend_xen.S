@@ -3,47 +3,29 @@
 # set_tss_desc is NULL: the native code runs instead (the null-entry rule). IPIs travel on one event channel
 # per vCPU (EVTCHNOP_bind_ipi); the upcall handler runs the same handler bodies as the native IDT vectors.
 
-.equ VIRT_BASE, 0xC0000000
-.equ SI_SHARED_INFO, 36
-.equ SI_PT_BASE, 60
-.equ VCPU_INFO_SIZE, 64
-.equ VI_UPCALL_PENDING, 0
-.equ VI_UPCALL_MASK, 1
-.equ VI_TIME_VERSION, 32
-.equ VI_SYSTEM_TIME, 48
-.equ MMUEXT_NEW_BASEPTR, 5
-.equ MMUEXT_TLB_FLUSH_LOCAL, 6
-.equ MMUEXT_INVLPG_LOCAL, 7
-.equ MMUEXT_TLB_FLUSH_MULTI, 8
-.equ MMUEXT_INVLPG_MULTI, 9
-.equ DOMID_SELF, 0x7FF0
+.include "abi.inc"
+
 .equ EFLAGS_IF, 0x200
-.equ EVTCHNOP_send, 4
-.equ EVTCHNOP_bind_ipi, 7
-.equ CALLBACKOP_register, 0
-.equ SI_EVTCHN_PENDING, 2048
-.equ SI_EVTCHN_MASK, 2176
-.equ IPI_VECTOR_BIT, 16
-.equ FLUSH_VECTOR_BIT, 17
-.equ CR3_VECTOR_BIT, 18
-.equ HC_MMU_UPDATE, 1
-.equ HC_MMUEXT_OP, 26
+.equ IPI_VECTOR_BIT, IPI_VECTOR & 31         # xen_send_ipi notes a vector as a bit in a 32-bit word
+.equ FLUSH_VECTOR_BIT, FLUSH_VECTOR & 31
+.equ CR3_VECTOR_BIT, CR3_VECTOR & 31
 .equ XEN_MC_MAX, 64                  # entries in a vCPU's lazy-MMU batch; a full batch is sent at once
-.equ XEN_MC_ENTRY, 32                # struct multicall_entry: u32 op, u32 result, u32 args[6]
-.equ XEN_MC_ARGS, 2048               # offset of the 16-byte argument buffers (one per entry) in a batch area
-.equ XEN_MC_AREA, 3072               # one vCPU's batch area: XEN_MC_MAX entries, then their argument buffers
+# One vCPU's batch area: XEN_MC_MAX multicall entries, then one argument buffer per entry, each big enough for a
+# struct mmu_update (the larger of mmu_update and mmuext_op).
+.equ XEN_MC_ARGS, XEN_MC_MAX * MULTICALL_ENTRY_SIZE
+.equ XEN_MC_AREA, XEN_MC_ARGS + XEN_MC_MAX * MMU_UPDATE_SIZE
 
 xen_code_begin:
 xen_init:
     push esi
     mov eax, [start_info]
-    mov eax, [eax + SI_SHARED_INFO]
+    mov eax, [eax + START_INFO_shared_info]
     add eax, VIRT_BASE               # shared_info's machine address, seen through the kernel's linear map
     mov [xen_shared_info], eax
     mov esi, msg_xen_init
     call print_num_line
     mov eax, [start_info]            # every vCPU starts on the page tables the builder made
-    mov eax, [eax + SI_PT_BASE]
+    mov eax, [eax + START_INFO_pt_base]
     test eax, eax
     jz .Lxen_no_pt
     sub eax, VIRT_BASE
@@ -64,13 +46,13 @@ xen_init:
 .Lxen_bind_next:
     cmp esi, [nr_vcpus]
     jae .Lxen_init_done
-    mov [xen_bind_ipi], esi
+    mov [xen_bind_ipi + EVTCHN_BIND_IPI_vcpu], esi
     mov ebx, EVTCHNOP_bind_ipi
     mov ecx, xen_bind_ipi
     call hc_event_channel_op
     test eax, eax
     jnz .Lxen_init_failed
-    mov eax, [xen_bind_ipi + 4]
+    mov eax, [xen_bind_ipi + EVTCHN_BIND_IPI_port]
     mov [xen_ipi_port + esi*4], eax
     inc esi
     jmp .Lxen_bind_next
@@ -88,11 +70,11 @@ xen_send_ipi:
     and edx, 31
     lock bts dword ptr [xen_ipi_vectors + eax*4], edx
     push ebx
-    push dword ptr [xen_ipi_port + eax*4]    # struct evtchn_send, on this vCPU's own stack
+    push dword ptr [xen_ipi_port + eax*4]    # struct evtchn_send (port), on this vCPU's own stack
     mov ebx, EVTCHNOP_send
     mov ecx, esp
     call hc_event_channel_op
-    add esp, 4
+    add esp, EVTCHN_SEND_SIZE
     pop ebx
     ret
 
@@ -104,24 +86,24 @@ xen_hypervisor_callback:
     call this_vcpu_info
     mov esi, eax
 .Lcb_again:
-    mov byte ptr [esi + VI_UPCALL_PENDING], 0
+    mov byte ptr [esi + VCPU_INFO_evtchn_upcall_pending], 0
     xor ecx, ecx
-    xchg ecx, [esi + 4]              # evtchn_pending_sel
+    xchg ecx, [esi + VCPU_INFO_evtchn_pending_sel]
     mov edi, [xen_shared_info]
 .Lcb_word:
     bsf edx, ecx
     jz .Lcb_words_done
     btr ecx, edx
 .Lcb_bits:
-    mov eax, [edi + SI_EVTCHN_PENDING + edx*4]
-    mov ebx, [edi + SI_EVTCHN_MASK + edx*4]
+    mov eax, [edi + SHARED_INFO_evtchn_pending + edx*4]
+    mov ebx, [edi + SHARED_INFO_evtchn_mask + edx*4]
     not ebx
     and eax, ebx
     bsf ebx, eax
     jz .Lcb_word
-    lock btr dword ptr [edi + SI_EVTCHN_PENDING + edx*4], ebx
+    lock btr dword ptr [edi + SHARED_INFO_evtchn_pending + edx*4], ebx
     mov eax, edx
-    shl eax, 5
+    shl eax, 5                       # 32 ports per word of evtchn_pending
     add eax, ebx                     # port
     push ecx
     push edx
@@ -130,9 +112,9 @@ xen_hypervisor_callback:
     pop ecx
     jmp .Lcb_bits
 .Lcb_words_done:
-    cmp byte ptr [esi + VI_UPCALL_PENDING], 0
+    cmp byte ptr [esi + VCPU_INFO_evtchn_upcall_pending], 0
     jne .Lcb_again
-    mov byte ptr [esi + VI_UPCALL_MASK], 0
+    mov byte ptr [esi + VCPU_INFO_evtchn_upcall_mask], 0
     popad
     iretd
 
@@ -167,19 +149,19 @@ xen_handle_port:
 # this_vcpu_info() -> eax = &shared_info->vcpu_info[this cpu]; clobbers nothing else
 this_vcpu_info:
     call this_cpu
-    shl eax, 6                       # VCPU_INFO_SIZE
+    shl eax, VCPU_INFO_SHIFT
     add eax, [xen_shared_info]
     ret
 
 xen_irq_disable:
     call this_vcpu_info
-    mov byte ptr [eax + VI_UPCALL_MASK], 1
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 1
     ret
 
 xen_irq_enable:
     call this_vcpu_info
-    mov byte ptr [eax + VI_UPCALL_MASK], 0
-    cmp byte ptr [eax + VI_UPCALL_PENDING], 0
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 0
+    cmp byte ptr [eax + VCPU_INFO_evtchn_upcall_pending], 0
     je .Lxen_enable_done
     call xen_force_callback          # an event arrived while masked: take it now
 .Lxen_enable_done:
@@ -187,7 +169,7 @@ xen_irq_enable:
 
 xen_save_fl:
     call this_vcpu_info
-    cmp byte ptr [eax + VI_UPCALL_MASK], 0
+    cmp byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 0
     mov eax, 0
     jne .Lxen_save_masked
     mov eax, EFLAGS_IF
@@ -199,20 +181,20 @@ xen_restore_fl:
     call this_vcpu_info
     test edx, EFLAGS_IF
     jz .Lxen_restore_masked
-    mov byte ptr [eax + VI_UPCALL_MASK], 0
-    cmp byte ptr [eax + VI_UPCALL_PENDING], 0
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 0
+    cmp byte ptr [eax + VCPU_INFO_evtchn_upcall_pending], 0
     je .Lxen_restore_done
     call xen_force_callback
     ret
 .Lxen_restore_masked:
-    mov byte ptr [eax + VI_UPCALL_MASK], 1
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 1
 .Lxen_restore_done:
     ret
 
 # Any hypercall makes the hypervisor deliver pending events on the way back; xen_version(0) is the cheapest.
 xen_force_callback:
     push ebx
-    xor ebx, ebx
+    xor ebx, ebx                     # XENVER_version
     xor ecx, ecx
     call hc_xen_version
     pop ebx
@@ -220,7 +202,7 @@ xen_force_callback:
 
 xen_halt:
     push ebx
-    mov ebx, 1                       # SCHEDOP_block
+    mov ebx, SCHEDOP_block
     xor ecx, ecx
     call hc_sched_op
     pop ebx
@@ -243,7 +225,7 @@ xen_write_cr3:
     call xen_mc_flush
     pop edx
 .Lxen_cr3_now:
-    shr edx, 12
+    shr edx, PAGE_SHIFT
     mov eax, MMUEXT_NEW_BASEPTR
     xor ecx, ecx
     jmp xen_mmuext_now
@@ -258,32 +240,32 @@ xen_set_pte:
     je .Lxen_set_pte_now
     push edx
     push eax
-    mov eax, HC_MMU_UPDATE
+    mov eax, __HYPERVISOR_mmu_update
     call xen_mc_queue
     pop ecx
     sub ecx, VIRT_BASE
-    mov [eax], ecx                   # ptr (low), command 0 in the low bits
-    mov dword ptr [eax + 4], 0
+    mov [eax + MMU_UPDATE_ptr], ecx  # its low bits are the command: MMU_NORMAL_PT_UPDATE (0)
+    mov dword ptr [eax + MMU_UPDATE_ptr + 4], 0
     pop edx
-    mov [eax + 8], edx               # val
-    mov dword ptr [eax + 12], 0
+    mov [eax + MMU_UPDATE_val], edx
+    mov dword ptr [eax + MMU_UPDATE_val + 4], 0
     xor eax, eax
     ret
 .Lxen_set_pte_now:
     push ebx
     push esi
-    sub esp, 16
+    sub esp, MMU_UPDATE_SIZE
     sub eax, VIRT_BASE
-    mov [esp], eax                   # ptr (low), command 0 in the low bits
-    mov dword ptr [esp + 4], 0
-    mov [esp + 8], edx               # val
-    mov dword ptr [esp + 12], 0
+    mov [esp + MMU_UPDATE_ptr], eax  # its low bits are the command: MMU_NORMAL_PT_UPDATE (0)
+    mov dword ptr [esp + MMU_UPDATE_ptr + 4], 0
+    mov [esp + MMU_UPDATE_val], edx
+    mov dword ptr [esp + MMU_UPDATE_val + 4], 0
     mov ebx, esp
     mov ecx, 1
     xor edx, edx
     mov esi, DOMID_SELF
     call hc_mmu_update
-    add esp, 16
+    add esp, MMU_UPDATE_SIZE
     pop esi
     pop ebx
     ret
@@ -325,29 +307,29 @@ xen_mmuext_one:
     push ecx
     push edx
     push eax
-    mov eax, HC_MMUEXT_OP
+    mov eax, __HYPERVISOR_mmuext_op
     call xen_mc_queue
     pop ecx
-    mov [eax], ecx                   # cmd
+    mov [eax + MMUEXT_OP_cmd], ecx
     pop ecx
-    mov [eax + 4], ecx               # arg1
+    mov [eax + MMUEXT_OP_arg1], ecx
     pop ecx
-    mov [eax + 8], ecx               # arg2
+    mov [eax + MMUEXT_OP_arg2], ecx
     xor eax, eax
     ret
 xen_mmuext_now:
     push ebx
     push esi
-    sub esp, 12
-    mov [esp], eax
-    mov [esp + 4], edx
-    mov [esp + 8], ecx
+    sub esp, MMUEXT_OP_SIZE
+    mov [esp + MMUEXT_OP_cmd], eax
+    mov [esp + MMUEXT_OP_arg1], edx
+    mov [esp + MMUEXT_OP_arg2], ecx
     mov ebx, esp
     mov ecx, 1
     xor edx, edx
     mov esi, DOMID_SELF
     call hc_mmuext_op
-    add esp, 12
+    add esp, MMUEXT_OP_SIZE
     pop esi
     pop ebx
     ret
@@ -365,9 +347,9 @@ xen_lazy_mmu_begin:
     mov dword ptr [xen_lazy + eax*4], 1
     mov ecx, eax
     call this_vcpu_info
-    movzx edx, byte ptr [eax + VI_UPCALL_MASK]
+    movzx edx, byte ptr [eax + VCPU_INFO_evtchn_upcall_mask]
     mov [xen_lazy_mask + ecx*4], edx
-    mov byte ptr [eax + VI_UPCALL_MASK], 1
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 1
 .Lxen_lazy_begin_done:
     xor eax, eax
     ret
@@ -416,18 +398,18 @@ xen_mc_flush:
     jne .Lxen_mc_multi
     push esi                         # one entry: its hypercall itself, without the multicall (as Linux does)
     push edi
-    mov eax, [edi]
-    shl eax, 5                       # the op's stub in the hypercall page
+    mov eax, [edi + MULTICALL_ENTRY_op]
+    shl eax, HYPERCALL_STUB_SHIFT    # the op's stub in the hypercall page
     add eax, hypercall_page
-    mov ebx, [edi + 8]
-    mov ecx, [edi + 12]
-    mov edx, [edi + 16]
-    mov esi, [edi + 20]
-    mov edi, [edi + 24]
+    mov ebx, [edi + MULTICALL_ENTRY_args]
+    mov ecx, [edi + MULTICALL_ENTRY_args + 4]
+    mov edx, [edi + MULTICALL_ENTRY_args + 8]
+    mov esi, [edi + MULTICALL_ENTRY_args + 12]
+    mov edi, [edi + MULTICALL_ENTRY_args + 16]
     call eax
     pop edi
     pop esi
-    mov [edi + 4], eax
+    mov [edi + MULTICALL_ENTRY_result], eax
     test eax, eax
     jnz .Lxen_mc_failed
     jmp .Lxen_mc_flush_done
@@ -438,10 +420,10 @@ xen_mc_flush:
     test eax, eax
     jnz .Lxen_mc_failed
 .Lxen_mc_scan:
-    mov eax, [edi + 4]               # each entry's result
+    mov eax, [edi + MULTICALL_ENTRY_result]
     test eax, eax
     jnz .Lxen_mc_failed
-    add edi, XEN_MC_ENTRY
+    add edi, MULTICALL_ENTRY_SIZE
     dec ecx
     jnz .Lxen_mc_scan
     jmp .Lxen_mc_flush_done
@@ -473,18 +455,18 @@ xen_mc_queue:
     imul eax, esi, XEN_MC_AREA
     add eax, xen_mc_area
     mov edx, ecx
-    shl edx, 4
+    shl edx, MMU_UPDATE_SHIFT        # the entry's argument buffer
     lea edx, [eax + edx + XEN_MC_ARGS]
-    shl ecx, 5
+    shl ecx, MULTICALL_ENTRY_SHIFT
     add eax, ecx                     # the entry
-    mov [eax], ebx                   # op
-    mov dword ptr [eax + 4], 0       # result
-    mov [eax + 8], edx               # args: the buffer, count 1, no done count, DOMID_SELF
-    mov dword ptr [eax + 12], 1
-    mov dword ptr [eax + 16], 0
-    mov dword ptr [eax + 20], DOMID_SELF
-    mov dword ptr [eax + 24], 0
-    mov dword ptr [eax + 28], 0
+    mov [eax + MULTICALL_ENTRY_op], ebx
+    mov dword ptr [eax + MULTICALL_ENTRY_result], 0
+    mov [eax + MULTICALL_ENTRY_args], edx    # args: the buffer, count 1, no done count, DOMID_SELF
+    mov dword ptr [eax + MULTICALL_ENTRY_args + 4], 1
+    mov dword ptr [eax + MULTICALL_ENTRY_args + 8], 0
+    mov dword ptr [eax + MULTICALL_ENTRY_args + 12], DOMID_SELF
+    mov dword ptr [eax + MULTICALL_ENTRY_args + 16], 0
+    mov dword ptr [eax + MULTICALL_ENTRY_args + 20], 0
     mov eax, edx
     pop esi
     pop ebx
@@ -495,11 +477,11 @@ xen_clock_ns:
     call this_vcpu_info
     mov ecx, eax
 .Lxen_clock_retry:
-    mov edx, [ecx + VI_TIME_VERSION]
-    mov eax, [ecx + VI_SYSTEM_TIME]
+    mov edx, [ecx + VCPU_INFO_time_version]
+    mov eax, [ecx + VCPU_INFO_time_system_time]
     test edx, 1
     jnz .Lxen_clock_retry
-    cmp edx, [ecx + VI_TIME_VERSION]
+    cmp edx, [ecx + VCPU_INFO_time_version]
     jne .Lxen_clock_retry
     ret
 xen_code_end:
@@ -514,10 +496,10 @@ xen_ops:
     .long xen_clock_ns
     .long xen_lazy_mmu_begin, xen_lazy_mmu_end
 xen_shared_info: .long 0
-xen_callback_reg:
-    .word 0, 0                       # CALLBACKTYPE_event, flags
+xen_callback_reg:                    # struct callback_register: type, flags, address (cs, eip)
+    .word CALLBACKTYPE_event, 0
     .long KERNEL_CS, xen_hypervisor_callback
-xen_bind_ipi: .long 0, 0             # struct evtchn_bind_ipi: vcpu, port (out)
+xen_bind_ipi: .space EVTCHN_BIND_IPI_SIZE    # struct evtchn_bind_ipi: vcpu, port (out)
 xen_ipi_port: .space 4 * MAX_VCPUS
 xen_ipi_vectors: .space 4 * MAX_VCPUS
 xen_stray_events: .long 0

@@ -9,10 +9,11 @@ from importlib import resources
 import keystone
 
 from domains.elf_pack import Segment, pack_elf32
+from pvcluster.abi.asm import INCLUDE_NAME, include_text
+from pvcluster.abi.platform import VIRT_BASE
 from pvcluster.abi.pvops import PV_OPS
 from pvcluster.abi.xen import HYPERCALL_STUB_SIZE, PAGE_SIZE, Hypercall, XenElfNote
 
-VIRT_BASE = 0xC0000000
 BUILTIN_KERNELS = ("pvkern",)
 _STUBS = PAGE_SIZE // HYPERCALL_STUB_SIZE
 
@@ -24,7 +25,7 @@ class KernelBuildError(Exception):
 def _hypercall_page_asm() -> str:
     """A page-aligned hypercall page with one label per 32-byte stub: `call hc_console_io`."""
     names = {int(h): h.name for h in Hypercall}
-    lines = [".align 4096", "hypercall_page:"]
+    lines = [f".align {PAGE_SIZE}", "hypercall_page:"]
     for nr in range(_STUBS):
         label = f"hc_{names[nr]}" if nr in names else f"hc_slot_{nr}"
         lines.append(f"{label}: .space {HYPERCALL_STUB_SIZE}")
@@ -39,14 +40,77 @@ KERNEL_FILES = {
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")
 
+# The only `.equ` constants the kernel's .S files may define themselves: numbers no Python code shares (workload
+# tunables, buffer sizes, test values) and names derived from generated ones. Every ABI number comes from the
+# generated include instead (pvcluster/abi/asm.py); tests/test_abi_source.py fails on any other `.equ`.
+KERNEL_PRIVATE_EQUS: dict[str, str] = {
+    # pvkern.S
+    "MAX_VCPUS": "size of the per-vCPU arrays: XEN_LEGACY_MAX_VCPUS, one per shared_info vcpu_info slot",
+    "LINE_LEN": "size of a vCPU's console line buffer",
+    "STACK_SIZE": "size of each vCPU's kernel stack",
+    "HCBENCH_ROUNDS": "workload=hcbench tunable",
+    "IRQBENCH_ROUNDS": "workload=irqbench tunable",
+    "NOSUCH_HYPERCALL": "workload=hostile: a hypercall number Xen does not have, on purpose",
+    # backend_xen.S
+    "EFLAGS_IF": "x86 architecture (EFLAGS.IF), what save_fl/restore_fl traffic in; not a Xen or simulator number",
+    "IPI_VECTOR_BIT": "derived: the bit xen_send_ipi notes IPI_VECTOR in",
+    "FLUSH_VECTOR_BIT": "derived: the bit xen_send_ipi notes FLUSH_VECTOR in",
+    "CR3_VECTOR_BIT": "derived: the bit xen_send_ipi notes CR3_VECTOR in",
+    "XEN_MC_MAX": "entries in a vCPU's lazy-MMU multicall batch (the kernel's choice)",
+    "XEN_MC_ARGS": "derived: offset of the argument buffers in a batch area",
+    "XEN_MC_AREA": "derived: size of one vCPU's batch area",
+    # evtchn_work.S
+    "EVW_ROUNDS_DEFAULT": "ping-pong tunable",
+    "EVW_TICKS_DEFAULT": "workload=timer tunable",
+    "EVW_PERIOD_NS": "workload=timer tunable: the periodic timer it asks for",
+    "EVW_POLL_TIMEOUT_NS": "ping-pong tunable: how long a SCHEDOP_poll waits",
+    "EVW_BIND_TRIES": "ping-pong tunable: bind_interdomain retries",
+    # mmuhostile.S
+    "FOREIGN_FRAME": "workload=mmuhostile test value: a frame no small domain owns",
+    # shootdown.S
+    "SD_ROUNDS": "workload=shootdown tunable",
+    "PTE_FLAGS": "x86 PTE bits (present, rw, accessed, dirty) the workloads map their test frames with",
+    # multicall_bench.S
+    "MC_MAX_BATCH": "workload=mcbench tunable: the largest batch (XEN_MC_MAX)",
+    # opstest.S
+    "TEST_TSS_SLOT": "workload=ops test value",
+    "TEST_TSS_BASE": "workload=ops test value",
+    "TEST_PTE_VALUE": "workload=ops test value",
+    "TEST_LAZY_PTE_VALUE": "workload=ops test value",
+    "OPBENCH_ROUNDS": "opbench tunable",
+    "SPIN_LIMIT": "workload=ops: how long to wait for an IPI",
+}
+
 
 def kernel_source(name: str) -> str:
     if name not in BUILTIN_KERNELS:
         raise KernelBuildError(f"no built-in kernel named {name!r} (built-ins: {', '.join(BUILTIN_KERNELS)})")
     files = resources.files("domains.kernel")
     parts = [files.joinpath(f).read_text(encoding="utf-8") for f in KERNEL_FILES[name]]
-    # pvkern.S holds the shared .equ constants; the other files use them, so they must come after it.
+    # The files share one symbol space: an .equ one defines serves those after it.
     return "\n".join(parts)
+
+
+_INCLUDE = re.compile(r'^\s*\.include\s+"([^"]*)"\s*(#.*)?$')
+
+
+def expand_includes(source: str) -> str:
+    """Put the generated ABI include (pvcluster/abi/asm.py) in place of its first ``.include``: keystone has no
+    .include. The kernel's files are one unit, so a later ``.include`` of it (each file names what it uses) adds
+    nothing, as a header guard would have it."""
+    out: list[str] = []
+    included = False
+    for line in source.splitlines():
+        m = _INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        if m.group(1) != INCLUDE_NAME:
+            raise KernelBuildError(f".include of {m.group(1)!r}: the only include is the generated {INCLUDE_NAME!r}")
+        if not included:
+            out.append(include_text())
+            included = True
+    return "\n".join(out) + "\n"
 
 
 _PVCALL = re.compile(r"^(\s*)PVCALL\s+(\w+)\s*(#.*)?$")
@@ -73,27 +137,53 @@ def expand_pvcalls(source: str) -> str:
 
 
 _EQU = re.compile(r"^\s*\.equ\s+([A-Za-z_]\w*)\s*,\s*(.+?)\s*(#.*)?$")
+_PLAIN_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|\d+")
+_WORD = re.compile(r"\w+")  # a whole word, so a constant is replaced only where it stands alone
+# A string literal (possibly unterminated, as after a '#' split) or a comment: no substitution inside either.
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\]|\\.)*"?|#.*')
+
+
+class _Constants:
+    """The .equ constants defined so far, expanded textually into the lines that follow their definition."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def define(self, name: str, expr: str) -> None:
+        if name in self.values:
+            raise KernelBuildError(f".equ {name} is defined twice (ABI numbers come only from {INCLUDE_NAME})")
+        value = self.expand(expr)
+        # A plain number goes in bare (keystone cannot negate a parenthesised operand: `-(1)`), anything else in
+        # parentheses so that it keeps its precedence.
+        self.values[name] = value if _PLAIN_NUMBER.fullmatch(value) else f"({value})"
+
+    def expand(self, line: str) -> str:
+        if not self.values:
+            return line
+        out: list[str] = []
+        pos = 0
+        for m in _STRING_OR_COMMENT.finditer(line):
+            out += [_WORD.sub(self._lookup, line[pos : m.start()]), m.group(0)]
+            pos = m.end()
+        out.append(_WORD.sub(self._lookup, line[pos:]))
+        return "".join(out)
+
+    def _lookup(self, word: re.Match[str]) -> str:
+        return self.values.get(word.group(0), word.group(0))
 
 
 def preprocess(source: str) -> str:
     """Expand ``.equ`` constants textually: keystone mis-resolves an .equ symbol added to a forward label
     inside a memory operand (``[buf + OFFSET]`` assembles as ``[OFFSET]``)."""
-    consts: dict[str, str] = {}
+    consts = _Constants()
     out = []
     for line in source.splitlines():
         m = _EQU.match(line)
         if m:
-            consts[m.group(1)] = f"({_substitute(m.group(2), consts)})"
+            consts.define(m.group(1), m.group(2))
             continue
-        out.append(_substitute(line, consts) if consts else line)
+        out.append(consts.expand(line))
     return "\n".join(out) + "\n"
-
-
-def _substitute(line: str, consts: dict[str, str]) -> str:
-    code, hash_, comment = line.partition("#")
-    for name, value in consts.items():
-        code = re.sub(rf"\b{name}\b", value, code)
-    return code + hash_ + comment
 
 
 def _locate_error(ks: keystone.Ks, source: str, base: int, errno: int) -> str:
@@ -125,7 +215,7 @@ def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     # keystone cannot report symbol values, so each wanted label is located by assembling a probe that
     # stores the label's address as data at the end of the image.
     probe = (
-        expand_pvcalls(preprocess(source))
+        expand_pvcalls(preprocess(expand_includes(source)))
         + _hypercall_page_asm()
         + "\n.align 4\n__symtab:\n"
         + "".join(f".long {w}\n" for w in wanted)

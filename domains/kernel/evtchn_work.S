@@ -5,8 +5,8 @@
 #                                                 events back on it (send after each one received)
 #   workload=pingclient peer=D port=P [rounds=N]  EVTCHNOP_bind_interdomain to D's port P (retried, yielding, until
 #                                                 the server has allocated it), then N round trips: send, wait for the
-#                                                 echo with SCHEDOP_poll; guest marks on port 0x5D bracket each round
-#                                                 trip (code 0x51 = sent, 0x52 = echo seen; round in the high bits)
+#                                                 echo with SCHEDOP_poll; guest marks on MARK_PORT bracket each round
+#                                                 trip (MARK_PING_SENT, MARK_PING_ECHO; the round in the detail)
 #   workload=timer [ticks=N]                      bind VIRQ_TIMER on vCPU 0, start a 1 ms periodic timer, sleep in
 #                                                 SCHEDOP_block N times; each wake must bring exactly one tick (counted
 #                                                 by the upcall handler) and at least a period of virtual time
@@ -17,26 +17,13 @@
 # away (its port back to unbound: EVTCHNOP_status) prints that and stops.
 # Returns (in eax) 0, or 1 when a check failed (the kernel then shuts down with reason crash).
 
+.include "abi.inc"
+
 .equ EVW_ROUNDS_DEFAULT, 10000
 .equ EVW_TICKS_DEFAULT, 10
 .equ EVW_PERIOD_NS, 1000000
 .equ EVW_POLL_TIMEOUT_NS, 10000000
 .equ EVW_BIND_TRIES, 100000
-.equ EVW_OP_BIND_INTERDOMAIN, 0
-.equ EVW_OP_BIND_VIRQ, 1
-.equ EVW_OP_SEND, 4
-.equ EVW_OP_STATUS, 5
-.equ EVW_OP_ALLOC_UNBOUND, 6
-.equ EVW_SCHED_YIELD, 0
-.equ EVW_SCHED_BLOCK, 1
-.equ EVW_SCHED_POLL, 3
-.equ EVW_VCPUOP_SET_PERIODIC, 6
-.equ EVW_VCPUOP_STOP_PERIODIC, 7
-.equ EVW_STAT_UNBOUND, 1
-.equ EVW_MARK_PORT, 0x5D
-.equ EVW_CLOCK_PORT, 0x5C
-.equ EVW_MARK_SENT, 0x51                  # codes 1-3 are the shootdown's, 0x41-0x43 multicall_bench's
-.equ EVW_MARK_ECHO, 0x52
 
 # evtchn_work() -> eax = 0 (nothing asked for, or the workload passed), 1 (a check failed)
 evtchn_work:
@@ -76,7 +63,7 @@ evw_number:
     push ebx
     mov ebx, eax
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     call find_after
     test eax, eax
     jz .Levw_num_done
@@ -100,14 +87,14 @@ evw_number:
 evw_mask_port:
     mov eax, [xen_shared_info]
     mov ecx, [evw_port]
-    lock bts dword ptr [eax + SI_EVTCHN_MASK], ecx
+    lock bts dword ptr [eax + SHARED_INFO_evtchn_mask], ecx
     ret
 
 # evw_take() -> eax = 1 if evw_port was pending (the bit is now clear), else 0
 evw_take:
     mov eax, [xen_shared_info]
     mov ecx, [evw_port]
-    lock btr dword ptr [eax + SI_EVTCHN_PENDING], ecx
+    lock btr dword ptr [eax + SHARED_INFO_evtchn_pending], ecx
     setc al
     movzx eax, al
     ret
@@ -116,8 +103,8 @@ evw_take:
 evw_send:
     push ebx
     mov eax, [evw_port]
-    mov [evw_send_arg], eax
-    mov ebx, EVW_OP_SEND
+    mov [evw_send_arg + EVTCHN_SEND_port], eax
+    mov ebx, EVTCHNOP_send
     mov ecx, evw_send_arg
     call hc_event_channel_op
     test eax, eax
@@ -134,15 +121,15 @@ evw_wait:
     test eax, eax
     jnz .Levw_wait_done
     call this_vcpu_info              # the poll timeout is absolute system time: now + EVW_POLL_TIMEOUT_NS
-    mov ecx, [eax + VI_SYSTEM_TIME]
-    mov edx, [eax + VI_SYSTEM_TIME + 4]
+    mov ecx, [eax + VCPU_INFO_time_system_time]
+    mov edx, [eax + VCPU_INFO_time_system_time + 4]
     add ecx, EVW_POLL_TIMEOUT_NS
     adc edx, 0
-    mov [evw_poll + 8], ecx
-    mov [evw_poll + 12], edx
+    mov [evw_poll + SCHED_POLL_timeout], ecx
+    mov [evw_poll + SCHED_POLL_timeout + 4], edx
     mov eax, [evw_port]
     mov [evw_poll_ports], eax
-    mov ebx, EVW_SCHED_POLL
+    mov ebx, SCHEDOP_poll
     mov ecx, evw_poll
     call hc_sched_op
     test eax, eax
@@ -154,11 +141,11 @@ evw_wait:
     pop ebx
     ret
 
-# evw_mark(eax = round, edx = code): a guest mark on port 0x5D, value code | round << 8
+# evw_mark(eax = round, edx = code): a guest mark on MARK_PORT, value code | round << MARK_DETAIL_SHIFT
 evw_mark:
-    shl eax, 8
+    shl eax, MARK_DETAIL_SHIFT
     or eax, edx
-    mov edx, EVW_MARK_PORT
+    mov edx, MARK_PORT
     out dx, eax
     ret
 
@@ -167,19 +154,19 @@ evw_server:
     mov edi, evw_key_peer
     xor eax, eax
     call evw_number
-    mov word ptr [evw_alloc], DOMID_SELF
-    mov [evw_alloc + 2], ax          # remote_dom
+    mov word ptr [evw_alloc + EVTCHN_ALLOC_UNBOUND_dom], DOMID_SELF
+    mov [evw_alloc + EVTCHN_ALLOC_UNBOUND_remote_dom], ax
     mov edi, evw_key_rounds
     mov eax, EVW_ROUNDS_DEFAULT
     call evw_number
     mov [evw_rounds], eax
-    mov ebx, EVW_OP_ALLOC_UNBOUND
+    mov ebx, EVTCHNOP_alloc_unbound
     mov ecx, evw_alloc
     call hc_event_channel_op
     mov esi, evw_msg_alloc_failed
     test eax, eax
     jnz evw_fail
-    mov eax, [evw_alloc + 4]
+    mov eax, [evw_alloc + EVTCHN_ALLOC_UNBOUND_port]
     mov [evw_port], eax
     call evw_mask_port
     mov esi, evw_msg_server_port
@@ -214,18 +201,18 @@ evw_client:
     mov edi, evw_key_peer
     xor eax, eax
     call evw_number
-    mov [evw_bind], ax               # remote_dom
+    mov [evw_bind + EVTCHN_BIND_INTERDOMAIN_remote_dom], ax
     mov edi, evw_key_port
     xor eax, eax
     call evw_number
-    mov [evw_bind + 4], eax          # remote_port
+    mov [evw_bind + EVTCHN_BIND_INTERDOMAIN_remote_port], eax
     mov edi, evw_key_rounds
     mov eax, EVW_ROUNDS_DEFAULT
     call evw_number
     mov [evw_rounds], eax
     mov edi, EVW_BIND_TRIES
 .Levw_bind_retry:
-    mov ebx, EVW_OP_BIND_INTERDOMAIN
+    mov ebx, EVTCHNOP_bind_interdomain
     mov ecx, evw_bind
     call hc_event_channel_op
     test eax, eax
@@ -233,7 +220,7 @@ evw_client:
     mov esi, eax
     dec edi
     jz .Levw_bind_failed
-    mov ebx, EVW_SCHED_YIELD         # the server has not offered the port yet: let time pass, try again
+    mov ebx, SCHEDOP_yield           # the server has not offered the port yet: let time pass, try again
     xor ecx, ecx
     call hc_sched_op
     jmp .Levw_bind_retry
@@ -242,7 +229,7 @@ evw_client:
     mov esi, evw_msg_bind_failed
     jmp evw_fail
 .Levw_bound:
-    mov eax, [evw_bind + 8]
+    mov eax, [evw_bind + EVTCHN_BIND_INTERDOMAIN_local_port]
     mov [evw_port], eax
     call evw_mask_port
     call evw_take                    # a fresh binding starts pending (Xen's rule): not an echo
@@ -258,29 +245,29 @@ evw_client:
     call evw_take                    # pending with no request outstanding: a duplicated event
     add [evw_dups], eax
     mov eax, ebp
-    mov edx, EVW_MARK_SENT
+    mov edx, MARK_PING_SENT
     call evw_mark
     call evw_send
     call evw_wait
     test eax, eax
     jz .Levw_cli_timeout
     mov eax, ebp
-    mov edx, EVW_MARK_ECHO
+    mov edx, MARK_PING_ECHO
     call evw_mark
     inc ebp
     jmp .Levw_cli_loop
 .Levw_cli_timeout:
     mov eax, [evw_port]              # nothing came: has the peer gone (our end back to unbound)?
-    mov [evw_status + 4], eax
-    mov word ptr [evw_status], DOMID_SELF
-    mov ebx, EVW_OP_STATUS
+    mov [evw_status + EVTCHN_STATUS_port], eax
+    mov word ptr [evw_status + EVTCHN_STATUS_dom], DOMID_SELF
+    mov ebx, EVTCHNOP_status
     mov ecx, evw_status
     call hc_event_channel_op
-    cmp dword ptr [evw_status + 8], EVW_STAT_UNBOUND
+    cmp dword ptr [evw_status + EVTCHN_STATUS_status], EVTCHNSTAT_unbound
     jne .Levw_cli_lost
     mov esi, evw_msg_peer_closed
     mov eax, [evw_port]
-    mov ebx, [evw_status + 8]
+    mov ebx, [evw_status + EVTCHN_STATUS_status]
     call print_two_nums
     mov esi, evw_msg_client_done
     mov eax, ebp
@@ -319,17 +306,17 @@ evw_timer:
     mov eax, EVW_TICKS_DEFAULT
     call evw_number
     mov [evw_rounds], eax
-    mov dword ptr [evw_virq], 0      # VIRQ_TIMER
-    mov dword ptr [evw_virq + 4], 0  # on vCPU 0
-    mov ebx, EVW_OP_BIND_VIRQ
+    mov dword ptr [evw_virq + EVTCHN_BIND_VIRQ_virq], VIRQ_TIMER
+    mov dword ptr [evw_virq + EVTCHN_BIND_VIRQ_vcpu], 0  # on vCPU 0
+    mov ebx, EVTCHNOP_bind_virq
     mov ecx, evw_virq
     call hc_event_channel_op
     mov esi, evw_msg_virq_failed
     test eax, eax
     jnz evw_fail
-    mov eax, [evw_virq + 8]
+    mov eax, [evw_virq + EVTCHN_BIND_VIRQ_port]
     mov [evw_timer_port], eax
-    mov ebx, EVW_VCPUOP_SET_PERIODIC
+    mov ebx, VCPUOP_set_periodic_timer
     xor ecx, ecx
     mov edx, evw_period
     call hc_vcpu_op
@@ -345,12 +332,12 @@ evw_timer:
     cmp ebp, [evw_rounds]
     jae .Levw_tick_done
     call this_vcpu_info              # events off until the block, which turns them back on (no lost wake-up)
-    mov byte ptr [eax + VI_UPCALL_MASK], 1
+    mov byte ptr [eax + VCPU_INFO_evtchn_upcall_mask], 1
     mov edi, [evw_ticks_seen]
-    mov ebx, EVW_SCHED_BLOCK
+    mov ebx, SCHEDOP_block
     xor ecx, ecx
     call hc_sched_op                 # returns once the tick's upcall is pending; the handler runs right after
-    in eax, EVW_CLOCK_PORT
+    in eax, CLOCK_PORT
     mov edx, [evw_ticks_seen]
     sub edx, edi
     cmp edx, 1                       # exactly one tick per wake
@@ -373,7 +360,7 @@ evw_timer:
     inc ebp
     jmp .Levw_tick_loop
 .Levw_tick_done:
-    mov ebx, EVW_VCPUOP_STOP_PERIODIC
+    mov ebx, VCPUOP_stop_periodic_timer
     xor ecx, ecx
     xor edx, edx
     call hc_vcpu_op
@@ -421,16 +408,14 @@ evw_tick_miscount: .long 0
 evw_tick_early: .long 0
 evw_last_wake: .long 0
 evw_first_wake: .long 0
-evw_send_arg: .long 0
-evw_alloc: .word 0, 0
-    .long 0                          # struct evtchn_alloc_unbound: dom, remote_dom, port (out)
-evw_bind: .word 0, 0
-    .long 0, 0                       # struct evtchn_bind_interdomain: remote_dom, remote_port, local_port (out)
-evw_status: .word 0, 0
-    .long 0, 0, 0, 0, 0              # struct evtchn_status: dom, port, status, vcpu, union
-evw_virq: .long 0, 0, 0              # struct evtchn_bind_virq: virq, vcpu, port (out)
-evw_period: .long EVW_PERIOD_NS, 0   # struct vcpu_set_periodic_timer: u64 period_ns
-evw_poll: .long evw_poll_ports, 1, 0, 0  # struct sched_poll: ports, nr_ports, u64 timeout
+evw_send_arg: .space EVTCHN_SEND_SIZE               # struct evtchn_send: port
+evw_alloc: .space EVTCHN_ALLOC_UNBOUND_SIZE         # struct evtchn_alloc_unbound: dom, remote_dom, port (out)
+evw_bind: .space EVTCHN_BIND_INTERDOMAIN_SIZE       # struct evtchn_bind_interdomain: remote_dom, remote_port,
+                                                    # local_port (out)
+evw_status: .space EVTCHN_STATUS_SIZE               # struct evtchn_status: dom, port, status, vcpu, union
+evw_virq: .space EVTCHN_BIND_VIRQ_SIZE              # struct evtchn_bind_virq: virq, vcpu, port (out)
+evw_period: .long EVW_PERIOD_NS, 0                  # struct vcpu_set_periodic_timer: u64 period_ns
+evw_poll: .long evw_poll_ports, 1, 0, 0             # struct sched_poll: ports, nr_ports, u64 timeout
 evw_poll_ports: .long 0
 evw_key_server: .asciz "workload=pingserver"
 evw_key_client: .asciz "workload=pingclient"

@@ -1,10 +1,9 @@
 # workload=mmuhostile: page-table updates a PV guest must not be allowed, each checked for Xen's errno.
 # (Run it with the xen backend: the builder pins its page tables, so the pinned-table rule applies.)
 
-.equ EPERM_NEG, -1
-.equ EINVAL_NEG, -22
+.include "abi.inc"
+
 .equ FOREIGN_FRAME, 0xF000          # far beyond a small domain's frames
-.equ UVMF_INVLPG, 2
 
 mmu_hostile:
     push ebx
@@ -16,17 +15,17 @@ mmu_hostile:
 
     # 1. map a frame the domain does not own
     mov eax, [mh_pte]
-    mov edx, FOREIGN_FRAME * 4096 + 0x63
+    mov edx, FOREIGN_FRAME * PAGE_SIZE + PTE_FLAGS
     call mh_mmu_update
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_foreign_map
     call ops_expect
 
     # 2. write a page-table entry that lives in a frame the domain does not own
-    mov eax, FOREIGN_FRAME * 4096 + VIRT_BASE
+    mov eax, FOREIGN_FRAME * PAGE_SIZE + VIRT_BASE
     mov edx, 0
     call mh_mmu_update
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_foreign_table
     call ops_expect
 
@@ -35,9 +34,9 @@ mmu_hostile:
     mov edx, eax
     sub edx, VIRT_BASE
     and edx, 0xFFFFF000
-    or edx, 0x63
+    or edx, PTE_FLAGS
     call mh_mmu_update
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_pinned_rw
     call ops_expect
 
@@ -46,7 +45,7 @@ mmu_hostile:
     mov edx, 0
     mov ecx, 5
     call mh_mmu_update_dom
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_foreign_dom
     call ops_expect
 
@@ -56,7 +55,7 @@ mmu_hostile:
     xor edx, edx
     mov ecx, mh_mask
     call xen_mmuext_one
-    mov edx, EINVAL_NEG
+    mov edx, -XEN_EINVAL
     mov esi, msg_mh_bad_vcpu
     call ops_expect
 
@@ -65,26 +64,26 @@ mmu_hostile:
     mov edx, FOREIGN_FRAME
     xor ecx, ecx
     call xen_mmuext_one
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_foreign_base
     call ops_expect
 
     # 7. update_va_mapping to a frame it does not own
     mov ebx, sd_window
-    mov ecx, FOREIGN_FRAME * 4096 + 0x63
+    mov ecx, FOREIGN_FRAME * PAGE_SIZE + PTE_FLAGS
     xor edx, edx
     mov esi, UVMF_INVLPG
     call hc_update_va_mapping
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_uva
     call ops_expect
 
     # 8. pin a frame it does not own as a page directory
-    mov eax, 1                       # MMUEXT_PIN_L2_TABLE
+    mov eax, MMUEXT_PIN_L2_TABLE
     mov edx, FOREIGN_FRAME
     xor ecx, ecx
     call xen_mmuext_one
-    mov edx, EPERM_NEG
+    mov edx, -XEN_EPERM
     mov esi, msg_mh_pin
     call ops_expect
 
@@ -103,18 +102,18 @@ mh_mmu_update:
 mh_mmu_update_dom:
     push ebx
     push esi
-    sub esp, 16
+    sub esp, MMU_UPDATE_SIZE
     sub eax, VIRT_BASE
-    mov [esp], eax
-    mov dword ptr [esp + 4], 0
-    mov [esp + 8], edx
-    mov dword ptr [esp + 12], 0
+    mov [esp + MMU_UPDATE_ptr], eax  # its low bits are the command: MMU_NORMAL_PT_UPDATE (0)
+    mov dword ptr [esp + MMU_UPDATE_ptr + 4], 0
+    mov [esp + MMU_UPDATE_val], edx
+    mov dword ptr [esp + MMU_UPDATE_val + 4], 0
     mov esi, ecx
     mov ebx, esp
     mov ecx, 1
     xor edx, edx
     call hc_mmu_update
-    add esp, 16
+    add esp, MMU_UPDATE_SIZE
     pop esi
     pop ebx
     ret

@@ -2,15 +2,15 @@
 # the xen backend sends as one multicall per batch.
 #
 # mcbatch=NN (1..64, default 1) updates per lazy section, mcupdates=NN (1..64, default 64) updates in all. Each
-# update points the PTE that maps sd_window (shootdown.S) at sd_frame_a or sd_frame_b in turn (flags 0x63);
+# update points the PTE that maps sd_window (shootdown.S) at sd_frame_a or sd_frame_b in turn (PTE_FLAGS);
 # afterwards guest code checks that the PTE holds the last value and that every lazy_mmu_end returned 0, then
-# puts the original PTE back. Guest marks on port 0x5D bracket the updates: (batch << 8) | 0x41 before the first,
-# (updates << 8) | 0x42 after the last (before the check), (failures << 8) | 0x43 when a check failed.
+# puts the original PTE back. Guest marks on MARK_PORT bracket the updates: MARK_MCBENCH_START before the first
+# (detail: the batch size), MARK_MCBENCH_END after the last, before the check (detail: the updates),
+# MARK_MCBENCH_FAIL when a check failed (detail: the failures).
 
-.equ MC_MAX_BATCH, 64
-.equ MC_MARK_START, 0x41
-.equ MC_MARK_END, 0x42
-.equ MC_MARK_FAIL, 0x43
+.include "abi.inc"
+
+.equ MC_MAX_BATCH, XEN_MC_MAX
 
 # mc_bench() -> eax = number of failed checks (0 when workload=mcbench is not on the command line)
 mc_bench:
@@ -37,8 +37,8 @@ mc_bench:
     mov [mc_expect], eax
     xor ebp, ebp                     # failures
     mov eax, [mc_batch]
-    shl eax, 8
-    or eax, MC_MARK_START
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_MCBENCH_START
     mov edx, MARK_PORT
     out dx, eax                      # mark: the first update starts
     xor esi, esi                     # updates done
@@ -72,8 +72,8 @@ mc_bench:
     jmp .Lmc_section
 .Lmc_updated:
     mov eax, [mc_updates]
-    shl eax, 8
-    or eax, MC_MARK_END
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_MCBENCH_END
     mov edx, MARK_PORT
     out dx, eax                      # mark: every update done
     mov eax, [mc_pte]
@@ -87,8 +87,8 @@ mc_bench:
     test ebp, ebp
     jz .Lmc_report
     mov eax, ebp
-    shl eax, 8
-    or eax, MC_MARK_FAIL
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_MCBENCH_FAIL
     mov edx, MARK_PORT
     out dx, eax                      # mark: a check failed
     mov esi, msg_mc_error
@@ -119,7 +119,7 @@ mc_cmdline_num:
     push esi
     push eax
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     call find_after
     test eax, eax
     jz .Lmc_num_default

@@ -2,6 +2,8 @@
 # checks what it did, in guest code. Ops whose effect needs interrupt delivery between vCPUs (send_ipi,
 # halt's wake-up, the native flush_tlb_others) are reported as skipped.
 
+.include "abi.inc"
+
 .equ TEST_TSS_SLOT, 5
 .equ TEST_TSS_BASE, 0x12345678
 .equ TEST_PTE_VALUE, 0x00003067
@@ -167,7 +169,7 @@ ops_test:
     xor edx, edx
     mov esi, msg_t_flush_others
     call ops_expect
-    cmp dword ptr [backend_id], BACKEND_NATIVE
+    cmp dword ptr [backend_id], HYPERVISOR_TYPE_NATIVE
     jne .Lops_done
     mov eax, [flush_count + 4]
     sub eax, ebx

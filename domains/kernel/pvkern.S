@@ -7,32 +7,20 @@
 #
 # Hypercalls go through the hypervisor-filled hypercall page: `call hc_<name>` (labels made by the builder).
 # Conventions: routines preserve ebx, esi, edi, ebp unless stated; results in eax.
+#
+# Every ABI number (hypercall and sub-op numbers, struct offsets, the simulated platform's ports and addresses) comes
+# from the generated include (pvcluster/abi/asm.py; `python -m pvcluster.abi.asm` prints it). The kernel defines
+# only its own constants, each listed in KERNEL_PRIVATE_EQUS (domains/kernel/build.py).
+# The kernel's backend ids are the hypervisor types of the "ebx" protocol (HYPERVISOR_TYPE_XEN, _VMI, _NATIVE).
 
-.equ MAX_VCPUS, 32
+.include "abi.inc"
+
+.equ MAX_VCPUS, XEN_LEGACY_MAX_VCPUS
 .equ LINE_LEN, 128
 .equ STACK_SIZE, 4096
 .equ HCBENCH_ROUNDS, 2000
 .equ IRQBENCH_ROUNDS, 1000
-.equ PROTO_EBX, 0
-.equ PROTO_IDENT, 1
-.equ PROTO_ENTRY, 2
-.equ BACKEND_XEN, 0
-.equ BACKEND_VMI, 1
-.equ BACKEND_NATIVE, 2
-.equ XEN_IDENT, 0x2D6E6578
-.equ VMI_IDENT, 0x2D696D76
-.equ NATIVE_IDENT, 0x2D74616E
-.equ VMI_INIT_SIGNATURE, 0x564D4931
-.equ SI_NR_PAGES, 32
-.equ SI_CMD_LINE, 80
-.equ CTX_SIZE, 2800
-.equ CTX_FLAGS, 512
-.equ CTX_EBX, 516
-.equ CTX_EIP, 548
-.equ CTX_ESP, 560
-.equ KERNEL_CS, 0x08
-.equ CTX_EVENT_CALLBACK_CS, 2780
-.equ CTX_EVENT_CALLBACK_EIP, 2784
+.equ NOSUCH_HYPERCALL, 99
 
 # The three boot protocols (paravirt-thread-2006.txt). Each ends in pv_boot(eax = backend id).
 # "ebx": one common entry point; %ebx = hypervisor type (0 xen, 1 vmi, anything else native).
@@ -40,15 +28,15 @@ _start:
     cld
     mov [start_info], esi
     mov esp, boot_stack_top
-    mov dword ptr [boot_protocol], PROTO_EBX
-    mov eax, BACKEND_NATIVE
-    cmp ebx, 0
+    mov dword ptr [boot_protocol], BOOT_PROTOCOL_EBX
+    mov eax, HYPERVISOR_TYPE_NATIVE
+    cmp ebx, HYPERVISOR_TYPE_XEN
     jne .Lebx_not_xen
-    mov eax, BACKEND_XEN
+    mov eax, HYPERVISOR_TYPE_XEN
 .Lebx_not_xen:
-    cmp ebx, 1
+    cmp ebx, HYPERVISOR_TYPE_VMI
     jne .Lebx_not_vmi
-    mov eax, BACKEND_VMI
+    mov eax, HYPERVISOR_TYPE_VMI
 .Lebx_not_vmi:
     jmp pv_boot
 
@@ -57,17 +45,17 @@ pv_entry_ident:
     cld
     mov [start_info], esi
     mov esp, boot_stack_top
-    mov dword ptr [boot_protocol], PROTO_IDENT
-    mov edx, [esi]
+    mov dword ptr [boot_protocol], BOOT_PROTOCOL_IDENT
+    mov edx, [esi + START_INFO_magic]
     mov [boot_ident], edx
-    mov eax, BACKEND_XEN
-    cmp edx, XEN_IDENT
+    mov eax, HYPERVISOR_TYPE_XEN
+    cmp edx, BOOT_IDENT_XEN
     je pv_boot
-    mov eax, BACKEND_VMI
-    cmp edx, VMI_IDENT
+    mov eax, HYPERVISOR_TYPE_VMI
+    cmp edx, BOOT_IDENT_VMI
     je pv_boot
-    mov eax, BACKEND_NATIVE
-    cmp edx, NATIVE_IDENT
+    mov eax, HYPERVISOR_TYPE_NATIVE
+    cmp edx, BOOT_IDENT_NATIVE
     je pv_boot
     mov esi, msg_unknown_ident
     mov eax, edx
@@ -75,24 +63,24 @@ pv_entry_ident:
 
 # "entry": one entry point per hypervisor, named in the image's metadata (symbols pv_entry_<backend>).
 pv_entry_xen:
-    mov eax, BACKEND_XEN
+    mov eax, HYPERVISOR_TYPE_XEN
     jmp entry_common
 pv_entry_vmi:
-    mov eax, BACKEND_VMI
+    mov eax, HYPERVISOR_TYPE_VMI
     jmp entry_common
 pv_entry_native:
-    mov eax, BACKEND_NATIVE
+    mov eax, HYPERVISOR_TYPE_NATIVE
 entry_common:
     cld
     mov [start_info], esi
     mov esp, boot_stack_top
-    mov dword ptr [boot_protocol], PROTO_ENTRY
+    mov dword ptr [boot_protocol], BOOT_PROTOCOL_ENTRY
     jmp pv_boot
 
 # panic(esi = message, eax = number): print it and shut down with the crash reason
 panic:
     call print_num_line
-    mov dword ptr [shutdown_reason], 3
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
     jmp .Lshutdown
 
 # pv_boot(eax = backend id): install the backend's ops over the native defaults, patch, init, run
@@ -108,7 +96,7 @@ pv_boot:
 .Linstalled:
     call count_vcpus                 # the backend's init sets up per-vCPU state (xen: IPI ports)
     mov [nr_vcpus], eax
-    cmp dword ptr [backend_id], BACKEND_XEN
+    cmp dword ptr [backend_id], HYPERVISOR_TYPE_XEN
     je .Lidt_done
     call setup_idt                   # native and vmi take IPIs through the IDT; xen through event upcalls
 .Lidt_done:
@@ -117,7 +105,7 @@ pv_boot:
     call pv_patch
 .Lpatched:
     PVCALL init
-    cmp dword ptr [backend_id], BACKEND_VMI
+    cmp dword ptr [backend_id], HYPERVISOR_TYPE_VMI
     jne .Linit_checked
     cmp eax, VMI_INIT_SIGNATURE      # the ROM's init answers with its signature
     je .Linit_checked
@@ -149,7 +137,7 @@ pv_boot:
     dec eax
     cmp [vcpus_done], eax
     jae .Lsecondaries_done
-    mov ebx, 0                      # SCHEDOP_yield
+    mov ebx, SCHEDOP_yield
     xor ecx, ecx
     call hc_sched_op
     jmp .Lwait_secondaries
@@ -166,31 +154,31 @@ pv_boot:
     call mmu_hostile
     test eax, eax
     jz .Lno_mmuhostile
-    mov dword ptr [shutdown_reason], 3
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_mmuhostile:
     call mc_bench                    # workload=mcbench (multicall_bench.S); returns 0 when not asked for
     test eax, eax
     jz .Lno_mcbench
-    mov dword ptr [shutdown_reason], 3
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_mcbench:
     call evtchn_work                 # workload=pingserver|pingclient|timer (evtchn_work.S); 0 when not asked for
     test eax, eax
     jz .Lno_evtchn_work
-    mov dword ptr [shutdown_reason], 3
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_evtchn_work:
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown
     call shootdown_run
     test eax, eax
     jz .Lno_shootdown
-    mov dword ptr [shutdown_reason], 3  # a stale read ends the run as a crash: it cannot go unnoticed
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash  # a stale read ends the run as a crash: it cannot go unnoticed
 .Lno_shootdown:
     cmp dword ptr [workload_ops], 0
     je .Lno_ops
     call ops_test
     test eax, eax
     jz .Lno_ops
-    mov dword ptr [shutdown_reason], 3  # a failed op check ends in a crash
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash  # a failed op check ends in a crash
 .Lno_ops:
     mov eax, [irqbench_rounds]
     test eax, eax
@@ -216,14 +204,14 @@ pv_boot:
     call hostile_checks
     test eax, eax
     jz .Lshutdown
-    mov dword ptr [shutdown_reason], 3  # a failed check ends in a crash, so it cannot go unnoticed
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash  # a failed check ends in a crash, so it cannot go unnoticed
 
 .Lshutdown:
     mov esi, msg_shutdown
     mov eax, [shutdown_reason]
     call print_num_line
-    mov ebx, 2                      # SCHEDOP_shutdown
-    mov ecx, shutdown_reason
+    mov ebx, SCHEDOP_shutdown
+    mov ecx, shutdown_reason         # struct sched_shutdown: the reason
     call hc_sched_op
     # only reached if the hypervisor refused
     mov esi, msg_shutdown_failed
@@ -238,28 +226,28 @@ vcpu_start:
     push ebx
     push edi
     mov edi, vcpu_ctx
-    mov ecx, CTX_SIZE / 4
+    mov ecx, VCPUGCTX_SIZE / 4
     xor eax, eax
     rep stosd
-    mov dword ptr [vcpu_ctx + CTX_EIP], secondary_entry
-    mov dword ptr [vcpu_ctx + CTX_EBX], ebx
-    cmp dword ptr [backend_id], BACKEND_XEN
+    mov dword ptr [vcpu_ctx + VCPUGCTX_user_regs_eip], secondary_entry
+    mov dword ptr [vcpu_ctx + VCPUGCTX_user_regs_ebx], ebx
+    cmp dword ptr [backend_id], HYPERVISOR_TYPE_XEN
     jne .Lctx_no_callback
-    mov dword ptr [vcpu_ctx + CTX_EVENT_CALLBACK_CS], KERNEL_CS
-    mov dword ptr [vcpu_ctx + CTX_EVENT_CALLBACK_EIP], xen_hypervisor_callback
+    mov dword ptr [vcpu_ctx + VCPUGCTX_event_callback_cs], KERNEL_CS
+    mov dword ptr [vcpu_ctx + VCPUGCTX_event_callback_eip], xen_hypervisor_callback
 .Lctx_no_callback:
     mov eax, ebx
     inc eax
     shl eax, 12                      # STACK_SIZE
     add eax, secondary_stacks
-    mov [vcpu_ctx + CTX_ESP], eax
+    mov [vcpu_ctx + VCPUGCTX_user_regs_esp], eax
     mov ecx, ebx                     # vcpu id
-    mov ebx, 0                       # VCPUOP_initialise
+    mov ebx, VCPUOP_initialise
     mov edx, vcpu_ctx
     call hc_vcpu_op
     test eax, eax
     jnz .Lstart_failed
-    mov ebx, 1                       # VCPUOP_up
+    mov ebx, VCPUOP_up
     mov ecx, [esp + 4]
     xor edx, edx
     call hc_vcpu_op
@@ -271,11 +259,11 @@ vcpu_start:
 .Lstart_failed:
     mov esi, msg_start_failed
     call print_num_line
-    mov dword ptr [shutdown_reason], 3
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
     jmp .Lshutdown
 
 secondary_entry:
-    cmp dword ptr [backend_id], BACKEND_XEN
+    cmp dword ptr [backend_id], HYPERVISOR_TYPE_XEN
     je .Lsecondary_no_idt
     mov eax, idt_desc                # the IDT register is per CPU: every vCPU loads the shared table
     .byte 0x0F, 0x01, 0x18           # lidt [eax]
@@ -318,7 +306,7 @@ count_vcpus:
 .Lcount_next:
     cmp esi, MAX_VCPUS
     jae .Lcount_done
-    mov ebx, 3                       # VCPUOP_is_up
+    mov ebx, VCPUOP_is_up
     mov ecx, esi
     xor edx, edx
     call hc_vcpu_op
@@ -338,7 +326,7 @@ parse_cmdline:
     push esi
     push edi
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     mov edi, str_shutdown_key
     call find_after
     test eax, eax
@@ -358,12 +346,12 @@ parse_cmdline:
     mov esi, msg_bad_reason
     xor eax, eax
     call print_num_line
-    mov edx, 3                       # an unknown reason is a configuration bug: crash loudly
+    mov edx, SHUTDOWN_crash          # an unknown reason is a configuration bug: crash loudly
 .Lreason_found:
     mov [shutdown_reason], edx
 .Lparse_workload:
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     mov edi, str_hostile_key
     call find_after
     test eax, eax
@@ -371,7 +359,7 @@ parse_cmdline:
     movzx eax, al
     mov [workload_hostile], eax
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     mov edi, str_hcbench_key
     call find_after
     test eax, eax
@@ -379,7 +367,7 @@ parse_cmdline:
     movzx eax, al
     mov [workload_hcbench], eax
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     mov edi, str_forever_key
     call find_after
     test eax, eax
@@ -402,7 +390,7 @@ parse_cmdline:
     call cmdline_flag
     mov [no_patching], eax
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     mov edi, str_opbench_key
     call find_after
     test eax, eax
@@ -433,7 +421,7 @@ parse_cmdline:
 cmdline_flag:
     push esi
     mov esi, [start_info]
-    add esi, SI_CMD_LINE
+    add esi, START_INFO_cmd_line
     call find_after
     test eax, eax
     setnz al
@@ -500,54 +488,54 @@ hostile_checks:
     push edi
     xor edi, edi                     # failures
 
-    mov eax, 99                      # no such hypercall
-    int 0x82
-    mov edx, -38
+    mov eax, NOSUCH_HYPERCALL
+    int HYPERCALL_VECTOR
+    mov edx, -XEN_ENOSYS
     mov esi, msg_check_nosys
     call check_result
 
-    mov ebx, 0                       # CONSOLEIO_write from an unmapped buffer
+    mov ebx, CONSOLEIO_write         # from an unmapped buffer
     mov ecx, 16
     mov edx, 0x10
     call hc_console_io
-    mov edx, -14
+    mov edx, -XEN_EFAULT
     mov esi, msg_check_console
     call check_result
 
-    mov ebx, 2                       # SCHEDOP_shutdown with an unmapped argument
+    mov ebx, SCHEDOP_shutdown        # with an unmapped argument
     mov ecx, 0x20
     call hc_sched_op
-    mov edx, -14
+    mov edx, -XEN_EFAULT
     mov esi, msg_check_shutdown_ptr
     call check_result
 
-    mov ebx, 2                       # SCHEDOP_shutdown with a reason that does not exist
+    mov ebx, SCHEDOP_shutdown        # with a reason that does not exist
     mov ecx, bogus_reason
     call hc_sched_op
-    mov edx, -22
+    mov edx, -XEN_EINVAL
     mov esi, msg_check_shutdown_reason
     call check_result
 
-    mov ebx, 3                       # VCPUOP_is_up on a vCPU the domain does not have
+    mov ebx, VCPUOP_is_up            # on a vCPU the domain does not have
     mov ecx, 99
     xor edx, edx
     call hc_vcpu_op
-    mov edx, -2
+    mov edx, -XEN_ENOENT
     mov esi, msg_check_vcpu
     call check_result
 
-    mov ebx, 6                       # XENVER_get_features into an unmapped buffer
+    mov ebx, XENVER_get_features     # into an unmapped buffer
     mov ecx, 0x30
     call hc_xen_version
-    mov edx, -14
+    mov edx, -XEN_EFAULT
     mov esi, msg_check_features
     call check_result
 
-    mov ebx, 0                       # VCPUOP_initialise of a vCPU that is already up (vCPU 0)
+    mov ebx, VCPUOP_initialise       # of a vCPU that is already up (vCPU 0)
     xor ecx, ecx
     mov edx, vcpu_ctx
     call hc_vcpu_op
-    mov edx, -17
+    mov edx, -XEN_EEXIST
     mov esi, msg_check_reinit
     call check_result
 
@@ -673,7 +661,7 @@ line_end:
     mov edx, eax                     # buffer
     mov ecx, edi
     sub ecx, eax                     # count
-    mov ebx, 0                       # CONSOLEIO_write
+    mov ebx, CONSOLEIO_write
     call hc_console_io
     pop edi
     pop ebx
@@ -695,7 +683,7 @@ opbench_slot: .long -1
 boot_protocol: .long 0
 boot_ident: .long 0
 backend_id: .long 0
-bogus_reason: .long 77
+bogus_reason: .long 77               # no SHUTDOWN_* has this number
 
 str_shutdown_key: .asciz "shutdown="
 str_hostile_key: .asciz "workload=hostile"
@@ -734,7 +722,7 @@ msg_hostile_done: .asciz "pvkern: hostile checks failed: "
 .align 128
 line_buffers: .space LINE_LEN * (MAX_VCPUS + 1)
 .align 4
-vcpu_ctx: .space CTX_SIZE
+vcpu_ctx: .space VCPUGCTX_SIZE
 .align 4096
 secondary_stacks: .space STACK_SIZE * MAX_VCPUS
 boot_stack: .space STACK_SIZE

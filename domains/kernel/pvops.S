@@ -11,12 +11,9 @@
 # Calling convention: arguments in eax, edx, ecx; result in eax; an op may clobber eax, ecx and edx.
 # Call sites are written `PVCALL op` (the builder's preprocessor turns each into `call [pv_ops + 4*slot]` and
 # records it in the patch-site table pv_patch_sites: u32 slot, u32 site, u32 length).
+# NR_PV_OPS and the slot order come from pvcluster/abi/pvops.py.
 
-.equ NR_PV_OPS, 18
-.equ APIC_BASE, 0xFEE00000
-.equ CLOCK_PORT, 0x5C
-.equ VMI_ROM_BASE, 0xFFFF0000
-.equ VMI_MAGIC, 0x31494D56
+.include "abi.inc"
 
 # pv_install(eax = backend id) -> eax = 0, or nonzero if the backend is not available.
 # pv_ops starts as the native table; only the backend's non-NULL entries are copied over it.
@@ -29,10 +26,10 @@ pv_install:
     mov edi, pv_ops
     mov ecx, NR_PV_OPS
     rep movs dword ptr es:[edi], dword ptr [esi]
-    cmp ebx, BACKEND_NATIVE
+    cmp ebx, HYPERVISOR_TYPE_NATIVE
     je .Linstall_ok
     mov esi, xen_ops
-    cmp ebx, BACKEND_XEN
+    cmp ebx, HYPERVISOR_TYPE_XEN
     je .Linstall_copy
     call vmi_probe                   # fills vmi_ops from the ROM; eax = 0 when a ROM was found
     test eax, eax
@@ -235,10 +232,10 @@ native_flush_tlb_others_entry:
     jmp native_flush_tlb_others
 # send_ipi(eax = vcpu, edx = vector): the local APIC's ICR (high word: destination, low word: vector)
 native_send_ipi:
-    shl eax, 24
-    mov [APIC_BASE + 0x310], eax
-    or edx, 0x4000
-    mov [APIC_BASE + 0x300], edx
+    shl eax, APIC_ID_SHIFT
+    mov [APIC_BASE + APIC_ICR_HIGH], eax
+    or edx, 0x4000                   # level: assert
+    mov [APIC_BASE + APIC_ICR_LOW], edx
     xor eax, eax
     ret
 # clock_ns() -> eax: the platform clock port (virtual nanoseconds, low 32 bits)

@@ -4,12 +4,12 @@
 # at that frame (set_pte), flushes its own TLB entry, and asks the other vCPUs to flush (flush_tlb_others, or
 # IPIs whose handler reloads cr3 when tlbflush=cr3). It then publishes the round; every other vCPU, spinning in
 # its loop, reads the test page and must see the new round number: anything else is a stale read through its
-# own TLB, reported on the console and in the trace. Guest marks on port 0x5D bracket each shootdown:
-# (round << 8) | 1 at the request, | 2 when flush_tlb_others returned, | 3 for a stale read.
+# own TLB, reported on the console and in the trace. Guest marks on MARK_PORT bracket each shootdown (the round in
+# the detail): MARK_SHOOTDOWN_REQUEST, MARK_SHOOTDOWN_DONE when flush_tlb_others returned, MARK_SHOOTDOWN_STALE.
+
+.include "abi.inc"
 
 .equ SD_ROUNDS, 40
-.equ MARK_PORT, 0x5D
-.equ CR3_VECTOR, 0xF2
 .equ PTE_FLAGS, 0x63
 
 # shootdown_run() -> eax = number of stale reads seen by all vCPUs
@@ -57,8 +57,8 @@ shootdown_run:
     mov eax, sd_window
     PVCALL flush_tlb_single
     mov eax, esi
-    shl eax, 8
-    or eax, 1
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_SHOOTDOWN_REQUEST
     mov edx, MARK_PORT
     out dx, eax                      # mark: shootdown requested
     cmp dword ptr [sd_cr3_mode], 0
@@ -71,8 +71,8 @@ shootdown_run:
     call cr3_flush_others
 .Lsd_flushed:
     mov eax, esi
-    shl eax, 8
-    or eax, 2
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_SHOOTDOWN_DONE
     mov edx, MARK_PORT
     out dx, eax                      # mark: every target flushed (or will before it next runs)
     mov [sd_round], esi              # publish: targets read the window now
@@ -121,8 +121,8 @@ shootdown_target:
     lock inc dword ptr [sd_stale]
     push eax
     mov eax, esi
-    shl eax, 8
-    or eax, 3
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_SHOOTDOWN_STALE
     mov edx, MARK_PORT
     out dx, eax                      # mark: stale read
     pop eax
@@ -141,7 +141,7 @@ shootdown_target:
 # builder made: start_info.pt_base is the page directory's virtual address)
 sd_pte_address:
     mov eax, [start_info]
-    mov eax, [eax + SI_PT_BASE]
+    mov eax, [eax + START_INFO_pt_base]
     mov edx, sd_window
     shr edx, 22
     mov eax, [eax + edx*4]           # the PDE
