@@ -2,7 +2,7 @@
 
 Every domain runs the built-in kernel's `workload=mcbench` on the xen backend: `mcupdates` updates of one PTE in
 lazy-MMU sections of `mcbatch` updates, each section sent as one multicall (a section of one update is a plain
-mmu_update, as Linux sends a one-entry batch). Guest marks on port 0x5D bracket the updates; the domain trace
+mmu_update, as Linux sends a one-entry batch). Guest marks on MARK_PORT bracket the updates; the domain trace
 gives each mark's virtual time (`vt_ns`) and the wall-clock time the domain process recorded it (`wall_ns`), so
 per-update costs need no subtraction of boot time. Every domain has its own pCPU, so no vCPU waits for one.
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from pvcluster.abi.platform import Mark
 from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
@@ -25,7 +26,7 @@ from pvcluster.trace import read_events
 HEAD_TO_HEAD = 32
 CURVE_UPDATES = 64
 CURVE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-MARK_START, MARK_END, MARK_FAIL = 0x41, 0x42, 0x43
+MARK_START, MARK_END, MARK_FAIL = Mark.MCBENCH_START, Mark.MCBENCH_END, Mark.MCBENCH_FAIL
 MIN_WALL_RATIO = 10.0  # what batching must save at least, per update in wall time (32 vs 1)
 
 

@@ -21,18 +21,17 @@ from domains.elf_load import GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, build_kernel
 from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
-from domains.vcpu import APIC_BASE
-from hypervisor.vmi_rom import VMI_ROM_BASE
-from pvcluster.abi.layouts import StartInfo
+from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, StartInfo
+from pvcluster.abi.platform import APIC_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
 from pvcluster.abi.xen import PAGE_SIZE
 from pvcluster.bus.messages import Build
 
 BOOT_STACK_PAGES = 4
 # %ebx under the "ebx" boot protocol: the hypervisor type the kernel switches its paravirt_ops on.
-HYPERVISOR_TYPE = {"xen": 0, "vmi": 1, "native": 2}
+HYPERVISOR_TYPE: dict[str, int] = {t.name: int(t) for t in HypervisorType}
 # The start-info block opens with the hypervisor's magic string; its first 4 bytes are the 32-bit ident the
 # "ident" protocol matches ("xen-", "vmi-", "nat-").
-START_INFO_MAGIC = {"xen": b"xen-3.0-x86_32", "vmi": b"vmi-3.0-x86_32", "native": b"nat-3.0-x86_32"}
+START_INFO_MAGIC: dict[str, bytes] = {t.name: magic for t, magic in START_INFO_MAGICS.items()}
 ENTRY_SYMBOL = {"xen": "pv_entry_xen", "vmi": "pv_entry_vmi", "native": "pv_entry_native"}
 IDENT_ENTRY_SYMBOL = "pv_entry_ident"
 # Linux's switch for turning off paravirt call-site patching; the spec's `patching = false` appends it.
@@ -126,7 +125,7 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
     cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()
     cmdline = cmdline_text.encode()
-    if len(cmdline) >= 1024:
+    if len(cmdline) >= MAX_GUEST_CMDLINE:
         raise ImageError("bad-cmdline", f"command line of {len(cmdline)} bytes does not fit in start_info")
     start_info = StartInfo(
         nr_pages=ram.nr_pages,
@@ -146,7 +145,7 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         "eip": _entry_point(image, req.boot, req.backend),
         "esi": si_va,
         "esp": stack_top,
-        "ebx": HYPERVISOR_TYPE.get(req.backend, 2),
+        "ebx": HYPERVISOR_TYPE.get(req.backend, HypervisorType.native),
         "eflags": 0x2,
     }
     frames = tables.frames

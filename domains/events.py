@@ -8,12 +8,12 @@ evtchn_set_pending / evtchn_unmask do, so the guest's upcall handler scans them 
 from __future__ import annotations
 
 from domains.memory import GuestRam
-from pvcluster.abi.layouts import SHARED_INFO_EVTCHN_MASK, SHARED_INFO_EVTCHN_PENDING, VCPU_INFO_SIZE
+from pvcluster.abi.layouts import SHARED_INFO, SHARED_INFO_EVTCHN_MASK, SHARED_INFO_EVTCHN_PENDING, VCPU_INFO
+from pvcluster.abi.xen import NR_EVENT_CHANNELS
 
-NR_EVENT_CHANNELS = 1024
-_PENDING_SEL = 4
-_UPCALL_PENDING = 0
-_UPCALL_MASK = 1
+_PENDING_SEL = VCPU_INFO.offset("evtchn_pending_sel")
+_UPCALL_PENDING = VCPU_INFO.offset("evtchn_upcall_pending")
+_UPCALL_MASK = VCPU_INFO.offset("evtchn_upcall_mask")
 
 
 def _bit(ram: GuestRam, offset: int, bit: int) -> bool:
@@ -32,7 +32,7 @@ def _set_bit(ram: GuestRam, offset: int, bit: int, value: bool) -> bool:
 
 
 def _vcpu_info(ram: GuestRam, vcpu: int) -> int:
-    return vcpu * VCPU_INFO_SIZE
+    return SHARED_INFO.offset("vcpu_info") + vcpu * VCPU_INFO.size
 
 
 def _mark_events_pending(ram: GuestRam, port: int, vcpu: int) -> bool:

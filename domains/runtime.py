@@ -19,8 +19,8 @@ from domains.memory import GuestRam
 from domains.paging import pte_address, read_virt, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercalls import copy_in
-from hypervisor.vmi_rom import VMI_ROM_BASE
-from pvcluster.abi.layouts import VCPU_INFO_SIZE
+from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
+from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
 from pvcluster.analysis import mode_of
 from pvcluster.bus import codec
 from pvcluster.bus.messages import (
@@ -267,12 +267,12 @@ class DomainProcess:
             self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
     def _mark(self, vcpu: int, value: int, vt_ns: int) -> None:
-        code, rnd = value & 0xFF, value >> 8
+        code, rnd = value & MARK_CODE_MASK, value >> MARK_DETAIL_SHIFT
         span = f"sd-d{self.domid}-r{rnd}"
         self._trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=code, round=rnd, span=span)
-        if code == 1:
+        if code == Mark.SHOOTDOWN_REQUEST:
             self._span_start[rnd] = vt_ns
-        elif code == 2 and rnd in self._span_start:
+        elif code == Mark.SHOOTDOWN_DONE and rnd in self._span_start:
             start = self._span_start.pop(rnd)
             self._trace("shootdown.span", vt_ns=start, vcpu=vcpu, span=span, round=rnd, end_vt_ns=vt_ns,
                         latency_ns=vt_ns - start, mode=self._shootdown_mode)
@@ -280,11 +280,12 @@ class DomainProcess:
     def _publish_time(self, vcpu: Vcpu) -> None:
         """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""
         assert self.ram is not None
-        base = self.ram.shared_info_paddr + vcpu.vid * VCPU_INFO_SIZE + 32
-        version = int.from_bytes(self.ram.read_pa(base, 4), "little")
-        self.ram.write_pa(base, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
-        self.ram.write_pa(base + 16, vcpu.clock_ns.to_bytes(8, "little"))
-        self.ram.write_pa(base, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+        info = self.ram.shared_info_paddr + SHARED_INFO.offset("vcpu_info") + vcpu.vid * VCPU_INFO.size
+        version_at, time_at = info + VCPU_INFO.offset("time.version"), info + VCPU_INFO.offset("time.system_time")
+        version = int.from_bytes(self.ram.read_pa(version_at, 4), "little")
+        self.ram.write_pa(version_at, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+        self.ram.write_pa(time_at, vcpu.clock_ns.to_bytes(8, "little"))
+        self.ram.write_pa(version_at, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
 
     @staticmethod
     def _report(v: Vcpu) -> VcpuReport:

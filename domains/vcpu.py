@@ -43,17 +43,23 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from domains import events
 from domains.memory import GuestRam
 from domains.paging import read_virt, translate, write_virt
+from pvcluster.abi.platform import (
+    APIC_BASE,
+    APIC_ICR_HIGH,
+    APIC_ICR_LOW,
+    APIC_ID,
+    APIC_ID_SHIFT,
+    CLOCK_PORT,
+    KERNEL_CS,
+    KERNEL_DS,
+    MARK_PORT,
+)
 from pvcluster.abi.xen import HYPERCALL_VECTOR
 
 _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
-# The simulated platform's clock: `in eax, dx` from this port reads the vCPU's virtual time in ns (low 32 bits).
-# rdtsc cannot be hooked in Unicorn's Python binding and would read the host's clock.
-CLOCK_PORT = 0x5C
-# A guest writes (detail << 8) | code here to put a mark in the trace with the exact virtual time (workloads use it
-# to bracket what they measure, e.g. each TLB shootdown).
-MARK_PORT = 0x5D
-APIC_BASE = 0xFEE00000
-APIC_ID, APIC_EOI, APIC_ICR_LOW, APIC_ICR_HIGH = 0x20, 0xB0, 0x300, 0x310
+# The platform's ports (pvcluster/abi/platform.py): `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns
+# (rdtsc cannot be hooked in Unicorn's Python binding); a write to MARK_PORT puts a guest mark in the trace at the
+# exact virtual time (workloads use it to bracket what they measure, e.g. each TLB shootdown).
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 PAGE_FAULT_VECTOR = 14
 _PAGE = 0x1000
@@ -61,19 +67,21 @@ _MOV_TO_CR = b"\x0f\x22"  # the opcode of `mov crN, r32`
 _GROUP7 = b"\x0f\x01"  # the opcode of invlpg (and lgdt, lidt, ...)
 # Instructions that write memory without naming it as an operand (the stack).
 _IMPLICIT_WRITERS = ("push", "call", "enter")
-KERNEL_CS, KERNEL_DS = 0x08, 0x10
 EFLAGS_IF, EFLAGS_TF = 0x200, 0x100
 # (sender vCPU, destination vCPU or -1 for all but the sender, vector, virtual time)
 IpiSink = Callable[[int, int, int, int], None]
 
 
 def flat_gdt() -> bytes:
-    """null, then flat 4 GiB ring-0 code (0x08) and data (0x10) descriptors."""
+    """null, then flat 4 GiB ring-0 code (KERNEL_CS) and data (KERNEL_DS) descriptors."""
 
     def desc(access: int) -> bytes:
         return struct.pack("<II", 0x0000FFFF, 0x00CF0000 | (access << 8))
 
-    return bytes(8) + desc(0x9A) + desc(0x92)
+    gdt = bytearray(8 * (max(KERNEL_CS, KERNEL_DS) // 8 + 1))  # a selector's index is its value / 8
+    gdt[KERNEL_CS & ~7 : (KERNEL_CS & ~7) + 8] = desc(0x9A)
+    gdt[KERNEL_DS & ~7 : (KERNEL_DS & ~7) + 8] = desc(0x92)
+    return bytes(gdt)
 REG_IDS: dict[str, int] = {
     "eax": X.UC_X86_REG_EAX,
     "ebx": X.UC_X86_REG_EBX,
@@ -263,7 +271,7 @@ class Vcpu:
 
     def _apic_read(self, uc: Uc, offset: int, size: int, _: object) -> int:
         if offset == APIC_ID:
-            return self.vid << 24
+            return self.vid << APIC_ID_SHIFT
         if offset == APIC_ICR_HIGH:
             return self._icr_high
         return 0
@@ -278,7 +286,7 @@ class Vcpu:
             elif shorthand == 3:
                 self.ipi_sink(self.vid, -1, vector, self.clock_ns)
             else:
-                self.ipi_sink(self.vid, self._icr_high >> 24, vector, self.clock_ns)
+                self.ipi_sink(self.vid, self._icr_high >> APIC_ID_SHIFT, vector, self.clock_ns)
         # EOI and the other registers need no model: delivery is edge-triggered and one at a time
 
     def post_irq(self, vt_ns: int, src: int, vector: int) -> None:

@@ -12,7 +12,7 @@ ROM layout (all integers little-endian u32, offsets from the ROM base):
 =========  ==================================================================================================
 offset     contents
 =========  ==================================================================================================
-0          magic ``0x31494D56`` (the bytes ``"VMI1"``)
+0          magic ``VMI_ROM_MAGIC`` = 0x31494D56 (the bytes ``"VMI1"``)
 4          ROM version, 1
 8          N = number of op slots = ``len(VMI_OPS)`` (16)
 12         reserved, 0
@@ -66,32 +66,33 @@ from collections.abc import Callable
 
 import keystone
 
+from pvcluster.abi.layouts import MMU_UPDATE, MMUEXT_OP
+from pvcluster.abi.platform import VIRT_BASE, VMI_INIT_SIGNATURE, VMI_ROM_BASE, VMI_ROM_HEADER, VMI_ROM_MAGIC
 from pvcluster.abi.pvops import PV_OPS, VMI_ROM_SLOTS
-from pvcluster.abi.xen import DOMID_SELF, HYPERCALL_VECTOR, PAGE_SIZE, Hypercall
+from pvcluster.abi.xen import DOMID_SELF, HYPERCALL_VECTOR, PAGE_SHIFT, PAGE_SIZE, Hypercall, MmuCmd, MmuextCmd
 
-VMI_ROM_BASE = 0xFFFF0000
+# VMI_ROM_BASE, VMI_ROM_MAGIC, VMI_INIT_SIGNATURE and the header layout are the guest kernel's too, so they are
+# defined in pvcluster/abi/platform.py (and still importable from here).
 VMI_ROM_SIZE = PAGE_SIZE
-VMI_ROM_MAGIC = 0x31494D56  # b"VMI1" little-endian
 VMI_ROM_VERSION = 1
-VMI_INIT_SIGNATURE = 0x564D4931  # what init() returns: b"1IMV" little-endian
-GUEST_VIRT_BASE = 0xC0000000  # set_pte assumes the guest's RAM is mapped linearly here with an identity p2m
-VMI_ROM_HEADER_SIZE = 16
+GUEST_VIRT_BASE = VIRT_BASE  # set_pte assumes the guest's RAM is mapped linearly here with an identity p2m
+VMI_ROM_HEADER_SIZE = VMI_ROM_HEADER.size
 VMI_ROM_FILL = 0xCC  # int3
 VMI_OP_ALIGN = 16
 
 VMI_OPS: tuple[str, ...] = PV_OPS[:VMI_ROM_SLOTS]
 VMI_OP_INDEX: dict[str, int] = {name: i for i, name in enumerate(VMI_OPS)}
-VMI_ROM_TABLE_OFFSET = VMI_ROM_HEADER_SIZE
+VMI_ROM_TABLE_OFFSET = VMI_ROM_HEADER_SIZE  # the op table follows the header
 
 # xen/xen.h: mmu_update command bits (low 2 bits of ptr) and mmuext_op commands.
-MMU_NORMAL_PT_UPDATE = 0
-MMUEXT_NEW_BASEPTR = 5
-MMUEXT_TLB_FLUSH_LOCAL = 6
-MMUEXT_INVLPG_LOCAL = 7
-MMUEXT_TLB_FLUSH_MULTI = 8
-MMUEXT_INVLPG_MULTI = 9
-MMUEXT_OP_SIZE = 12  # struct mmuext_op on x86-32: cmd, arg1, arg2
-MMU_UPDATE_SIZE = 16  # struct mmu_update: u64 ptr, u64 val
+MMU_NORMAL_PT_UPDATE = MmuCmd.NORMAL_PT_UPDATE
+MMUEXT_NEW_BASEPTR = MmuextCmd.NEW_BASEPTR
+MMUEXT_TLB_FLUSH_LOCAL = MmuextCmd.TLB_FLUSH_LOCAL
+MMUEXT_INVLPG_LOCAL = MmuextCmd.INVLPG_LOCAL
+MMUEXT_TLB_FLUSH_MULTI = MmuextCmd.TLB_FLUSH_MULTI
+MMUEXT_INVLPG_MULTI = MmuextCmd.INVLPG_MULTI
+MMUEXT_OP_SIZE = MMUEXT_OP.size
+MMU_UPDATE_SIZE = MMU_UPDATE.size
 FLUSH_ALL = 0xFFFFFFFF  # flush_tlb_others' edx for a full flush
 
 
@@ -115,7 +116,7 @@ def _hypercall_op(nr: int, frame: int, fill: list[str]) -> str:
         "mov ecx, 1",
         "xor edx, edx",
         f"mov esi, {DOMID_SELF:#x}",
-        f"mov eax, {nr}",
+        f"mov eax, {int(nr)}",
         f"int {HYPERCALL_VECTOR:#x}",
         f"add esp, {frame}",
     ]
@@ -124,10 +125,17 @@ def _hypercall_op(nr: int, frame: int, fill: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _at_esp(offset: int) -> str:
+    return f"dword ptr [esp + {offset}]" if offset else "dword ptr [esp]"
+
+
 def _mmuext(cmd: int | None, arg1: str, arg2: str) -> list[str]:
     """Fill lines for one ``struct mmuext_op`` at [esp] (``cmd`` None: the caller stores it)."""
-    lines = [] if cmd is None else [f"mov dword ptr [esp], {cmd}"]
-    return lines + [f"mov dword ptr [esp + 4], {arg1}", f"mov dword ptr [esp + 8], {arg2}"]
+    lines = [] if cmd is None else [f"mov {_at_esp(MMUEXT_OP.offset('cmd'))}, {int(cmd)}"]
+    return lines + [
+        f"mov {_at_esp(MMUEXT_OP.offset('arg1'))}, {arg1}",
+        f"mov {_at_esp(MMUEXT_OP.offset('arg2'))}, {arg2}",
+    ]
 
 
 def _mmuext_op(cmd: int, arg1: str = "0", arg2: str = "0", pre: tuple[str, ...] = ()) -> str:
@@ -136,13 +144,14 @@ def _mmuext_op(cmd: int, arg1: str = "0", arg2: str = "0", pre: tuple[str, ...] 
 
 def _set_pte() -> str:
     assert MMU_NORMAL_PT_UPDATE == 0  # so clearing the command bits selects it
+    ptr, val = MMU_UPDATE.offset("ptr"), MMU_UPDATE.offset("val")
     fill = [
         f"sub eax, {GUEST_VIRT_BASE:#x}",  # virtual -> machine (linear map, identity p2m)
         f"and eax, {0xFFFFFFFC:#x}",  # the low two bits of ptr are the command: MMU_NORMAL_PT_UPDATE = 0
-        "mov dword ptr [esp], eax",
-        "mov dword ptr [esp + 4], 0",
-        "mov dword ptr [esp + 8], edx",
-        "mov dword ptr [esp + 12], 0",
+        f"mov {_at_esp(ptr)}, eax",
+        f"mov {_at_esp(ptr + 4)}, 0",
+        f"mov {_at_esp(val)}, edx",
+        f"mov {_at_esp(val + 4)}, 0",
     ]
     return _hypercall_op(Hypercall.mmu_update, MMU_UPDATE_SIZE, fill)
 
@@ -152,8 +161,8 @@ def _flush_tlb_others() -> str:
         *_mmuext(MMUEXT_INVLPG_MULTI, "edx", "eax"),
         f"cmp edx, {FLUSH_ALL:#x}",
         "jne vmi_issue",
-        f"mov dword ptr [esp], {MMUEXT_TLB_FLUSH_MULTI}",
-        "mov dword ptr [esp + 4], 0",
+        f"mov {_at_esp(MMUEXT_OP.offset('cmd'))}, {int(MMUEXT_TLB_FLUSH_MULTI)}",
+        f"mov {_at_esp(MMUEXT_OP.offset('arg1'))}, 0",
         "vmi_issue:",
     ]
     return _hypercall_op(Hypercall.mmuext_op, MMUEXT_OP_SIZE, fill)
@@ -166,7 +175,7 @@ _SOURCES: dict[str, Callable[[], str]] = {
     "save_fl": lambda: "pushfd\npop eax\nret",
     "restore_fl": lambda: "push eax\npopfd\nret",
     "read_cr3": lambda: "mov eax, cr3\nret",
-    "write_cr3": lambda: _mmuext_op(MMUEXT_NEW_BASEPTR, arg1="eax", pre=("shr eax, 12",)),
+    "write_cr3": lambda: _mmuext_op(MMUEXT_NEW_BASEPTR, arg1="eax", pre=(f"shr eax, {PAGE_SHIFT}",)),
     "set_pte": _set_pte,
     "flush_tlb_user": lambda: _mmuext_op(MMUEXT_TLB_FLUSH_LOCAL),
     "flush_tlb_kernel": lambda: _mmuext_op(MMUEXT_TLB_FLUSH_LOCAL),

@@ -1,8 +1,9 @@
 """Trace analysis: TLB-shootdown latency by design, from the guest's marks and the hypervisor's events.
 
-The shootdown workload marks each shootdown on port 0x5D (the domain traces them as ``guest.mark``): code 1 when
-the initiator asks the other vCPUs to flush, code 2 when that call returned (every target flushed, or for the
-paravirtual design, will be before it next runs), code 3 for a stale read. Latency is virtual time from 1 to 2.
+The shootdown workload marks each shootdown on MARK_PORT (the domain traces them as ``guest.mark``; the codes are
+``pvcluster.abi.platform.Mark``): SHOOTDOWN_REQUEST (1) when the initiator asks the other vCPUs to flush,
+SHOOTDOWN_DONE (2) when that call returned (every target flushed, or for the paravirtual design, will be before it
+next runs), SHOOTDOWN_STALE (3) for a stale read. Latency is virtual time from REQUEST to DONE.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from typing import Any
 
 import attrs
 
+from pvcluster.abi.platform import CR3_VECTOR, FLUSH_VECTOR, Mark
 from pvcluster.trace import read_events
+
+# The vectors of the IPIs a shootdown sends: the native flush_tlb_others' and the cr3 design's.
+_SHOOTDOWN_VECTORS = (FLUSH_VECTOR, CR3_VECTOR)
 
 
 @attrs.frozen
@@ -53,6 +58,15 @@ def _events(run_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[st
     return hv, doms, names
 
 
+def _is_mark(event: dict[str, Any], code: Mark) -> bool:
+    return bool(event["event"] == "guest.mark" and event["code"] == code)
+
+
+def _marks(events: list[dict[str, Any]], code: Mark) -> dict[int, int]:
+    """round -> virtual time of the guest marks with ``code``."""
+    return {e["round"]: e["vt_ns"] for e in events if _is_mark(e, code)}
+
+
 def shootdowns(run_dir: Path) -> list[Shootdown]:
     spec = json.loads((run_dir / "spec.json").read_text())
     names = {d["name"]: d for d in spec["domain"]}
@@ -60,8 +74,8 @@ def shootdowns(run_dir: Path) -> list[Shootdown]:
     out: list[Shootdown] = []
     for domid, events in sorted(doms.items()):
         mode = mode_of(names.get(dom_names.get(domid, ""), {}))
-        starts = {e["round"]: e["vt_ns"] for e in events if e["event"] == "guest.mark" and e["code"] == 1}
-        ends = {e["round"]: e["vt_ns"] for e in events if e["event"] == "guest.mark" and e["code"] == 2}
+        starts = _marks(events, Mark.SHOOTDOWN_REQUEST)
+        ends = _marks(events, Mark.SHOOTDOWN_DONE)
         ipis = [e for e in hv if e["event"] == "ipi" and e["dom"] == domid]
         pv = [e for e in hv if e["event"] == "shootdown" and e["dom"] == domid]
         hcalls = [e for e in hv if e["event"] == "hypercall" and e["dom"] == domid and e["vcpu"] == 0]
@@ -69,7 +83,7 @@ def shootdowns(run_dir: Path) -> list[Shootdown]:
             end = ends.get(rnd)
             if end is None:
                 continue
-            sent = [e for e in ipis if start <= e["vt_ns"] <= end and e["vector"] in (0xF1, 0xF2)]
+            sent = [e for e in ipis if start <= e["vt_ns"] <= end and e["vector"] in _SHOOTDOWN_VECTORS]
             calls = [e for e in pv if start <= e["vt_ns"] <= end]
             traps = [e for e in hcalls if start <= e["vt_ns"] <= end]
             # a hypercall is one request on the bus; an APIC IPI crosses it twice (sender -> hypervisor -> target);
@@ -82,7 +96,7 @@ def shootdowns(run_dir: Path) -> list[Shootdown]:
 
 def stale_reads(run_dir: Path) -> int:
     _, doms, _ = _events(run_dir)
-    return sum(1 for evs in doms.values() for e in evs if e["event"] == "guest.mark" and e["code"] == 3)
+    return sum(1 for evs in doms.values() for e in evs if _is_mark(e, Mark.SHOOTDOWN_STALE))
 
 
 def percentile(sorted_values: list[int], p: float) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Literal, cast, get_args
 
 import attrs
 
-from pvcluster.abi.xen import MAX_LEGACY_VCPUS
+from pvcluster.abi.xen import MAX_GUEST_CMDLINE, MAX_LEGACY_VCPUS
 
 __all__ = [
     "BUILTIN_KERNELS",
@@ -68,7 +68,7 @@ MIN_WINDOW_NS = 100
 MAX_PS_PER_INSTR = 1_000_000
 MAX_PORT = 65535
 # start_info.cmd_line is char[1024] and must keep room for its NUL terminator.
-GUEST_CMDLINE_MAX = 1024
+GUEST_CMDLINE_MAX = MAX_GUEST_CMDLINE
 
 RUN_DIR_ENV = "PVCLUSTER_RUN_DIR"
 DEFAULT_SOURCE = "<default>"
