@@ -17,7 +17,7 @@ from typing import Any
 
 from pvcluster import launch
 from pvcluster.control import ControlClient, ControlError, read_hypervisor_info
-from pvcluster.spec import ClusterSpec
+from pvcluster.spec import ClusterSpec, DomainSpec
 
 FINAL_STATES = frozenset({"dead", "crashed"})
 START_TIMEOUT_S = 30.0
@@ -160,15 +160,6 @@ class Cluster:
         return time.monotonic() - self.started_wall
 
 
-def _domain_dict(dom: Any) -> dict[str, Any]:
-    return {
-        "name": dom.name,
-        "vcpus": dom.vcpus,
-        "memory_mib": dom.memory_mib,
-        "kernel": dom.kernel,
-        "cmdline": dom.cmdline,
-        "backend": dom.backend,
-        "boot": dom.boot,
-        "patching": dom.patching,
-        "faults": list(dom.faults),
-    }
+def _domain_dict(dom: DomainSpec) -> dict[str, Any]:
+    """The ``create`` command's ``domain`` argument: every key of the domain's spec, cpus and faults included."""
+    return dom.to_dict()

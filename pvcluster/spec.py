@@ -66,7 +66,13 @@ MAX_VCPUS = MAX_LEGACY_VCPUS
 MAX_MEMORY_MIB = 256
 MIN_WINDOW_NS = 100
 MAX_PS_PER_INSTR = 1_000_000
-MAX_PORT = 65535
+# The control socket binds bus.port + 1 (pvcluster/bus/endpoints.py), and 65535 is the highest TCP port.
+MAX_PORT = 65534
+MAX_UNRESPONSIVE_S = 86400
+# Tables and arrays a value may sit in; a valid spec needs 4 (top, [[domain]] array, domain table, faults).
+# Checked without recursion before anything else looks at the data: a hostile spec must not exhaust the stack.
+MAX_NESTING = 16
+SPEC_NESTING = 4
 # start_info.cmd_line is char[1024] and must keep room for its NUL terminator.
 GUEST_CMDLINE_MAX = MAX_GUEST_CMDLINE
 
@@ -79,6 +85,11 @@ _MISSING: Any = object()
 
 # Hypervisor-side bugs a domain can be run under, to prove the checkers catch them.
 DOMAIN_FAULTS = ("skip-flush",)
+# The parameterised fault "ident=0xNNNNNNNN": the builder writes this ident into start_info instead of the
+# hypervisor's. Normalised to 8 lower-case hex digits, so equal idents compare equal.
+IDENT_FAULT = "ident"
+_IDENT_FAULT_RE = re.compile(r"ident=0x([0-9a-fA-F]{1,8})")
+KNOWN_FAULTS_TEXT = '"skip-flush", "ident=0xNNNNNNNN" (1 to 8 hex digits)'
 
 
 class SpecError(Exception):
@@ -118,6 +129,13 @@ class HypervisorSection:
     log_level: LogLevel
     cost: CostModel
     slice_ns: int = 30000
+    # Wall seconds a domain process may stay silent, counting only time the hypervisor itself was running.
+    unresponsive_s: float = 30.0
+    # Batch elements (multicall entries, mmu_update requests, mmuext_op ops) per domain per window.
+    work_budget: int = 1024
+    # Per-domain token bucket on detail trace events: trace_burst tokens, refilled by trace_rate per virtual us.
+    trace_burst: int = 20000  # 0 = no limit (trace_rate is ignored)
+    trace_rate: int = 50  # 0 = never refilled: at most trace_burst detail events per domain
 
 
 @attrs.frozen
@@ -138,10 +156,24 @@ class DomainSpec:
     boot: Boot
     patching: bool
     faults: tuple[str, ...] = ()
+    cpus: tuple[int, ...] = ()  # hard affinity; () = every pCPU
 
     @property
     def builtin_kernel(self) -> bool:
         return self.kernel in BUILTIN_KERNELS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``[[domain]]`` table as ``create`` and ``ClusterSpec.to_dict`` carry it (lists, not tuples)."""
+        return {**attrs.asdict(self), "faults": list(self.faults), "cpus": list(self.cpus)}
+
+    @property
+    def ident_fault(self) -> int | None:
+        """The start_info ident the builder must write instead of the hypervisor's, from an ``ident=`` fault."""
+        for fault in self.faults:
+            name, _, value = fault.partition("=")
+            if name == IDENT_FAULT:
+                return int(value, 16)
+        return None
 
 
 @attrs.frozen
@@ -181,7 +213,7 @@ class ClusterSpec:
             "cluster": attrs.asdict(self.cluster),
             "hypervisor": attrs.asdict(self.hypervisor),
             "bus": attrs.asdict(self.bus),
-            "domain": [{**attrs.asdict(d), "faults": list(d.faults)} for d in self.domains],
+            "domain": [d.to_dict() for d in self.domains],
         }
 
     @classmethod
@@ -194,6 +226,9 @@ class ClusterSpec:
         checker = _Checker(Path.cwd())
         if not isinstance(source, str):
             checker.error("source", f"must be a string, got {_describe(source)}")
+            source = _DICT_SOURCE
+        elif not _encodable(source):
+            checker.error("source", "must be valid Unicode text")
             source = _DICT_SOURCE
         return checker.spec(body, source)
 
@@ -208,6 +243,12 @@ def parse_spec(text: str, *, source: str = "<string>", base_dir: Path | None = N
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, [f"TOML syntax error: {exc}"]) from None
+    except RecursionError:
+        # tomllib reads arrays and inline tables recursively: a few hundred levels exhaust Python's stack.
+        raise SpecError(source, [_too_deep_message("TOML arrays or inline tables")]) from None
+    except ValueError as exc:
+        # int() refuses literals longer than sys.get_int_max_str_digits(); its advice is for programmers.
+        raise SpecError(source, [f"TOML value cannot be read: {str(exc).split(';')[0]}"]) from None
     return _Checker(Path(base_dir) if base_dir is not None else Path.cwd()).spec(data, source)
 
 
@@ -232,10 +273,16 @@ def load_spec(path: str | os.PathLike[str] | None = None) -> ClusterSpec:
     return parse_spec(text, source=source, base_dir=p.absolute().parent)
 
 
-def parse_domain_dict(data: object, *, base_dir: Path | None = None) -> DomainSpec:
-    """Validate one ``[[domain]]`` table on its own, as the hypervisor's ``create`` command receives it."""
+def parse_domain_dict(data: object, *, base_dir: Path | None = None, pcpus: int | None = None) -> DomainSpec:
+    """Validate one ``[[domain]]`` table on its own, as the hypervisor's ``create`` command receives it.
+
+    ``pcpus`` is the hypervisor's pCPU count, to check ``cpus`` against; without it only the 0..MAX_PCPUS-1
+    range is checked.
+    """
     checker = _Checker(Path(base_dir) if base_dir is not None else Path.cwd())
-    dom = checker.domain(data, "domain")
+    if not checker.nesting(data, "domain"):
+        raise SpecError("<create>", checker.problems)
+    dom = checker.domain(data, "domain", pcpus)
     if checker.problems:
         raise SpecError("<create>", checker.problems)
     return dom
@@ -245,16 +292,56 @@ def parse_domain_dict(data: object, *, base_dir: Path | None = None) -> DomainSp
 
 
 def _join(path: str, key: object) -> str:
-    k = str(key)
-    # Quote keys a reader could not type bare in TOML, so the path in the message is unambiguous.
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", k):
-        k = json.dumps(k, ensure_ascii=False)
+    # Keys from TOML, JSON and msgpack are strings; anything else is described, never str()-ed (a deeply
+    # nested tuple would recurse).
+    if not isinstance(key, str):
+        k = f"<{_describe(key)}>"
+    elif re.fullmatch(r"[A-Za-z0-9_-]{1,60}", key):
+        k = key
+    else:
+        # Quote keys a reader could not type bare in TOML, so the path in the message is unambiguous.
+        k = _quote(key)
     return f"{path}.{k}" if path else k
 
 
+def _encodable(s: str) -> bool:
+    """False for lone surrogates (only reachable through from_dict): no file name, message or frame can hold them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _quote(s: str, limit: int = 60) -> str:
-    q = json.dumps(s, ensure_ascii=False)
+    # ASCII escapes only where needed: a message must stay printable and sendable over the bus.
+    q = json.dumps(s, ensure_ascii=not _encodable(s))
     return q if len(q) <= limit else q[: limit - 4] + '..."'
+
+
+def _too_deep_message(what: str) -> str:
+    return f"{what} nested too deeply (more than {MAX_NESTING} levels; a cluster spec needs at most {SPEC_NESTING})"
+
+
+def _too_deep(data: object, path: str) -> str | None:
+    """The key path of the first table or array nested more than MAX_NESTING levels deep in ``data``, or None.
+
+    Iterative on purpose: a recursive walk is exactly what a hostile spec would overflow. Also ends on
+    self-referencing values, which from_dict could be handed.
+    """
+    stack: list[tuple[object, str, int]] = [(data, path, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = [(_join(where, k), v) for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            children = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            return where
+        stack.extend((v, p, depth + 1) for p, v in reversed(children))
+    return None
 
 
 def _describe(v: object) -> str:
@@ -262,6 +349,8 @@ def _describe(v: object) -> str:
     if isinstance(v, bool):
         return f"boolean {'true' if v else 'false'}"
     if isinstance(v, int):
+        if v.bit_length() > 64:  # str() of a huge int is slow and, past 4300 digits, raises ValueError
+            return f"{'a negative' if v < 0 else 'an'} integer of {v.bit_length()} bits"
         return str(v)
     if isinstance(v, float):
         return f"float {v!r}"
@@ -315,17 +404,28 @@ class _Checker:
             return {}
         for key in value:
             if key not in keys:
-                self.error(_join(path, key), "unknown key" + _hint(str(key), keys))
+                self.error(_join(path, key), "unknown key" + (_hint(key, keys) if isinstance(key, str) else ""))
         return value
 
-    def integer(self, tbl: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int | None = None) -> int:
+    def integer(
+        self, tbl: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int | None = None, why: str = ""
+    ) -> int:
+        """An integer in [lo, hi]; ``why`` explains the bounds in the message when they are not obvious."""
         v = tbl.get(key, default)
         # bool is an int subclass in Python, but `vcpus = true` is a mistake, not 1.
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
             want = f"an integer between {lo} and {hi}" if hi is not None else f"an integer >= {lo}"
-            self.error(_join(path, key), f"must be {want}, got {_describe(v)}")
+            self.error(_join(path, key), f"must be {want}, got {_describe(v)}" + (f" ({why})" if why else ""))
             return default
         return v
+
+    def number(self, tbl: Mapping[str, Any], path: str, key: str, default: float, above: float, hi: float) -> float:
+        """An integer or float in (above, hi]; NaN fails every comparison and so is rejected too."""
+        v = tbl.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not above < v <= hi:
+            self.error(_join(path, key), f"must be a number greater than {above} and at most {hi}, got {_describe(v)}")
+            return default
+        return float(v)
 
     def string(self, tbl: Mapping[str, Any], path: str, key: str, default: str) -> str | None:
         v = tbl.get(key, default)
@@ -334,6 +434,9 @@ class _Checker:
             return None
         if "\0" in v:
             self.error(_join(path, key), "must not contain NUL characters")
+            return None
+        if not _encodable(v):
+            self.error(_join(path, key), "must be valid Unicode text")
             return None
         return v
 
@@ -362,18 +465,35 @@ class _Checker:
             return ""
         return v
 
-    def local_path(self, raw: str) -> Path:
-        p = Path(raw).expanduser()
+    def local_path(self, raw: str, path: str) -> Path | None:
+        """``raw`` as an absolute path (``~`` expanded, relative to base_dir), or None after reporting why not."""
+        try:
+            p = Path(raw).expanduser()
+        except RuntimeError:  # "~name/..." where no user "name" exists
+            self.error(path, f"cannot expand {_quote(raw)}: no such user's home directory; write the path without ~")
+            return None
         return Path(os.path.abspath(p if p.is_absolute() else self.base_dir / p))
+
+    def nesting(self, data: object, path: str) -> bool:
+        """Report ``data`` nested deeper than any spec needs; False means: do not walk it any further."""
+        where = _too_deep(data, path)
+        if where is None:
+            return True
+        self.error(where or "spec", _too_deep_message("tables or arrays"))
+        return False
 
     # ---- sections
 
     def spec(self, data: Mapping[str, Any], source: str) -> ClusterSpec:
+        if not self.nesting(data, ""):
+            raise SpecError(source, self.problems)
         top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain"))
         cluster = self.cluster(top.get("cluster", {}))
         hypervisor = self.hypervisor(top.get("hypervisor", {}))
         bus = self.bus(top.get("bus", {}))
-        domains = self.domains(top.get("domain", _MISSING))
+        # Domains' cpus are checked against pcpus only when pcpus itself is valid (else only against MAX_PCPUS).
+        pcpus = hypervisor.pcpus if self.ok("hypervisor.pcpus") else None
+        domains = self.domains(top.get("domain", _MISSING), pcpus)
         if self.problems:
             raise SpecError(source, self.problems)
         return ClusterSpec(cluster, hypervisor, bus, domains, source)
@@ -386,7 +506,8 @@ class _Checker:
         run_dir = self.string(t, path, "run_dir", "") or ""
         if run_dir:
             # Fixed now, against the spec's directory: children may run with another CWD.
-            run_dir = str(self.local_path(run_dir))
+            resolved = self.local_path(run_dir, f"{path}.run_dir")
+            run_dir = str(resolved) if resolved is not None else ""
         mode = t.get("mode", "virtual")
         if mode in UNIMPLEMENTED_MODES:
             self.error(
@@ -400,7 +521,9 @@ class _Checker:
 
     def hypervisor(self, raw: object) -> HypervisorSection:
         path = "hypervisor"
-        t = self.table(raw, path, ("pcpus", "window_ns", "slice_ns", "log_level", "cost"))
+        keys = ("pcpus", "window_ns", "slice_ns", "log_level", "cost", "unresponsive_s", "work_budget", "trace_burst",
+                "trace_rate")
+        t = self.table(raw, path, keys)
         pcpus = self.integer(t, path, "pcpus", 2, 1, MAX_PCPUS)
         window_ns = self.integer(t, path, "window_ns", 10000, MIN_WINDOW_NS)
         log_level = self.choice(t, path, "log_level", "info", LOG_LEVELS)
@@ -413,7 +536,12 @@ class _Checker:
         if self.ok(f"{path}.window_ns", f"{path}.slice_ns") and slice_ns < window_ns:
             # The scheduler preempts only at window boundaries, so a shorter slice could not be honoured.
             self.error(f"{path}.slice_ns", f"must be >= hypervisor.window_ns ({window_ns}), got {slice_ns}")
-        return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost, slice_ns)
+        unresponsive_s = self.number(t, path, "unresponsive_s", 30.0, 0, MAX_UNRESPONSIVE_S)
+        work_budget = self.integer(t, path, "work_budget", 1024, 1)
+        trace_burst = self.integer(t, path, "trace_burst", 20000, 0)
+        trace_rate = self.integer(t, path, "trace_rate", 50, 0)
+        return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost, slice_ns, unresponsive_s,
+                                 work_budget, trace_burst, trace_rate)
 
     def cost(self, raw: object) -> CostModel:
         path = "hypervisor.cost"
@@ -435,10 +563,11 @@ class _Checker:
         host = self.string(t, path, "host", "127.0.0.1")
         if host is not None and not host.strip():
             self.error(f"{path}.host", "must not be empty")
-        port = self.integer(t, path, "port", 0, 0, MAX_PORT)
+        port = self.integer(t, path, "port", 0, 0, MAX_PORT,
+                            why=f"the control socket binds port + 1, so {MAX_PORT} is the highest; 0 = pick free ports")
         return BusSection(cast(Transport, transport), host or "127.0.0.1", port)
 
-    def domains(self, raw: object) -> tuple[DomainSpec, ...]:
+    def domains(self, raw: object, pcpus: int | None) -> tuple[DomainSpec, ...]:
         if raw is _MISSING:
             self.error("domain", "at least one [[domain]] is required")
             return ()
@@ -452,7 +581,7 @@ class _Checker:
             self.error("domain", "at least one [[domain]] is required")
         elif len(raw) > MAX_DOMAINS:
             self.error("domain", f"at most {MAX_DOMAINS} domains are allowed, got {len(raw)}")
-        doms = tuple(self.domain(d, f"domain[{i}]") for i, d in enumerate(raw))
+        doms = tuple(self.domain(d, f"domain[{i}]", pcpus) for i, d in enumerate(raw))
         first: dict[str, int] = {}
         for i, d in enumerate(doms):
             if not d.name:
@@ -466,8 +595,8 @@ class _Checker:
                 first[d.name] = i
         return doms
 
-    def domain(self, raw: object, path: str) -> DomainSpec:
-        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults")
+    def domain(self, raw: object, path: str, pcpus: int | None) -> DomainSpec:
+        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults", "cpus")
         t = self.table(raw, path, keys)
         if not isinstance(raw, Mapping):
             # Reported once; "name missing" on top of "not a table" would only be noise.
@@ -481,18 +610,72 @@ class _Checker:
         boot = self.choice(t, path, "boot", "ebx", BOOT_PROTOCOLS)
         patching = self.boolean(t, path, "patching", True)
         faults = self.faults(t, path)
+        cpus = self.cpus(t, path, pcpus)
         return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching,
-                          faults)
+                          faults, cpus)
 
     def faults(self, t: Mapping[str, Any], path: str) -> tuple[str, ...]:
+        key = f"{path}.faults"
         raw = t.get("faults", [])
-        if not isinstance(raw, list) or not all(isinstance(f, str) for f in raw):
-            self.error(_join(path, "faults"), f"must be a list of fault names, got {_describe(raw)}")
+        if not isinstance(raw, list | tuple):
+            self.error(key, f"must be an array of fault names ({KNOWN_FAULTS_TEXT}), got {_describe(raw)}")
             return ()
-        for f in raw:
-            if f not in DOMAIN_FAULTS:
-                self.error(_join(path, "faults"), f"unknown fault {_quote(f)} (known: {_choices(DOMAIN_FAULTS)})")
-        return tuple(f for f in raw if f in DOMAIN_FAULTS)
+        faults: list[str] = []
+        first: dict[str, int] = {}  # fault kind ("skip-flush", "ident") -> index of its first occurrence
+        for i, raw_fault in enumerate(raw):
+            fault = self.fault(raw_fault, f"{key}[{i}]")
+            if fault is None:
+                continue
+            kind = fault.partition("=")[0]
+            if kind not in first:
+                first[kind] = i
+                faults.append(fault)
+            elif kind == IDENT_FAULT:
+                self.error(f"{key}[{i}]", f"at most one ident= fault per domain (another is faults[{first[kind]}])")
+            else:
+                self.error(f"{key}[{i}]", f"duplicate fault {_quote(fault)} (also faults[{first[kind]}])")
+        return tuple(faults)
+
+    def fault(self, raw: object, path: str) -> str | None:
+        """One fault, normalised ("ident=0xDEADBEEF" -> "ident=0xdeadbeef", "ident=0x1" -> "ident=0x00000001")."""
+        if not isinstance(raw, str):
+            self.error(path, f"must be a fault name ({KNOWN_FAULTS_TEXT}), got {_describe(raw)}")
+            return None
+        if raw in DOMAIN_FAULTS:
+            return raw
+        m = _IDENT_FAULT_RE.fullmatch(raw)
+        if m:
+            return f"{IDENT_FAULT}=0x{int(m.group(1), 16):08x}"
+        if raw.startswith(IDENT_FAULT):
+            self.error(path, f"must be ident=0x followed by 1 to 8 hex digits, got {_quote(raw)}")
+        else:
+            self.error(path, f"unknown fault {_quote(raw)} (known: {KNOWN_FAULTS_TEXT}){_hint(raw, DOMAIN_FAULTS)}")
+        return None
+
+    def cpus(self, t: Mapping[str, Any], path: str, pcpus: int | None) -> tuple[int, ...]:
+        """Hard affinity: distinct pCPU ids, below ``pcpus`` when it is known (else below MAX_PCPUS)."""
+        key = f"{path}.cpus"
+        raw = t.get("cpus", [])
+        if not isinstance(raw, list | tuple):
+            self.error(key, f"must be an array of pCPU ids (integers >= 0), got {_describe(raw)}")
+            return ()
+        if len(raw) > MAX_PCPUS:  # longer must repeat an id; one problem instead of thousands
+            self.error(key, f"at most {MAX_PCPUS} pCPU ids, got {len(raw)}")
+            return ()
+        first: dict[int, int] = {}  # pCPU id -> index of its first occurrence; keeps the written order
+        for i, cpu in enumerate(raw):
+            where = f"{key}[{i}]"
+            if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 0:
+                self.error(where, f"must be a pCPU id (an integer >= 0), got {_describe(cpu)}")
+            elif pcpus is not None and cpu >= pcpus:
+                self.error(where, f"pCPU {cpu} does not exist: hypervisor.pcpus is {pcpus} (ids 0..{pcpus - 1})")
+            elif cpu >= MAX_PCPUS:
+                self.error(where, f"pCPU {cpu} does not exist: there are at most {MAX_PCPUS} (ids 0..{MAX_PCPUS - 1})")
+            elif cpu in first:
+                self.error(where, f"duplicate pCPU {cpu} (also cpus[{first[cpu]}])")
+            else:
+                first[cpu] = i
+        return tuple(first)
 
     def kernel(self, t: Mapping[str, Any], path: str, name: str) -> str:
         kpath = f"{path}.kernel"
@@ -507,7 +690,9 @@ class _Checker:
                 f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or a path to a file, got {_describe(v)}",
             )
             return BUILTIN_KERNELS[0]
-        p = self.local_path(v)
+        p = self.local_path(v, kpath)
+        if p is None:
+            return v
         who = f"domain {_quote(name)}" if name else path
         try:
             st = p.stat()
@@ -534,11 +719,7 @@ class _Checker:
         v = self.string(t, path, "cmdline", "")
         if v is None:
             return ""
-        try:
-            size = len(v.encode("utf-8"))
-        except UnicodeEncodeError:  # lone surrogates; only reachable through from_dict
-            self.error(f"{path}.cmdline", "must be valid Unicode text")
-            return ""
+        size = len(v.encode("utf-8"))  # string() refused text that does not encode
         if size >= GUEST_CMDLINE_MAX:
             self.error(
                 f"{path}.cmdline",

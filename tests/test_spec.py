@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from pvcluster.cluster import _domain_dict
 from pvcluster.spec import (
     BUILTIN_KERNELS,
     ClusterSpec,
+    DomainSpec,
     SpecError,
     default_spec_text,
     load_spec,
+    parse_domain_dict,
     parse_spec,
 )
 
@@ -68,6 +71,10 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
             "log_level": "info",
             "cost": {"ps_per_instr": 1000, "hypercall_ns": 400, "hypercall_jitter_ns": 40, "link_ns": 10000,
                      "ipi_ns": 1000},
+            "unresponsive_s": 30,
+            "work_budget": 1024,
+            "trace_burst": 20000,
+            "trace_rate": 50,
         },
         "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0},
         "domain": [
@@ -81,6 +88,7 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
                 "boot": "ebx",
                 "patching": True,
                 "faults": [],
+                "cpus": [],
             }
             for n, c, b in (("alpha", "workload=shootdown shutdown=poweroff", "native"),
                             ("beta", "workload=shootdown shutdown=reboot", "xen"))
@@ -142,7 +150,7 @@ def test_full_valid_spec() -> None:
         [bus]
         transport = "tcp"
         host = "0.0.0.0"
-        port = 65535
+        port = 65534
         [[domain]]
         name = "a"
         vcpus = 32
@@ -155,7 +163,7 @@ def test_full_valid_spec() -> None:
     )
     assert spec.cluster.name == "lab-1_x"
     assert spec.hypervisor.cost.link_ns == 100
-    assert spec.bus.transport == "tcp" and spec.bus.port == 65535
+    assert spec.bus.transport == "tcp" and spec.bus.port == 65534
     assert spec.domains[0].vcpus == 32 and spec.domains[0].patching is False
 
 
@@ -220,8 +228,9 @@ def test_negative_vcpus_names_domain_index() -> None:
             ">= 0",
         ),
         (with_section("hypervisor.cost", "link_ns = 0"), "hypervisor.cost.link_ns", ">= 1, got 0"),
-        (with_section("bus", "port = 65536"), "bus.port", "between 0 and 65535, got 65536"),
-        (with_section("bus", "port = -1"), "bus.port", "between 0 and 65535"),
+        (with_section("bus", "port = 65535"), "bus.port", "between 0 and 65534, got 65535 (the control socket"),
+        (with_section("bus", "port = 65536"), "bus.port", "between 0 and 65534, got 65536"),
+        (with_section("bus", "port = -1"), "bus.port", "between 0 and 65534"),
         (with_section("bus", 'host = ""'), "bus.host", "must not be empty"),
         (with_section("bus", "host = 1"), "bus.host", "must be a string"),
         (with_domain("vcpus = 33"), "domain[0].vcpus", "between 1 and 32, got 33"),
@@ -516,3 +525,257 @@ def test_from_dict_rejects_lone_surrogates() -> None:
     with pytest.raises(SpecError) as info:
         ClusterSpec.from_dict(wire)
     assert info.value.problems == ["domain[0].cmdline: must be valid Unicode text"]
+
+
+# ------------------------------------------------------------------------------- hypervisor: new keys
+
+
+def test_new_hypervisor_keys_default() -> None:
+    hv = parse_spec(BASE).hypervisor
+    assert (hv.unresponsive_s, hv.work_budget, hv.trace_burst, hv.trace_rate) == (30.0, 1024, 20000, 50)
+    assert isinstance(hv.unresponsive_s, float)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("unresponsive_s = 1", 1.0),
+        ("unresponsive_s = 0.001", 0.001),
+        ("unresponsive_s = 86400", 86400.0),
+        ("unresponsive_s = 86400.0", 86400.0),
+    ],
+)
+def test_unresponsive_s_accepts_integers_and_floats_in_range(body: str, expected: float) -> None:
+    assert parse_spec(with_section("hypervisor", body)).hypervisor.unresponsive_s == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        ("0", "got 0"),
+        ("0.0", "got float 0.0"),
+        ("-1", "got -1"),
+        ("86400.5", "got float 86400.5"),
+        ("86401", "got 86401"),
+        ("nan", "got float nan"),
+        ("inf", "got float inf"),
+        ('"30"', 'got "30"'),
+        ("true", "got boolean true"),
+        ("[30]", "got an array"),
+    ],
+)
+def test_unresponsive_s_bounds_and_types(value: str, got: str) -> None:
+    prob = one_problem(with_section("hypervisor", f"unresponsive_s = {value}"))
+    assert prob == f"hypervisor.unresponsive_s: must be a number greater than 0 and at most 86400, {got}"
+
+
+@pytest.mark.parametrize(
+    ("body", "attr", "value"),
+    [
+        ("work_budget = 1", "work_budget", 1),
+        ("work_budget = 1000000", "work_budget", 1000000),
+        ("trace_burst = 0", "trace_burst", 0),
+        ("trace_burst = 1", "trace_burst", 1),
+        ("trace_rate = 0", "trace_rate", 0),
+        ("trace_rate = 100000", "trace_rate", 100000),
+    ],
+)
+def test_budget_and_trace_limits_accept_their_bounds(body: str, attr: str, value: int) -> None:
+    assert getattr(parse_spec(with_section("hypervisor", body)).hypervisor, attr) == value
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("work_budget = 0", "hypervisor.work_budget: must be an integer >= 1, got 0"),
+        ("work_budget = 1.5", "hypervisor.work_budget: must be an integer >= 1, got float 1.5"),
+        ("work_budget = true", "hypervisor.work_budget: must be an integer >= 1, got boolean true"),
+        ("trace_burst = -1", "hypervisor.trace_burst: must be an integer >= 0, got -1"),
+        ('trace_burst = "20000"', 'hypervisor.trace_burst: must be an integer >= 0, got "20000"'),
+        ("trace_rate = -1", "hypervisor.trace_rate: must be an integer >= 0, got -1"),
+        ("trace_rate = 0.5", "hypervisor.trace_rate: must be an integer >= 0, got float 0.5"),
+        ("trace_rates = 5", "hypervisor.trace_rates: unknown key (did you mean 'trace_rate'?)"),
+    ],
+)
+def test_budget_and_trace_limit_errors(body: str, expected: str) -> None:
+    assert one_problem(with_section("hypervisor", body)) == expected
+
+
+# ------------------------------------------------------------------------------------------ domain cpus
+
+
+def test_cpus_default_to_every_pcpu() -> None:
+    assert parse_spec(BASE).domains[0].cpus == ()
+    assert parse_spec(with_domain("cpus = []")).domains[0].cpus == ()
+
+
+def test_cpus_keep_the_written_order() -> None:
+    text = "[hypervisor]\npcpus = 4\n" + with_domain("cpus = [3, 0, 2]")
+    assert parse_spec(text).domains[0].cpus == (3, 0, 2)
+
+
+def test_cpus_are_checked_against_pcpus() -> None:
+    text = "[hypervisor]\npcpus = 2\n" + with_domain("cpus = [1, 2]")
+    assert one_problem(text) == "domain[0].cpus[1]: pCPU 2 does not exist: hypervisor.pcpus is 2 (ids 0..1)"
+    # Without [hypervisor] pcpus is its default, 2.
+    assert one_problem(with_domain("cpus = [0, 5]")).startswith("domain[0].cpus[1]: pCPU 5 does not exist")
+    assert parse_spec("[hypervisor]\npcpus = 64\n" + with_domain("cpus = [63]")).domains[0].cpus == (63,)
+
+
+def test_cpus_cross_check_skipped_when_pcpus_is_bad() -> None:
+    # pcpus = 0 is already reported; cpus = [5] could be right once pcpus is fixed, so only pcpus is reported.
+    text = "[hypervisor]\npcpus = 0\n" + with_domain("cpus = [5]")
+    assert [p.split(":")[0] for p in problems_of(text)] == ["hypervisor.pcpus"]
+    # No pcpus can make 64 valid, so that is still reported.
+    text = "[hypervisor]\npcpus = true\n" + with_domain("cpus = [64]")
+    assert problems_of(text)[1:] == [
+        "domain[0].cpus[0]: pCPU 64 does not exist: there are at most 64 (ids 0..63)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", "domain[0].cpus: must be an array of pCPU ids (integers >= 0), got 3"),
+        ('"0-1"', 'domain[0].cpus: must be an array of pCPU ids (integers >= 0), got "0-1"'),
+        ("[-1]", "domain[0].cpus[0]: must be a pCPU id (an integer >= 0), got -1"),
+        ("[0, true]", "domain[0].cpus[1]: must be a pCPU id (an integer >= 0), got boolean true"),
+        ("[0, 1.0]", "domain[0].cpus[1]: must be a pCPU id (an integer >= 0), got float 1.0"),
+        ('["0"]', 'domain[0].cpus[0]: must be a pCPU id (an integer >= 0), got "0"'),
+        ("[[0]]", "domain[0].cpus[0]: must be a pCPU id (an integer >= 0), got an array"),
+        ("[1, 0, 1]", "domain[0].cpus[2]: duplicate pCPU 1 (also cpus[0])"),
+        (str(list(range(65))), "domain[0].cpus: at most 64 pCPU ids, got 65"),
+    ],
+)
+def test_cpus_errors(value: str, expected: str) -> None:
+    assert one_problem("[hypervisor]\npcpus = 64\n" + with_domain(f"cpus = {value}")) == expected
+
+
+def test_cpus_problems_in_every_domain_are_reported() -> None:
+    text = '[[domain]]\nname = "a"\ncpus = [2, 2]\n[[domain]]\nname = "b"\ncpus = [0, 0, 9]\n'
+    assert [p.split(":")[0] for p in problems_of(text)] == [
+        "domain[0].cpus[0]", "domain[0].cpus[1]", "domain[1].cpus[1]", "domain[1].cpus[2]"
+    ]
+
+
+# ---------------------------------------------------------------------------------------- domain faults
+
+
+@pytest.mark.parametrize(
+    ("value", "faults", "ident"),
+    [
+        ("[]", (), None),
+        ('["skip-flush"]', ("skip-flush",), None),
+        ('["ident=0xdeadbeef"]', ("ident=0xdeadbeef",), 0xDEADBEEF),
+        ('["ident=0xDEADBEEF"]', ("ident=0xdeadbeef",), 0xDEADBEEF),
+        ('["ident=0x1"]', ("ident=0x00000001",), 1),
+        ('["ident=0x00000000"]', ("ident=0x00000000",), 0),
+        ('["ident=0xabc", "skip-flush"]', ("ident=0x00000abc", "skip-flush"), 0xABC),
+    ],
+)
+def test_faults_are_normalised(value: str, faults: tuple[str, ...], ident: int | None) -> None:
+    dom = parse_spec(with_domain(f"faults = {value}")).domains[0]
+    assert dom.faults == faults
+    assert dom.ident_fault == ident
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"skip-flush"', "domain[0].faults: must be an array of fault names"),
+        ("[1]", "domain[0].faults[0]: must be a fault name"),
+        ('["skip_flush"]', "domain[0].faults[0]: unknown fault \"skip_flush\" (known: \"skip-flush\", "
+                           "\"ident=0xNNNNNNNN\" (1 to 8 hex digits)) (did you mean 'skip-flush'?)"),
+        ('["ident=0x"]', 'domain[0].faults[0]: must be ident=0x followed by 1 to 8 hex digits, got "ident=0x"'),
+        ('["ident=0x123456789"]', "domain[0].faults[0]: must be ident=0x followed by 1 to 8 hex digits"),
+        ('["ident=deadbeef"]', "domain[0].faults[0]: must be ident=0x followed by 1 to 8 hex digits"),
+        ('["ident=0xdeadbeeg"]', "domain[0].faults[0]: must be ident=0x followed by 1 to 8 hex digits"),
+        ('["ident=0x1 "]', "domain[0].faults[0]: must be ident=0x followed by 1 to 8 hex digits"),
+        ('["ident=0x1", "ident=0x1"]', "domain[0].faults[1]: at most one ident= fault per domain (another is "
+                                       "faults[0])"),
+        ('["ident=0x1", "skip-flush", "ident=0x2"]', "domain[0].faults[2]: at most one ident= fault per domain"),
+        ('["skip-flush", "skip-flush"]', 'domain[0].faults[1]: duplicate fault "skip-flush" (also faults[0])'),
+    ],
+)
+def test_fault_errors(value: str, expected: str) -> None:
+    prob = one_problem(with_domain(f"faults = {value}"))
+    assert prob.startswith(expected), prob
+
+
+# --------------------------------------------------------------------------- round trip of the new keys
+
+NEW_KEYS = """
+[hypervisor]
+pcpus = 4
+unresponsive_s = 2.5
+work_budget = 7
+trace_burst = 0
+trace_rate = 0
+[[domain]]
+name = "a"
+cpus = [3, 1]
+faults = ["ident=0xDEAD", "skip-flush"]
+[[domain]]
+name = "b"
+"""
+
+
+def test_new_keys_round_trip_through_to_dict_and_from_dict() -> None:
+    spec = parse_spec(NEW_KEYS)
+    wire = spec.to_dict()
+    assert wire["hypervisor"] | {"cost": None} == {
+        "pcpus": 4, "window_ns": 10000, "slice_ns": 30000, "log_level": "info", "cost": None,
+        "unresponsive_s": 2.5, "work_budget": 7, "trace_burst": 0, "trace_rate": 0,
+    }
+    assert wire["domain"][0]["cpus"] == [3, 1] and wire["domain"][0]["faults"] == ["ident=0x0000dead", "skip-flush"]
+    assert wire["domain"][1]["cpus"] == [] and wire["domain"][1]["faults"] == []
+    again = ClusterSpec.from_dict(json.loads(json.dumps(wire)))
+    assert again == spec
+    assert again.domains[0].cpus == (3, 1)
+
+
+def test_from_dict_cross_checks_cpus_against_pcpus() -> None:
+    wire = parse_spec(NEW_KEYS).to_dict()
+    wire["hypervisor"]["pcpus"] = 2
+    with pytest.raises(SpecError) as info:
+        ClusterSpec.from_dict(wire)
+    assert info.value.problems == ["domain[0].cpus[0]: pCPU 3 does not exist: hypervisor.pcpus is 2 (ids 0..1)"]
+
+
+# ------------------------------------------------------------------- one domain, as `create` receives it
+
+
+def test_parse_domain_dict_defaults() -> None:
+    dom = parse_domain_dict({"name": "a"})
+    assert dom == DomainSpec("a", 1, 4, "pvkern", "", "xen", "ebx", True, (), ())
+
+
+def test_parse_domain_dict_without_pcpus_checks_only_the_largest_machine() -> None:
+    assert parse_domain_dict({"name": "a", "cpus": [63, 0]}).cpus == (63, 0)
+    with pytest.raises(SpecError) as info:
+        parse_domain_dict({"name": "a", "cpus": [64]})
+    assert info.value.problems == ["domain.cpus[0]: pCPU 64 does not exist: there are at most 64 (ids 0..63)"]
+
+
+def test_parse_domain_dict_with_pcpus_cross_checks_cpus() -> None:
+    assert parse_domain_dict({"name": "a", "cpus": [1]}, pcpus=2).cpus == (1,)
+    with pytest.raises(SpecError) as info:
+        parse_domain_dict({"name": "a", "cpus": [0, 2, 0]}, pcpus=2)
+    assert info.value.source == "<create>"
+    assert info.value.problems == [
+        "domain.cpus[1]: pCPU 2 does not exist: hypervisor.pcpus is 2 (ids 0..1)",
+        "domain.cpus[2]: duplicate pCPU 0 (also cpus[0])",
+    ]
+
+
+def test_parse_domain_dict_normalises_faults() -> None:
+    dom = parse_domain_dict({"name": "a", "faults": ["ident=0xBEEF"]})
+    assert dom.faults == ("ident=0x0000beef",) and dom.ident_fault == 0xBEEF
+
+
+def test_create_command_payload_carries_every_domain_key() -> None:
+    spec = parse_spec(NEW_KEYS)
+    for dom in spec.domains:
+        payload = _domain_dict(dom)
+        assert set(payload) == set(spec.to_dict()["domain"][0]) - {"source"}
+        assert parse_domain_dict(json.loads(json.dumps(payload)), pcpus=spec.hypervisor.pcpus) == dom

@@ -8,8 +8,12 @@ from typing import Any
 import attrs
 import zmq
 
+from pvcluster.spec import MAX_PORT
+
 # sockaddr_un holds 108 bytes; a longer ipc path fails deep inside ZeroMQ with an unhelpful error.
 _IPC_PATH_MAX = 100
+# With a fixed tcp port the control socket listens next to the bus; the spec's MAX_PORT leaves room for it.
+CONTROL_PORT_OFFSET = 1
 
 
 @attrs.frozen
@@ -24,8 +28,13 @@ class Endpoints:
     def for_spec(cls, spec: Any, run_dir: Path) -> Endpoints:
         if spec.bus.transport == "tcp":
             host, port = spec.bus.host, spec.bus.port
+            if port > MAX_PORT:  # only a spec that skipped validation gets here
+                raise ValueError(
+                    f"bus.port {port} leaves no port for the control socket (port + {CONTROL_PORT_OFFSET}); "
+                    f"the highest is {MAX_PORT}"
+                )
             bus = f"tcp://{host}:{port}" if port else f"tcp://{host}"
-            control = f"tcp://{host}:{port + 1}" if port else f"tcp://{host}"
+            control = f"tcp://{host}:{port + CONTROL_PORT_OFFSET}" if port else f"tcp://{host}"
             return cls(bus=bus, control=control, transport="tcp", host=host, port=port)
         for name in ("bus.sock", "control.sock"):
             path = run_dir / name
