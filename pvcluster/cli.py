@@ -7,10 +7,12 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from pvcluster.analysis import latency_table, shootdowns, stale_reads
 from pvcluster.cluster import Cluster, ClusterError
@@ -20,6 +22,14 @@ from pvcluster.summary import hypercall_stats, render
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+# Set (non-empty) to print the traceback of an unexpected error, as --debug does.
+DEBUG_ENV = "PVCLUSTER_DEBUG"
+
+
+def _error(message: str) -> None:
+    # Messages carry user text (spec keys, paths, domain names): "[/]" or "[[domain]]" must print as written,
+    # not be taken for rich markup. No wrapping either: paths in messages must stay copy-pasteable.
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -35,7 +45,7 @@ def _client(args: argparse.Namespace) -> ControlClient:
 def cmd_up(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     run_dir = Path(args.run_dir).absolute() if args.run_dir else None
-    say = (lambda m: None) if args.quiet else (lambda m: err.print(f"[dim]pvcluster:[/] {m}"))
+    say = (lambda m: None) if args.quiet else (lambda m: err.print(f"[dim]pvcluster:[/] {escape(m)}"))
     cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say)
     if args.detach:
         say(f"cluster running in {cluster.run_dir}; `pvcluster list`, `pvcluster down` to stop")
@@ -51,7 +61,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         final = cluster.wait(timeout_s=args.timeout, on_status=progress)
         if final["idle"] and not all(d["state"] in ("dead", "crashed") for d in final["domains"]):
-            say("[yellow]the cluster is idle: no vCPU can run and no event is pending[/]")
+            if not args.quiet:
+                err.print("[dim]pvcluster:[/] [yellow]the cluster is idle: no vCPU can run and no event is pending[/]")
         if not args.quiet:
             render(final, cluster.run_dir, cluster.wall_s, out)
         if args.json:
@@ -73,7 +84,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     out.print(f"{'ID':>3}  {'Name':<16} {'State':<14} {'VCPUs':>5}  {'Hypercalls':>10}  Reason")
     for d in doms:
         reason = d["shutdown_reason"] or d["crash"] or ""
-        out.print(f"{d['domid']:>3}  {d['name']:<16} {d['state']:<14} {d['vcpus']:>5}  {d['hypercalls']:>10}  {reason}")
+        out.print(f"{d['domid']:>3}  {d['name']:<16} {d['state']:<14} {d['vcpus']:>5}  {d['hypercalls']:>10}  {reason}",
+                  markup=False)
     return 0
 
 
@@ -98,13 +110,13 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     d = _client(args).call("destroy", dom=args.dom)
-    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}")
+    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
     d = _client(args).call(args.command, dom=args.dom)
-    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}")
+    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
     return 0
 
 
@@ -112,12 +124,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
     """Merge a run's trace files and report shootdown latency (works on a finished run too)."""
     run_dir = _run_dir(args)
     if not (run_dir / "trace" / "hypervisor.jsonl").exists():
-        err.print(f"[red]error:[/] no traces in {run_dir / 'trace'}")
+        _error(f"no traces in {run_dir / 'trace'}")
         return 1
-    rows = latency_table(shootdowns(run_dir))
+    try:
+        rows = latency_table(shootdowns(run_dir))
+        stale = stale_reads(run_dir)
+        hypercalls = hypercall_stats(run_dir)
+    except (OSError, ValueError) as exc:  # a missing spec.json, a truncated or foreign trace file
+        _error(f"cannot read the run in {run_dir}: {exc}")
+        return 1
     if args.json:
-        print(json.dumps({"shootdowns": rows, "stale_reads": stale_reads(run_dir),
-                          "hypercalls": hypercall_stats(run_dir)}))
+        print(json.dumps({"shootdowns": rows, "stale_reads": stale, "hypercalls": hypercalls}))
         return 0
     if not rows:
         out.print("no shootdowns in this run")
@@ -125,7 +142,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         out.print(f"{r['mode']:<16} n={r['shootdowns']:<4} p50 {r['p50_us']:9.3f} us  p90 {r['p90_us']:9.3f} us  "
                   f"p99 {r['p99_us']:9.3f} us  max {r['max_us']:9.3f} us  "
                   f"messages {r['messages_per_shootdown']:.2f}  preempted {r['preempted_targets']:.2f}")
-    out.print(f"stale reads: {stale_reads(run_dir)}")
+    out.print(f"stale reads: {stale}")
     return 0
 
 
@@ -133,7 +150,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
     client.call("down")
-    out.print(f"cluster in {run_dir} is down")
+    out.print(f"cluster in {run_dir} is down", markup=False)
     return 0
 
 
@@ -144,14 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a SPEC, `up` runs the embedded default cluster (2 domains x 2 vCPUs of the built-in "
         "pvkern guest). Run directories hold traces (trace/*.jsonl), process logs (logs/) and sockets.",
     )
+    debug_help = f"on an unexpected error, print its traceback (or set {DEBUG_ENV}=1)"
+    ap.add_argument("--debug", action="store_true", help=debug_help)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Accepted after the command too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
     def common(p: argparse.ArgumentParser, spec: bool = True) -> None:
         p.add_argument("--run-dir", help="the cluster's run directory (default: from the spec's cluster.run_dir)")
         if spec:
             p.add_argument("--spec", help="spec file used only to locate the run directory")
 
-    p = sub.add_parser("up", help="start a cluster and run it until every domain has shut down")
+    p = sub.add_parser("up", parents=[after], help="start a cluster and run it until every domain has shut down")
     p.add_argument("spec", nargs="?", help="cluster spec (TOML); default: the embedded default spec")
     p.add_argument("--run-dir", help="override cluster.run_dir")
     p.add_argument("--detach", action="store_true", help="leave the cluster running and return at once")
@@ -160,38 +182,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p.set_defaults(fn=cmd_up)
 
-    p = sub.add_parser("list", help="domains, their states and vCPUs")
+    p = sub.add_parser("list", parents=[after], help="domains, their states and vCPUs")
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_list)
 
-    p = sub.add_parser("console", help="a domain's console output")
+    p = sub.add_parser("console", parents=[after], help="a domain's console output")
     common(p)
     p.add_argument("dom", help="domain id or name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.set_defaults(fn=cmd_console)
 
-    p = sub.add_parser("dmesg", help="the hypervisor's log")
+    p = sub.add_parser("dmesg", parents=[after], help="the hypervisor's log")
     common(p)
     p.set_defaults(fn=cmd_dmesg)
 
-    p = sub.add_parser("destroy", help="stop a domain at once")
+    p = sub.add_parser("destroy", parents=[after], help="stop a domain at once")
     common(p)
     p.add_argument("dom", help="domain id or name")
     p.set_defaults(fn=cmd_destroy)
 
     for name, text in (("pause", "stop running a domain's vCPUs"), ("unpause", "resume a paused domain")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, parents=[after])
         common(p)
         p.add_argument("dom", help="domain id or name")
         p.set_defaults(fn=cmd_pause)
 
-    p = sub.add_parser("trace", help="shootdown latency by design from a run's traces (running or finished)")
+    p = sub.add_parser(
+        "trace", parents=[after], help="shootdown latency by design from a run's traces (running or finished)"
+    )
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_trace)
 
-    p = sub.add_parser("down", help="destroy every domain and stop the hypervisor")
+    p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
     p.set_defaults(fn=cmd_down)
     return ap
@@ -203,13 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         rc: int = args.fn(args)
         return rc
     except SpecError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        _error(str(exc))
         return 2
     except (ClusterError, ControlError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a user never gets a bare traceback
+        return _unexpected(exc, debug=args.debug or bool(os.environ.get(DEBUG_ENV)))
+
+
+def _unexpected(exc: Exception, *, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+        return 1
+    _error(f"{type(exc).__name__}: {exc} (unexpected; run again with --debug or {DEBUG_ENV}=1 for the traceback)")
+    return 1
 
 
 if __name__ == "__main__":
