@@ -6,9 +6,12 @@ with Cluster.start(load_spec(path)) as cluster:
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +24,10 @@ from pvcluster.spec import ClusterSpec, DomainSpec
 
 FINAL_STATES = frozenset({"dead", "crashed"})
 START_TIMEOUT_S = 30.0
+# Written into every run directory `up` creates. Starting a run deletes the previous run's files (STALE), so a
+# directory without the marker (a user's project, $HOME, ...) is never used: its logs/ or trace/ are not ours.
+RUN_DIR_MARKER = ".pvcluster-run"
+STALE = ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock")
 
 
 class ClusterError(Exception):
@@ -55,19 +62,14 @@ class Cluster:
     ) -> Cluster:
         say = progress or (lambda _msg: None)
         run_dir = (run_dir or spec.resolved_run_dir()).absolute()
+        claim_run_dir(run_dir, spec.cluster.name)
         info = read_hypervisor_info(run_dir)
         if info is not None:
             raise ClusterError(
                 f"a cluster is already running in {run_dir} (hypervisor pid {info['pid']}); "
                 f"stop it with `pvcluster down --run-dir {run_dir}`"
             )
-        for stale in ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock"):
-            p = run_dir / stale
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale(run_dir)
         (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
         say(f"starting the hypervisor in {run_dir}")
         argv = launch.python_module_argv(
@@ -163,3 +165,82 @@ class Cluster:
 def _domain_dict(dom: DomainSpec) -> dict[str, Any]:
     """The ``create`` command's ``domain`` argument: every key of the domain's spec, cpus and faults included."""
     return dom.to_dict()
+
+
+# ------------------------------------------------------------------------------------------ run directory
+
+
+def claim_run_dir(run_dir: Path, cluster_name: str) -> None:
+    """Make ``run_dir`` a run directory `up` may clear, or raise ClusterError without touching anything.
+
+    A missing directory is created (mode 0700: traces and sockets are the user's alone) and an empty one is
+    adopted; either gets the marker. An existing one must carry the marker of an earlier run and be ours.
+    """
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        _check_reusable(run_dir)
+    except OSError as exc:
+        raise ClusterError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
+    else:
+        run_dir.chmod(0o700)  # mkdir's mode passes through the umask
+    if not _has_marker(run_dir):
+        try:
+            _write_marker(run_dir, cluster_name)
+        except OSError as exc:
+            raise ClusterError(f"cannot write {run_dir / RUN_DIR_MARKER}: {exc.strerror or exc}") from None
+
+
+def _check_reusable(run_dir: Path) -> None:
+    try:
+        st = run_dir.stat()
+        empty = stat.S_ISDIR(st.st_mode) and not any(os.scandir(run_dir))
+    except OSError as exc:
+        raise ClusterError(f"cannot use {run_dir} as the run directory: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ClusterError(f"cannot use {run_dir} as the run directory: it exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        # e.g. planted in /tmp by another user, who could then read our traces and reach our sockets.
+        raise ClusterError(
+            f"refusing to use {run_dir} as the run directory: it belongs to uid {st.st_uid}, not to you"
+        )
+    if not empty and not _has_marker(run_dir):
+        raise ClusterError(
+            f"refusing to use {run_dir} as the run directory: it is not empty and has no {RUN_DIR_MARKER} file, "
+            f"so `pvcluster up` did not create it, and starting a run there would delete its trace/ and logs/ "
+            f"directories and its sockets. "
+            f"Choose a new or empty directory (--run-dir, or cluster.run_dir in the spec); if it is a run directory "
+            f"of an older pvcluster, delete it first"
+        )
+
+
+def _has_marker(run_dir: Path) -> bool:
+    try:
+        return stat.S_ISREG((run_dir / RUN_DIR_MARKER).lstat().st_mode)  # a symlink is not our marker
+    except OSError:
+        return False
+
+
+def _write_marker(run_dir: Path, cluster_name: str) -> None:
+    """A small TOML file saying what the directory is, so whoever finds it knows not to keep files in it."""
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    text = (
+        "# pvcluster run directory, made by `pvcluster up`. Every `up` into it first deletes the previous run's\n"
+        f"# {', '.join(STALE)}: keep nothing of yours in them.\n"
+        f"cluster = {json.dumps(cluster_name)}\n"
+        f"created = {created}\n"
+    )
+    tmp = run_dir / f"{RUN_DIR_MARKER}.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / RUN_DIR_MARKER)
+
+
+def _remove_stale(run_dir: Path) -> None:
+    """Delete the previous run's files; only called on a directory claim_run_dir accepted."""
+    for name in STALE:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.is_symlink() or p.exists():
+            p.unlink()

@@ -6,13 +6,16 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from pvcluster.cluster import RUN_DIR_MARKER, ClusterError, claim_run_dir
 from pvcluster.control import read_hypervisor_info
 
 pytestmark = pytest.mark.timeout(180)
@@ -116,3 +119,106 @@ def test_no_child_outlives_the_toolstack(run_dir: Path, sig: signal.Signals) -> 
     finally:
         if up.poll() is None:
             up.kill()
+
+
+# ----------------------------------------------------------------------------------------- run directory
+
+QUICK_SPEC = """
+[cluster]
+name = "quick"
+[[domain]]
+name = "q"
+cmdline = "shutdown=poweroff"
+"""
+
+
+def _quick_up(run_dir: Path, rd: Path) -> subprocess.CompletedProcess[str]:
+    spec = run_dir / "quick.toml"
+    spec.write_text(QUICK_SPEC)
+    return _cli("up", str(spec), "--run-dir", str(rd), "--quiet", "--timeout", "60")
+
+
+def test_up_refuses_a_non_empty_directory_it_did_not_create(run_dir: Path) -> None:
+    project = run_dir / "project"
+    (project / "logs").mkdir(parents=True)
+    (project / "trace").mkdir()
+    (project / "logs" / "keep.txt").write_text("mine")
+    (project / "trace" / "x.jsonl").write_text("{}\n")
+    up = _quick_up(run_dir, project)
+    assert up.returncode != 0
+    assert "Traceback" not in up.stderr
+    flat = " ".join(up.stderr.split())
+    assert str(project) in flat and RUN_DIR_MARKER in flat and "not empty" in flat, up.stderr
+    # Nothing was deleted, nothing was added.
+    assert (project / "logs" / "keep.txt").read_text() == "mine"
+    assert (project / "trace" / "x.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in project.iterdir()) == ["logs", "trace"]
+
+
+@pytest.mark.slow
+def test_up_creates_a_private_marked_run_directory_and_reuses_it(run_dir: Path) -> None:
+    rd = run_dir / "new" / "run"
+    up = _quick_up(run_dir, rd)
+    assert up.returncode == 0, up.stderr
+    assert stat.S_IMODE(rd.stat().st_mode) == 0o700
+    marker = tomllib.loads((rd / RUN_DIR_MARKER).read_text())
+    assert marker["cluster"] == "quick" and "created" in marker
+    assert (rd / "trace" / "hypervisor.jsonl").exists()
+    (rd / "trace" / "stale.jsonl").write_text("{}\n")
+    again = _quick_up(run_dir, rd)
+    assert again.returncode == 0, again.stderr
+    assert not (rd / "trace" / "stale.jsonl").exists()  # the earlier run's traces were cleared
+    assert tomllib.loads((rd / RUN_DIR_MARKER).read_text())["created"] == marker["created"]
+
+
+@pytest.mark.slow
+def test_up_adopts_an_empty_directory(run_dir: Path) -> None:
+    rd = run_dir / "empty"
+    rd.mkdir()
+    assert _quick_up(run_dir, rd).returncode == 0
+    assert (rd / RUN_DIR_MARKER).is_file()
+
+
+def test_claim_creates_missing_parents_and_a_private_directory(run_dir: Path) -> None:
+    rd = run_dir / "a" / "b"
+    old = os.umask(0)  # 0700 must not depend on the caller's umask
+    try:
+        claim_run_dir(rd, "c1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(rd.stat().st_mode) == 0o700
+    text = (rd / RUN_DIR_MARKER).read_text()
+    assert text.startswith("# pvcluster run directory") and tomllib.loads(text)["cluster"] == "c1"
+
+
+def test_claim_keeps_the_marker_of_an_earlier_run(run_dir: Path) -> None:
+    claim_run_dir(run_dir / "r", "first")
+    (run_dir / "r" / "logs").mkdir()
+    claim_run_dir(run_dir / "r", "second")
+    assert tomllib.loads((run_dir / "r" / RUN_DIR_MARKER).read_text())["cluster"] == "first"
+
+
+def test_claim_refuses_a_file(run_dir: Path) -> None:
+    (run_dir / "f").write_text("x")
+    with pytest.raises(ClusterError, match="not a directory"):
+        claim_run_dir(run_dir / "f", "c")
+    assert (run_dir / "f").read_text() == "x"
+
+
+def test_claim_does_not_take_a_symlink_for_the_marker(run_dir: Path) -> None:
+    rd = run_dir / "r"
+    (rd / "logs").mkdir(parents=True)
+    (run_dir / "elsewhere").write_text("")
+    (rd / RUN_DIR_MARKER).symlink_to(run_dir / "elsewhere")
+    with pytest.raises(ClusterError, match=RUN_DIR_MARKER):
+        claim_run_dir(rd, "c")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_claim_refuses_another_users_directory(run_dir: Path) -> None:
+    rd = run_dir / "theirs"
+    rd.mkdir()
+    os.chown(rd, 65534, 65534)
+    with pytest.raises(ClusterError, match="belongs to uid 65534"):
+        claim_run_dir(rd, "c")
+    assert not any(rd.iterdir())
