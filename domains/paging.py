@@ -21,15 +21,8 @@ import struct
 import attrs
 
 from domains.memory import GuestRam
+from pvcluster.abi.x86 import PTE_ACCESSED, PTE_DIRTY, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_RW, PTE_USER
 from pvcluster.abi.xen import PAGE_SIZE
-
-PTE_PRESENT = 0x001
-PTE_RW = 0x002
-PTE_USER = 0x004
-PTE_PWT = 0x008
-PTE_PCD = 0x010
-PTE_ACCESSED = 0x020
-PTE_DIRTY = 0x040
 
 # What the builder writes (the values Xen's PV builder uses for x86-32 non-PAE).
 PDE_FLAGS = PTE_PRESENT | PTE_RW | PTE_USER | PTE_ACCESSED  # 0x27

@@ -7,25 +7,27 @@ their interleaving over the shared RAM depends only on virtual time, never on ho
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
 import zmq
 
-from domains import events
+from domains import effects
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.memory import GuestRam
-from domains.paging import pte_address, read_virt, write_virt
+from domains.paging import read_virt, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
-from hypervisor.hypercalls import copy_in
+from pvcluster.abi.copyin import copy_in
 from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
-from pvcluster.analysis import mode_of
 from pvcluster.bus import codec
+from pvcluster.bus.effects import PollTimeout, SetPending, kind
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
+    Delivery,
     Error,
     Hello,
     HypercallReq,
@@ -33,16 +35,25 @@ from pvcluster.bus.messages import (
     Ipi,
     Region,
     Stop,
-    VcpuAction,
     VcpuFault,
     VcpuReport,
     Window,
     WindowDone,
 )
 from pvcluster.bus.zsock import TrioSocket
+from pvcluster.designs import mode_of
 
 # Wall clock only decides when a silent hypervisor is presumed dead; nothing simulated depends on it.
 HYPERVISOR_SILENCE_S = 120.0
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` (the hypervisor, when it launched this process) is stopped (SIGSTOP, a debugger)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] in ("T", "t")
 
 
 class DomainProcess:
@@ -51,23 +62,31 @@ class DomainProcess:
         self.identity = identity
         self.domid = domid
         self.name = name
-        self.log = log
+        self.log = log.bind(dom=domid)  # every event of this process is about this domain
         self.ctx = zmq.Context()
         self.ram: GuestRam | None = None
         self.boot: BootState | None = None
         self.vcpus: list[Vcpu] = []
         self.vt_ns = 0
         self._seq = 0
-        self._reported_traps: set[tuple[int, int]] = set()
+        self._reported_trap: dict[int, int] = {}  # vCPU -> sequence number of the last trap reported
         self._reported_faults: set[int] = set()
         self.exit_code = 0
         self._ipis: list[Ipi] = []
         self._span_start: dict[int, int] = {}
         self._shootdown_mode = ""
 
-    def _trace(self, event: str, **fields: Any) -> None:
+    @property
+    def memory(self) -> GuestRam:
+        """Guest RAM; only asked for once the domain is built."""
+        if self.ram is None:
+            raise RuntimeError("the domain is not built yet")
+        return self.ram
+
+    def trace(self, event: str, /, **fields: Any) -> None:
         fields.setdefault("vt_ns", self.vt_ns)
-        self.log.info(event, dom=self.domid, **fields)
+        self.log.info(event, **fields)
+
 
     async def _send(self, sock: TrioSocket, body: Any) -> None:
         self._seq += 1
@@ -85,18 +104,23 @@ class DomainProcess:
                 with trio.move_on_after(HYPERVISOR_SILENCE_S) as timeout:
                     frames = await sock.recv_multipart()
                 if timeout.cancelled_caught:
-                    self._trace("domain.hypervisor_silent", seconds=HYPERVISOR_SILENCE_S)
+                    if _stopped(os.getppid()):
+                        continue  # a hypervisor that is not running is not judged for its silence
+                    self.trace("domain.hypervisor_silent", seconds=HYPERVISOR_SILENCE_S)
                     return 4
                 try:
                     env = codec.decode(frames[-1])
                 except codec.FrameError as exc:
-                    self._trace(f"bus.{exc.kind}", detail=exc.detail)
+                    self.trace(f"bus.{exc.kind}", detail=exc.detail)
                     await self._send(
                         sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1)
                     )
                     continue
                 body = env.body
-                self.vt_ns = max(self.vt_ns, env.vt_ns)
+                if isinstance(body, Build):
+                    # from then on only this domain's own windows move its clock: its trace must not depend on
+                    # what the hypervisor did for other domains meanwhile
+                    self.vt_ns = max(self.vt_ns, env.vt_ns)
                 if isinstance(body, Build) and self.ram is None:
                     await self._send(sock, self._build(body))
                     if self.ram is None:
@@ -104,13 +128,13 @@ class DomainProcess:
                 elif isinstance(body, Window) and self.ram is not None:
                     await self._send(sock, self._window(body))
                 elif isinstance(body, Stop):
-                    self._trace("domain.stop", reason=body.reason)
+                    self.trace("domain.stop", reason=body.reason)
                     return self.exit_code
                 elif isinstance(body, Error):
-                    self._trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)
+                    self.trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)
                 else:
                     detail = f"{type(body).__name__} is not expected now"
-                    self._trace("bus.unexpected", detail=detail)
+                    self.trace("bus.unexpected", detail=detail)
                     await self._send(sock, Error("unexpected", detail, env.seq))
         finally:
             sock.close()
@@ -122,7 +146,7 @@ class DomainProcess:
         try:
             ram, boot = build_domain(req)
         except ImageError as exc:
-            self._trace("domain.build_failed", code=exc.code, error=exc.message, kernel=req.kernel)
+            self.trace("domain.build_failed", code=exc.code, error=exc.message, kernel=req.kernel)
             return BuildResult(
                 ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os=""
             )
@@ -144,7 +168,7 @@ class DomainProcess:
         boot_vcpu.initialised = True
         boot_vcpu.state = VcpuState.RUNNING
         boot_vcpu.advance_to(self.vt_ns)
-        self._trace(
+        self.trace(
             "domain.built",
             entry=boot.entry,
             start_info=boot.start_info,
@@ -171,91 +195,22 @@ class DomainProcess:
     # -- windows ---------------------------------------------------------------------------------------------
 
     def _apply(self, res: HypercallResult) -> None:
-        assert self.ram is not None
+        ram = self.ram
+        assert ram is not None
         if not 0 <= res.vcpu < len(self.vcpus):
-            self._trace("domain.bad_result", vcpu=res.vcpu, detail="no such vCPU")
+            self.trace("domain.bad_result", vcpu=res.vcpu, detail="no such vCPU")
             return
         # copy_to_guest: through the page tables of the vCPU that made the call
         cr3 = self.vcpus[res.vcpu].cr3
         for w in res.writes:
-            if not write_virt(self.ram, cr3, w.addr, w.data):
-                self._trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
-        for act in res.actions:
-            if not 0 <= act.vcpu < len(self.vcpus):
-                continue
-            target = self.vcpus[act.vcpu]
-            if act.kind == "set_context":
-                target.set_regs(
-                    {
-                        k: v
-                        for k, v in act.regs.items()
-                        if k in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags")
-                    }
-                )
-                target.initialised = True
-            elif act.kind == "up":
-                target.advance_to(res.vt_ns)
-                if target.trap is not None:  # it had taken itself down: VCPUOP_down returns now
-                    target.complete_trap(0, res.vt_ns)
-                else:
-                    target.state = VcpuState.RUNNING
-            elif act.kind == "down":
-                target.state = VcpuState.DOWN
-            elif act.kind == "block":
-                # SCHEDOP_block enables event delivery first, and does not sleep if an event is already pending
-                events.set_upcall_mask(self.ram, target.vid, False)
-                if events.upcall_pending(self.ram, target.vid) and target.trap is not None:
-                    target.complete_trap(0, res.vt_ns)
-                else:
-                    target.state = VcpuState.BLOCKED
-            elif act.kind == "poll":
-                # SCHEDOP_poll: done at once if a polled port is pending, else the vCPU sleeps until one is (the
-                # upcall mask is left alone, unlike block)
-                ports = [act.regs.get(f"p{i}", 0) for i in range(act.regs.get("nr", 0))]
-                if target.trap is not None and any(events.is_pending(self.ram, p) for p in ports):
-                    target.complete_trap(0, res.vt_ns)
-                elif target.trap is not None:
-                    target.poll_ports = ports
-                    target.state = VcpuState.BLOCKED
-            elif act.kind == "poll_timeout":
-                if target.trap is not None and target.poll_ports is not None \
-                        and target.trap.vt_ns == act.regs.get("trap_vt"):
-                    target.complete_trap(0, res.vt_ns)
-            elif act.kind == "evtchn_pending":
-                events.set_pending(self.ram, act.regs.get("port", 0), target.vid)
-            elif act.kind == "evtchn_unmask":
-                events.unmask(self.ram, act.regs.get("port", 0), target.vid)
-            elif act.kind == "evtchn_clear":
-                events.clear(self.ram, act.regs.get("port", 0))
-            elif act.kind == "set_callback":
-                target.upcall_eip = act.regs.get("eip", 0)
-            elif act.kind == "write_pa":
-                addr, value = act.regs.get("addr", -1), act.regs.get("value", 0)
-                if 0 <= addr <= self.ram.size - 4:
-                    self.ram.write_pa(addr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
-                else:
-                    self._trace("domain.bad_write", vcpu=res.vcpu, addr=addr, length=4)
-            elif act.kind == "set_cr3":
-                target.set_cr3(act.regs.get("cr3", 0))
-            elif act.kind in ("flush_tlb", "invlpg"):
-                target.flush_tlb()
-            elif act.kind == "set_va_pte":
-                # update_va_mapping: the L1 entry for va in the calling vCPU's tables; no flush here (the
-                # hypervisor's flush actions follow)
-                va, value = act.regs.get("va", 0), act.regs.get("value", 0)
-                pte_pa = pte_address(self.ram, target.cr3, va)
-                if pte_pa is None:
-                    self._trace("domain.bad_write", vcpu=res.vcpu, va=va, detail="no L1 table maps this va")
-                else:
-                    self.ram.write_pa(pte_pa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
-            else:
-                self._trace("domain.unsupported_action", vcpu=res.vcpu, kind=act.kind)
+            if not write_virt(ram, cr3, w.addr, w.data):
+                self.trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
+        for effect in res.effects:
+            effects.apply(self, effect, res.vt_ns, res.vcpu)
         vcpu = self.vcpus[res.vcpu]
         if res.complete:
             if vcpu.trap is None or vcpu.trap.seq != res.seq:
-                self._trace(
-                    "domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall"
-                )
+                self.trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall")
                 return
             vcpu.complete_trap(res.value, res.vt_ns)
 
@@ -264,17 +219,17 @@ class DomainProcess:
         targets = [v.vid for v in self.vcpus if v.vid != src] if dest == -1 else [dest]
         for target in targets:
             self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns))
-            self._trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
+            self.trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
     def _mark(self, vcpu: int, value: int, vt_ns: int) -> None:
         code, rnd = value & MARK_CODE_MASK, value >> MARK_DETAIL_SHIFT
         span = f"sd-d{self.domid}-r{rnd}"
-        self._trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=code, round=rnd, span=span)
+        self.trace("guest.mark", vt_ns=vt_ns, vcpu=vcpu, code=code, round=rnd, span=span)
         if code == Mark.SHOOTDOWN_REQUEST:
             self._span_start[rnd] = vt_ns
         elif code == Mark.SHOOTDOWN_DONE and rnd in self._span_start:
             start = self._span_start.pop(rnd)
-            self._trace("shootdown.span", vt_ns=start, vcpu=vcpu, span=span, round=rnd, end_vt_ns=vt_ns,
+            self.trace("shootdown.span", vt_ns=start, vcpu=vcpu, span=span, round=rnd, end_vt_ns=vt_ns,
                         latency_ns=vt_ns - start, mode=self._shootdown_mode)
 
     def _publish_time(self, vcpu: Vcpu) -> None:
@@ -289,7 +244,7 @@ class DomainProcess:
 
     @staticmethod
     def _report(v: Vcpu) -> VcpuReport:
-        # A halted vCPU with an interrupt coming is runnable from that moment: the conductor must not call the
+        # A halted vCPU with an interrupt coming is runnable from that moment: the clock must not call the
         # domain idle, nor start the next window past it.
         if v.state is VcpuState.BLOCKED and v.trap is None and v.pending_irqs and v.reg("eflags") & 0x200:
             return VcpuReport(v.vid, "running", max(v.clock_ns, v.pending_irqs[0][0] // 1000), v.instructions)
@@ -307,20 +262,20 @@ class DomainProcess:
         return [Region(s.addr, s.length, read(s.addr, s.length, s.writable), s.writable)
                 for s in copy_in(nr, args, read)]
 
-    def _event(self, act: VcpuAction) -> None:
-        """An action decided outside this domain's own hypercalls, arriving at regs["vt_ns"]: a vCPU asleep until
-        then wakes no earlier than that."""
-        vt = act.regs.get("vt_ns", self.vt_ns)
-        self._trace("domain.event", vt_ns=vt, vcpu=act.vcpu, kind=act.kind, port=act.regs.get("port"))
-        blocked = 0 <= act.vcpu < len(self.vcpus) and self.vcpus[act.vcpu].state is VcpuState.BLOCKED
-        if blocked and act.kind != "poll_timeout":  # a poll timeout that ends a poll advances the clock itself
-            self.vcpus[act.vcpu].advance_to(vt)
-        if act.kind == "evtchn_pending":  # and a vCPU polling the port wakes no earlier than the event either
+    def _event(self, d: Delivery) -> None:
+        """An effect decided outside this domain's own hypercalls, arriving at ``d.vt_ns``: a vCPU asleep until then
+        wakes no earlier than that."""
+        vcpu = getattr(d.effect, "vcpu", -1)
+        self.trace("domain.event", vt_ns=d.vt_ns, vcpu=vcpu, kind=kind(d.effect),
+                   port=getattr(d.effect, "port", None))
+        blocked = 0 <= vcpu < len(self.vcpus) and self.vcpus[vcpu].state is VcpuState.BLOCKED
+        if blocked and not isinstance(d.effect, PollTimeout):  # a poll timeout that ends a poll advances the clock
+            self.vcpus[vcpu].advance_to(d.vt_ns)
+        if isinstance(d.effect, SetPending):  # and a vCPU polling the port wakes no earlier than the event either
             for v in self.vcpus:
-                if v.poll_ports is not None and act.regs.get("port") in v.poll_ports:
-                    v.advance_to(vt)
-        self._apply(HypercallResult(vcpu=act.vcpu, seq=-1, vt_ns=vt, value=0, writes=[], actions=[act],
-                                    complete=False))
+                if v.poll_ports is not None and d.effect.port in v.poll_ports:
+                    v.advance_to(d.vt_ns)
+        effects.apply(self, d.effect, d.vt_ns, vcpu)
 
     def _window(self, window: Window) -> WindowDone:
         assert self.ram is not None
@@ -345,15 +300,15 @@ class DomainProcess:
             # Copy the hypercall's arguments in now, as the CPU would at the trap: a vCPU that runs after this
             # one in the same window must not be able to change what the hypervisor reads.
             trap = vcpu.trap
-            if trap is not None and (vcpu.vid, trap.seq) not in self._reported_traps:
-                self._reported_traps.add((vcpu.vid, trap.seq))
+            if trap is not None and self._reported_trap.get(vcpu.vid) != trap.seq:
+                self._reported_trap[vcpu.vid] = trap.seq
                 regions = self._copy_in(vcpu, trap.nr, trap.args)
                 reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
             f = vcpu.fault
             if f is not None and vcpu.vid not in self._reported_faults:
                 self._reported_faults.add(vcpu.vid)
                 faults.append(VcpuFault(vcpu.vid, f.vt_ns, f.kind, f.detail, f.eip, f.disasm))
-                self._trace(
+                self.trace(
                     "vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm
                 )
         self.vt_ns = max(self.vt_ns, window.end_ns)

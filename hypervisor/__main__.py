@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from hypervisor.server import Hypervisor
+from hypervisor.shell import HypervisorProcess
 from pvcluster import trace
 from pvcluster.spec import ClusterSpec, SpecError
 
@@ -27,14 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypervisor: bad spec: {exc}", file=sys.stderr)
         return 2
     log = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
-    hv = Hypervisor(spec, args.run_dir, log)
+    hv = HypervisorProcess(spec, args.run_dir, log)
 
     def on_term(signum: int, _frame: object) -> None:
         # The toolstack died or gave up on a clean `down`: take the domain processes down at once. Doing it
         # here, not by raising into trio, cannot be lost in whatever the event loop was doing.
-        for proc in hv.procs.values():
-            if proc.poll() is None:
-                proc.kill()
+        hv.kill_all()
         (args.run_dir / "hypervisor.json").unlink(missing_ok=True)
         os._exit(128 + signum)
 

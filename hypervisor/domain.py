@@ -1,15 +1,31 @@
-"""The domain table: ids the hypervisor assigns, socket identities, and a checked life cycle."""
+"""A domain (Xen's ``struct domain``) and the table of them: ids, socket identities and a checked life cycle.
+
+Everything the hypervisor keeps about a domain hangs off its ``Domain``: its vCPUs (each with its run state and
+timers), its event-channel table, its page-table pins, its random stream, its trace, and what is queued for its
+next window (hypercall results, deliveries from elsewhere, IPIs). Dropping the domain drops all of it.
+"""
 
 from __future__ import annotations
 
 import enum
 import os
+import random
+import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hypervisor.errors import IllegalTransition
+from hypervisor.evtchn import EvtchnTable
+from hypervisor.mm import Frames
+from hypervisor.tracing import DomainTrace
+from hypervisor.vcpu import Vcpu
 from pvcluster.abi.xen import ShutdownReason
+from pvcluster.bus.messages import Delivery, HypercallResult, Ipi
+
+if TYPE_CHECKING:
+    from hypervisor.faults import Fault
 
 
 class DomainState(enum.Enum):
@@ -31,41 +47,41 @@ TRANSITIONS: dict[DomainState, frozenset[DomainState]] = {
     _S.CRASHED: frozenset({_S.DEAD}),
     _S.DEAD: frozenset(),
 }
+MAX_CONSOLE_LINES = 10_000
+_DECIMAL = re.compile(r"[0-9]{1,9}")
 
 
-class IllegalTransition(Exception):
-    pass
-
-
-@attrs.define
-class VcpuInfo:
-    vid: int
-    initialised: bool = False
-    up: bool = False
-    state: str = "down"
-    clock_ns: int = 0
-    instructions: int = 0
-    hypercalls: int = 0
-
-
-@attrs.define
+@attrs.define(eq=False)
 class Domain:
     domid: int
     name: str
     spec: Any  # pvcluster.spec.DomainSpec
     identity: bytes
-    vcpus: list[VcpuInfo]
+    vcpus: list[Vcpu]
+    trace: DomainTrace
+    rng: random.Random
+    faults: tuple[Fault, ...] = ()
     state: DomainState = DomainState.BUILDING
+    evtchn: EvtchnTable = attrs.Factory(EvtchnTable)
+    frames: Frames = attrs.Factory(Frames)
     shutdown_reason: ShutdownReason | None = None
     crash_detail: str = ""
     console: list[str] = attrs.Factory(list)
     _partial_line: str = ""
     hello: bool = False
-    joined_window: int | None = None
+    joined: bool = False
     hypercalls: int = 0
     started_vt: int = 0
     ended_vt: int | None = None
     history: list[tuple[str, str]] = attrs.Factory(list)
+    # What waits for the domain's next window.
+    results: list[HypercallResult] = attrs.Factory(list)
+    deliveries: list[Delivery] = attrs.Factory(list)
+    ipis: list[Ipi] = attrs.Factory(list)
+    # The last grid window the domain took part in, and its work budget in the window now open.
+    last_window: int = -1
+    last_activity: int | None = None
+    work_left: int = 0
 
     @property
     def nr_pages(self) -> int:
@@ -77,6 +93,10 @@ class Domain:
     def alive(self) -> bool:
         return self.state not in (DomainState.DEAD, DomainState.CRASHED)
 
+    @property
+    def running(self) -> bool:
+        return self.state is DomainState.RUNNING and self.joined
+
     def move(self, new: DomainState, why: str) -> None:
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"domain {self.domid} ({self.name}): {self.state.value} -> {new.value} ({why})")
@@ -87,10 +107,18 @@ class Domain:
         """Append guest console output; return the lines it completed."""
         text = self._partial_line + text
         *done, self._partial_line = text.split("\n")
+        self._partial_line = self._partial_line[-4096:]  # a line that never ends must not grow without bound
         self.console.extend(done)
-        if len(self.console) > 10_000:  # a chatty guest must not grow the hypervisor without bound
-            del self.console[: len(self.console) - 10_000]
+        if len(self.console) > MAX_CONSOLE_LINES:  # a chatty guest must not grow the hypervisor without bound
+            del self.console[: len(self.console) - MAX_CONSOLE_LINES]
         return done
+
+    def take_deliveries(self, end_ns: int) -> list[Delivery]:
+        """The deliveries due by ``end_ns``, in arrival order (stable for equal times)."""
+        due = sorted((d for d in self.deliveries if d.vt_ns <= end_ns), key=lambda d: d.vt_ns)
+        if due:
+            self.deliveries = [d for d in self.deliveries if d.vt_ns > end_ns]
+        return due
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -98,7 +126,7 @@ class Domain:
             "name": self.name,
             "state": self.state.value,
             "vcpus": len(self.vcpus),
-            "vcpu_states": [v.state for v in self.vcpus],
+            "vcpu_states": [v.runstate.value for v in self.vcpus],
             "shutdown_reason": self.shutdown_reason.name if self.shutdown_reason is not None else None,
             "crash": self.crash_detail,
             "hypercalls": self.hypercalls,
@@ -107,43 +135,55 @@ class Domain:
             "ended_vt_ns": self.ended_vt,
             "backend": getattr(self.spec, "backend", ""),
             "boot": getattr(self.spec, "boot", ""),
+            "cpus": list(getattr(self.spec, "cpus", ())),
         }
 
 
 class DomainTable:
-    """Domains by id and by the socket identity the hypervisor gave them; ids start at 1 (0 is dom0)."""
+    """Domains by id and by the socket identity the hypervisor gave them; ids start at 1 (0 is dom0) and are
+    never reused."""
 
     def __init__(self) -> None:
         self._by_id: dict[int, Domain] = {}
         self._by_identity: dict[bytes, Domain] = {}
         self._next = 1
 
-    def create(self, spec: Any) -> Domain:
-        if any(d.name == spec.name and d.state is not DomainState.DEAD for d in self._by_id.values()):
-            raise ValueError(f"a domain named {spec.name!r} already exists")
-        domid = self._next
+    def next_domid(self) -> int:
+        return self._next
+
+    def add(self, dom: Domain) -> None:
+        if dom.domid != self._next:
+            raise IllegalTransition(f"domain id {dom.domid} is not the next one ({self._next})")
+        if self.live_named(dom.name) is not None:
+            raise ValueError(f"a domain named {dom.name!r} already exists")
         self._next += 1
-        # The identity is a secret between the hypervisor and the process it launched: a process cannot
-        # claim to be another domain by putting a different id in its messages.
-        identity = b"dom%d-" % domid + os.urandom(8).hex().encode()
-        dom = Domain(
-            domid=domid,
-            name=spec.name,
-            spec=spec,
-            identity=identity,
-            vcpus=[VcpuInfo(v) for v in range(spec.vcpus)],
-        )
-        self._by_id[domid] = dom
-        self._by_identity[identity] = dom
-        return dom
+        self._by_id[dom.domid] = dom
+        self._by_identity[dom.identity] = dom
+
+    def live_named(self, name: str) -> Domain | None:
+        return next((d for d in self._by_id.values() if d.name == name and d.state is not DomainState.DEAD), None)
 
     def by_identity(self, identity: bytes) -> Domain | None:
         return self._by_identity.get(identity)
 
-    def get(self, key: int | str) -> Domain | None:
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+    def get(self, key: object) -> Domain | None:
+        """A domain by id (an int, or a string of ASCII digits) or by name; None for anything else."""
+        if isinstance(key, bool):
+            return None
+        if isinstance(key, int):
+            return self._by_id.get(key)
+        if not isinstance(key, str):
+            return None
+        if _DECIMAL.fullmatch(key):  # not str.isdigit: "²" is a digit to Python but no number
             return self._by_id.get(int(key))
-        return next((d for d in self._by_id.values() if d.name == key), None)
+        named = [d for d in self._by_id.values() if d.name == key]
+        return next((d for d in named if d.state is not DomainState.DEAD), named[0] if named else None)
 
     def __iter__(self) -> Iterator[Domain]:
         return iter(sorted(self._by_id.values(), key=lambda d: d.domid))
+
+
+def new_identity(domid: int) -> bytes:
+    """A socket identity for a domain: a secret between the hypervisor and the process it launched, so a process
+    cannot claim to be another domain by putting a different id in its messages."""
+    return b"dom%d-" % domid + os.urandom(8).hex().encode()

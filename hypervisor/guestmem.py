@@ -1,16 +1,15 @@
 """The hypervisor's window onto guest memory for one hypercall.
 
 Guest RAM lives in the domain process, so before a hypercall reaches the hypervisor the domain process copies in
-the spans that the hypercall's family declares (``copy_in`` in ``hypervisor/hypercalls/<family>.py``). Reads and
-writes here are checked against those spans: an unmapped guest pointer becomes -EFAULT, exactly as
-``copy_from_guest`` / ``copy_to_guest`` fail in Xen.
+the spans that the hypercall's copy-in descriptor declares (``pvcluster/abi/copyin.py``). Reads and writes here are
+checked against those spans: an unmapped guest pointer becomes -EFAULT, exactly as ``copy_from_guest`` /
+``copy_to_guest`` fail in Xen. A span the domain process did not copy at all (the rest of a long batch, past what
+one trap carries) raises ``NotCopied`` instead, which the batch hypercalls turn into a continuation.
 """
 
 from __future__ import annotations
 
 import struct
-
-import attrs
 
 from pvcluster.bus.messages import MemWrite, Region
 
@@ -24,26 +23,34 @@ class GuestFault(Exception):
         self.length = length
 
 
-@attrs.frozen
-class Span:
-    """A guest buffer a hypercall may touch: ``addr`` and ``length`` as the guest gave them."""
+class NotCopied(Exception):
+    """A guest span the domain process did not copy in with the trap. Not a GuestFault: the guest did nothing
+    wrong, and a batch hypercall continues from there in a later trap instead of failing."""
 
-    addr: int
-    length: int
-    writable: bool = False
+    def __init__(self, addr: int, length: int) -> None:
+        super().__init__(f"guest span [{addr:#x}, +{length}) was not copied in")
+        self.addr = addr
+        self.length = length
 
 
 class GuestView:
     def __init__(self, regions: list[Region]) -> None:
-        self._regions = [r for r in regions if r.data is not None and len(r.data) == r.length]
+        # A region whose data is None (or short) was named but is not mapped in the guest: touching it faults.
+        self._regions = regions
         self.writes: list[MemWrite] = []
 
     def _find(self, addr: int, length: int, *, writable: bool) -> tuple[Region, int]:
         if length < 0 or addr < 0 or addr + length > _ADDR_LIMIT:
             raise GuestFault(addr, length, "wraps the 32-bit address space")
+        covered = False
         for r in self._regions:
-            if r.addr <= addr and addr + length <= r.addr + r.length and (r.writable or not writable):
+            if not (r.addr <= addr and addr + length <= r.addr + r.length):
+                continue
+            covered = True
+            if r.data is not None and len(r.data) == r.length and (r.writable or not writable):
                 return r, addr - r.addr
+        if not covered:
+            raise NotCopied(addr, length)
         raise GuestFault(addr, length, "is not mapped" if not writable else "is not mapped writable")
 
     def check(self, addr: int, length: int, *, writable: bool = False) -> None:

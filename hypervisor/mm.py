@@ -3,10 +3,14 @@
 The p2m is the identity (mfn == pfn) and a domain owns machine frames ``0 .. nr_pages-1``; the frame just after
 them holds ``shared_info``, which the hypervisor owns but, as in Xen (``share_xen_page_with_guest``), lets the
 guest map. Guest RAM itself lives in the domain process, so the hypervisor cannot read a page table: pinning here
-records the guest's promise (frame F is an L1/L2 table) and is what the mapping checks are made against.
+records the guest's promise (frame F is an L1/L2 table) and is what the mapping checks are made against. The pins
+hang off the domain (``Domain.frames``), as Xen keeps page types in the domain's frame table.
 
-Pinned frames are kept per domid (``Domain`` carries no memory state); ``forget`` must be called when a domain is
-destroyed. Domids come from one ``DomainTable``, which never reuses them.
+Also here: the batch protocol that mmu_update and mmuext_op share, with Xen's preemption. A batch stops when the
+domain has spent its work budget for the window (``hypercall_preempt_check``) or when it reaches requests the
+domain process did not copy in (it copies a bounded prefix of a long batch); the hypercall then returns through a
+continuation, exactly as Xen's: the vCPU re-executes it with the array pointer advanced, the count reduced and
+``MMU_UPDATE_PREEMPTED`` set, and the done count accumulates in guest memory across the pieces.
 """
 
 from __future__ import annotations
@@ -15,24 +19,41 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hypervisor.guestmem import GuestFault
+from hypervisor.guestmem import GuestFault, NotCopied
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import DOMID_SELF, MAX_LEGACY_VCPUS, PAGE_SHIFT
-from pvcluster.bus.messages import VcpuAction
+from pvcluster.abi.xen import DOMID_SELF, MAX_LEGACY_VCPUS, MMU_UPDATE_PREEMPTED, PAGE_SHIFT
+from pvcluster.bus.effects import Effect, FlushTlb, Invlpg
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
 
-# x86-32 non-PAE page-table entry bits.
-PTE_PRESENT = 0x001
-PTE_RW = 0x002
-PTE_PSE = 0x080  # in an L2 entry: a 4 MiB superpage, which Xen refuses to PV guests
 
-# Batched hypercalls are capped so one call's request array stays well inside a bus message (Xen instead
-# preempts long batches with a continuation, which this hypervisor does not model).
-MAX_BATCH = 512
 
-_pinned: dict[int, dict[int, int]] = {}  # domid -> {mfn: level (1 = L1, 2 = L2)}
+class Frames:
+    """A domain's page-table pins: mfn -> level (1 = L1, 2 = L2)."""
+
+    def __init__(self) -> None:
+        self.pinned: dict[int, int] = {}
+
+    def pin(self, mfn: int, level: int) -> bool:
+        """Pin ``mfn`` as a level-``level`` table; False if it is already pinned (at any level)."""
+        if mfn in self.pinned:
+            return False
+        self.pinned[mfn] = level
+        return True
+
+    def unpin(self, mfn: int) -> bool:
+        """False if ``mfn`` was not pinned."""
+        return self.pinned.pop(mfn, None) is not None
+
+    def level(self, mfn: int) -> int | None:
+        return self.pinned.get(mfn)
+
+    def is_pinned(self, mfn: int) -> bool:
+        return mfn in self.pinned
+
+    def clear(self) -> None:
+        self.pinned.clear()
 
 
 def owned(dom: Domain, mfn: int) -> bool:
@@ -42,32 +63,6 @@ def owned(dom: Domain, mfn: int) -> bool:
 def mappable(dom: Domain, mfn: int) -> bool:
     """A frame a present PTE of ``dom`` may name: its own RAM, or its shared_info frame."""
     return owned(dom, mfn) or mfn == dom.nr_pages
-
-
-def pin(dom: Domain, mfn: int, level: int) -> bool:
-    """Pin ``mfn`` as a level-``level`` table; False if it is already pinned (at any level)."""
-    tables = _pinned.setdefault(dom.domid, {})
-    if mfn in tables:
-        return False
-    tables[mfn] = level
-    return True
-
-
-def unpin(dom: Domain, mfn: int) -> bool:
-    """False if ``mfn`` was not pinned."""
-    return _pinned.get(dom.domid, {}).pop(mfn, None) is not None
-
-
-def pinned_level(dom: Domain, mfn: int) -> int | None:
-    return _pinned.get(dom.domid, {}).get(mfn)
-
-
-def is_pinned(dom: Domain, mfn: int) -> bool:
-    return pinned_level(dom, mfn) is not None
-
-
-def forget(domid: int) -> None:
-    _pinned.pop(domid, None)
 
 
 def is_self(dom: Domain, foreigndom: int) -> bool:
@@ -99,40 +94,75 @@ def vcpus_in_mask(dom: Domain, mask: int) -> list[int] | None:
     return ids
 
 
-def flush_actions(targets: list[int], va: int | None) -> list[VcpuAction]:
+def flush_effects(targets: list[int], va: int | None) -> list[Effect]:
     """Whole-TLB flushes (``va`` None) or single-page invalidations of ``va`` on each target vCPU."""
     if va is None:
-        return [VcpuAction(kind="flush_tlb", vcpu=v, regs={}) for v in targets]
-    return [VcpuAction(kind="invlpg", vcpu=v, regs={"va": va & 0xFFFFFFFF}) for v in targets]
+        return [FlushTlb(vcpu=v) for v in targets]
+    return [Invlpg(vcpu=v, va=va & 0xFFFFFFFF) for v in targets]
 
 
 def run_batch(
-    call: Any, fmt: str, unmapped: str, one: Callable[[Any, int, tuple[int, ...]], int], what: str = "request"
+    call: Any, fmt: str, unmapped: str, one: Callable[[Any, int, tuple[int, ...]], int], what: str = "request",
+    *, done_on_refusal: bool = False,
 ) -> int:
     """The batch protocol mmu_update and mmuext_op share: (array, count, done pointer, foreign domid). Entries run
-    in order and stop at the first failure; the done pointer gets how many succeeded, as Xen reports it."""
+    in order and stop at the first failure; the done pointer gets how many succeeded, as Xen reports it. A batch
+    that must yield (budget spent, or the rest not copied in) continues through ``call.restart``. A foreign domid
+    is refused before anything runs; ``done_on_refusal`` still writes the done count then (do_mmu_update goes to
+    its ``out`` label; do_mmuext_op returns at once)."""
     base, count, done_ptr, foreigndom = (call.arg(i) for i in range(4))
     size = struct.calcsize(fmt)
-    rc, done = 0, 0
+    done_before = 0
+    if count & MMU_UPDATE_PREEMPTED:
+        count &= ~MMU_UPDATE_PREEMPTED
+        done_before = _read_done(call, done_ptr)
     if not is_self(call.dom, foreigndom):
         rc = deny(call, Errno.EPERM, "foreign-domid", foreigndom=foreigndom)
-    elif count > MAX_BATCH:
-        rc = deny(call, Errno.E2BIG, "batch-too-large", count=count)
-    else:
-        for i in range(count):
-            try:
-                fields = struct.unpack(fmt, call.mem.read(base + i * size, size))
-            except GuestFault:
-                rc = deny(call, Errno.EFAULT, unmapped, index=i)
-                break
-            rc = one(call, i, fields)
-            if rc:
-                break
-            done = i + 1
-    if done_ptr:
+        if done_on_refusal:
+            _write_done(call, done_ptr, done_before, what)
+        return rc
+    rc, done = 0, 0
+    for i in range(count):
+        if i and call.preempt_check():
+            call.restart([base + i * size, (count - i) | MMU_UPDATE_PREEMPTED, done_ptr, foreigndom])
+            break
         try:
-            call.mem.write_u32(done_ptr, done)
+            fields = struct.unpack(fmt, call.mem.read(base + i * size, size))
+            call.spend(1)
+            rc = one(call, i, fields)
+        except NotCopied:
+            # Past the prefix the domain process copied in (an op reads guest memory before it acts, so nothing
+            # was done): continue from here in a later trap. Nothing copied at all: the caller decides (a
+            # multicall continues at this entry).
+            if not i:
+                raise
+            call.restart([base + i * size, (count - i) | MMU_UPDATE_PREEMPTED, done_ptr, foreigndom])
+            break
         except GuestFault:
-            # Xen ignores a failed copy of the done count: the updates already happened, so the result stands.
-            call.trace("mmu.done_fault", addr=done_ptr, what=what)
+            rc = deny(call, Errno.EFAULT, unmapped, index=i)
+            break
+        if rc:
+            break
+        done = i + 1
+    _write_done(call, done_ptr, done_before + done, what)
     return rc
+
+
+def _read_done(call: Any, done_ptr: int) -> int:
+    """The done count a continuation accumulates into (Xen: ``(void)copy_from_guest(&done, pdone, 1)``)."""
+    if not done_ptr:
+        return 0
+    try:
+        return int(call.mem.u32(done_ptr))
+    except (GuestFault, NotCopied):
+        return 0
+
+
+def _write_done(call: Any, done_ptr: int, done: int, what: str) -> None:
+    if not done_ptr:
+        return
+    try:
+        call.mem.write_u32(done_ptr, done)
+    except (GuestFault, NotCopied):
+        # Xen ignores a failed copy of the done count: the updates already happened, so the result stands.
+        call.trace("mmu.done_fault", addr=done_ptr, what=what)

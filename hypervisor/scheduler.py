@@ -1,118 +1,155 @@
-"""The physical-CPU scheduler: places vCPUs of every domain on ``pcpus`` physical CPUs in virtual time.
+"""The physical-CPU scheduler: places the vCPUs of every domain on ``pcpus`` physical CPUs in virtual time.
 
 Round-robin with a time slice, decided at window boundaries: a vCPU that wants to run waits in one FIFO queue
-(ordered by when it became runnable, then domain and vCPU id, so the order never depends on host timing); a
-running vCPU keeps its pCPU until it blocks, goes offline, or has used its slice while others wait. Every change of
-run state is traced with how long the previous state lasted.
-"""
+(ordered by when it became runnable, then domain and vCPU id, so the order never depends on host timing); a running
+vCPU keeps its pCPU until it blocks, goes offline, or has used its slice while others wait for a pCPU. Each vCPU may
+run only on the pCPUs of its domain's hard affinity (the spec's ``cpus``, as xl.cfg's); every change of run state is
+traced with how long the previous state lasted.
+
+Domains whose affinities share a pCPU compete for it and form one *partition*; domains in different partitions never
+meet in the scheduler. The clock asks for a partition's decisions only in windows that partition takes part in, so a
+domain pinned to pCPUs of its own runs exactly as it would if the other partitions did not exist.
+
+The scheduler keeps no table of its own: the run state lives on each ``Vcpu`` (``hypervisor/vcpu.py``)."""
 
 from __future__ import annotations
 
-import enum
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-Key = tuple[int, int]  # (domid, vcpu)
+from hypervisor.vcpu import RunState, Vcpu
+
+if TYPE_CHECKING:
+    from hypervisor.domain import Domain
 
 
-class RunState(enum.Enum):
-    RUNNING = "running"  # on a pCPU
-    RUNNABLE = "runnable"  # wants a pCPU (preempted or woken, waiting its turn)
-    BLOCKED = "blocked"  # waits for an event or interrupt
-    OFFLINE = "offline"  # down, crashed, or its domain is gone
+@attrs.frozen
+class Partition:
+    """Domains that compete for pCPUs (directly or through each other), and the pCPUs they may use."""
+
+    domains: tuple[Domain, ...]
+    pcpus: tuple[int, ...]
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        return [v for d in self.domains for v in d.vcpus]
+
+    @property
+    def last_window(self) -> int:
+        return max(d.last_window for d in self.domains)
+
+    @property
+    def last_activity(self) -> int | None:
+        """The earliest activity the partition had when its last window was chosen."""
+        times = [d.last_activity for d in self.domains if d.last_activity is not None]
+        return min(times) if times else None
 
 
-@attrs.define
-class VcpuSched:
-    key: Key
-    state: RunState = RunState.OFFLINE
-    since_ns: int = 0
-    slice_start_ns: int = 0
-    queued_at_ns: int = 0
-    pcpu: int | None = None
-    preemptions: int = 0
+def partitions(domains: Sequence[Domain]) -> list[Partition]:
+    """Group ``domains`` (in domid order) by overlapping affinity, with union-find over pCPUs."""
+    parent: dict[int, int] = {}
+
+    def find(p: int) -> int:
+        while parent.setdefault(p, p) != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for d in domains:
+        cpus = d.vcpus[0].affinity if d.vcpus else ()
+        for p in cpus[1:]:
+            parent[find(p)] = find(cpus[0])
+    groups: dict[int, list[Domain]] = {}
+    for d in domains:
+        if d.vcpus and d.vcpus[0].affinity:
+            groups.setdefault(find(d.vcpus[0].affinity[0]), []).append(d)
+    out = []
+    for members in groups.values():
+        pcpus = sorted({p for d in members for p in d.vcpus[0].affinity})
+        out.append(Partition(tuple(members), tuple(pcpus)))
+    return sorted(out, key=lambda part: part.domains[0].domid)
 
 
-@attrs.define
 class Scheduler:
-    pcpus: int
-    slice_ns: int
-    log: Any
-    vcpus: dict[Key, VcpuSched] = attrs.Factory(dict)
+    def __init__(self, pcpus: int, slice_ns: int) -> None:
+        self.pcpus = pcpus
+        self.slice_ns = slice_ns
 
-    def _get(self, key: Key) -> VcpuSched:
-        v = self.vcpus.get(key)
-        if v is None:
-            v = self.vcpus[key] = VcpuSched(key)
-        return v
+    def affinity(self, cpus: Iterable[int]) -> tuple[int, ...]:
+        """A domain's hard affinity: its ``cpus`` (those that exist), or every pCPU."""
+        chosen = tuple(sorted({p for p in cpus if 0 <= p < self.pcpus}))
+        return chosen or tuple(range(self.pcpus))
 
-    def _move(self, v: VcpuSched, state: RunState, now: int, why: str) -> None:
-        if v.state is state:
+    # -- run-state changes ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def move(dom: Domain, v: Vcpu, state: RunState, now: int, why: str) -> None:
+        if v.runstate is state:
             return
-        self.log.info("vcpu.runstate", vt_ns=now, dom=v.key[0], vcpu=v.key[1], state=state.value,
-                      previous=v.state.value, duration_ns=now - v.since_ns, why=why, pcpu=v.pcpu)
+        dom.trace.event("vcpu.runstate", vt_ns=now, vcpu=v.vid, state=state.value, previous=v.runstate.value,
+                        duration_ns=max(0, now - v.since_ns), why=why, pcpu=v.pcpu)
         if state is RunState.RUNNABLE:
             v.queued_at_ns = now
         if state is not RunState.RUNNING:
             v.pcpu = None
-        v.state, v.since_ns = state, now
+        if state in (RunState.BLOCKED, RunState.OFFLINE):
+            v.ready_ns = None
+        v.runstate, v.since_ns = state, max(now, v.since_ns)
 
-    # -- what the domains report, and what wakes a vCPU ----------------------------------------------------
-
-    def report(self, key: Key, reported: str, now: int, ran: bool) -> None:
+    def report(self, dom: Domain, v: Vcpu, reported: str, now: int, ran: bool) -> None:
         """A vCPU's state as its domain saw it at the end of a window. A vCPU that held no pCPU in the window
         cannot have changed on its own, so only its going offline counts: a wake-up the scheduler already
         knows about (an IPI, an event) must not be undone by the domain's older view."""
-        v = self._get(key)
         if not ran and reported not in ("down", "crashed"):
             return
         if reported in ("running", "hypercall"):
-            if v.state in (RunState.OFFLINE, RunState.BLOCKED):
-                self._move(v, RunState.RUNNABLE, now, "woke")
+            if v.runstate in (RunState.OFFLINE, RunState.BLOCKED):
+                self.move(dom, v, RunState.RUNNABLE, now, "woke")
         elif reported == "blocked":
-            self._move(v, RunState.BLOCKED, now, "blocked")
+            self.move(dom, v, RunState.BLOCKED, now, "blocked")
         else:
-            self._move(v, RunState.OFFLINE, now, reported)
+            self.move(dom, v, RunState.OFFLINE, now, reported)
 
-    def wake(self, key: Key, now: int, why: str) -> None:
-        v = self._get(key)
-        if v.state in (RunState.BLOCKED, RunState.OFFLINE):
-            self._move(v, RunState.RUNNABLE, now, why)
+    def wake(self, dom: Domain, v: Vcpu, now: int, why: str) -> None:
+        if v.runstate in (RunState.BLOCKED, RunState.OFFLINE):
+            self.move(dom, v, RunState.RUNNABLE, now, why)
 
-    def offline(self, domid: int, now: int) -> None:
-        for v in self.vcpus.values():
-            if v.key[0] == domid:
-                self._move(v, RunState.OFFLINE, now, "domain gone")
+    def offline(self, dom: Domain, now: int, why: str) -> None:
+        for v in dom.vcpus:
+            self.move(dom, v, RunState.OFFLINE, now, why)
 
-    def is_running(self, key: Key) -> bool:
-        v = self.vcpus.get(key)
-        return v is not None and v.state is RunState.RUNNING
+    # -- deciding a window -----------------------------------------------------------------------------------
 
-    # -- deciding the next window ----------------------------------------------------------------------------
-
-    def pick(self, now: int) -> dict[int, list[int]]:
-        """Assign pCPUs for the window starting at ``now``; return the vCPUs that run, by domain."""
-        queue = sorted((v for v in self.vcpus.values() if v.state is RunState.RUNNABLE),
-                       key=lambda v: (v.queued_at_ns, v.key))
-        running = sorted((v for v in self.vcpus.values() if v.state is RunState.RUNNING), key=lambda v: v.key)
-        if queue:
-            for v in running:
-                if now - v.slice_start_ns >= self.slice_ns:
-                    v.preemptions += 1
-                    self._move(v, RunState.RUNNABLE, now, "slice used up")
-                    queue.append(v)
-        used = {v.pcpu for v in self.vcpus.values() if v.state is RunState.RUNNING}
-        free = [p for p in range(self.pcpus) if p not in used]
-        for v, pcpu in zip(queue, free, strict=False):
-            v.pcpu, v.slice_start_ns = pcpu, now
-            self._move(v, RunState.RUNNING, now, "scheduled")
+    def pick(self, part: Partition, now: int) -> dict[int, list[int]]:
+        """Assign the partition's pCPUs for the window starting at ``now``; return the vCPUs that run, by domain."""
+        owner = {id(v): d for d in part.domains for v in d.vcpus}
+        vcpus = part.vcpus
+        queue = sorted((v for v in vcpus if v.runstate is RunState.RUNNABLE), key=lambda v: (v.queued_at_ns, v.key))
+        running = sorted((v for v in vcpus if v.runstate is RunState.RUNNING), key=lambda v: v.key)
+        used = {v.pcpu for v in vcpus if v.runstate is RunState.RUNNING}
+        # vCPUs that would find no free pCPU: as many running ones that used up their slice make way for them
+        waiting = len(queue) - sum(1 for p in part.pcpus if p not in used)
+        for v in running:
+            if waiting <= 0:
+                break
+            if now - v.slice_start_ns >= self.slice_ns:
+                v.preemptions += 1
+                used.discard(v.pcpu)
+                self.move(owner[id(v)], v, RunState.RUNNABLE, now, "slice used up")
+                queue.append(v)
+                waiting -= 1
+        for v in queue:
+            pcpu = next((p for p in v.affinity if p not in used), None)
+            if pcpu is None:
+                continue
+            used.add(pcpu)
+            at = max(now, v.queued_at_ns)  # woken inside the window: it runs from its wake-up, not before
+            v.pcpu, v.slice_start_ns = pcpu, at
+            self.move(owner[id(v)], v, RunState.RUNNING, at, "scheduled")
         out: dict[int, list[int]] = {}
-        for v in sorted(self.vcpus.values(), key=lambda v: v.key):
-            if v.state is RunState.RUNNING:
-                out.setdefault(v.key[0], []).append(v.key[1])
+        for v in sorted(vcpus, key=lambda v: v.key):
+            if v.runstate is RunState.RUNNING:
+                out.setdefault(v.domid, []).append(v.vid)
         return out
-
-    def waiting(self, domid: int) -> list[int]:
-        """vCPUs of ``domid`` that want to run but hold no pCPU (preempted or not yet scheduled)."""
-        return sorted(v.key[1] for v in self.vcpus.values() if v.key[0] == domid and v.state is RunState.RUNNABLE)

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from pvcluster.abi.platform import CR3_VECTOR, FLUSH_VECTOR, Mark
+from pvcluster.designs import mode_of
 from pvcluster.trace import read_events
 
 # The vectors of the IPIs a shootdown sends: the native flush_tlb_others' and the cr3 design's.
@@ -35,14 +36,6 @@ class Shootdown:
     @property
     def latency_ns(self) -> int:
         return self.end_ns - self.start_ns
-
-
-def mode_of(domain: dict[str, Any]) -> str:
-    """The shootdown design a domain runs: its backend's flush_tlb_others, or IPIs that reload cr3."""
-    backend = domain.get("backend", "")
-    if "tlbflush=cr3" in domain.get("cmdline", ""):
-        return f"cr3 ({backend})"
-    return {"native": "native", "xen": "pv", "vmi": "pv (vmi rom)"}.get(backend, "?")
 
 
 def _events(run_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str]]:
@@ -74,23 +67,33 @@ def shootdowns(run_dir: Path) -> list[Shootdown]:
     out: list[Shootdown] = []
     for domid, events in sorted(doms.items()):
         mode = mode_of(names.get(dom_names.get(domid, ""), {}))
-        starts = _marks(events, Mark.SHOOTDOWN_REQUEST)
-        ends = _marks(events, Mark.SHOOTDOWN_DONE)
-        ipis = [e for e in hv if e["event"] == "ipi" and e["dom"] == domid]
-        pv = [e for e in hv if e["event"] == "shootdown" and e["dom"] == domid]
-        hcalls = [e for e in hv if e["event"] == "hypercall" and e["dom"] == domid and e["vcpu"] == 0]
-        for rnd, start in sorted(starts.items()):
-            end = ends.get(rnd)
-            if end is None:
-                continue
-            sent = [e for e in ipis if start <= e["vt_ns"] <= end and e["vector"] in _SHOOTDOWN_VECTORS]
-            calls = [e for e in pv if start <= e["vt_ns"] <= end]
-            traps = [e for e in hcalls if start <= e["vt_ns"] <= end]
-            # a hypercall is one request on the bus; an APIC IPI crosses it twice (sender -> hypervisor -> target);
-            # acknowledgements are writes to shared memory and cost no message
-            messages = len(traps) + 2 * len(sent)
-            preempted = sum(e["preempted"] for e in calls) + sum(1 for e in sent if not e["target_running"])
-            out.append(Shootdown(domid, mode, rnd, start, end, messages, preempted))
+        out += _domain_shootdowns(domid, mode, events, [e for e in hv if e.get("dom") == domid])
+    return out
+
+
+def _domain_shootdowns(domid: int, mode: str, events: list[dict[str, Any]],
+                       hv: list[dict[str, Any]]) -> list[Shootdown]:
+    """One domain's shootdowns: each round from its request mark to its done mark, with what crossed the bus."""
+    starts = _marks(events, Mark.SHOOTDOWN_REQUEST)
+    ends = _marks(events, Mark.SHOOTDOWN_DONE)
+    ipis = [e for e in hv if e["event"] == "ipi" and e["vector"] in _SHOOTDOWN_VECTORS]
+    pv = [e for e in hv if e["event"] == "shootdown"]
+    hcalls = [e for e in hv if e["event"] == "hypercall" and e["vcpu"] == 0]
+
+    def within(evs: list[dict[str, Any]], start: int, end: int) -> list[dict[str, Any]]:
+        return [e for e in evs if start <= e["vt_ns"] <= end]
+
+    out = []
+    for rnd, start in sorted(starts.items()):
+        end = ends.get(rnd)
+        if end is None:
+            continue
+        sent, calls = within(ipis, start, end), within(pv, start, end)
+        # a hypercall is one request on the bus; an APIC IPI crosses it twice (sender -> hypervisor -> target);
+        # acknowledgements are writes to shared memory and cost no message
+        messages = len(within(hcalls, start, end)) + 2 * len(sent)
+        preempted = sum(e["preempted"] for e in calls) + sum(1 for e in sent if not e["target_running"])
+        out.append(Shootdown(domid, mode, rnd, start, end, messages, preempted))
     return out
 
 

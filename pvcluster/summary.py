@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pvcluster.analysis import latency_table, shootdowns, stale_reads
@@ -36,7 +37,8 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
         table.add_column(col, justify="right" if col in ("dom", "vcpus", "hypercalls", "instructions") else "left")
     for d in status["domains"]:
         end = d["ended_vt_ns"] if d["ended_vt_ns"] is not None else status["vt_ns"]
-        reason = d["shutdown_reason"] or (d["crash"][:60] if d["crash"] else "-")
+        # a crash detail quotes the guest (disassembly, console text): never rich markup
+        reason = escape(d["shutdown_reason"] or (d["crash"][:60] if d["crash"] else "-"))
         table.add_row(
             str(d["domid"]),
             d["name"],
@@ -71,4 +73,4 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
         console.print(f"stale TLB reads detected: {stale}" + ("  [red](a flush was missed)[/]" if stale else ""))
     else:
         console.print("TLB shootdowns: none in this run (the guests' workload=shootdown measures them)")
-    console.print(f"traces: {run_dir / 'trace'}")
+    console.print(f"traces: {run_dir / 'trace'}", markup=False)

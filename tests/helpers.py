@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,64 @@ from elftools.elf.elffile import ELFFile
 
 
 class RecordingLog:
-    """Stands in for the structlog logger a hypercall traces to, keeping every event for assertions."""
+    """Stands in for the structlog logger the hypervisor traces to, keeping every event for assertions. ``bind``
+    returns a logger that adds its context to every event and records into the same list, as structlog's does."""
 
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
+    def __init__(self, events: list[tuple[str, dict[str, Any]]] | None = None,
+                 context: dict[str, Any] | None = None) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = events if events is not None else []
+        self.context = context or {}
+
+    def bind(self, **kw: Any) -> RecordingLog:
+        return RecordingLog(self.events, {**self.context, **kw})
 
     def info(self, event: str, **kw: Any) -> None:
-        self.events.append((event, kw))
+        self.events.append((event, {**self.context, **kw}))
 
-    warning = info
+    warning = error = info
+
+
+def core(spec_text: str | None = None, log: RecordingLog | None = None) -> Any:
+    """An in-process hypervisor core (no sockets, no processes) for the given spec text (default: the default spec)."""
+    from hypervisor.core import Hypervisor
+    from pvcluster.spec import load_spec, parse_spec
+
+    spec = load_spec() if spec_text is None else parse_spec(spec_text)
+    return Hypervisor(spec, log if log is not None else RecordingLog())
+
+
+def make_call(hv: Any, dom: Any, nr: int, args: list[int], regions: list[Any], *, vcpu: int = 0,
+              vt: int = 0) -> Any:
+    """One hypercall of ``dom``'s vCPU ``vcpu`` at virtual time ``vt``, over hand-made copied-in regions."""
+    from hypervisor.guestmem import GuestView
+    from hypervisor.hypercalls.base import Call
+
+    return Call(hv=hv, dom=dom, vcpu=vcpu, vt_ns=vt, nr=nr, args=list(args), mem=GuestView(regions))
+
+
+_CALL_EVENTS: weakref.WeakKeyDictionary[Any, list[tuple[str, dict[str, Any]]]] = weakref.WeakKeyDictionary()
+
+
+def run_handler(handler: Any, call: Any) -> int:
+    """Run a hypercall handler (a family module, or a ``handle`` function) on ``call``, keeping the events this call
+    traced: a domain's log is shared by all its calls."""
+    handle = handler.handle if hasattr(handler, "handle") else handler
+    log = call.dom.trace.log
+    start = len(log.events)
+    rc = int(handle(call))
+    _CALL_EVENTS[call] = [(ev, kw) for ev, kw in log.events[start:] if kw.get("dom") == call.dom.domid]
+    return rc
+
+
+def call_events(call: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The events ``run_handler`` kept for ``call``."""
+    return _CALL_EVENTS[call]
+
+
+def events_of(call: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Every event traced for the domain a call belongs to (hypercall details included)."""
+    log = call.dom.trace.log
+    return [(e, kw) for e, kw in log.events if kw.get("dom") == call.dom.domid]
 
 
 XEN_HEADERS = Path("/usr/include/xen/xen.h")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from helpers import assert_matches_xen_headers
 
-from hypervisor.hypercalls import vcpu_op
-from pvcluster.abi import asm, layouts
+from pvcluster.abi import asm, layouts, structs
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import (
     DOMID_INVALID,
@@ -58,10 +57,10 @@ def _checks() -> list[tuple[str, int]]:
         ("offsetof(shared_info_t, evtchn_pending)", layouts.SHARED_INFO_EVTCHN_PENDING),
         ("offsetof(shared_info_t, evtchn_mask)", layouts.SHARED_INFO_EVTCHN_MASK),
         ("sizeof(struct vcpu_info)", layouts.VCPU_INFO_SIZE),
-        ("sizeof(struct vcpu_guest_context)", vcpu_op.VCPU_GUEST_CONTEXT_SIZE),
-        ("offsetof(struct vcpu_guest_context, user_regs)", vcpu_op._USER_REGS),
+        ("sizeof(struct vcpu_guest_context)", layouts.VCPU_GUEST_CONTEXT.size),
+        ("offsetof(struct vcpu_guest_context, user_regs)", layouts.VCPU_GUEST_CONTEXT.offset("user_regs")),
     ]
-    out += [(f"offsetof(struct cpu_user_regs, {r})", off) for r, off in vcpu_op._REG_OFFSETS.items()]
+    out += [(f"offsetof(struct cpu_user_regs, {r})", off) for r, off in structs.CPU_USER_REGS_OFFSETS.items()]
     return out
 
 

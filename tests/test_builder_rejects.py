@@ -16,7 +16,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 BASE = 0xC0000000
 CODE = b"\xeb\xfe" + bytes(PAGE_SIZE - 2)  # jmp $ (never runs: every image here is refused)

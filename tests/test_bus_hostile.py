@@ -28,7 +28,7 @@ from pvcluster.control import ControlError
 from pvcluster.spec import load_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 RECV_TIMEOUT_MS = 10_000
 OVERSIZED = codec.MAX_FRAME_BYTES + 1024

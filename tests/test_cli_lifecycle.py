@@ -18,7 +18,7 @@ import pytest
 from pvcluster.cluster import RUN_DIR_MARKER, ClusterError, claim_run_dir
 from pvcluster.control import read_hypervisor_info
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 SPEC = """
 [cluster]

@@ -15,7 +15,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import load_spec, parse_spec
 from pvcluster.trace import read_events, virtual_view
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def _run(spec: Any, run_dir: Path) -> tuple[dict[str, Any], dict[int, list[str]]]:

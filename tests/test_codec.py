@@ -10,25 +10,49 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvcluster.bus import codec
-from pvcluster.bus.codec import MAX_FRAME_BYTES, PROTO_VERSION, FrameError, decode, encode
+from pvcluster.bus.codec import MAX_FRAME_BYTES, PROTO_VERSION, EncodeError, FrameError, decode, encode
+from pvcluster.bus.effects import (
+    EFFECTS,
+    Block,
+    ClearPending,
+    Effect,
+    FlushTlb,
+    Invlpg,
+    Poll,
+    PollTimeout,
+    RestartHypercall,
+    SetCallback,
+    SetContext,
+    SetCr3,
+    SetPending,
+    SetVaPte,
+    Unmask,
+    VcpuDown,
+    VcpuRegs,
+    VcpuUp,
+    WriteMachine,
+)
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
     CtlReply,
     CtlRequest,
+    Delivery,
     Error,
     Hello,
     HypercallReq,
     HypercallResult,
+    Ipi,
     MemWrite,
     Region,
     Stop,
-    VcpuAction,
     VcpuFault,
     VcpuReport,
     Window,
     WindowDone,
 )
+
+REGS = VcpuRegs(eax=0, ebx=1, ecx=2, edx=3, esi=4, edi=5, ebp=6, esp=0x2000, eip=0xC0100000, eflags=0x202)
 
 # Hand-built samples: several per message type, covering empty and non-empty lists, optional fields set and
 # unset, and the edges of integer ranges a frame may legitimately carry.
@@ -52,18 +76,33 @@ SAMPLES: dict[type, list[Any]] = {
     Window: [
         Window(index=0, end_ns=10_000, results=[]),
         Window(index=12, end_ns=120_000, results=[
-            HypercallResult(vcpu=0, seq=3, vt_ns=110_400, value=0xFFFFFFEA, writes=[], actions=[], complete=True),
+            HypercallResult(vcpu=0, seq=3, vt_ns=110_400, value=0xFFFFFFEA, writes=[], effects=[], complete=True),
             HypercallResult(
                 vcpu=1, seq=9, vt_ns=111_000, value=0,
                 writes=[MemWrite(addr=0x1000, data=b"\x00\xff" * 8), MemWrite(addr=0, data=b"")],
-                actions=[VcpuAction(kind="set_context", vcpu=1, regs={"eip": 0xC0100000, "esp": 0x2000}),
-                         VcpuAction(kind="block", vcpu=1, regs={})],
+                effects=[SetContext(vcpu=1, regs=REGS), SetCallback(vcpu=1, eip=0xC0101000), VcpuUp(vcpu=1),
+                         Block(vcpu=0)],
+                complete=False,
+            ),
+            HypercallResult(
+                vcpu=0, seq=10, vt_ns=112_000, value=26, writes=[],
+                effects=[WriteMachine(addr=0x100000, data=b"\x63\x00\x20\x00"),
+                         SetVaPte(vcpu=0, va=0xC0123000, value=0x200063), FlushTlb(vcpu=0),
+                         Invlpg(vcpu=1, va=0xFFFFF000), SetCr3(vcpu=0, cr3=0x101000),
+                         RestartHypercall(vcpu=0, nr=26, args=[0x30018, 0x80000002, 0x20000, 0x7FF0])],
+                complete=True,
+            ),
+            HypercallResult(
+                vcpu=1, seq=11, vt_ns=113_000, value=0, writes=[],
+                effects=[Poll(vcpu=1, ports=[1, 5, 1023]), Poll(vcpu=0, ports=[]), SetPending(vcpu=0, port=3),
+                         Unmask(vcpu=1, port=3), ClearPending(port=4), VcpuDown(vcpu=1)],
                 complete=False,
             ),
         ]),
-        Window(index=13, end_ns=130_000, results=[], run=[0], irqs=[],
-               events=[VcpuAction(kind="evtchn_pending", vcpu=0, regs={"port": 3, "vt_ns": 125_000}),
-                       VcpuAction(kind="poll_timeout", vcpu=1, regs={"trap_vt": 7, "vt_ns": 126_000})]),
+        Window(index=13, end_ns=130_000, results=[], run=[0], irqs=[Ipi(src=0, dest=1, vector=0xF0, vt_ns=125_500)],
+               events=[Delivery(vt_ns=125_000, effect=SetPending(vcpu=0, port=3)),
+                       Delivery(vt_ns=126_000, effect=PollTimeout(vcpu=1, trap_vt=7)),
+                       Delivery(vt_ns=2**62, effect=SetPending(vcpu=1, port=1023))]),
     ],
     WindowDone: [
         WindowDone(index=0, vcpus=[], hypercalls=[], faults=[]),
@@ -77,6 +116,7 @@ SAMPLES: dict[type, list[Any]] = {
                                               Region(addr=0xDEAD0000, length=8, data=None, writable=True)])],
             faults=[VcpuFault(vcpu=1, vt_ns=49_000, kind="invalid-opcode", detail="#UD", eip=0xC0100123,
                               disasm="ud2")],
+            ipis=[Ipi(src=0, dest=-1, vector=0xFB, vt_ns=49_500)],
         ),
     ],
     Stop: [Stop(reason="poweroff"), Stop(reason="destroy")],
@@ -121,6 +161,16 @@ def code_of(cls: type) -> int:
 
 def test_samples_cover_every_registered_message_type() -> None:
     assert set(SAMPLES) == set(codec.message_types().values())
+
+
+def _effects_in(body: Any) -> set[type]:
+    if isinstance(body, Window):
+        return {type(e) for r in body.results for e in r.effects} | {type(d.effect) for d in body.events}
+    return set()
+
+
+def test_samples_cover_every_effect_kind() -> None:
+    assert set().union(*(_effects_in(s) for s in ALL_SAMPLES)) == set(EFFECTS)
 
 
 @pytest.mark.parametrize("body", ALL_SAMPLES, ids=_ids(ALL_SAMPLES))
@@ -270,10 +320,10 @@ def test_str_where_int_expected_nested_in_a_list_of_hypercall_results() -> None:
 
 
 def test_wrong_type_deep_inside_a_window() -> None:
-    action = ["set_context", 0, "not a map"]
-    result = [0, 1, 100, 0, [[0x1000, b"ab"]], [action], True]
+    effect = [SetContext.TAG, [0, "not a record"]]
+    result = [0, 1, 100, 0, [[0x1000, b"ab"]], [effect], True]
     err = bad_field(code_of(Window), [3, 30_000, [result], [], [], []])
-    assert err.detail == "Window.results[0].actions[0].regs: expected a map with string keys"
+    assert err.detail == "Window.results[0].effects[0]<SetContext>.regs: VcpuRegs needs 10 fields, got str"
     write = [0x1000, "ab"]  # str where bytes expected
     err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]], [], [], []])
     assert err.detail == "Window.results[0].writes[0].data: expected bytes, got str"
@@ -353,10 +403,123 @@ def test_any_field_passes_through_but_the_frame_is_still_checked() -> None:
 
 @pytest.mark.parametrize("value, got", [("0xc0100000", "str"), (True, "bool"), (1.5, "float"), (None, "NoneType")],
                          ids=["str", "bool", "float", "nil"])
-def test_map_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
-    action = ["set_context", 0, {"esp": 0x2000, "eip": value}]  # VcpuAction.regs is dict[str, int]
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [action], True]], [], [], []])
-    assert err.detail == f"Window.results[0].actions[0].regs['eip']: expected int, got {got}"
+def test_nested_record_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
+    regs = [0, 0, 0, 0, 0, 0, 0, 0x2000, value, 0x202]  # VcpuRegs: eax .. esp, eip, eflags, all int
+    effect = [SetContext.TAG, [0, regs]]
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [effect], True]], [], [], []])
+    assert err.detail == f"Window.results[0].effects[0]<SetContext>.regs.eip: expected int, got {got}"
+
+
+def test_list_items_inside_an_effect_are_checked() -> None:
+    delivery = [125_000, [Poll.TAG, [0, [1, "2"]]]]
+    err = bad_field(code_of(Window), [3, 30_000, [], [], [], [delivery]])
+    assert err.detail == "Window.events[0].effect<Poll>.ports[1]: expected int, got str"
+
+
+# ------------------------------------------------------------------------------------------- tagged effects
+
+
+def test_effect_tags_are_unique_and_stable() -> None:
+    # tags are protocol, like wire codes: never renumbered, only added
+    assert {cls: cls.TAG for cls in EFFECTS} == {  # type: ignore[attr-defined]
+        SetPending: 1, Unmask: 2, ClearPending: 3, FlushTlb: 4, Invlpg: 5, SetCr3: 6, WriteMachine: 7, SetVaPte: 8,
+        SetContext: 9, SetCallback: 10, VcpuUp: 11, VcpuDown: 12, Block: 13, Poll: 14, PollTimeout: 15,
+        RestartHypercall: 16,
+    }
+    assert set(EFFECTS) == set(Effect.__args__)  # type: ignore[attr-defined]
+
+
+def test_an_effect_travels_as_its_tag_and_its_fields() -> None:
+    result = HypercallResult(vcpu=0, seq=1, vt_ns=5, value=0, writes=[], complete=True,
+                             effects=[SetPending(vcpu=1, port=7), SetContext(vcpu=1, regs=REGS)])
+    raw = msgpack.unpackb(encode(Window(index=1, end_ns=10, results=[result]), seq=1, vt_ns=0), raw=False)
+    assert raw[4][2][0][5] == [[1, [1, 7]], [9, [1, [0, 1, 2, 3, 4, 5, 6, 0x2000, 0xC0100000, 0x202]]]]
+
+
+def _in_a_result(effect: Any) -> Any:
+    return [3, 30_000, [[0, 1, 100, 0, [], [effect], True]], [], [], []]
+
+
+def _in_a_delivery(effect: Any) -> Any:
+    return [3, 30_000, [], [], [], [[125_000, effect]]]
+
+
+@pytest.mark.parametrize("tag", [0, 17, 99, -1, 2**32], ids=repr)
+def test_an_effect_with_an_unknown_tag_is_rejected(tag: int) -> None:
+    err = bad_field(code_of(Window), _in_a_result([tag, [0, 1]]))
+    assert err.detail == f"Window.results[0].effects[0]: unknown record tag {tag}"
+    err = bad_field(code_of(Window), _in_a_delivery([tag, [0, 1]]))
+    assert err.detail == f"Window.events[0].effect: unknown record tag {tag}"
+
+
+@pytest.mark.parametrize("effect, detail", [
+    ([SetPending.TAG, []], "<SetPending>: SetPending needs 2 fields, got 0"),
+    ([SetPending.TAG, [0]], "<SetPending>: SetPending needs 2 fields, got 1"),
+    ([SetPending.TAG, [0, 3, 9]], "<SetPending>: SetPending needs 2 fields, got 3"),
+    ([ClearPending.TAG, [0, 3]], "<ClearPending>: ClearPending needs 1 fields, got 2"),
+    ([Poll.TAG, [0]], "<Poll>: Poll needs 2 fields, got 1"),
+    ([RestartHypercall.TAG, [0, 26]], "<RestartHypercall>: RestartHypercall needs 3 fields, got 2"),
+    ([SetContext.TAG, [0, [1, 2, 3]]], "<SetContext>.regs: VcpuRegs needs 10 fields, got 3"),
+    ([SetPending.TAG, {"vcpu": 0, "port": 3}], "<SetPending>: SetPending needs 2 fields, got dict"),
+], ids=["none", "short", "long", "long-1", "poll-short", "restart-short", "regs-short", "map"])
+def test_an_effect_with_a_wrong_length_field_list_is_rejected(effect: Any, detail: str) -> None:
+    assert bad_field(code_of(Window), _in_a_result(effect)).detail == f"Window.results[0].effects[0]{detail}"
+    assert bad_field(code_of(Window), _in_a_delivery(effect)).detail == f"Window.events[0].effect{detail}"
+
+
+@pytest.mark.parametrize("effect, detail", [
+    ([FlushTlb.TAG, [0, 3]], "<FlushTlb>: FlushTlb needs 1 fields, got 2"),  # SetPending's fields
+    ([WriteMachine.TAG, [0, 3]], "<WriteMachine>.data: expected bytes, got int"),  # SetPending's fields
+    ([SetContext.TAG, [1, 0xC0101000]], "<SetContext>.regs: VcpuRegs needs 10 fields, got int"),  # SetCallback's
+    ([Poll.TAG, [1, 5]], "<Poll>.ports: expected a list, got int"),  # Unmask's fields
+    ([PollTimeout.TAG, [0, 26, [1, 2]]], "<PollTimeout>: PollTimeout needs 2 fields, got 3"),  # RestartHypercall's
+    ([SetVaPte.TAG, [0x1000, b"\x01\x00\x00\x00"]], "<SetVaPte>: SetVaPte needs 3 fields, got 2"),  # WriteMachine's
+], ids=["flush-as-pending", "write-as-pending", "context-as-callback", "poll-as-unmask", "timeout-as-restart",
+        "va-pte-as-write"])
+def test_a_tag_with_another_records_fields_is_rejected(effect: Any, detail: str) -> None:
+    assert bad_field(code_of(Window), _in_a_result(effect)).detail == f"Window.results[0].effects[0]{detail}"
+
+
+def test_the_tag_not_the_shape_picks_the_record() -> None:
+    # FlushTlb, VcpuUp, VcpuDown and Block all carry one int: only the tag tells them apart
+    for cls in (FlushTlb, VcpuUp, VcpuDown, Block):
+        body = decode(frame(PROTO_VERSION, code_of(Window), 1, 0, _in_a_result([cls.TAG, [1]]))).body
+        assert body.results[0].effects == [cls(vcpu=1)]
+
+
+@pytest.mark.parametrize("effect", [[True, [0, 3]], ["1", [0, 3]], [1], [1, [0, 3], 0], [0, 3, 1], 1, None],
+                         ids=["bool-tag", "str-tag", "no-fields", "extra", "bare-fields", "scalar", "nil"])
+def test_an_effect_that_is_not_a_tagged_record_is_rejected(effect: Any) -> None:
+    err = bad_field(code_of(Window), _in_a_result(effect))
+    assert err.detail == "Window.results[0].effects[0]: expected a tagged record [tag, fields]"
+
+
+def test_an_effects_bare_fields_are_not_taken_for_a_tagged_record() -> None:
+    # SetPending(vcpu=1, port=3) sent without its tag reads as tag 1 with the fields 3
+    err = bad_field(code_of(Window), _in_a_result([1, 3]))
+    assert err.detail == "Window.results[0].effects[0]<SetPending>: SetPending needs 2 fields, got int"
+
+
+# ------------------------------------------------------------------------------------------- encode errors
+
+
+@pytest.mark.parametrize("body", [
+    Hello(pid=2**64),
+    Hello(pid=-(2**63) - 1),
+    Window(index=1, end_ns=10, results=[], events=[Delivery(vt_ns=2**64, effect=SetPending(vcpu=0, port=1))]),
+    Window(index=1, end_ns=10, results=[HypercallResult(vcpu=0, seq=1, vt_ns=0, value=0, writes=[], complete=False,
+                                                        effects=[RestartHypercall(vcpu=0, nr=26, args=[2**70])])]),
+], ids=["2^64", "below-int64", "delivery-time", "restart-args"])
+def test_encode_of_an_int_outside_msgpacks_range_raises_encode_error(body: Any) -> None:
+    with pytest.raises(EncodeError, match=f"cannot encode {type(body).__name__}"):
+        encode(body, seq=1, vt_ns=0)
+
+
+def test_encode_of_the_largest_ints_msgpack_carries() -> None:
+    for pid in (2**64 - 1, -(2**63)):
+        assert decode(encode(Hello(pid=pid), seq=1, vt_ns=0)).body == Hello(pid=pid)
+    with pytest.raises(EncodeError):
+        encode(Hello(pid=1), seq=2**64, vt_ns=0)  # the envelope too
 
 
 @pytest.mark.parametrize("body", [
@@ -369,7 +532,7 @@ def test_every_proper_prefix_is_truncated(body: Any) -> None:
     # msgpack caps a declared array/str/bin length at the buffer size; a frame cut off before the end of a
     # long container must still be reported as truncated, not malformed
     data = encode(body, seq=1, vt_ns=0)
-    kinds = {}
+    kinds: dict[str, int] = {}
     for n in range(1, len(data)):
         with pytest.raises(FrameError) as info:
             decode(data[:n])

@@ -1,57 +1,84 @@
 """Unit tests of event channels: the port state machine (hypervisor/evtchn.py), event_channel_op (32),
 callback_op (30) and set_callbacks (4).
 
-Each hypercall test runs a family's ``handle`` on a real Domain (alpha: 2 vCPUs, domid 1) with the command struct
-in a hand-made guest region, and checks the result, the vCPU actions, and the exact bytes copied back.
+Each hypercall test runs a family's ``handle`` on a real Domain of an in-process hypervisor core (alpha: 2 vCPUs,
+domid 1; beta, domid 2, is the other end of interdomain channels) with the command struct in a hand-made guest
+region, and checks the result, the effects, the exact bytes copied back and the trace.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+import weakref
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
-from helpers import RecordingLog, assert_matches_xen_headers
+from helpers import assert_matches_xen_headers, call_events, core, make_call, run_handler
 
-from hypervisor import evtchn
-from hypervisor.domain import Domain, DomainTable, IllegalTransition
+from hypervisor import evtchn, trap
+from hypervisor.core import Hypervisor
+from hypervisor.domain import Domain, DomainState, IllegalTransition
 from hypervisor.evtchn import EvtchnStat, Port, PortState, Virq
-from hypervisor.guestmem import GuestView, Span
+from hypervisor.guestmem import NotCopied
 from hypervisor.hypercalls import callback_op, event_channel_op, set_callbacks
 from hypervisor.hypercalls.base import Call
 from hypervisor.hypercalls.callback_op import CallbackOp, CallbackType
 from hypervisor.hypercalls.event_channel_op import EvtchnOp
-from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import DOMID_SELF
-from pvcluster.bus.messages import Region, VcpuAction
+from pvcluster.abi import layouts, structs
+from pvcluster.abi.copyin import Span, copy_in
+from pvcluster.abi.errno import Errno, as_signed
+from pvcluster.abi.xen import DOMID_SELF, Hypercall
+from pvcluster.bus.effects import ClearPending, SetCallback, SetPending, Unmask
+from pvcluster.bus.messages import HypercallReq, Region
 
 BUF = 0x10000
-OTHER = 2  # a second domid, used through hypervisor/evtchn.py directly (the hypercalls act on the caller only)
+OTHER = 2  # beta's domid: the far end of interdomain channels, set up through hypervisor/evtchn.py directly
 _S = PortState
 
-
-_Log = RecordingLog
+# The core each test's domain belongs to, and the events each call traced (the domain's log is shared by all its
+# calls, so a call's own events are cut out of it as the call runs).
+_HV: weakref.WeakKeyDictionary[Domain, Hypervisor] = weakref.WeakKeyDictionary()
 
 
 @pytest.fixture
-def dom() -> Iterator[Domain]:
-    from pvcluster.spec import load_spec
+def dom() -> Domain:
+    hv = core()
+    d = hv.create_domain(hv.spec.domains[0])
+    other = hv.create_domain(hv.spec.domains[1])
+    assert (d.domid, len(d.vcpus), other.domid) == (1, 2, OTHER)
+    _HV[d] = hv
+    return d
 
-    d = DomainTable().create(load_spec().domains[0])
-    assert (d.domid, len(d.vcpus)) == (1, 2)
-    for domid in (d.domid, OTHER):  # every DomainTable starts at domid 1: start from clean tables, and leave them
-        evtchn.forget(domid)
-    yield d
-    for domid in (d.domid, OTHER):
-        evtchn.forget(domid)
+
+def _other(dom: Domain) -> Domain:
+    other = _HV[dom].domains.get(OTHER)
+    assert other is not None
+    return other
+
+
+_handle = run_handler
+
+
+_events = call_events
+
+
+def _call(dom: Domain, nr: int, args: list[int], regions: list[Region], *, vcpu: int = 0) -> Call:
+    return make_call(_HV[dom], dom, nr, args, regions, vcpu=vcpu)
 
 
 def _run(dom: Domain, cmd: int, payload: bytes, *, vcpu: int = 0, writable: bool = True) -> tuple[int, Call]:
-    regions = [Region(BUF, len(payload), payload, writable)]
-    call = Call(dom=dom, vcpu=vcpu, vt_ns=0, nr=32, args=[cmd, BUF], mem=GuestView(regions), log=_Log())
-    return event_channel_op.handle(call), call
+    call = _call(dom, Hypercall.event_channel_op, [cmd, BUF], [Region(BUF, len(payload), payload, writable)],
+                 vcpu=vcpu)
+    return _handle(event_channel_op.handle, call), call
+
+
+def _trap(dom: Domain, nr: int, args: list[int], regions: list[Region]) -> int:
+    """The hypercall as the clock applies it (``trap.apply``): the signed value the vCPU sees."""
+    out = trap.apply(_HV[dom], dom, HypercallReq(vcpu=0, seq=1, vt_ns=0, nr=nr, args=args, regions=regions))
+    assert out.result is not None
+    return as_signed(out.result.value)
 
 
 def _out(call: Call) -> bytes:
@@ -61,11 +88,11 @@ def _out(call: Call) -> bytes:
 
 
 def _denied(call: Call) -> list[str]:
-    return [kw["reason"] for ev, kw in call.log.events if ev.endswith(".denied")]
+    return [kw["reason"] for ev, kw in _events(call) if ev.endswith(".denied")]
 
 
-def _pending(vcpu: int, port: int) -> VcpuAction:
-    return VcpuAction(kind="evtchn_pending", vcpu=vcpu, regs={"port": port})
+def _pending(vcpu: int, port: int) -> SetPending:
+    return SetPending(vcpu=vcpu, port=port)
 
 
 # Hypercall shorthands: each returns (result, call).
@@ -101,12 +128,16 @@ def _new_port(rc_call: tuple[int, Call], offset: int) -> int:
     return int(struct.unpack_from("<I", _out(call), offset)[0])
 
 
+def _bind_interdomain(dom: Domain, remote_domid: int, remote_port: int) -> Port | Errno:
+    return evtchn.bind_interdomain(dom.domid, dom.evtchn, remote_domid, _HV[dom].evtchn_of, remote_port)
+
+
 def _connect(dom: Domain) -> tuple[int, int]:
     """An interdomain channel between ``dom`` and OTHER, made with the module (the hypercall path is tested in
     test_evtchn_interdomain.py): (dom's port, OTHER's port)."""
-    theirs = evtchn.alloc_unbound(OTHER, dom.domid)
+    theirs = _other(dom).evtchn.alloc_unbound(dom.domid)
     assert isinstance(theirs, Port)
-    ours = evtchn.bind_interdomain(dom.domid, OTHER, theirs.number)
+    ours = _bind_interdomain(dom, OTHER, theirs.number)
     assert isinstance(ours, Port)
     return ours.number, theirs.number
 
@@ -186,10 +217,10 @@ def test_rebind_only_unbound_interdomain_and_global_virq_ports() -> None:
 
 
 def test_port_zero_is_reserved_and_never_handed_out(dom: Domain) -> None:
-    zero = evtchn.lookup(dom.domid, 0)
+    zero = dom.evtchn.lookup(0)
     assert zero is not None and zero.state is _S.RESERVED
     assert _new_port(_ipi(dom, 0), 4) == 1
-    assert evtchn.lookup(dom.domid, evtchn.NR_EVENT_CHANNELS) is None
+    assert dom.evtchn.lookup(evtchn.NR_EVENT_CHANNELS) is None
     with pytest.raises(evtchn.IllegalPortTransition):
         zero.transition(_S.IPI, vcpu=0)
 
@@ -209,8 +240,8 @@ def test_status_names_every_state() -> None:
 
 
 def test_copy_in_names_the_whole_struct_writable_where_it_has_out_fields() -> None:
-    def spans(cmd: int) -> list[Span]:
-        return event_channel_op.copy_in([cmd, BUF], lambda a, n: None)
+    def spans(cmd: int, ptr: int = BUF) -> list[Span]:
+        return copy_in(Hypercall.event_channel_op, [cmd, ptr], lambda a, n: None)
 
     assert spans(EvtchnOp.bind_interdomain) == [Span(BUF, 12, writable=True)]
     assert spans(EvtchnOp.bind_virq) == [Span(BUF, 12, writable=True)]
@@ -223,15 +254,26 @@ def test_copy_in_names_the_whole_struct_writable_where_it_has_out_fields() -> No
     assert spans(EvtchnOp.reset) == [Span(BUF, 2)]
     for cmd in (EvtchnOp.init_control, EvtchnOp.expand_array, EvtchnOp.set_priority, 99, -1):
         assert spans(cmd) == []
-    assert event_channel_op.copy_in([EvtchnOp.send, -4], lambda a, n: None) == [Span(0xFFFFFFFC, 4)]
+    assert spans(EvtchnOp.send, -4) == [Span(0xFFFFFFFC, 4)]
+    # the handler reads exactly the size the domain process copies
+    assert event_channel_op.SIZES == {int(op): structs.EVTCHNOP_SIZE[op] for op in EvtchnOp
+                                      if op in structs.EVTCHNOP_SIZE}
 
 
 def test_an_unmapped_struct_is_efault(dom: Domain) -> None:
     for cmd in (EvtchnOp.bind_ipi, EvtchnOp.send, EvtchnOp.status, EvtchnOp.close, EvtchnOp.reset):
-        call = Call(dom=dom, vcpu=0, vt_ns=0, nr=32, args=[cmd, BUF], mem=GuestView([]), log=_Log())
-        assert event_channel_op.handle(call) == -Errno.EFAULT
-        assert call.actions == [] and _denied(call) == ["struct-unmapped"]
-    assert evtchn.in_use(dom.domid) == []
+        unmapped = Region(BUF, event_channel_op.SIZES[cmd], None, True)
+        call = _call(dom, Hypercall.event_channel_op, [cmd, BUF], [unmapped])
+        assert _handle(event_channel_op.handle, call) == -Errno.EFAULT
+        assert call.effects == [] and _denied(call) == ["struct-unmapped"]
+        # a struct the domain process did not copy in at all is not the guest's fault: the handler does not
+        # turn it into -EFAULT itself, the trap does (and traces it)
+        call = _call(dom, Hypercall.event_channel_op, [cmd, BUF], [])
+        with pytest.raises(NotCopied):
+            event_channel_op.handle(call)
+        assert _trap(dom, Hypercall.event_channel_op, [cmd, BUF], []) == -Errno.EFAULT
+    assert [kw["addr"] for ev, kw in _HV[dom].log.events if ev == "guestmem.not_copied"] == [BUF] * 5
+    assert dom.evtchn.in_use() == []
 
 
 # -- bind_ipi, send ----------------------------------------------------------------------------------------
@@ -239,11 +281,11 @@ def test_an_unmapped_struct_is_efault(dom: Domain) -> None:
 
 def test_bind_ipi_allocates_the_lowest_free_port_and_writes_it_back(dom: Domain) -> None:
     rc, call = _ipi(dom, 1)
-    assert rc == 0 and call.actions == []
+    assert rc == 0 and call.effects == []
     assert _out(call) == struct.pack("<II", 1, 1)
-    assert call.log.events == [("evtchn.bind_ipi", {"vt_ns": 0, "dom": 1, "vcpu": 0, "port": 1, "target": 1})]
+    assert _events(call) == [("evtchn.bind_ipi", {"vt_ns": 0, "dom": 1, "vcpu": 0, "port": 1, "target": 1})]
     assert _new_port(_ipi(dom, 0), 4) == 2
-    p = evtchn.lookup(dom.domid, 1)
+    p = dom.evtchn.lookup(1)
     assert p == Port(1, state=_S.IPI, notify_vcpu=1)
 
 
@@ -251,43 +293,43 @@ def test_bind_ipi_to_a_vcpu_the_domain_lacks_is_enoent(dom: Domain) -> None:
     for vcpu in (2, 32, 0xFFFFFFFF):
         rc, call = _ipi(dom, vcpu)
         assert rc == -Errno.ENOENT and call.mem.writes == [] and _denied(call) == ["no-such-vcpu"]
-    assert evtchn.in_use(dom.domid) == []
+    assert dom.evtchn.in_use() == []
 
 
 def test_copy_out_fault_leaves_the_port_allocated_as_xen_does(dom: Domain) -> None:
     rc, call = _ipi(dom, 1, writable=False)
     assert rc == -Errno.EFAULT and _denied(call) == ["copy-out-failed"]
-    assert [p.number for p in evtchn.in_use(dom.domid)] == [1]
+    assert [p.number for p in dom.evtchn.in_use()] == [1]
 
 
 def test_send_on_an_ipi_port_makes_it_pending_on_its_vcpu(dom: Domain) -> None:
     port = _new_port(_ipi(dom, 1), 4)
     rc, call = _port_op(dom, EvtchnOp.send, port, vcpu=0)
-    assert rc == 0 and call.actions == [_pending(1, port)] and call.mem.writes == []
+    assert rc == 0 and call.effects == [_pending(1, port)] and call.mem.writes == [] and call.remote == []
 
 
 def test_send_on_an_unbound_port_is_dropped_silently(dom: Domain) -> None:
     port = _new_port(_unbound(dom), 4)
     rc, call = _port_op(dom, EvtchnOp.send, port)
-    assert rc == 0 and call.actions == []
-    assert [ev for ev, _ in call.log.events] == ["evtchn.send_dropped"]
+    assert rc == 0 and call.effects == [] and call.remote == []
+    assert [ev for ev, _ in _events(call)] == ["evtchn.send_dropped"]
 
 
 def test_send_on_a_port_that_is_not_the_callers_to_send_on_is_einval(dom: Domain) -> None:
     virq = _new_port(_virq(dom, Virq.TIMER, 0), 8)
     for port in (0, virq, 7, evtchn.NR_EVENT_CHANNELS, 0xFFFFFFFF):  # reserved, VIRQ, free, out of range
         rc, call = _port_op(dom, EvtchnOp.send, port)
-        assert rc == -Errno.EINVAL and call.actions == [], port
+        assert rc == -Errno.EINVAL and call.effects == [] and call.remote == [], port
     # A port another domain has open is free in the caller's table.
-    evtchn.bind_ipi(OTHER, 0)
+    assert isinstance(_other(dom).evtchn.bind_ipi(0), Port)
     rc, call = _port_op(dom, EvtchnOp.send, 1)
-    assert rc == -Errno.EINVAL and call.actions == []
+    assert rc == -Errno.EINVAL and call.effects == [] and call.remote == []
 
 
 def test_send_on_an_interdomain_port_makes_the_peer_port_pending_in_the_peer_domain(dom: Domain) -> None:
     ours, theirs = _connect(dom)
     rc, call = _port_op(dom, EvtchnOp.send, ours)
-    assert rc == 0 and call.actions == [] and call.remote == [(OTHER, _pending(0, theirs))]
+    assert rc == 0 and call.effects == [] and call.remote == [(OTHER, _pending(0, theirs))]
 
 
 # -- close --------------------------------------------------------------------------------------------------
@@ -298,10 +340,10 @@ def test_close_frees_the_port_clears_its_pending_bit_and_the_port_is_reused(dom:
     second = _new_port(_ipi(dom, 1), 4)
     rc, call = _port_op(dom, EvtchnOp.close, second)
     assert rc == 0 and call.mem.writes == []
-    assert call.actions == [VcpuAction(kind="evtchn_clear", vcpu=1, regs={"port": second})]
-    assert evtchn.lookup(dom.domid, second) == Port(second)  # notify vCPU back to 0, as Xen resets it
+    assert call.effects == [ClearPending(port=second)]
+    assert dom.evtchn.lookup(second) == Port(second)  # notify vCPU back to 0, as Xen resets it
     assert _new_port(_unbound(dom), 4) == second
-    assert [p.number for p in evtchn.in_use(dom.domid)] == [first, second]
+    assert [p.number for p in dom.evtchn.in_use()] == [first, second]
 
 
 def test_close_of_a_free_reserved_or_out_of_range_port_is_einval(dom: Domain) -> None:
@@ -309,14 +351,14 @@ def test_close_of_a_free_reserved_or_out_of_range_port_is_einval(dom: Domain) ->
     assert _port_op(dom, EvtchnOp.close, port)[0] == 0
     for p in (port, 0, 5, evtchn.NR_EVENT_CHANNELS, 0xFFFFFFFF):
         rc, call = _port_op(dom, EvtchnOp.close, p)
-        assert rc == -Errno.EINVAL and call.actions == [] and _denied(call) == ["port-not-open"], p
+        assert rc == -Errno.EINVAL and call.effects == [] and _denied(call) == ["port-not-open"], p
 
 
 def test_close_of_a_virq_port_lets_the_virq_be_bound_again(dom: Domain) -> None:
     port = _new_port(_virq(dom, Virq.TIMER, 1), 8)
     assert _virq(dom, Virq.TIMER, 1)[0] == -Errno.EEXIST
     rc, call = _port_op(dom, EvtchnOp.close, port)
-    assert rc == 0 and call.actions == [VcpuAction(kind="evtchn_clear", vcpu=1, regs={"port": port})]
+    assert rc == 0 and call.effects == [ClearPending(port=port)]
     assert _new_port(_virq(dom, Virq.TIMER, 1), 8) == port
 
 
@@ -324,17 +366,18 @@ def test_close_of_a_rebound_global_virq_frees_its_slot_on_vcpu0(dom: Domain) -> 
     port = _new_port(_virq(dom, Virq.CONSOLE, 0), 8)
     assert _bind_vcpu(dom, port, 1)[0] == 0
     rc, call = _port_op(dom, EvtchnOp.close, port)
-    assert rc == 0 and call.actions == [VcpuAction(kind="evtchn_clear", vcpu=1, regs={"port": port})]
-    assert evtchn.virq_port(dom.domid, 0, Virq.CONSOLE) is None
+    assert rc == 0 and call.effects == [ClearPending(port=port)]
+    assert dom.evtchn.virq_port(0, Virq.CONSOLE) is None
     assert _new_port(_virq(dom, Virq.CONSOLE, 0), 8) == port
 
 
 def test_close_of_an_interdomain_port_sends_the_peer_back_to_unbound(dom: Domain) -> None:
     ours, theirs = _connect(dom)
     rc, call = _port_op(dom, EvtchnOp.close, ours)
-    assert rc == 0 and call.actions == [VcpuAction(kind="evtchn_clear", vcpu=0, regs={"port": ours})]
-    assert evtchn.lookup(OTHER, theirs) == Port(theirs, state=_S.UNBOUND, remote_dom=dom.domid)
-    assert evtchn.lookup(dom.domid, ours) == Port(ours)
+    assert rc == 0 and call.effects == [ClearPending(port=ours)]
+    assert call.remote == [(OTHER, _pending(0, theirs))]  # the peer's owner sees its end go unbound
+    assert _other(dom).evtchn.lookup(theirs) == Port(theirs, state=_S.UNBOUND, remote_dom=dom.domid)
+    assert dom.evtchn.lookup(ours) == Port(ours)
 
 
 # -- status -------------------------------------------------------------------------------------------------
@@ -360,7 +403,7 @@ def test_status_of_each_state(dom: Domain) -> None:
     }
     for port, want in expected.items():
         rc, call = _status(dom, port)
-        assert rc == 0 and call.actions == []
+        assert rc == 0 and call.effects == []
         assert _out(call) == want, port
 
 
@@ -386,16 +429,16 @@ def test_status_of_another_domain_is_eperm_and_a_bad_port_einval(dom: Domain) ->
 def test_unmask_acts_on_the_vcpu_the_port_notifies(dom: Domain) -> None:
     port = _new_port(_ipi(dom, 1), 4)
     rc, call = _port_op(dom, EvtchnOp.unmask, port, vcpu=0)
-    assert rc == 0 and call.actions == [VcpuAction(kind="evtchn_unmask", vcpu=1, regs={"port": port})]
+    assert rc == 0 and call.effects == [Unmask(vcpu=1, port=port)]
 
 
 def test_unmask_of_any_port_in_range_is_accepted_as_in_xen(dom: Domain) -> None:
     for port in (0, 77, evtchn.NR_EVENT_CHANNELS - 1):
         rc, call = _port_op(dom, EvtchnOp.unmask, port)
-        assert rc == 0 and call.actions == [VcpuAction(kind="evtchn_unmask", vcpu=0, regs={"port": port})]
+        assert rc == 0 and call.effects == [Unmask(vcpu=0, port=port)]
     for port in (evtchn.NR_EVENT_CHANNELS, 0xFFFFFFFF):
         rc, call = _port_op(dom, EvtchnOp.unmask, port)
-        assert rc == -Errno.EINVAL and call.actions == [] and _denied(call) == ["bad-port"]
+        assert rc == -Errno.EINVAL and call.effects == [] and _denied(call) == ["bad-port"]
 
 
 # -- bind_vcpu ----------------------------------------------------------------------------------------------
@@ -407,15 +450,13 @@ def test_bind_vcpu_moves_unbound_interdomain_and_global_virq_ports(dom: Domain) 
     ours, _ = _connect(dom)
     for port in (unbound, console, ours):
         rc, call = _bind_vcpu(dom, port, 1)
-        assert rc == 0 and call.actions == [] and call.mem.writes == []
-        p = evtchn.lookup(dom.domid, port)
+        assert rc == 0 and call.effects == [] and call.mem.writes == []
+        p = dom.evtchn.lookup(port)
         assert p is not None and p.notify_vcpu == 1
     rc, call = _status(dom, console)
     assert struct.unpack_from("<II", _out(call), 8) == (EvtchnStat.virq, 1)
     # From now on its events and unmasks go to vCPU 1.
-    assert _port_op(dom, EvtchnOp.unmask, unbound)[1].actions == [
-        VcpuAction(kind="evtchn_unmask", vcpu=1, regs={"port": unbound})
-    ]
+    assert _port_op(dom, EvtchnOp.unmask, unbound)[1].effects == [Unmask(vcpu=1, port=unbound)]
 
 
 def test_bind_vcpu_refuses_ipi_per_vcpu_virq_and_closed_ports(dom: Domain) -> None:
@@ -424,7 +465,7 @@ def test_bind_vcpu_refuses_ipi_per_vcpu_virq_and_closed_ports(dom: Domain) -> No
     for port in (ipi, timer, 0, 50, evtchn.NR_EVENT_CHANNELS):
         rc, call = _bind_vcpu(dom, port, 1)
         assert rc == -Errno.EINVAL and _denied(call) == ["port-not-rebindable"], port
-    assert [(p.number, p.notify_vcpu) for p in evtchn.in_use(dom.domid)] == [(ipi, 0), (timer, 0)]
+    assert [(p.number, p.notify_vcpu) for p in dom.evtchn.in_use()] == [(ipi, 0), (timer, 0)]
 
 
 def test_bind_vcpu_to_a_vcpu_the_domain_lacks_is_enoent_before_the_port_is_looked_at(dom: Domain) -> None:
@@ -439,19 +480,19 @@ def test_bind_vcpu_to_a_vcpu_the_domain_lacks_is_enoent_before_the_port_is_looke
 
 def test_alloc_unbound_records_the_remote_domain(dom: Domain) -> None:
     rc, call = _unbound(dom, d=DOMID_SELF, remote=5)
-    assert rc == 0 and call.actions == []
+    assert rc == 0 and call.effects == []
     assert _out(call) == struct.pack("<HHI", DOMID_SELF, 5, 1)
-    assert evtchn.lookup(dom.domid, 1) == Port(1, state=_S.UNBOUND, remote_dom=5)
+    assert dom.evtchn.lookup(1) == Port(1, state=_S.UNBOUND, remote_dom=5)
     # DOMID_SELF as the remote is resolved to the caller, as Xen does (loopback).
     assert _new_port(_unbound(dom, d=dom.domid, remote=DOMID_SELF), 4) == 2
-    assert evtchn.lookup(dom.domid, 2) == Port(2, state=_S.UNBOUND, remote_dom=dom.domid)
+    assert dom.evtchn.lookup(2) == Port(2, state=_S.UNBOUND, remote_dom=dom.domid)
 
 
 def test_alloc_unbound_in_another_domain_is_eperm(dom: Domain) -> None:
     for d in (0, OTHER, 0x7FF2):
         rc, call = _unbound(dom, d=d)
         assert rc == -Errno.EPERM and call.mem.writes == [] and _denied(call) == ["foreign-domid"]
-    assert evtchn.in_use(dom.domid) == [] and evtchn.in_use(OTHER) == []
+    assert dom.evtchn.in_use() == [] and _other(dom).evtchn.in_use() == []
 
 
 # -- bind_virq ----------------------------------------------------------------------------------------------
@@ -459,12 +500,12 @@ def test_alloc_unbound_in_another_domain_is_eperm(dom: Domain) -> None:
 
 def test_bind_virq_per_vcpu_and_global(dom: Domain) -> None:
     rc, call = _virq(dom, Virq.TIMER, 1)
-    assert rc == 0 and call.actions == []
+    assert rc == 0 and call.effects == []
     assert _out(call) == struct.pack("<III", Virq.TIMER, 1, 1)
     assert _new_port(_virq(dom, Virq.TIMER, 0), 8) == 2  # per-vCPU: one binding on each vCPU
     assert _new_port(_virq(dom, Virq.DOM_EXC, 0), 8) == 3
-    assert evtchn.lookup(dom.domid, 1) == Port(1, state=_S.VIRQ, notify_vcpu=1, virq=Virq.TIMER)
-    assert evtchn.virq_port(dom.domid, 1, Virq.TIMER) == 1
+    assert dom.evtchn.lookup(1) == Port(1, state=_S.VIRQ, notify_vcpu=1, virq=Virq.TIMER)
+    assert dom.evtchn.virq_port(1, Virq.TIMER) == 1
 
 
 def test_bind_virq_errors(dom: Domain) -> None:
@@ -482,7 +523,7 @@ def test_bind_virq_errors(dom: Domain) -> None:
     for virq, vcpu, err, reason in cases:
         rc, call = _virq(dom, virq, vcpu)
         assert (rc, _denied(call), call.mem.writes) == (-err, [reason], []), (virq, vcpu)
-    assert len(evtchn.in_use(dom.domid)) == 2
+    assert len(dom.evtchn.in_use()) == 2
 
 
 # -- ENOSPC, refused and unknown ops ------------------------------------------------------------------------
@@ -493,15 +534,15 @@ def test_every_port_but_zero_can_be_used_then_enospc_until_one_is_closed(dom: Do
     assert ports == list(range(1, evtchn.NR_EVENT_CHANNELS))
     for rc, call in (_ipi(dom, 0), _unbound(dom), _virq(dom, Virq.TIMER, 0)):
         assert rc == -Errno.ENOSPC and call.mem.writes == [] and _denied(call) == ["no-free-port"]
-    assert evtchn.virq_port(dom.domid, 0, Virq.TIMER) is None  # the failed bind left no trace
+    assert dom.evtchn.virq_port(0, Virq.TIMER) is None  # the failed bind left no trace
     assert _port_op(dom, EvtchnOp.close, 500)[0] == 0
     assert _new_port(_virq(dom, Virq.TIMER, 0), 8) == 500
 
 
 def test_bind_interdomain_to_a_port_not_offered_is_einval(dom: Domain) -> None:
-    evtchn.bind_ipi(OTHER, 0)
+    assert isinstance(_other(dom).evtchn.bind_ipi(0), Port)
     rc, call = _run(dom, EvtchnOp.bind_interdomain, struct.pack("<HHII", OTHER, 0, 1, 0))
-    assert rc == -Errno.EINVAL and call.mem.writes == [] and call.actions == []
+    assert rc == -Errno.EINVAL and call.mem.writes == [] and call.effects == []
     assert _denied(call) == ["remote-port-not-offered"]
 
 
@@ -513,80 +554,96 @@ def test_bind_pirq_is_eperm_and_fifo_and_unknown_ops_are_enosys(dom: Domain) -> 
         assert rc == -Errno.ENOSYS and call.mem.writes == [] and _denied(call) == ["unsupported-cmd"]
 
 
-# -- close_all, forget, bind_interdomain (the module side of issue 5) ---------------------------------------
+# -- close_all, a domain leaving, bind_interdomain (the module side of issue 5) ------------------------------
 
 
 def test_bind_interdomain_connects_both_ends(dom: Domain) -> None:
     ours, theirs = _connect(dom)
     assert (ours, theirs) == (1, 1)
-    assert evtchn.lookup(dom.domid, ours) == Port(1, state=_S.INTERDOMAIN, remote_dom=OTHER, remote_port=1)
-    assert evtchn.lookup(OTHER, theirs) == Port(1, state=_S.INTERDOMAIN, remote_dom=dom.domid, remote_port=1)
+    assert dom.evtchn.lookup(ours) == Port(1, state=_S.INTERDOMAIN, remote_dom=OTHER, remote_port=1)
+    assert _other(dom).evtchn.lookup(theirs) == Port(1, state=_S.INTERDOMAIN, remote_dom=dom.domid, remote_port=1)
 
 
 def test_bind_interdomain_refusals(dom: Domain) -> None:
-    not_for_us = evtchn.alloc_unbound(OTHER, 9)
-    ipi = evtchn.bind_ipi(OTHER, 0)
+    not_for_us = _other(dom).evtchn.alloc_unbound(9)
+    ipi = _other(dom).evtchn.bind_ipi(0)
     assert isinstance(not_for_us, Port) and isinstance(ipi, Port)
     for rdom, rport in ((OTHER, not_for_us.number), (OTHER, ipi.number), (OTHER, 0), (OTHER, 50), (OTHER, 5000)):
-        assert evtchn.bind_interdomain(dom.domid, rdom, rport) is Errno.EINVAL, rport
-    assert evtchn.bind_interdomain(dom.domid, 77, 1) is Errno.EINVAL  # a domain with no ports at all
-    assert 77 not in evtchn._tables  # and asking did not create a table for it
-    assert evtchn.in_use(dom.domid) == []
+        assert _bind_interdomain(dom, rdom, rport) is Errno.EINVAL, rport
+    assert _bind_interdomain(dom, 77, 1) is Errno.EINVAL  # a domain that does not exist has no ports at all
+    assert _HV[dom].domains.get(77) is None and _HV[dom].evtchn_of(77) is None  # and asking created nothing
+    assert dom.evtchn.in_use() == []
 
 
 def test_loopback_channel_closes_from_either_end(dom: Domain) -> None:
-    waiting = evtchn.alloc_unbound(dom.domid, dom.domid)
+    waiting = dom.evtchn.alloc_unbound(dom.domid)
     assert isinstance(waiting, Port)
-    local = evtchn.bind_interdomain(dom.domid, dom.domid, waiting.number)
+    local = _bind_interdomain(dom, dom.domid, waiting.number)
     assert isinstance(local, Port) and (waiting.number, local.number) == (1, 2)
     assert (waiting.state, waiting.remote_port, local.remote_port) == (_S.INTERDOMAIN, 2, 1)
     assert _port_op(dom, EvtchnOp.close, 2)[0] == 0
-    assert evtchn.lookup(dom.domid, 1) == Port(1, state=_S.UNBOUND, remote_dom=dom.domid)
+    assert dom.evtchn.lookup(1) == Port(1, state=_S.UNBOUND, remote_dom=dom.domid)
 
 
 def test_close_all_frees_every_port_and_returns_the_peers_sent_back_to_unbound(dom: Domain) -> None:
+    other = _other(dom)
     _new_port(_ipi(dom, 1), 4)
     _new_port(_virq(dom, Virq.TIMER, 1), 8)
     _new_port(_unbound(dom, remote=OTHER), 4)
     a_ours, a_theirs = _connect(dom)
     b_ours, b_theirs = _connect(dom)
     _bind_vcpu(dom, b_ours, 1)
-    waiting = evtchn.alloc_unbound(dom.domid, dom.domid)
+    waiting = dom.evtchn.alloc_unbound(dom.domid)
     assert isinstance(waiting, Port)
-    assert isinstance(evtchn.bind_interdomain(dom.domid, dom.domid, waiting.number), Port)  # loopback: not a peer
-    bystander = evtchn.bind_ipi(OTHER, 1)
+    assert isinstance(_bind_interdomain(dom, dom.domid, waiting.number), Port)  # loopback: not a peer
+    bystander = other.evtchn.bind_ipi(1)
     assert isinstance(bystander, Port)
 
-    assert evtchn.close_all(dom.domid) == [(OTHER, a_theirs), (OTHER, b_theirs)]
-    assert evtchn.in_use(dom.domid) == []
-    assert evtchn.virq_port(dom.domid, 1, Virq.TIMER) is None
-    assert [(p.number, p.state, p.remote_dom) for p in evtchn.in_use(OTHER)] == sorted(
+    peers = _HV[dom].evtchn_of
+    assert evtchn.close_all(dom.domid, dom.evtchn, peers) == [(OTHER, a_theirs), (OTHER, b_theirs)]
+    assert dom.evtchn.in_use() == []
+    assert dom.evtchn.virq_port(1, Virq.TIMER) is None
+    assert [(p.number, p.state, p.remote_dom) for p in other.evtchn.in_use()] == sorted(
         [(a_theirs, _S.UNBOUND, dom.domid), (b_theirs, _S.UNBOUND, dom.domid), (bystander.number, _S.IPI, None)]
     )
-    assert evtchn.close_all(dom.domid) == [] and evtchn.close_all(12345) == []
+    assert evtchn.close_all(dom.domid, dom.evtchn, peers) == []
+    assert evtchn.close_all(12345, evtchn.EvtchnTable(), peers) == []
 
 
-def test_forget_drops_a_domains_ports(dom: Domain) -> None:
+def test_a_domain_that_leaves_drops_its_ports(dom: Domain) -> None:
+    hv = _HV[dom]
     _new_port(_ipi(dom, 0), 4)
-    evtchn.forget(dom.domid)
-    assert evtchn.in_use(dom.domid) == []
-    assert _new_port(_ipi(dom, 0), 4) == 1
+    ours, theirs = _connect(dom)
+    hv.crash(dom, "test")
+    assert dom.evtchn.in_use() == [] and hv.evtchn_of(dom.domid) is None
+    assert _other(dom).evtchn.lookup(theirs) == Port(theirs, state=_S.UNBOUND, remote_dom=dom.domid)
+    # a new domain starts from a table of its own
+    gamma = hv.create_domain(attrs.evolve(hv.spec.domains[0], name="gamma"))
+    _HV[gamma] = hv
+    assert gamma.domid == 3 and _new_port(_ipi(gamma, 0), 4) == 1
 
 
-def test_a_peer_forgotten_without_close_all_does_not_block_close(dom: Domain) -> None:
+def test_a_peer_gone_without_close_all_does_not_block_close(dom: Domain) -> None:
+    # the module function, with a peer lookup that finds nothing: returns the port as it was, now free
+    first, theirs = _connect(dom)
+    was = evtchn.close(dom.domid, dom.evtchn, first, lambda domid: None)
+    assert was == Port(first, state=_S.INTERDOMAIN, remote_dom=OTHER, remote_port=theirs)
+    assert dom.evtchn.lookup(first) == Port(first)
+    # the hypercall: the peer domain is not alive (its table is gone) but nobody closed its ports
     ours, _ = _connect(dom)
-    evtchn.forget(OTHER)
-    assert _port_op(dom, EvtchnOp.close, ours)[0] == 0
-    assert evtchn.lookup(dom.domid, ours) == Port(ours)
+    _other(dom).move(DomainState.CRASHED, "test")
+    assert _HV[dom].evtchn_of(OTHER) is None
+    rc, call = _port_op(dom, EvtchnOp.close, ours)
+    assert rc == 0 and call.remote == [] and call.effects == [ClearPending(port=ours)]
+    assert dom.evtchn.lookup(ours) == Port(ours)
 
 
 # -- callback_op, set_callbacks -----------------------------------------------------------------------------
 
 
 def _cb(dom: Domain, cmd: int, payload: bytes, vcpu: int = 1) -> tuple[int, Call]:
-    regions = [Region(BUF, len(payload), payload, False)]
-    call = Call(dom=dom, vcpu=vcpu, vt_ns=0, nr=30, args=[cmd, BUF], mem=GuestView(regions), log=_Log())
-    return callback_op.handle(call), call
+    call = _call(dom, Hypercall.callback_op, [cmd, BUF], [Region(BUF, len(payload), payload, False)], vcpu=vcpu)
+    return _handle(callback_op.handle, call), call
 
 
 def _register(kind: int, eip: int, flags: int = 0, cs: int = 0x61) -> bytes:
@@ -594,22 +651,25 @@ def _register(kind: int, eip: int, flags: int = 0, cs: int = 0x61) -> bytes:
 
 
 def test_callback_op_copy_in() -> None:
-    assert callback_op.copy_in([CallbackOp.register, BUF], lambda a, n: None) == [Span(BUF, 12)]
-    assert callback_op.copy_in([CallbackOp.unregister, BUF], lambda a, n: None) == [Span(BUF, 4)]
-    assert callback_op.copy_in([2, BUF], lambda a, n: None) == []
+    def spans(args: list[int]) -> list[Span]:
+        return copy_in(Hypercall.callback_op, args, lambda a, n: None)
+
+    assert spans([CallbackOp.register, BUF]) == [Span(BUF, 12)]
+    assert spans([CallbackOp.unregister, BUF]) == [Span(BUF, 4)]
+    assert spans([2, BUF]) == []
 
 
 def test_register_event_callback_sets_the_callers_upcall_entry(dom: Domain) -> None:
     rc, call = _cb(dom, CallbackOp.register, _register(CallbackType.event, 0xC0101234), vcpu=1)
     assert rc == 0 and call.mem.writes == []
-    assert call.actions == [VcpuAction(kind="set_callback", vcpu=1, regs={"eip": 0xC0101234})]
-    assert [ev for ev, _ in call.log.events] == ["callback.register"]
+    assert call.effects == [SetCallback(vcpu=1, eip=0xC0101234)]
+    assert [ev for ev, _ in _events(call)] == ["callback.register"]
 
 
-def test_register_failsafe_callback_is_accepted_with_no_action(dom: Domain) -> None:
+def test_register_failsafe_callback_is_accepted_with_no_effect(dom: Domain) -> None:
     rc, call = _cb(dom, CallbackOp.register, _register(CallbackType.failsafe, 0xC0105678, flags=1))
-    assert rc == 0 and call.actions == []
-    assert call.log.events[0][1]["mask_events"] is True
+    assert rc == 0 and call.effects == []
+    assert _events(call)[0][1]["mask_events"] is True
 
 
 def test_register_other_callback_types_is_enosys(dom: Domain) -> None:
@@ -622,13 +682,13 @@ def test_register_other_callback_types_is_enosys(dom: Domain) -> None:
         (0xFFFF, "unknown-type"),
     ):
         rc, call = _cb(dom, CallbackOp.register, _register(kind, 0xC0100000))
-        assert rc == -Errno.ENOSYS and call.actions == [] and _denied(call) == [reason], kind
+        assert rc == -Errno.ENOSYS and call.effects == [] and _denied(call) == [reason], kind
 
 
 def test_unregister_follows_xen(dom: Domain) -> None:
     for kind in (CallbackType.event, CallbackType.failsafe, CallbackType.syscall32, CallbackType.sysenter):
         rc, call = _cb(dom, CallbackOp.unregister, struct.pack("<HH", kind, 0))
-        assert rc == -Errno.EINVAL and call.actions == [] and _denied(call) == ["cannot-unregister"]
+        assert rc == -Errno.EINVAL and call.effects == [] and _denied(call) == ["cannot-unregister"]
     assert _cb(dom, CallbackOp.unregister, struct.pack("<HH", CallbackType.nmi, 0))[0] == 0
     rc, call = _cb(dom, CallbackOp.unregister, struct.pack("<HH", 6, 0))
     assert rc == -Errno.ENOSYS and _denied(call) == ["unknown-type"]
@@ -636,22 +696,27 @@ def test_unregister_follows_xen(dom: Domain) -> None:
 
 def test_callback_op_unknown_cmd_is_einval_and_unmapped_struct_efault(dom: Domain) -> None:
     rc, call = _cb(dom, 2, _register(CallbackType.event, 0xC0100000))
-    assert rc == -Errno.EINVAL and call.actions == [] and _denied(call) == ["unsupported-cmd"]
-    call = Call(dom=dom, vcpu=0, vt_ns=0, nr=30, args=[CallbackOp.register, BUF], mem=GuestView([]), log=_Log())
-    assert callback_op.handle(call) == -Errno.EFAULT and call.actions == []
-    short = [Region(BUF, 8, b"\0" * 8, False)]  # the struct must be there whole
-    call = Call(dom=dom, vcpu=0, vt_ns=0, nr=30, args=[CallbackOp.register, BUF], mem=GuestView(short), log=_Log())
-    assert callback_op.handle(call) == -Errno.EFAULT
+    assert rc == -Errno.EINVAL and call.effects == [] and _denied(call) == ["unsupported-cmd"]
+    args = [CallbackOp.register, BUF]
+    for unmapped in (Region(BUF, 12, None, False), Region(BUF, 12, b"\0" * 8, False)):  # unmapped, or short
+        call = _call(dom, Hypercall.callback_op, args, [unmapped])
+        assert _handle(callback_op.handle, call) == -Errno.EFAULT and call.effects == []
+        assert _denied(call) == ["struct-unmapped"]
+    # the struct must have been copied in whole: a span that covers only part of it is not the guest's fault,
+    # and the trap answers -EFAULT for it
+    short = [Region(BUF, 8, b"\0" * 8, False)]
+    with pytest.raises(NotCopied):
+        callback_op.handle(_call(dom, Hypercall.callback_op, args, short))
+    assert _trap(dom, Hypercall.callback_op, args, short) == -Errno.EFAULT
 
 
 def test_set_callbacks_registers_the_event_entry_and_always_succeeds(dom: Domain) -> None:
-    assert set_callbacks.copy_in([0x61, 0xC0101000, 0x61, 0xC0102000], lambda a, n: None) == []
-    call = Call(
-        dom=dom, vcpu=1, vt_ns=0, nr=4, args=[0x61, 0xC0101000, 0x61, 0xC0102000], mem=GuestView([]), log=_Log()
-    )
-    assert set_callbacks.handle(call) == 0
-    assert call.actions == [VcpuAction(kind="set_callback", vcpu=1, regs={"eip": 0xC0101000})]
-    assert [(ev, kw["type"], kw["eip"]) for ev, kw in call.log.events] == [
+    args = [0x61, 0xC0101000, 0x61, 0xC0102000]
+    assert copy_in(Hypercall.set_callbacks, args, lambda a, n: None) == []
+    call = _call(dom, Hypercall.set_callbacks, args, [], vcpu=1)
+    assert _handle(set_callbacks.handle, call) == 0
+    assert call.effects == [SetCallback(vcpu=1, eip=0xC0101000)]
+    assert [(ev, kw["type"], kw["eip"]) for ev, kw in _events(call)] == [
         ("callback.register", "event", 0xC0101000),
         ("callback.register", "failsafe", 0xC0102000),
     ]
@@ -702,12 +767,12 @@ def _header_checks() -> list[tuple[str, int]]:
         # Below interface version 0x00030207 the header renames sysenter to the deprecated number.
         ("CALLBACKTYPE_sysenter", int(CallbackType.sysenter_deprecated)),
         ("CALLBACKF_mask_events", callback_op.CALLBACKF_MASK_EVENTS),
-        ("sizeof(struct callback_register)", callback_op.CALLBACK_REGISTER_SIZE),
+        ("sizeof(struct callback_register)", layouts.CALLBACK_REGISTER.size),
         ("offsetof(struct callback_register, flags)", 2),
         ("offsetof(struct callback_register, address)", 4),
         ("offsetof(struct callback_register, address.cs)", 4),
         ("offsetof(struct callback_register, address.eip)", 8),
-        ("sizeof(struct callback_unregister)", callback_op.CALLBACK_UNREGISTER_SIZE),
+        ("sizeof(struct callback_unregister)", layouts.CALLBACK_UNREGISTER.size),
     ]
     return out
 

@@ -22,7 +22,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 ROUNDS = 10_000
 SENT, ECHO = 0x51, 0x52  # guest mark codes around a round trip

@@ -19,7 +19,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 VIRT_BASE = 0xC0000000
 XEN_HEADER = Path("/usr/include/xen/xen.h")

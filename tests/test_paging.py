@@ -1,14 +1,14 @@
 """Two-level x86-32 paging on the domain side: the software walk, the builder's initial tables, per-vCPU TLBs
 (a PTE change is not seen by another vCPU until its TLB is flushed), read-only page tables, and the domain
-process's accesses by virtual address (set_va_pte, copy-in, hypercall results)."""
+process's accesses by virtual address (the SetVaPte effect, copy-in, hypercall results)."""
 
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import keystone
 import pytest
+from helpers import RecordingLog
 from unicorn.x86_const import UC_X86_REG_CR0
 
 from domains import paging
@@ -21,7 +21,8 @@ from hypervisor.hypercall_page import hypercall_page
 from hypervisor.vmi_rom import VMI_ROM_BASE, vmi_rom
 from pvcluster.abi.layouts import StartInfo
 from pvcluster.abi.xen import PAGE_SIZE
-from pvcluster.bus.messages import Build, HypercallResult, MemWrite, VcpuAction
+from pvcluster.bus.effects import Effect, SetVaPte
+from pvcluster.bus.messages import Build, HypercallResult, MemWrite
 
 BASE = 0xC0000000
 MEM = 1 << 20
@@ -269,28 +270,20 @@ def test_interrupt_frames_go_through_the_page_tables() -> None:
     assert read_virt(ram, cr3, BASE + 0x80000 - 12, 12) is not None
 
 
-# -- the domain process: set_va_pte, results, copy-in ------------------------------------------------------------
+# -- the domain process: SetVaPte, results, copy-in ------------------------------------------------------------
 
 
-class _Log:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def info(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-
-def _domain(backend: str = "xen") -> tuple[DomainProcess, _Log]:
-    log = _Log()
+def _domain(backend: str = "xen") -> tuple[DomainProcess, RecordingLog]:
+    log = RecordingLog()
     dom = DomainProcess("inproc://unused", b"d1", 1, "t", log)
     result = dom._build(_build(backend))
     assert result.ok
     return dom, log
 
 
-def _result(vcpu: int, writes: list[MemWrite] | None = None, actions: list[VcpuAction] | None = None,
+def _result(vcpu: int, writes: list[MemWrite] | None = None, effects: list[Effect] | None = None,
             ) -> HypercallResult:
-    return HypercallResult(vcpu=vcpu, seq=0, vt_ns=0, value=0, writes=writes or [], actions=actions or [],
+    return HypercallResult(vcpu=vcpu, seq=0, vt_ns=0, value=0, writes=writes or [], effects=effects or [],
                            complete=False)
 
 
@@ -299,14 +292,17 @@ def test_set_va_pte_writes_the_l1_entry_of_the_calling_vcpu_tables() -> None:
     assert dom.ram is not None and dom.boot is not None
     ram, cr3 = dom.ram, dom.boot.cr3
     va = BASE + 0x3000
-    dom._apply(_result(1, actions=[VcpuAction("set_va_pte", 1, {"va": va, "value": 0x5000 | 0x63})]))
+    dom._apply(_result(1, effects=[SetVaPte(vcpu=1, va=va, value=0x5000 | 0x63)]))
     assert translate(ram, cr3, va, True) == 0x5000
-    dom._apply(_result(0, actions=[VcpuAction("set_va_pte", 0, {"va": va, "value": 0})]))
+    dom._apply(_result(0, effects=[SetVaPte(vcpu=0, va=va, value=0)]))
     assert translate(ram, cr3, va, False) is None
     # a va whose PDE is empty has no L1 entry to write: traced, nothing written
-    dom._apply(_result(0, actions=[VcpuAction("set_va_pte", 0, {"va": 0x1000, "value": 0x63})]))
-    assert any(e == "domain.bad_write" for e, _ in log.events)
-    assert not any(e == "domain.unsupported_action" for e, _ in log.events)
+    dom._apply(_result(0, effects=[SetVaPte(vcpu=0, va=0x1000, value=0x63)]))
+    assert [f["va"] for e, f in log.events if e == "domain.bad_write"] == [0x1000]
+    # an effect for a vCPU the domain lacks is traced and refused, never applied
+    dom._apply(_result(0, effects=[SetVaPte(vcpu=5, va=va, value=0x5000 | 0x63)]))
+    assert translate(ram, cr3, va, False) is None
+    assert [f["kind"] for e, f in log.events if e == "domain.bad_effect"] == [SetVaPte.KIND]
 
 
 def test_hypercall_results_are_written_through_the_page_tables() -> None:

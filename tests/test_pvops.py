@@ -20,7 +20,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 BACKENDS = ("xen", "vmi", "native")
 PROTOCOLS = ("ebx", "ident", "entry")
@@ -38,10 +38,10 @@ def expected_dump(backend: str) -> str:
     return "".join("N" if op in nulls else LETTER[backend] for op in PV_OPS)
 
 
-def _domain(name: str, backend: str, boot: str, cmdline: str, patching: bool = True) -> str:
+def _domain(name: str, backend: str, boot: str, cmdline: str, patching: bool = True, faults: str = "") -> str:
     return (
         f'[[domain]]\nname = "{name}"\nvcpus = 2\nbackend = "{backend}"\nboot = "{boot}"\n'
-        f'cmdline = "{cmdline}"\npatching = {"true" if patching else "false"}\n'
+        f'cmdline = "{cmdline}"\npatching = {"true" if patching else "false"}\nfaults = [{faults}]\n'
     )
 
 
@@ -56,7 +56,7 @@ def _run_matrix(run_dir: Path) -> dict[str, Any]:
         _domain(f"{b}-{p}", b, p, "workload=ops shutdown=poweroff") for b, p in itertools.product(BACKENDS, PROTOCOLS)
     ]
     doms += [_domain(f"{b}-nopatch", b, "ebx", "workload=ops shutdown=poweroff", patching=False) for b in BACKENDS]
-    doms.append(_domain("bad-ident", "xen", "ident", "ident=0xdeadbeef shutdown=poweroff"))
+    doms.append(_domain("bad-ident", "xen", "ident", "shutdown=poweroff", faults='"ident=0xdeadbeef"'))
     spec = parse_spec('[cluster]\nname = "matrix"\n' + "".join(doms))
     with Cluster.start(spec, run_dir=run_dir) as cluster:
         final = cluster.wait(timeout_s=200)

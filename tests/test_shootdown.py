@@ -15,7 +15,7 @@ from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 DOMAINS = {
     # name: (backend, extra cmdline, faults)

@@ -35,7 +35,7 @@ def _hypercall_page_asm() -> str:
 # The built-in kernel's source files, assembled as one unit in this order.
 KERNEL_FILES = {
     "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S",
-               "mmuhostile.S", "multicall_bench.S", "evtchn_work.S")
+               "mmuhostile.S", "multicall_bench.S", "evtchn_work.S", "robust.S")
 }
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")
@@ -79,6 +79,18 @@ KERNEL_PRIVATE_EQUS: dict[str, str] = {
     "TEST_LAZY_PTE_VALUE": "workload=ops test value",
     "OPBENCH_ROUNDS": "opbench tunable",
     "SPIN_LIMIT": "workload=ops: how long to wait for an IPI",
+    # robust.S
+    "RB_FLOOD_ENTRIES": "workload=mcflood: entries per multicall",
+    "RB_FLOOD_OPS": "workload=mcflood: mmuext ops per entry",
+    "RB_FLOOD_ROUNDS_DEFAULT": "workload=mcflood tunable",
+    "RB_FUZZ_COUNT_DEFAULT": "workload=hcfuzz tunable",
+    "RB_FUZZ_SCRATCH_DWORDS": "workload=hcfuzz: how much of the scratch buffer gets random bytes",
+    "RB_FUZZ_SCRATCH_BYTES": "workload=hcfuzz: size of the scratch buffer",
+    "RB_FUZZ_MAX_BATCH": "workload=hcfuzz: the most entries or ops a fuzzed multicall or mmuext_op names",
+    "RB_FUZZ_NR_RANGE": "workload=hcfuzz: hypercall numbers are drawn below this",
+    "RB_LCG_MUL": "workload=hcfuzz: the generator's multiplier",
+    "RB_LCG_ADD": "workload=hcfuzz: the generator's increment",
+    "RB_FAR_DEADLINE_WORD": "workload=fartimer: each 32-bit half of the deadline 2^64 - 1 it sets",
 }
 
 

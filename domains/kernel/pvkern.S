@@ -166,6 +166,11 @@ pv_boot:
     jz .Lno_evtchn_work
     mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_evtchn_work:
+    call robust_work                 # workload=timerbomb|mcflood|hcfuzz (robust.S); 0 when not asked for
+    test eax, eax
+    jz .Lno_robust_work
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
+.Lno_robust_work:
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown
     call shootdown_run

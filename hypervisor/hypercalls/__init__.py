@@ -1,15 +1,14 @@
 """Hypercall dispatch, keyed by the real Xen hypercall numbers.
 
-What happens on hypercall N lives in one module, ``hypervisor/hypercalls/<family>.py``: its ``copy_in`` names
-the guest buffers the call reads or writes (the domain process copies them in before the call crosses the bus)
-and its ``handle`` does the work and returns the value the guest sees in EAX.
+What happens on hypercall N lives in one module, ``hypervisor/hypercalls/<family>.py``, whose ``handle`` does the
+work and returns the value the guest sees in EAX. What the call copies in from guest memory before it crosses the
+bus is ABI knowledge shared with the domain process: ``pvcluster/abi/copyin.py``.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable
 
-from hypervisor.guestmem import Span
 from hypervisor.hypercalls import (
     callback_op,
     console_io,
@@ -24,11 +23,13 @@ from hypervisor.hypercalls import (
     vcpu_op,
     xen_version,
 )
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
 
-FAMILIES: dict[int, ModuleType] = {
-    int(m.NR): m
+Handler = Callable[[Call], int]
+
+FAMILIES: dict[int, Handler] = {
+    int(m.NR): m.handle
     for m in (
         console_io,
         xen_version,
@@ -45,34 +46,12 @@ FAMILIES: dict[int, ModuleType] = {
     )
 }
 
-# Copying in is capped, whatever a family asks for, so a hostile length cannot balloon a message: each span at
-# MAX_COPY_IN, and all the spans of one trap together at MAX_COPY_IN_TOTAL (a multicall names the buffers of up
-# to 512 entries). Spans past the total are dropped in order, so the first ones (a multicall's entry array) stay;
-# a dropped span reads as unmapped, -EFAULT for whatever needed it.
-MAX_COPY_IN = 64 * 1024
-MAX_COPY_IN_TOTAL = 256 * 1024
-
-
-def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
-    family = FAMILIES.get(nr)
-    if family is None:
-        return []
-    spans: list[Span] = family.copy_in(args, read)
-    kept: list[Span] = []
-    total = 0
-    for s in spans:
-        if 0 < s.length <= MAX_COPY_IN and total + s.length <= MAX_COPY_IN_TOTAL:
-            kept.append(s)
-            total += s.length
-    return kept
-
 
 def dispatch(call: Call) -> int:
-    family = FAMILIES.get(call.nr)
-    if family is None:
+    handle = FAMILIES.get(call.nr)
+    if handle is None:
         return -Errno.ENOSYS
-    result: int = family.handle(call)
-    return result
+    return handle(call)
 
 
-__all__ = ["FAMILIES", "Call", "copy_in", "dispatch"]
+__all__ = ["FAMILIES", "Call", "dispatch"]

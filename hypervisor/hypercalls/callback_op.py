@@ -1,6 +1,6 @@
 """callback_op (30): register the guest's event upcall entry point (and accept a failsafe callback).
 
-Callbacks are per vCPU in Xen, so registering the event callback becomes a ``set_callback`` action on the calling
+Callbacks are per vCPU in Xen, so registering the event callback becomes a ``SetCallback`` effect on the calling
 vCPU, which the domain process enters when it delivers an event upcall. The failsafe callback (entered when Xen
 cannot restore guest segment state on return) has nothing to trigger it here: it is accepted and traced.
 
@@ -12,50 +12,21 @@ failsafe callbacks cannot be unregistered (-EINVAL); an unknown command is -EINV
 
 from __future__ import annotations
 
-import enum
 import struct
 
-from hypervisor.guestmem import GuestFault, Span
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.guestmem import GuestFault
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import Hypercall
-from pvcluster.bus.messages import VcpuAction
+from pvcluster.abi.structs import CALLBACKOP_SIZE
+from pvcluster.abi.xen import CALLBACKF_MASK_EVENTS, CallbackOp, CallbackType, Hypercall
+from pvcluster.bus.effects import SetCallback
 
 NR = Hypercall.callback_op
 
 
-class CallbackOp(enum.IntEnum):
-    register = 0
-    unregister = 1
-
-
-class CallbackType(enum.IntEnum):
-    event = 0
-    failsafe = 1
-    syscall = 2  # 64-bit guests only
-    sysenter_deprecated = 3  # CALLBACKTYPE_sysenter for __XEN_INTERFACE_VERSION__ < 0x00030207
-    nmi = 4
-    sysenter = 5
-    syscall32 = 7
-
-
-CALLBACKF_MASK_EVENTS = 1
-
-# struct callback_register on x86-32: u16 type @0, u16 flags @2, xen_callback_t address @4, which on x86-32 is
-# { unsigned long cs @4; unsigned long eip @8; } -- the entry point is at @8, not @4.
-CALLBACK_REGISTER_SIZE = 12
-CALLBACK_UNREGISTER_SIZE = 4  # u16 type @0, u16 _unused @2
-_SIZES: dict[int, int] = {CallbackOp.register: CALLBACK_REGISTER_SIZE, CallbackOp.unregister: CALLBACK_UNREGISTER_SIZE}
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    size = _SIZES.get(args[0] & 0xFFFFFFFF)
-    return [Span(args[1] & 0xFFFFFFFF, size)] if size else []
-
-
 def handle(call: Call) -> int:
     cmd, ptr = call.arg(0), call.arg(1)
-    size = _SIZES.get(cmd)
+    size = CALLBACKOP_SIZE.get(cmd)
     if size is None:
         return _deny(call, Errno.EINVAL, "unsupported-cmd", cmd=cmd)
     try:
@@ -77,7 +48,7 @@ def handle(call: Call) -> int:
 def register(call: Call, kind: int, flags: int, cs: int, eip: int) -> int:
     """Register one callback for the calling vCPU (shared with set_callbacks)."""
     if kind == CallbackType.event:
-        call.actions.append(VcpuAction(kind="set_callback", vcpu=call.vcpu, regs={"eip": eip}))
+        call.effects.append(SetCallback(vcpu=call.vcpu, eip=eip))
         call.trace("callback.register", type="event", cs=cs, eip=eip)
         return 0
     if kind == CallbackType.failsafe:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from hypervisor.guestmem import GuestFault, Span
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.guestmem import GuestFault
+from hypervisor.hypercalls.base import Call
+from pvcluster.abi.copyin import MAX_CONSOLE_WRITE
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import ConsoleIO, Hypercall
 
 NR = Hypercall.console_io
-# Xen copies a write in chunks and has no upper bound; one call here is capped so a hostile count cannot make
-# a domain process ship megabytes in one message. The rest is dropped and traced.
-MAX_WRITE = 16 * 1024
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    if args[0] == ConsoleIO.write and args[1] > 0:
-        return [Span(args[2], min(args[1], MAX_WRITE))]
-    return []
 
 
 def handle(call: Call) -> int:
@@ -25,11 +17,11 @@ def handle(call: Call) -> int:
         if count == 0:
             return 0
         try:
-            data = call.mem.read(buf, min(count, MAX_WRITE))
+            data = call.mem.read(buf, min(count, MAX_CONSOLE_WRITE))
         except GuestFault:
             return -Errno.EFAULT
-        if count > MAX_WRITE:
-            call.trace("console.truncated", requested=count, kept=MAX_WRITE)
+        if count > MAX_CONSOLE_WRITE:
+            call.trace("console.truncated", requested=count, kept=MAX_CONSOLE_WRITE)
         text = data.decode("utf-8", errors="replace")
         for line in call.dom.console_write(text):
             call.trace("console", text=line)

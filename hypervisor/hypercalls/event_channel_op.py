@@ -1,89 +1,41 @@
 """event_channel_op (32): allocate, bind, send on, close, query and unmask event-channel ports.
 
-Port states live in ``hypervisor/evtchn.py``; the pending and mask bits live in the guest's shared_info, so a
-delivery is a VcpuAction the domain process carries out: ``evtchn_pending`` (set the port pending and, unless it is
-masked, raise the upcall on ``vcpu``), ``evtchn_unmask`` (clear the mask bit; re-raise the upcall if the port is
-still pending) and ``evtchn_clear`` (clear the pending bit of a port being closed, so a reused port starts clean).
+Port states live in the caller's ``EvtchnTable`` (``hypervisor/evtchn.py``); the pending and mask bits live in the
+guest's shared_info, so a delivery is an effect the domain process carries out: ``SetPending`` (set the port pending
+and, unless it is masked, raise the upcall on ``vcpu``), ``Unmask`` (clear the mask bit; re-raise the upcall if the
+port is still pending) and ``ClearPending`` (clear the pending bit of a port being closed, so a reused port starts
+clean).
 
 As Xen's do_event_channel_op: the command struct is copied in whole (-EFAULT if it cannot be), and for the ops with
 out fields copied back whole after success; a failed copy-back leaves the port allocated and returns -EFAULT.
-Interdomain delivery acts on another domain's process: the handler puts the peer's ``evtchn_pending`` in
-``call.remote`` and the conductor hands it to that domain in its next window, ``link_ns`` after the send.
+Interdomain delivery acts on another domain's process: the handler puts the peer's ``SetPending`` in
+``call.remote`` and the clock hands it to that domain in its next window, ``link_ns`` after the send.
 Closing one end of an interdomain channel (close, reset, or the domain dying) leaves the other end UNBOUND and
 raises an event on it, so its owner sees the peer go.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable
 from typing import Any
 
 from hypervisor import evtchn
-from hypervisor.guestmem import GuestFault, Span
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.guestmem import GuestFault
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import DOMID_SELF, Hypercall
-from pvcluster.bus.messages import VcpuAction
+from pvcluster.abi.structs import EVTCHNOP_SIZE
+from pvcluster.abi.xen import DOMID_SELF, EvtchnOp, Hypercall
+from pvcluster.bus.effects import ClearPending, SetPending, Unmask
 
 NR = Hypercall.event_channel_op
 
 
-class EvtchnOp(enum.IntEnum):
-    bind_interdomain = 0
-    bind_virq = 1
-    bind_pirq = 2
-    close = 3
-    send = 4
-    status = 5
-    alloc_unbound = 6
-    bind_ipi = 7
-    bind_vcpu = 8
-    unmask = 9
-    reset = 10
-    init_control = 11
-    expand_array = 12
-    set_priority = 13
-
-
 _O = EvtchnOp
 
-# Struct sizes on x86-32 (xen/event_channel.h; domid_t is u16, evtchn_port_t u32):
-#   alloc_unbound     u16 dom @0, u16 remote_dom @2, u32 port @4 (out)
-#   bind_interdomain  u16 remote_dom @0, u32 remote_port @4, u32 local_port @8 (out)
-#   bind_virq         u32 virq @0, u32 vcpu @4, u32 port @8 (out)
-#   bind_pirq         u32 pirq @0, u32 flags @4, u32 port @8 (out)
-#   bind_ipi          u32 vcpu @0, u32 port @4 (out)
-#   close/send/unmask u32 port @0
-#   status            u16 dom @0, u32 port @4, u32 status @8 (out), u32 vcpu @12 (out), union @16:8 (out)
-#   bind_vcpu         u32 port @0, u32 vcpu @4
-#   reset             u16 dom @0
 # The FIFO ABI ops (init_control, expand_array, set_priority) are not offered: -ENOSYS makes a guest stay with the
 # 2-level ABI, as Linux does when EVTCHNOP_init_control fails.
-SIZES: dict[int, int] = {
-    _O.bind_interdomain: 12,
-    _O.bind_virq: 12,
-    _O.bind_pirq: 12,
-    _O.close: 4,
-    _O.send: 4,
-    _O.status: 24,
-    _O.alloc_unbound: 8,
-    _O.bind_ipi: 8,
-    _O.bind_vcpu: 8,
-    _O.unmask: 4,
-    _O.reset: 2,
-}
-_HAS_OUT = frozenset({_O.bind_interdomain, _O.bind_virq, _O.bind_pirq, _O.status, _O.alloc_unbound, _O.bind_ipi})
-
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    cmd, ptr = args[0] & 0xFFFFFFFF, args[1] & 0xFFFFFFFF
-    size = SIZES.get(cmd)
-    if size is None:
-        return []
-    return [Span(ptr, size, writable=cmd in _HAS_OUT)]
+SIZES: dict[int, int] = {int(op): EVTCHNOP_SIZE[op] for op in EvtchnOp if op in EVTCHNOP_SIZE}
 
 
 def handle(call: Call) -> int:
@@ -125,8 +77,8 @@ def _with_port(raw: bytes, offset: int, port: int) -> bytes:
     return bytes(out)
 
 
-def _pending(port: evtchn.Port) -> VcpuAction:
-    return VcpuAction(kind="evtchn_pending", vcpu=port.notify_vcpu, regs={"port": port.number})
+def _pending(port: evtchn.Port) -> SetPending:
+    return SetPending(vcpu=port.notify_vcpu, port=port.number)
 
 
 def _alloc_unbound(call: Call, ptr: int, raw: bytes) -> int:
@@ -135,7 +87,7 @@ def _alloc_unbound(call: Call, ptr: int, raw: bytes) -> int:
         return _deny(call, Errno.EPERM, "foreign-domid", op="alloc_unbound", target_dom=dom)
     if remote_dom == DOMID_SELF:
         remote_dom = call.dom.domid
-    r = evtchn.alloc_unbound(call.dom.domid, remote_dom)
+    r = call.dom.evtchn.alloc_unbound(remote_dom)
     if isinstance(r, Errno):
         return _deny(call, r, "no-free-port", op="alloc_unbound")
     call.trace("evtchn.alloc_unbound", port=r.number, remote_dom=remote_dom)
@@ -143,15 +95,13 @@ def _alloc_unbound(call: Call, ptr: int, raw: bytes) -> int:
 
 
 def _alive(call: Call, domid: int) -> bool:
-    if call.domain_alive is not None:
-        return call.domain_alive(domid)
-    return domid == call.dom.domid or domid in evtchn._tables
+    return domid == call.dom.domid or call.hv.alive(domid)
 
 
 def _notify(call: Call, domid: int, port: evtchn.Port) -> None:
-    """An event on ``port`` of ``domid``: the caller's own through its actions, another domain's through remote."""
+    """An event on ``port`` of ``domid``: the caller's own through its effects, another domain's through remote."""
     if domid == call.dom.domid:
-        call.actions.append(_pending(port))
+        call.effects.append(_pending(port))
     else:
         call.remote.append((domid, _pending(port)))
 
@@ -162,12 +112,12 @@ def _bind_interdomain(call: Call, ptr: int, raw: bytes) -> int:
         remote_dom = call.dom.domid
     if not _alive(call, remote_dom):  # Xen: rcu_lock_domain_by_id fails
         return _deny(call, Errno.ESRCH, "no-such-domain", op="bind_interdomain", remote_dom=remote_dom)
-    r = evtchn.bind_interdomain(call.dom.domid, remote_dom, remote_port)
+    r = evtchn.bind_interdomain(call.dom.domid, call.dom.evtchn, remote_dom, call.hv.evtchn_of, remote_port)
     if isinstance(r, Errno):
         reason = "no-free-port" if r is Errno.ENOSPC else "remote-port-not-offered"
         return _deny(call, r, reason, op="bind_interdomain", remote_dom=remote_dom, remote_port=remote_port)
     # As Xen: the local end starts pending, since anything sent while the remote end was unbound was dropped.
-    call.actions.append(_pending(r))
+    call.effects.append(_pending(r))
     call.trace("evtchn.bind_interdomain", port=r.number, remote_dom=remote_dom, remote_port=remote_port)
     return _copy_out(call, _O.bind_interdomain, ptr, _with_port(raw, 8, r.number))
 
@@ -180,7 +130,7 @@ def _bind_virq(call: Call, ptr: int, raw: bytes) -> int:
         return _deny(call, Errno.EINVAL, "global-virq-off-vcpu0", virq=virq, target=vcpu)
     if vcpu >= len(call.dom.vcpus):
         return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_virq", target=vcpu)
-    r = evtchn.bind_virq(call.dom.domid, virq, vcpu)
+    r = call.dom.evtchn.bind_virq(virq, vcpu)
     if isinstance(r, Errno):
         reason = "virq-already-bound" if r is Errno.EEXIST else "no-free-port"
         return _deny(call, r, reason, op="bind_virq", virq=virq, target=vcpu)
@@ -196,10 +146,10 @@ def _bind_pirq(call: Call, ptr: int, raw: bytes) -> int:
 
 def _close(call: Call, ptr: int, raw: bytes) -> int:
     (port,) = struct.unpack_from("<I", raw)
-    r = evtchn.close(call.dom.domid, port)
+    r = evtchn.close(call.dom.domid, call.dom.evtchn, port, call.hv.evtchn_of)
     if isinstance(r, Errno):
         return _deny(call, r, "port-not-open", op="close", port=port)
-    call.actions.append(VcpuAction(kind="evtchn_clear", vcpu=r.notify_vcpu, regs={"port": port}))
+    call.effects.append(ClearPending(port=port))
     call.trace("evtchn.close", port=port, was=r.state.value)
     _notify_peer(call, r)
     return 0
@@ -209,7 +159,8 @@ def _notify_peer(call: Call, was: evtchn.Port) -> None:
     """``was`` (as it was before closing) was INTERDOMAIN: its peer is UNBOUND now; tell the peer's owner."""
     if was.state is not evtchn.PortState.INTERDOMAIN or was.remote_dom is None or was.remote_port is None:
         return
-    peer = evtchn.lookup(was.remote_dom, was.remote_port)
+    table = call.hv.evtchn_of(was.remote_dom)
+    peer = table.lookup(was.remote_port) if table is not None else None
     if peer is not None and peer.state is evtchn.PortState.UNBOUND:
         _notify(call, was.remote_dom, peer)
         call.trace("evtchn.peer_closed", port=was.number, remote_dom=was.remote_dom, remote_port=was.remote_port)
@@ -217,11 +168,11 @@ def _notify_peer(call: Call, was: evtchn.Port) -> None:
 
 def _send(call: Call, ptr: int, raw: bytes) -> int:
     (port,) = struct.unpack_from("<I", raw)
-    p = evtchn.lookup(call.dom.domid, port)
+    p = call.dom.evtchn.lookup(port)
     if p is None:
         return _deny(call, Errno.EINVAL, "bad-port", op="send", port=port)
     if p.state is evtchn.PortState.IPI:
-        call.actions.append(_pending(p))
+        call.effects.append(_pending(p))
         call.trace("evtchn.send", port=port, target=p.notify_vcpu)
         return 0
     if p.state is evtchn.PortState.UNBOUND:
@@ -229,8 +180,11 @@ def _send(call: Call, ptr: int, raw: bytes) -> int:
         return 0
     if p.state is evtchn.PortState.INTERDOMAIN:
         assert p.remote_dom is not None and p.remote_port is not None
-        peer = evtchn.lookup(p.remote_dom, p.remote_port)
-        assert peer is not None
+        table = call.hv.evtchn_of(p.remote_dom)
+        peer = table.lookup(p.remote_port) if table is not None else None
+        if peer is None:  # the peer domain is gone and nobody closed this end: nothing to deliver to
+            call.trace("evtchn.send_dropped", port=port, remote_dom=p.remote_dom)
+            return 0
         _notify(call, p.remote_dom, peer)
         call.trace("evtchn.send", port=port, remote_dom=p.remote_dom, remote_port=p.remote_port,
                    target=peer.notify_vcpu)
@@ -242,7 +196,7 @@ def _status(call: Call, ptr: int, raw: bytes) -> int:
     dom, port = struct.unpack_from("<H2xI", raw)
     if not _is_self(call, dom):
         return _deny(call, Errno.EPERM, "foreign-domid", op="status", target_dom=dom)
-    p = evtchn.lookup(call.dom.domid, port)
+    p = call.dom.evtchn.lookup(port)
     if p is None:
         return _deny(call, Errno.EINVAL, "bad-port", op="status", port=port)
     out = bytearray(raw)
@@ -264,7 +218,7 @@ def _bind_ipi(call: Call, ptr: int, raw: bytes) -> int:
     (vcpu,) = struct.unpack_from("<I", raw)
     if vcpu >= len(call.dom.vcpus):
         return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_ipi", target=vcpu)
-    r = evtchn.bind_ipi(call.dom.domid, vcpu)
+    r = call.dom.evtchn.bind_ipi(vcpu)
     if isinstance(r, Errno):
         return _deny(call, r, "no-free-port", op="bind_ipi")
     call.trace("evtchn.bind_ipi", port=r.number, target=vcpu)
@@ -275,7 +229,7 @@ def _bind_vcpu(call: Call, ptr: int, raw: bytes) -> int:
     port, vcpu = struct.unpack_from("<II", raw)
     if vcpu >= len(call.dom.vcpus):  # checked before the port, as Xen does
         return _deny(call, Errno.ENOENT, "no-such-vcpu", op="bind_vcpu", target=vcpu)
-    err = evtchn.bind_vcpu(call.dom.domid, port, vcpu)
+    err = call.dom.evtchn.bind_vcpu(port, vcpu)
     if err is not None:
         return _deny(call, err, "port-not-rebindable", op="bind_vcpu", port=port)
     call.trace("evtchn.bind_vcpu", port=port, target=vcpu)
@@ -284,12 +238,12 @@ def _bind_vcpu(call: Call, ptr: int, raw: bytes) -> int:
 
 def _unmask(call: Call, ptr: int, raw: bytes) -> int:
     (port,) = struct.unpack_from("<I", raw)
-    p = evtchn.lookup(call.dom.domid, port)
+    p = call.dom.evtchn.lookup(port)
     if p is None:
         return _deny(call, Errno.EINVAL, "bad-port", op="unmask", port=port)
     # Any port in range may be unmasked, whatever its state (Xen's evtchn_unmask checks only validity); a pending
     # port raises the upcall on the vCPU it notifies.
-    call.actions.append(VcpuAction(kind="evtchn_unmask", vcpu=p.notify_vcpu, regs={"port": port}))
+    call.effects.append(Unmask(vcpu=p.notify_vcpu, port=port))
     call.trace("evtchn.unmask", port=port, target=p.notify_vcpu)
     return 0
 
@@ -300,7 +254,7 @@ def _reset(call: Call, ptr: int, raw: bytes) -> int:
         # Xen: -ESRCH for no such domain, then the XSM check refuses an unprivileged caller any other domain
         err = Errno.EPERM if _alive(call, dom) else Errno.ESRCH
         return _deny(call, err, "foreign-domid", op="reset", target_dom=dom)
-    for p in reversed(evtchn.in_use(call.dom.domid)):  # highest first, as close_all
+    for p in reversed(call.dom.evtchn.in_use()):  # highest first, as close_all
         if not p.free:  # a loopback peer closed earlier in this loop is free already
             _close(call, 0, struct.pack("<I", p.number))
     call.trace("evtchn.reset")

@@ -1,62 +1,24 @@
 """mmuext_op (26): pin and unpin page tables, switch the page-table base, flush TLBs, in a batch.
 
 Ops run in order and the batch stops at the first refusal; the done count reports how many succeeded either
-way, as Xen's does. Changes to a vCPU (a new CR3, flushes) become actions the domain process carries out.
+way, as Xen's does; a long batch continues in a later window (``mm.run_batch``). Changes to a vCPU (a new CR3,
+flushes) become effects the domain process carries out.
 """
 
 from __future__ import annotations
 
-import enum
-import struct
-
 from hypervisor import mm
-from hypervisor.guestmem import GuestFault, Span
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.guestmem import GuestFault
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import PAGE_SHIFT, Hypercall
-from pvcluster.bus.messages import VcpuAction
+from pvcluster.abi.xen import PAGE_SHIFT, Hypercall, MmuextCmd
+from pvcluster.bus.effects import SetCr3
 
 NR = Hypercall.mmuext_op
-
-OP_SIZE = 12  # struct mmuext_op on x86-32: u32 cmd, u32 arg1 (mfn / linear_addr), u32 arg2 (nr_ents / vcpumask)
-
-
-class MmuextCmd(enum.IntEnum):
-    PIN_L1_TABLE = 0
-    PIN_L2_TABLE = 1
-    PIN_L3_TABLE = 2
-    PIN_L4_TABLE = 3
-    UNPIN_TABLE = 4
-    NEW_BASEPTR = 5
-    TLB_FLUSH_LOCAL = 6
-    INVLPG_LOCAL = 7
-    TLB_FLUSH_MULTI = 8
-    INVLPG_MULTI = 9
-    TLB_FLUSH_ALL = 10
-    INVLPG_ALL = 11
-    FLUSH_CACHE = 12
-    SET_LDT = 13
 
 
 _C = MmuextCmd
 _MULTI = (_C.TLB_FLUSH_MULTI, _C.INVLPG_MULTI)
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    ops, count, done = (a & 0xFFFFFFFF for a in args[:3])
-    spans = [Span(done, 4, writable=True)] if done else []
-    if not 0 < count <= mm.MAX_BATCH:
-        return spans
-    spans.insert(0, Span(ops, count * OP_SIZE))
-    # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read.
-    raw = read(ops, count * OP_SIZE)
-    if raw is None:
-        return spans
-    for cmd, _, mask_ptr in struct.iter_unpack("<3I", raw):
-        bitmap = Span(mask_ptr, 4)
-        if cmd in _MULTI and bitmap not in spans:
-            spans.append(bitmap)
-    return spans
 
 
 def handle(call: Call) -> int:
@@ -69,18 +31,18 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
     if cmd in (_C.PIN_L1_TABLE, _C.PIN_L2_TABLE):
         if not mm.owned(dom, arg1):
             return mm.deny(call, Errno.EPERM, "pin-frame-not-owned", index=i, mfn=arg1)
-        if not mm.pin(dom, arg1, level=cmd - _C.PIN_L1_TABLE + 1):
+        if not dom.frames.pin(arg1, level=cmd - _C.PIN_L1_TABLE + 1):
             return mm.deny(call, Errno.EINVAL, "already-pinned", index=i, mfn=arg1)
     elif cmd in (_C.PIN_L3_TABLE, _C.PIN_L4_TABLE):
         return mm.deny(call, Errno.EINVAL, "no-such-level", index=i, cmd=cmd)  # non-PAE paging has two levels
     elif cmd == _C.UNPIN_TABLE:
-        if not mm.unpin(dom, arg1):
+        if not dom.frames.unpin(arg1):
             return mm.deny(call, Errno.EINVAL, "not-pinned", index=i, mfn=arg1)
     elif cmd == _C.NEW_BASEPTR:
         if not mm.owned(dom, arg1):
             return mm.deny(call, Errno.EPERM, "baseptr-not-owned", index=i, mfn=arg1)
         targets = [call.vcpu]
-        call.actions.append(VcpuAction(kind="set_cr3", vcpu=call.vcpu, regs={"cr3": arg1 << PAGE_SHIFT}))
+        call.effects.append(SetCr3(vcpu=call.vcpu, cr3=arg1 << PAGE_SHIFT))
     elif cmd in (_C.TLB_FLUSH_LOCAL, _C.INVLPG_LOCAL, *_MULTI, _C.TLB_FLUSH_ALL, _C.INVLPG_ALL):
         if cmd in (_C.TLB_FLUSH_LOCAL, _C.INVLPG_LOCAL):
             targets = [call.vcpu]
@@ -96,7 +58,7 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
                 return mm.deny(call, Errno.EINVAL, "vcpumask-bad-vcpu", index=i, mask=mask)
             targets = named
         invlpg = cmd in (_C.INVLPG_LOCAL, _C.INVLPG_MULTI, _C.INVLPG_ALL)
-        call.actions.extend(mm.flush_actions(targets, arg1 if invlpg else None))
+        call.effects.extend(mm.flush_effects(targets, arg1 if invlpg else None))
     elif cmd == _C.FLUSH_CACHE:
         pass  # the simulated machine has no caches to write back
     else:

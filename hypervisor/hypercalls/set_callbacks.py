@@ -6,16 +6,11 @@ registers both (see callback_op) and always returns 0.
 
 from __future__ import annotations
 
-from hypervisor.guestmem import Span
 from hypervisor.hypercalls import callback_op
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.xen import Hypercall
 
 NR = Hypercall.set_callbacks
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    return []
 
 
 def handle(call: Call) -> int:

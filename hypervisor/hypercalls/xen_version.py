@@ -4,40 +4,23 @@ from __future__ import annotations
 
 import struct
 
-from hypervisor.guestmem import GuestFault, Span
-from hypervisor.hypercalls.base import Call, Reader
+from hypervisor.guestmem import GuestFault
+from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import (
     FEATURES_SUBMAP0,
+    HYPERVISOR_VIRT_START_NONPAE,
     PAGE_SIZE,
     XEN_EXTRAVERSION,
     XEN_EXTRAVERSION_LEN,
     XEN_VERSION_MAJOR,
     XEN_VERSION_MINOR,
+    XENFEAT_NR_SUBMAPS,
     Hypercall,
     XenVer,
 )
 
 NR = Hypercall.xen_version
-HYPERVISOR_VIRT_START = 0xFC000000  # x86_32 non-PAE
-XENFEAT_NR_SUBMAPS = 1
-
-# Output buffer sizes from xen/version.h: xen_compile_info_t is 64+16+32+32 bytes, capabilities 1024,
-# changeset 64, platform_parameters one unsigned long, feature_info two uint32.
-_OUT_SIZE = {
-    XenVer.extraversion: XEN_EXTRAVERSION_LEN,
-    XenVer.compile_info: 144,
-    XenVer.capabilities: 1024,
-    XenVer.changeset: 64,
-    XenVer.platform_parameters: 4,
-    XenVer.get_features: 8,
-}
-
-
-def copy_in(args: list[int], read: Reader) -> list[Span]:
-    size = _OUT_SIZE.get(args[0])  # type: ignore[call-overload]
-    return [Span(args[1], size, writable=True)] if size else []
-
 
 def _fixed(text: bytes, size: int) -> bytes:
     return text[: size - 1].ljust(size, b"\0")
@@ -64,7 +47,7 @@ def handle(call: Call) -> int:
             call.mem.write(arg, _fixed(b"pvcluster", 64))
             return 0
         if cmd == XenVer.platform_parameters:
-            call.mem.write_u32(arg, HYPERVISOR_VIRT_START)
+            call.mem.write_u32(arg, HYPERVISOR_VIRT_START_NONPAE)
             return 0
         if cmd == XenVer.get_features:
             submap_idx = call.mem.u32(arg)

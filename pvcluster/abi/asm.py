@@ -96,6 +96,8 @@ def _hypercalls() -> list[AsmConstant]:
         _xen_value("NR_EVENT_CHANNELS", xen.NR_EVENT_CHANNELS),
         _xen_value("NR_VIRQS", xen.NR_VIRQS),
         _xen_value("MAX_GUEST_CMDLINE", xen.MAX_GUEST_CMDLINE),
+        _xen_value("XENFEAT_NR_SUBMAPS", xen.XENFEAT_NR_SUBMAPS),
+        _xen_value("VCPU_SSHOTTMR_future", xen.VCPU_SSHOTTMR_FUTURE),
         # Xen's, but with no macro in the public headers
         AsmConstant("MMU_UPDATE_PREEMPTED", xen.MMU_UPDATE_PREEMPTED, hex=True),
         AsmConstant("PAGE_SHIFT", xen.PAGE_SHIFT),

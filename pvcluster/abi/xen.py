@@ -267,3 +267,10 @@ class CallbackType(enum.IntEnum):
 
 
 CALLBACKF_MASK_EVENTS = 1  # CALLBACKF_mask_events
+
+
+# x86_32 (non-PAE) start of the hypervisor's hole, as XENVER_platform_parameters reports it. The 4.17 headers define
+# only the PAE value (0xF5800000) for x86_32, so this one is not cross-checked.
+HYPERVISOR_VIRT_START_NONPAE = 0xFC000000
+XENFEAT_NR_SUBMAPS = 1  # features.h
+VCPU_SSHOTTMR_FUTURE = 1  # vcpu.h VCPU_SSHOTTMR_future: fail with -ETIME if the timeout is already past

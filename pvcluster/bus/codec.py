@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import msgpack
@@ -19,9 +18,6 @@ import msgpack
 PROTO_VERSION = 1
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 _MAX_DEPTH = 8
-
-T = TypeVar("T")
-
 
 class FrameError(Exception):
     """A received frame that cannot be accepted. ``kind`` is a stable slug used in trace events."""
@@ -33,6 +29,10 @@ class FrameError(Exception):
         self.seq = seq
 
 
+class EncodeError(Exception):
+    """A record that cannot be put on the wire (a value out of range for its encoding)."""
+
+
 @attrs.frozen
 class Envelope:
     seq: int
@@ -40,31 +40,39 @@ class Envelope:
     body: Any
 
 
-_REGISTRY: dict[int, type] = {}
-_CODES: dict[type, int] = {}
-
-
-def message(code: int) -> Callable[[type[T]], type[T]]:
-    """Register an attrs class as a bus message with a fixed wire ``code`` (codes are part of the protocol)."""
-
-    def register(cls: type[T]) -> type[T]:
-        if code in _REGISTRY:
-            raise ValueError(f"message code {code} used twice ({_REGISTRY[code].__name__}, {cls.__name__})")
-        attrs.resolve_types(cls)  # type: ignore[type-var]
-        _REGISTRY[code] = cls
-        _CODES[cls] = code
-        return cls
-
-    return register
-
-
+@functools.cache
 def message_types() -> dict[int, type]:
-    return dict(_REGISTRY)
+    """Wire code -> message class, from ``pvcluster.bus.messages.MESSAGES`` (each class's ``WIRE`` code)."""
+    from pvcluster.bus.messages import MESSAGES  # messages never import the codec; this is the only link
+
+    return _codes(MESSAGES, "WIRE")
+
+
+def _codes(classes: tuple[type, ...], attr: str) -> dict[int, type]:
+    out: dict[int, type] = {}
+    for cls in classes:
+        code = getattr(cls, attr)
+        if code in out:
+            raise ValueError(f"wire {attr} {code} used twice ({out[code].__name__}, {cls.__name__})")
+        attrs.resolve_types(cls)
+        out[code] = cls
+    return out
+
+
+@functools.cache
+def _variants(union: Any) -> dict[int, type] | None:
+    """For a Union whose members are all tagged records (class attribute ``TAG``): tag -> class; else None."""
+    members = [m for m in typing.get_args(union) if m is not type(None)]
+    if not members or not all(attrs.has(m) and isinstance(getattr(m, "TAG", None), int) for m in members):
+        return None
+    return _codes(tuple(members), "TAG")
 
 
 def _to_wire(value: Any) -> Any:
     if attrs.has(type(value)):
-        return [_to_wire(getattr(value, f.name)) for f in _fields(type(value))]  # type: ignore[arg-type]
+        fields = [_to_wire(getattr(value, f.name)) for f in _fields(type(value))]  # type: ignore[arg-type]
+        tag = getattr(type(value), "TAG", None)
+        return [tag, fields] if isinstance(tag, int) else fields
     if isinstance(value, (list, tuple)):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
@@ -73,10 +81,14 @@ def _to_wire(value: Any) -> Any:
 
 
 def encode(body: Any, *, seq: int, vt_ns: int) -> bytes:
-    code = _CODES.get(type(body))
-    if code is None:
+    code = getattr(type(body), "WIRE", None)
+    if message_types().get(code) is not type(body):  # type: ignore[arg-type]
         raise TypeError(f"{type(body).__name__} is not a registered bus message")
-    return msgpack.packb([PROTO_VERSION, code, seq, vt_ns, _to_wire(body)], use_bin_type=True)
+    try:
+        return msgpack.packb([PROTO_VERSION, code, seq, vt_ns, _to_wire(body)], use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        # An integer outside msgpack's 64-bit range, say: the caller decides whose fault that is.
+        raise EncodeError(f"cannot encode {type(body).__name__}: {exc}") from None
 
 
 def _is_int(v: Any) -> bool:
@@ -103,78 +115,122 @@ def _fields(tp: type) -> tuple[Any, ...]:
 
 
 def _wire(tp: Any, value: Any, depth: int) -> Any:
+    """``value`` as annotation ``tp`` says it must be; _Bad naming what is wrong otherwise."""
     if depth > _MAX_DEPTH:
         raise _Bad("nested too deeply")
     if tp is Any:
         return value
-    if tp is int:
-        if not _is_int(value):
-            raise _Bad(f"expected int, got {type(value).__name__}")
-        return value
-    if tp is str or tp is bytes or tp is bool or tp is float:
-        if not isinstance(value, tp) or (tp is float and isinstance(value, bool)):
-            raise _Bad(f"expected {tp.__name__}, got {type(value).__name__}")
-        return value
+    if tp in _SCALARS:
+        return _scalar(tp, value)
     origin, args = _shape(tp)
     if origin is list or origin is tuple:
-        if not isinstance(value, list):
-            raise _Bad(f"expected a list, got {type(value).__name__}")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise _Bad(f"expected {len(args)} items, got {len(value)}")
-            items = list(zip(args, value, strict=True))
-        else:
-            item = args[0] if args else Any
-            items = [(item, v) for v in value]
-        out = []
-        for i, (a, v) in enumerate(items):
-            try:
-                out.append(_wire(a, v, depth + 1))
-            except _Bad as bad:
-                bad.where.append(f"[{i}]")
-                raise
-        return tuple(out) if origin is tuple else out
+        return _sequence(origin, args, value, depth)
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise _Bad("expected a map with string keys")
-        vtype = args[1] if len(args) == 2 else Any
-        result = {}
-        for k, v in value.items():
-            try:
-                result[k] = _wire(vtype, v, depth + 1)
-            except _Bad as bad:
-                bad.where.append(f"[{k!r}]")
-                raise
-        return result
+        return _mapping(args, value, depth)
     if origin in (typing.Union, types.UnionType):
-        first: _Bad | None = None
-        for alt in args:
-            if alt is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _wire(alt, value, depth + 1)
-            except _Bad as bad:
-                first = first or bad
-        raise first if first is not None else _Bad(f"expected {tp}, got None")
+        return _union(tp, args, value, depth)
     if attrs.has(tp):
-        fields = _fields(tp)
-        if not isinstance(value, list) or len(value) != len(fields):
-            got = len(value) if isinstance(value, list) else type(value).__name__
-            raise _Bad(f"{tp.__name__} needs {len(fields)} fields, got {got}")
-        kwargs = {}
-        for f, v in zip(fields, value, strict=True):
-            try:
-                kwargs[f.name] = _wire(f.type, v, depth + 1)
-            except _Bad as bad:
-                bad.where.append(f".{f.name}")
-                raise
-        try:
-            return tp(**kwargs)
-        except (ValueError, TypeError) as exc:
-            raise _Bad(str(exc)) from None
+        tag = getattr(tp, "TAG", None)
+        if isinstance(tag, int):
+            return _tagged({tag: tp}, value, depth)
+        return _record(tp, value, depth)
     raise _Bad(f"unsupported annotation {tp!r}")
+
+
+_SCALARS = (int, str, bytes, bool, float)
+
+
+def _scalar(tp: type, value: Any) -> Any:
+    # bool is an int to Python, but not on the wire: True is no vCPU number
+    ok = _is_int(value) if tp is int else isinstance(value, tp) and not (tp is float and isinstance(value, bool))
+    if not ok:
+        raise _Bad(f"expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _sequence(origin: Any, args: tuple[Any, ...], value: Any, depth: int) -> Any:
+    if not isinstance(value, list):
+        raise _Bad(f"expected a list, got {type(value).__name__}")
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise _Bad(f"expected {len(args)} items, got {len(value)}")
+        items = list(zip(args, value, strict=True))
+    else:
+        item = args[0] if args else Any
+        items = [(item, v) for v in value]
+    out = []
+    for i, (a, v) in enumerate(items):
+        try:
+            out.append(_wire(a, v, depth + 1))
+        except _Bad as bad:
+            bad.where.append(f"[{i}]")
+            raise
+    return tuple(out) if origin is tuple else out
+
+
+def _mapping(args: tuple[Any, ...], value: Any, depth: int) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _Bad("expected a map with string keys")
+    vtype = args[1] if len(args) == 2 else Any
+    result = {}
+    for k, v in value.items():
+        try:
+            result[k] = _wire(vtype, v, depth + 1)
+        except _Bad as bad:
+            bad.where.append(f"[{k!r}]")
+            raise
+    return result
+
+
+def _union(tp: Any, args: tuple[Any, ...], value: Any, depth: int) -> Any:
+    variants = _variants(tp)
+    if variants is not None:
+        return _tagged(variants, value, depth)
+    first: _Bad | None = None
+    for alt in args:
+        if alt is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return _wire(alt, value, depth + 1)
+        except _Bad as bad:
+            first = first or bad
+    raise first if first is not None else _Bad(f"expected {tp}, got None")
+
+
+def _record(tp: Any, value: Any, depth: int) -> Any:
+    """An attrs record as the list of its fields, each checked against its annotation."""
+    fields = _fields(tp)
+    if not isinstance(value, list) or len(value) != len(fields):
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise _Bad(f"{tp.__name__} needs {len(fields)} fields, got {got}")
+    kwargs = {}
+    for f, v in zip(fields, value, strict=True):
+        try:
+            kwargs[f.name] = _wire(f.type, v, depth + 1)
+        except _Bad as bad:
+            bad.where.append(f".{f.name}")
+            raise
+    try:
+        return tp(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _tagged(variants: dict[int, type], value: Any, depth: int) -> Any:
+    """A tagged record, ``[tag, [fields...]]``: the tag picks the class, so two records with the same field types
+    (FlushTlb and VcpuUp, say) cannot be mistaken for each other."""
+    if not isinstance(value, list) or len(value) != 2 or not _is_int(value[0]):
+        raise _Bad("expected a tagged record [tag, fields]")
+    cls = variants.get(value[0])
+    if cls is None:
+        raise _Bad(f"unknown record tag {value[0]}")
+    try:
+        return _record(cls, value[1], depth + 1)
+    except _Bad as bad:
+        bad.where.append(f"<{cls.__name__}>")
+        raise
 
 
 def _from_wire(tp: Any, value: Any, path: str, depth: int) -> Any:
@@ -207,11 +263,12 @@ def decode(frame: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
         raise FrameError("malformed", "sequence number is not a non-negative integer")
     if not _is_int(version) or version != PROTO_VERSION:
         raise FrameError("bad-version", f"protocol version {version!r}, this side speaks {PROTO_VERSION}", seq)
-    if not _is_int(code) or code not in _REGISTRY:
+    registry = message_types()
+    if not _is_int(code) or code not in registry:
         raise FrameError("unknown-type", f"unknown message type {code!r}", seq)
     if not (_is_int(vt_ns) and vt_ns >= 0):
         raise FrameError("malformed", "virtual timestamp is not a non-negative integer", seq)
-    cls = _REGISTRY[code]
+    cls = registry[code]
     try:
         body = _from_wire(cls, fields, cls.__name__, 0)
     except FrameError as exc:

@@ -8,30 +8,30 @@ Either direction: Error, the answer to a frame that could not be accepted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
-from pvcluster.bus.codec import message
+from pvcluster.bus.effects import Effect
 
 
-@message(1)
 @attrs.frozen
 class Error:
+    WIRE: ClassVar[int] = 1
     kind: str  # stable slug: "malformed", "unknown-type", "unknown-peer", "unexpected", ...
     detail: str
     ref_seq: int  # sequence number of the offending frame, -1 when it could not be read
 
 
-@message(2)
 @attrs.frozen
 class Hello:
+    WIRE: ClassVar[int] = 2
     pid: int
 
 
-@message(3)
 @attrs.frozen
 class Build:
+    WIRE: ClassVar[int] = 3
     domid: int
     name: str
     vcpus: int
@@ -44,11 +44,14 @@ class Build:
     hypercall_page: bytes
     ps_per_instr: int
     rom: bytes  # the VMI ROM page when the hypervisor offers one (backend "vmi"), else empty
+    # The 32-bit ident written at the start of start_info in place of the hypervisor's own: the builder fault
+    # "ident=0x..." (hypervisor/faults.py), which no backend recognises. None: the hypervisor's.
+    start_info_ident: int | None = None
 
 
-@message(4)
 @attrs.frozen
 class BuildResult:
+    WIRE: ClassVar[int] = 4
     ok: bool
     error_code: str
     error: str
@@ -86,12 +89,12 @@ class MemWrite:
 
 
 @attrs.frozen
-class VcpuAction:
-    """A change to a vCPU's state decided by the hypervisor and carried out by the domain process."""
+class Delivery:
+    """An effect decided outside the domain's own hypercalls (an interdomain event, a timer, a peer closing its
+    end, a poll timeout), arriving at virtual time ``vt_ns``: a vCPU asleep until then wakes no earlier."""
 
-    kind: str  # "up", "down", "block", "set_context"
-    vcpu: int
-    regs: dict[str, int]
+    vt_ns: int
+    effect: Effect
 
 
 @attrs.frozen
@@ -101,8 +104,8 @@ class HypercallResult:
     vt_ns: int  # virtual time at which the result lands in the vCPU
     value: int  # EAX, unsigned 32-bit
     writes: list[MemWrite]
-    actions: list[VcpuAction]
-    complete: bool  # False: apply writes and actions, but the vCPU keeps waiting (blocked, taken down)
+    effects: list[Effect]
+    complete: bool  # False: apply writes and effects, but the vCPU keeps waiting (blocked, taken down, restarted)
 
 
 @attrs.frozen
@@ -133,22 +136,22 @@ class Ipi:
     vt_ns: int
 
 
-@message(5)
 @attrs.frozen
 class Window:
+    WIRE: ClassVar[int] = 5
     index: int
     end_ns: int
     results: list[HypercallResult]
     run: list[int] = attrs.Factory(list)  # the vCPUs that hold a physical CPU in this window
     irqs: list[Ipi] = attrs.Factory(list)  # interrupts to take, each no earlier than its vt_ns
-    # actions decided outside this domain's own hypercalls (interdomain events, peers closing, timers, poll
-    # timeouts), each with its arrival time in regs["vt_ns"]; applied before the vCPUs run
-    events: list[VcpuAction] = attrs.Factory(list)
+    # effects decided outside this domain's own hypercalls (interdomain events, peers closing, timers, poll
+    # timeouts), in arrival order; applied before the vCPUs run
+    events: list[Delivery] = attrs.Factory(list)
 
 
-@message(6)
 @attrs.frozen
 class WindowDone:
+    WIRE: ClassVar[int] = 6
     index: int
     vcpus: list[VcpuReport]
     hypercalls: list[HypercallReq]
@@ -156,22 +159,25 @@ class WindowDone:
     ipis: list[Ipi] = attrs.Factory(list)
 
 
-@message(7)
 @attrs.frozen
 class Stop:
+    WIRE: ClassVar[int] = 7
     reason: str
 
 
-@message(20)
 @attrs.frozen
 class CtlRequest:
+    WIRE: ClassVar[int] = 20
     cmd: str
     args: dict[str, Any]
 
 
-@message(21)
 @attrs.frozen
 class CtlReply:
+    WIRE: ClassVar[int] = 21
     ok: bool
     data: Any
     error: str
+
+
+MESSAGES: tuple[type, ...] = (Error, Hello, Build, BuildResult, Window, WindowDone, Stop, CtlRequest, CtlReply)

@@ -1,0 +1,295 @@
+"""The simulated hypervisor: the one object that owns every piece of simulation state.
+
+``Hypervisor`` holds the domain table (and, hanging off each ``Domain`` as Xen hangs them off ``struct domain``,
+its vCPUs and their run state and timers, its event channels, its page-table pins, its random stream and its
+trace), the pCPU scheduler, the virtual clock, the costs, and the hypervisor's log. It imports no trio, no ZeroMQ
+and no sockets: the transport shell (``hypervisor/shell.py``) feeds it what arrives (a domain's bus message, a
+control command, a process exit) and takes what it wants sent from ``outbox`` and which processes it wants ended
+from ``to_kill``. Tests drive it the same way, in-process.
+
+Nothing a domain or the toolstack sends may raise out of here except ``ReportError`` (a message that contradicts
+what the hypervisor knows, answered with an Error frame); everything else that goes wrong while serving one domain
+ends that domain, traced with its cause.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from typing import Any
+
+from hypervisor import evtchn, faults
+from hypervisor.clock import Clock
+from hypervisor.domain import Domain, DomainState, DomainTable, new_identity
+from hypervisor.errors import ReportError
+from hypervisor.evtchn import EvtchnTable, PortState
+from hypervisor.hypercall_page import hypercall_page
+from hypervisor.scheduler import Scheduler
+from hypervisor.tracing import DomainTrace
+from hypervisor.vcpu import RunState, Vcpu
+from hypervisor.vmi_rom import vmi_rom
+from pvcluster.abi.xen import ShutdownReason
+from pvcluster.bus.effects import Effect, SetPending
+from pvcluster.bus.messages import Build, BuildResult, Delivery, Error, Hello, Stop, Window, WindowDone
+from pvcluster.spec import ClusterSpec, DomainSpec
+
+MAX_DMESG_LINES = 5000
+
+
+class Hypervisor:
+    def __init__(self, spec: ClusterSpec, log: Any) -> None:
+        self.spec = spec
+        self.log = log
+        h = spec.hypervisor
+        self.cost = h.cost
+        self.work_budget = h.work_budget
+        self.trace_burst = h.trace_burst
+        self.trace_rate = h.trace_rate
+        self.domains = DomainTable()
+        self.scheduler = Scheduler(h.pcpus, h.slice_ns)
+        self.clock = Clock(self, h.window_ns)
+        self.dmesg: list[str] = []
+        # What the shell must do next: messages to send to domain processes, processes to end.
+        self.outbox: list[tuple[Domain, Any]] = []
+        self.to_kill: list[Domain] = []
+        self.hypercalls = 0
+        self.idle = False
+        self._page = hypercall_page()
+
+    # -- what hypercall handlers may ask about other domains ------------------------------------------------
+
+    def alive(self, domid: int) -> bool:
+        dom = self.domains.get(domid)
+        return dom is not None and dom.alive
+
+    def evtchn_of(self, domid: int) -> EvtchnTable | None:
+        dom = self.domains.get(domid)
+        return dom.evtchn if dom is not None and dom.alive else None
+
+    # -- logging -----------------------------------------------------------------------------------------------
+
+    def printk(self, text: str, *, vt_ns: int | None = None, **fields: Any) -> None:
+        """A hypervisor log line, as `xl dmesg` shows it, and a trace event."""
+        vt = self.clock.now_ns if vt_ns is None else vt_ns
+        self.dmesg.append(f"(XEN) [{vt / 1000:12.3f} us] {text}")
+        del self.dmesg[:-MAX_DMESG_LINES]
+        self.log.info("dmesg", vt_ns=vt, text=text, **fields)
+
+    # -- life cycle ------------------------------------------------------------------------------------------
+
+    def create_domain(self, spec: DomainSpec) -> Domain:
+        """A new domain in BUILDING, waiting for its process to say hello; ValueError if the name is taken."""
+        if self.domains.live_named(spec.name) is not None:
+            raise ValueError(f"a domain named {spec.name!r} already exists")
+        domid = self.domains.next_domid()
+        affinity = self.scheduler.affinity(spec.cpus)
+        dom = Domain(
+            domid=domid,
+            name=spec.name,
+            spec=spec,
+            identity=new_identity(domid),
+            vcpus=[Vcpu(domid, v, affinity) for v in range(spec.vcpus)],
+            trace=DomainTrace(self.log, domid, self.trace_burst, self.trace_rate),
+            # One stream per domain, seeded by the cluster seed and the domain's name: a domain's draws do not
+            # depend on which other domains exist or what they do.
+            rng=random.Random(f"{self.spec.cluster.seed}/{spec.name}"),
+            faults=faults.parse(spec.faults),
+        )
+        self.domains.add(dom)
+        return dom
+
+    def receive(self, dom: Domain, body: Any) -> None:
+        """A message from ``dom``'s process. ReportError: not expected now (the shell answers with an Error)."""
+        if isinstance(body, Hello) and dom.state in (DomainState.SHUTTING_DOWN, DomainState.CRASHED,
+                                                     DomainState.DEAD):
+            self.outbox.append((dom, Stop(reason="destroy")))  # destroyed before its process connected
+        elif isinstance(body, Hello) and dom.state is DomainState.BUILDING and not dom.hello:
+            dom.hello = True
+            self.outbox.append((dom, faults.on_build(dom.faults, self._build_message(dom), dom.trace)))
+        elif isinstance(body, BuildResult) and dom.state is DomainState.BUILDING and dom.hello:
+            self._built(dom, body)
+        elif isinstance(body, WindowDone):
+            self.clock.accept(dom, body)
+        elif isinstance(body, Error):
+            dom.trace.warning("bus.peer_error", vt_ns=self.clock.now_ns, kind=body.kind, detail=body.detail,
+                              ref_seq=body.ref_seq)
+        else:
+            raise ReportError(f"{type(body).__name__} is not expected from a domain in state {dom.state.value}")
+
+    def _build_message(self, dom: Domain) -> Build:
+        s: DomainSpec = dom.spec
+        return Build(
+            domid=dom.domid,
+            name=dom.name,
+            vcpus=s.vcpus,
+            memory_bytes=s.memory_mib << 20,
+            kernel=s.kernel,
+            cmdline=s.cmdline,
+            backend=s.backend,
+            boot=s.boot,
+            patching=s.patching,
+            hypercall_page=self._page,
+            ps_per_instr=self.cost.ps_per_instr,
+            rom=vmi_rom() if s.backend == "vmi" else b"",
+        )
+
+    def _built(self, dom: Domain, res: BuildResult) -> None:
+        if not res.ok:
+            dom.crash_detail = f"build failed: {res.error_code}: {res.error}"
+            dom.move(DomainState.CRASHED, dom.crash_detail)
+            self.printk(f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code)
+            return
+        if not all(0 <= mfn < dom.nr_pages for mfn in (res.l2_mfn, *res.l1_mfns)):
+            raise ReportError(f"build result names page-table frames outside the domain ({res.l2_mfn})")
+        dom.move(DomainState.RUNNING, "built")
+        if dom.spec.backend != "native":
+            # a paravirtualized guest's initial tables are validated and pinned, so it cannot map them writable
+            dom.frames.pin(res.l2_mfn, 2)
+            for mfn in res.l1_mfns:
+                dom.frames.pin(mfn, 1)
+        now = self.clock.now_ns
+        dom.joined, dom.started_vt = True, now
+        dom.last_window = now // self.clock.window_ns
+        boot = dom.vcpus[0]
+        boot.initialised = boot.up = True
+        self.scheduler.wake(dom, boot, now, "boot")
+        boot.ready_ns = now
+        self.printk(
+            f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
+            f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
+            dom=dom.domid,
+            entry=res.entry,
+            guest_os=res.guest_os,
+            backend=dom.spec.backend,
+            boot=dom.spec.boot,
+        )
+
+    def deliver(self, dom: Domain, effect: Effect, vt_ns: int) -> None:
+        """Queue an effect decided outside ``dom``'s own hypercalls, arriving at ``vt_ns``."""
+        if dom.alive and dom.state is not DomainState.BUILDING:
+            dom.deliveries.append(Delivery(vt_ns=vt_ns, effect=effect))
+
+    def shutdown(self, dom: Domain, reason: ShutdownReason, vt_ns: int) -> None:
+        """SCHEDOP_shutdown: the guest is done."""
+        dom.shutdown_reason = reason
+        dom.ended_vt = vt_ns
+        if reason is ShutdownReason.crash:
+            dom.crash_detail = "guest requested SCHEDOP_shutdown(crash)"
+            dom.move(DomainState.CRASHED, "guest shutdown: crash")
+        else:
+            dom.move(DomainState.SHUTTING_DOWN, f"guest shutdown: {reason.name}")
+        self._leave(dom, f"shutdown {reason.name}")
+        self.printk(f"d{dom.domid} ({dom.name}): shutdown, reason {reason.name}", vt_ns=vt_ns, dom=dom.domid,
+                    reason=reason.name)
+        dom.trace.event("domain.shutdown", vt_ns=vt_ns, reason=reason.name)
+        self.outbox.append((dom, Stop(reason=reason.name)))
+
+    def crash(self, dom: Domain, detail: str, *, vt_ns: int | None = None, exc: BaseException | None = None) -> None:
+        """End ``dom`` (it stays listed as crashed until destroyed); its process is terminated."""
+        if not dom.alive:
+            return
+        vt = self.clock.now_ns if vt_ns is None else vt_ns
+        dom.crash_detail = detail
+        dom.ended_vt = vt
+        dom.move(DomainState.CRASHED, detail)
+        self._leave(dom, "crashed")
+        self.printk(f"d{dom.domid} ({dom.name}) crashed: {detail}", vt_ns=vt, dom=dom.domid)
+        fields: dict[str, Any] = {"detail": detail}
+        if exc is not None:
+            fields["traceback"] = "".join(traceback.format_exception(exc))[-4000:]
+        dom.trace.event("domain.crash", vt_ns=vt, **fields)
+        self.to_kill.append(dom)
+
+    def destroy(self, dom: Domain) -> None:
+        """The toolstack's destroy: the domain stops now; the shell then waits for its process to exit."""
+        if dom.state is DomainState.DEAD:
+            return
+        if dom.state is DomainState.CRASHED:
+            dom.move(DomainState.DEAD, "destroyed")
+        elif dom.state is not DomainState.SHUTTING_DOWN:
+            dom.ended_vt = self.clock.now_ns
+            dom.move(DomainState.SHUTTING_DOWN, "destroyed by the toolstack")
+        self._leave(dom, "destroyed")
+        self.printk(f"d{dom.domid} ({dom.name}): destroyed", dom=dom.domid)
+        self.outbox.append((dom, Stop(reason="destroy")))
+
+    def process_exited(self, dom: Domain, returncode: int) -> None:
+        """``dom``'s process is gone: whatever the domain still held is reclaimed."""
+        vt = dom.ended_vt if dom.ended_vt is not None else self.clock.now_ns
+        dom.trace.event("domain.process_exit", vt_ns=vt, returncode=returncode)
+        if dom.state is DomainState.SHUTTING_DOWN:
+            dom.move(DomainState.DEAD, f"process exited ({returncode})")
+            self.printk(f"d{dom.domid} ({dom.name}): dead", vt_ns=vt, dom=dom.domid)
+        elif dom.alive:
+            self.crash(dom, f"domain process exited unexpectedly with code {returncode}")
+        self._leave(dom, "process exited")
+        dom.frames.clear()
+
+    def pause(self, dom: Domain) -> None:
+        if dom.state is not DomainState.RUNNING:
+            raise ValueError(f"domain {dom.domid} is {dom.state.value}, not running")
+        dom.move(DomainState.PAUSED, "paused by the toolstack")
+        # A paused domain's vCPUs give up their pCPUs; the ones that could run are woken again on unpause.
+        for v in dom.vcpus:
+            if v.runstate in (RunState.RUNNING, RunState.RUNNABLE):
+                self.scheduler.move(dom, v, RunState.RUNNABLE, self.clock.now_ns, "paused")
+        self.printk(f"d{dom.domid} ({dom.name}): paused", dom=dom.domid)
+
+    def unpause(self, dom: Domain) -> None:
+        if dom.state is not DomainState.PAUSED:
+            raise ValueError(f"domain {dom.domid} is {dom.state.value}, not paused")
+        dom.move(DomainState.RUNNING, "unpaused by the toolstack")
+        now = self.clock.now_ns
+        # Virtual time went on while it was paused; it cannot take part in windows already closed.
+        dom.last_window = max(dom.last_window, now // self.clock.window_ns)
+        for v in dom.vcpus:
+            if v.ready_ns is not None:
+                v.ready_ns = max(v.ready_ns, now)
+        self.printk(f"d{dom.domid} ({dom.name}): unpaused", dom=dom.domid)
+
+    def _leave(self, dom: Domain, why: str) -> None:
+        """``dom`` stops taking part in windows: its vCPUs give up their pCPUs, what was queued for it is dropped,
+        its timers stop and its event channels close now, in virtual time, not when its process happens to exit:
+        its peers see them go."""
+        now = self.clock.now_ns
+        self.scheduler.offline(dom, now, why)
+        for v in dom.vcpus:
+            v.timers.clear()
+            v.ready_ns = None
+        dom.results.clear()
+        dom.deliveries.clear()
+        dom.ipis.clear()
+        for peer_dom, peer_port in evtchn.close_all(dom.domid, dom.evtchn, self.evtchn_of):
+            self._notify_peer_closed(dom.domid, peer_dom, peer_port, now + self.cost.link_ns)
+        dom.trace.flush(now)
+
+    def _notify_peer_closed(self, domid: int, peer_domid: int, peer_port: int, vt: int) -> None:
+        peer = self.domains.get(peer_domid)
+        p = peer.evtchn.lookup(peer_port) if peer is not None else None
+        if peer is None or p is None or p.state is not PortState.UNBOUND:
+            return
+        peer.trace.event("evtchn.peer_closed", vt_ns=vt, port=peer_port, remote_dom=domid)
+        self.deliver(peer, SetPending(vcpu=p.notify_vcpu, port=peer_port), vt)
+
+    # -- the clock -------------------------------------------------------------------------------------------
+
+    def step(self) -> dict[int, Window]:
+        """Close the open window and open the next (``Clock.step``); notes when the cluster goes idle."""
+        windows = self.clock.step()
+        running = [d.domid for d in self.domains if d.running]
+        building = any(d.state is DomainState.BUILDING for d in self.domains)
+        if not windows and running and not building and not self.idle:
+            self.idle = True
+            self.printk("no runnable vCPU and no pending event: the cluster is idle", domains=running)
+        elif windows:
+            self.idle = False
+        return windows
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "vt_ns": self.clock.now_ns,
+            "window": self.clock.index,
+            "idle": self.idle,
+            "hypercalls": self.hypercalls,
+            "domains": [d.summary() for d in self.domains],
+        }

@@ -1,0 +1,288 @@
+"""The hypervisor process's transport shell: sockets, domain processes and the control socket around the core.
+
+Everything simulated happens in ``hypervisor.core.Hypervisor``; this module only moves bytes and processes. It
+decodes what arrives on the domain bus and hands it to the core, sends what the core put in its outbox, ends the
+processes the core wants ended, runs the window loop (``core.step`` out, reports in), and watches domain processes.
+
+Wall-clock time judges only liveness: a domain that stays silent for ``hypervisor.unresponsive_s`` seconds of the
+hypervisor's own running time while a window waits for it is crashed. Time the hypervisor process itself was not
+running (stopped, or starved) is not counted against anyone: the silence clock advances at most a tick per tick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import zmq
+
+from hypervisor.core import Hypervisor
+from hypervisor.domain import Domain, DomainState
+from hypervisor.errors import ReportError
+from pvcluster import launch
+from pvcluster.bus import codec
+from pvcluster.bus.endpoints import Endpoints
+from pvcluster.bus.messages import Error
+from pvcluster.bus.zsock import TrioSocket
+from pvcluster.spec import ClusterSpec, DomainSpec
+
+STOP_GRACE_S = 5.0
+# A domain process that has not built its guest after this much of the hypervisor's running time is crashed.
+BUILD_TIMEOUT_S = 120.0
+# The liveness clock's tick, and the most one tick may add to a silence (so a hypervisor that was stopped for a
+# minute charges its domains at most this much for that minute).
+TICK_S = 0.25
+MAX_TICK_CHARGE_S = 2 * TICK_S
+
+
+class HypervisorProcess:
+    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.log = log
+        self.core = Hypervisor(spec, log)
+        self.unresponsive_s = spec.hypervisor.unresponsive_s
+        self.ctx = zmq.Context()
+        self.endpoints = Endpoints.for_spec(spec, run_dir)
+        self.bus: TrioSocket | None = None
+        self.control: TrioSocket | None = None
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.changed = trio.Event()
+        self.reports_in = trio.Event()
+        self._send_seq = 0
+        self.nursery: trio.Nursery | None = None
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self.reports_in.set()
+
+    # -- sockets ---------------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        bus = self.ctx.socket(zmq.ROUTER)
+        bus.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        bus.setsockopt(zmq.LINGER, 0)
+        # Frames up to twice the codec limit are read and answered "oversized"; beyond that ZeroMQ drops the
+        # peer before a byte reaches us, so no peer can make the hypervisor buffer more than this.
+        bus.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_FRAME_BYTES)
+        control = self.ctx.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_FRAME_BYTES)
+        self.endpoints = self.endpoints.bind(bus, control)
+        self.bus, self.control = TrioSocket(bus), TrioSocket(control)
+        info = {"pid": os.getpid(), "bus": self.endpoints.bus, "control": self.endpoints.control}
+        tmp = self.run_dir / "hypervisor.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.run_dir / "hypervisor.json")
+        self.log.info("hypervisor.listening", vt_ns=0, **info)
+
+    async def send(self, identity: bytes, body: Any, sock: TrioSocket | None = None) -> bool:
+        """Send one message; False if it could not be encoded (codec.EncodeError) or the peer is gone."""
+        sock = sock or self.bus
+        assert sock is not None
+        self._send_seq += 1
+        frame = codec.encode(body, seq=self._send_seq, vt_ns=self.core.clock.now_ns)
+        try:
+            await sock.send_multipart([identity, frame])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; its watcher reports the death
+            self.log.warning("bus.send_failed", vt_ns=self.core.clock.now_ns,
+                             peer=identity[:6].decode(errors="replace"), error=str(exc), msg=type(body).__name__)
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Carry out what the core asked for: messages to domain processes, processes to end."""
+        core = self.core
+        while core.outbox or core.to_kill:
+            outbox, core.outbox = core.outbox, []
+            for dom, body in outbox:
+                try:
+                    await self.send(dom.identity, body)
+                except codec.EncodeError as exc:  # something about this domain cannot be said on the wire
+                    core.crash(dom, f"hypervisor could not encode {type(body).__name__}: {exc}", exc=exc)
+            kills, core.to_kill = core.to_kill, []
+            for dom in kills:
+                proc = self.procs.get(dom.domid)
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+        self.poke()
+
+    async def _reject(self, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
+        self.log.warning(f"bus.{kind}", vt_ns=self.core.clock.now_ns, detail=detail, ref_seq=seq, **fields)
+        await self.send(identity, Error(kind=kind, detail=detail, ref_seq=seq))
+
+    # -- the domain bus --------------------------------------------------------------------------------------
+
+    async def bus_reader(self) -> None:
+        assert self.bus is not None
+        while True:
+            frames = await self.bus.recv_multipart()
+            await self.on_frames(frames)
+            await self.flush()
+
+    async def on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        dom = self.core.domains.by_identity(identity)
+        # Identity first: a peer the hypervisor did not create learns nothing about its frames.
+        if dom is None:
+            await self._reject(identity, "unknown-peer", "this socket identity was not assigned by the hypervisor", -1,
+                               peer=identity[:32].hex())
+            return
+        if len(frames) != 2:
+            await self._reject(identity, "malformed", f"expected 1 payload frame, got {len(frames) - 1}", -1,
+                               dom=dom.domid)
+            return
+        try:
+            env = codec.decode(frames[1])
+        except codec.FrameError as exc:
+            await self._reject(identity, exc.kind, exc.detail, exc.seq if exc.seq is not None else -1, dom=dom.domid,
+                               size=len(frames[1]))
+            return
+        try:
+            self.core.receive(dom, env.body)
+        except ReportError as exc:
+            await self._reject(identity, "unexpected", str(exc), env.seq, dom=dom.domid)
+        except Exception as exc:  # a bug while serving this domain's message ends this domain only
+            self.core.crash(dom, f"hypervisor error handling {type(env.body).__name__}: {exc!r}", exc=exc)
+
+    def bus_has_pending(self) -> bool:
+        """Whether frames wait to be read: then nobody may be judged silent yet."""
+        assert self.bus is not None
+        return bool(int(self.bus.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)  # type: ignore[arg-type]
+
+    # -- the window loop ---------------------------------------------------------------------------------------
+
+    async def window_loop(self) -> None:
+        core = self.core
+        while True:
+            windows = core.step()
+            await self.flush()
+            if not windows:
+                await self.changed.wait()
+                continue
+            for domid, window in windows.items():
+                dom = core.domains.get(domid)
+                if dom is None:
+                    continue
+                try:
+                    await self.send(dom.identity, window)
+                except codec.EncodeError as exc:
+                    core.crash(dom, f"hypervisor could not encode its window: {exc}", exc=exc)
+            await self.flush()
+            await self._wait_for_reports()
+
+    async def build_watch(self) -> None:
+        """A domain in BUILDING holds every window back (building takes no virtual time), so one whose process has
+        not built its guest after BUILD_TIMEOUT_S of this process's running time is crashed."""
+        waited: dict[int, float] = {}
+        last = time.monotonic()
+        while True:
+            await trio.sleep(TICK_S)
+            now = time.monotonic()
+            charge, last = min(now - last, MAX_TICK_CHARGE_S), now
+            building = [d for d in self.core.domains if d.state is DomainState.BUILDING]
+            waited = {d.domid: waited.get(d.domid, 0.0) + charge for d in building}
+            late = [d for d in building if waited[d.domid] >= BUILD_TIMEOUT_S]
+            if late and not self.bus_has_pending():
+                for dom in late:
+                    self.core.crash(dom, f"not built within {BUILD_TIMEOUT_S:g} s of the hypervisor's running time")
+                await self.flush()
+
+    async def _wait_for_reports(self) -> None:
+        """Until every participant of the open window has reported or left; a participant silent for
+        ``unresponsive_s`` of this process's own running time is crashed."""
+        core = self.core
+        silence = 0.0
+        last = time.monotonic()
+        while core.clock.awaiting:
+            self.reports_in = trio.Event()
+            with trio.move_on_after(TICK_S):
+                await self.reports_in.wait()
+            now = time.monotonic()
+            silence += min(now - last, MAX_TICK_CHARGE_S)
+            last = now
+            if silence < self.unresponsive_s or self.bus_has_pending():
+                continue
+            for domid in sorted(core.clock.awaiting):
+                dom = core.domains.get(domid)
+                if dom is not None and dom.alive:
+                    core.crash(dom, f"no report for window {core.clock.index} within {self.unresponsive_s:g} s "
+                                    f"of the hypervisor's running time")
+            await self.flush()
+
+    # -- domain processes ------------------------------------------------------------------------------------
+
+    def create_domain(self, spec: DomainSpec) -> Domain:
+        assert self.nursery is not None
+        dom = self.core.create_domain(spec)
+        argv = launch.python_module_argv(
+            "domains", "--endpoint", self.endpoints.bus, "--identity", dom.identity.decode(),
+            "--run-dir", str(self.run_dir), "--domid", str(dom.domid), "--name", dom.name,
+        )
+        try:
+            proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log")
+        except OSError as exc:  # a domain that never gets a process must not hold every window back
+            self.core.crash(dom, f"could not start its process: {exc}")
+            raise
+        self.procs[dom.domid] = proc
+        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid)
+        self.nursery.start_soon(self._watch, dom, proc)
+        return dom
+
+    async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
+        rc = await launch.wait_exit(proc)
+        self.core.process_exited(dom, rc)
+        await self.flush()
+
+    async def destroy(self, dom: Domain) -> None:
+        self.core.destroy(dom)
+        await self.flush()
+        proc = self.procs.get(dom.domid)
+        if proc is not None:
+            with trio.move_on_after(STOP_GRACE_S):
+                await launch.wait_exit(proc)
+            if proc.poll() is None:
+                proc.kill()
+                await launch.wait_exit(proc)
+        if dom.state is DomainState.SHUTTING_DOWN:
+            dom.move(DomainState.DEAD, "destroyed")
+        self.poke()
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from hypervisor.control import ControlServer
+
+        self.bind()
+        h = self.spec.hypervisor
+        self.core.printk(f"pvcluster hypervisor up: {h.pcpus} pcpus, window {h.window_ns} ns, "
+                         f"seed {self.spec.cluster.seed}")
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.bus_reader)
+                nursery.start_soon(self.window_loop)
+                nursery.start_soon(self.build_watch)
+                await ControlServer(self).serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.kill_all()
+            for sock in (self.bus, self.control):
+                if sock is not None:
+                    sock.close()
+            self.ctx.term()
+            # A stale file would make the toolstack talk to a dead hypervisor.
+            (self.run_dir / "hypervisor.json").unlink(missing_ok=True)
+            print("hypervisor: stopped", file=sys.stderr)

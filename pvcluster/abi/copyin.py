@@ -1,0 +1,193 @@
+"""What each hypercall copies in from guest memory: the guest buffers it reads or writes, named from its arguments.
+
+Guest RAM lives in the domain process and the hypervisor never touches it, so the domain process copies in, at
+the trap, every span the hypercall's descriptor here names (read through the trapping vCPU's page tables) and
+ships them with the request; the hypervisor's handler then reads and writes only those (``GuestView``). This is
+ABI knowledge (the layouts of the argument structs), so it lives here, shared by both processes.
+
+A descriptor is ``(args, read) -> list[Span]``: ``args`` are the five argument registers, ``read(addr, length)``
+reads guest memory (None where it is not mapped), for structs that point at further buffers (a multicall's
+entries, a sched_poll's port array). Descriptors must not trust what they read: lengths are capped, and the
+total a trap may carry is capped in ``copy_in`` so a hostile guest cannot balloon a bus message.
+
+Long batches (mmu_update, mmuext_op, multicall) copy a bounded prefix; the hypervisor continues the rest through a
+hypercall continuation, as Xen preempts long batches, so a batch of any length works.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import attrs
+
+from pvcluster.abi import layouts, structs
+from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, Hypercall, SchedOp, VcpuOp
+
+Reader = Callable[[int, int], bytes | None]
+_U32 = 0xFFFFFFFF
+
+# Caps on what one trap carries. Each span at MAX_SPAN, all spans of one trap at MAX_TOTAL (spans past the total are
+# dropped in order, so the first ones, a batch's array, stay); a batch copies at most MAX_BATCH_COPY requests or ops
+# and a multicall at most MAX_MULTICALL_COPY entries per trap.
+MAX_SPAN = 64 * 1024
+MAX_TOTAL = 256 * 1024
+MAX_BATCH_COPY = 512
+MAX_MULTICALL_COPY = 128
+# Xen copies a console write in chunks and has no upper bound; one trap here carries at most this much, the rest
+# is dropped and traced.
+MAX_CONSOLE_WRITE = 16 * 1024
+
+
+@attrs.frozen
+class Span:
+    """A guest buffer a hypercall may touch: ``addr`` and ``length`` as the guest gave them."""
+
+    addr: int
+    length: int
+    writable: bool = False
+
+
+Descriptor = Callable[[list[int], Reader], list[Span]]
+
+
+def _none(args: list[int], read: Reader) -> list[Span]:
+    return []
+
+
+def _console_io(args: list[int], read: Reader) -> list[Span]:
+    if args[0] == ConsoleIO.write and args[1] > 0:
+        return [Span(args[2], min(args[1], MAX_CONSOLE_WRITE))]
+    return []
+
+
+def _xen_version(args: list[int], read: Reader) -> list[Span]:
+    size = structs.XENVER_OUT_SIZE.get(args[0])
+    return [Span(args[1], size, writable=True)] if size else []
+
+
+def _sched_op(args: list[int], read: Reader) -> list[Span]:
+    if args[0] == SchedOp.shutdown:
+        return [Span(args[1], layouts.SCHED_SHUTDOWN.size)]
+    if args[0] == SchedOp.poll:
+        spans = [Span(args[1], layouts.SCHED_POLL.size)]
+        raw = read(args[1], layouts.SCHED_POLL.size)
+        if raw is not None:
+            ports, nr = struct.unpack_from("<II", raw)
+            if 0 < nr <= structs.SCHED_POLL_MAX_PORTS:
+                spans.append(Span(ports, 4 * nr))
+        return spans
+    return []
+
+
+def _vcpu_op(args: list[int], read: Reader) -> list[Span]:
+    if args[0] == VcpuOp.initialise:
+        return [Span(args[2], layouts.VCPU_GUEST_CONTEXT.size)]
+    size = structs.VCPU_TIMER_STRUCT_SIZE.get(args[0])
+    return [Span(args[2], size)] if size is not None else []
+
+
+def _batch(args: list[int], size: int) -> tuple[list[Span], int]:
+    """The request array prefix and the done counter of an mmu_update / mmuext_op: (spans, requests copied)."""
+    base, count, done = args[0], args[1] & ~MMU_UPDATE_PREEMPTED & _U32, args[2]
+    # the done counter is read back (a continuation accumulates into it) and written
+    spans = [Span(done, 4, writable=True)] if done else []
+    n = min(count, MAX_BATCH_COPY)
+    if n:
+        spans.insert(0, Span(base, n * size))
+    return spans, n
+
+
+def _mmu_update(args: list[int], read: Reader) -> list[Span]:
+    return _batch(args, layouts.MMU_UPDATE.size)[0]
+
+
+def _mmuext_op(args: list[int], read: Reader) -> list[Span]:
+    spans, n = _batch(args, layouts.MMUEXT_OP.size)
+    raw = read(args[0], n * layouts.MMUEXT_OP.size) if n else None
+    if raw is None:
+        return spans
+    # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read.
+    for cmd, _, mask_ptr in struct.iter_unpack("<3I", raw):
+        bitmap = Span(mask_ptr, 4)
+        if cmd in structs.MMUEXT_MULTI_CMDS and bitmap not in spans:
+            spans.append(bitmap)
+    return spans
+
+
+def _update_va_mapping(args: list[int], read: Reader) -> list[Span]:
+    ptr = structs.uvmf_bitmap_ptr(args[3])
+    return [] if ptr is None else [Span(ptr, 4)]
+
+
+def _event_channel_op(args: list[int], read: Reader) -> list[Span]:
+    size = structs.EVTCHNOP_SIZE.get(args[0])
+    if size is None:
+        return []
+    return [Span(args[1], size, writable=args[0] in structs.EVTCHNOP_WITH_OUT)]
+
+
+def _callback_op(args: list[int], read: Reader) -> list[Span]:
+    size = structs.CALLBACKOP_SIZE.get(args[0])
+    return [Span(args[1], size)] if size else []
+
+
+def _multicall(args: list[int], read: Reader) -> list[Span]:
+    entries, count = args[0], args[1]
+    n = min(count, MAX_MULTICALL_COPY)
+    if not n:
+        return []
+    size = layouts.MULTICALL_ENTRY.size
+    spans = [Span(entries, n * size, writable=True)]  # results are written back into the entries
+    raw = read(entries, n * size)
+    if raw is None:
+        return spans
+    seen, total = set(spans), n * size
+    for fields in struct.iter_unpack("<8I", raw):
+        op, entry_args = fields[0], list(fields[2 : 2 + structs.MULTICALL_ENTRY_ARGS])
+        if op == Hypercall.multicall:
+            continue  # a nested multicall is refused, and copies nothing
+        new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
+        # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
+        # batch entry never runs with its ops but without its done counter.
+        if total + sum(s.length for s in new) > MAX_TOTAL or any(not 0 < s.length <= MAX_SPAN for s in new):
+            break
+        seen.update(new)
+        spans += new
+        total += sum(s.length for s in new)
+    return spans
+
+
+DESCRIPTORS: dict[int, Descriptor] = {
+    Hypercall.console_io: _console_io,
+    Hypercall.xen_version: _xen_version,
+    Hypercall.sched_op: _sched_op,
+    Hypercall.vcpu_op: _vcpu_op,
+    Hypercall.mmu_update: _mmu_update,
+    Hypercall.update_va_mapping: _update_va_mapping,
+    Hypercall.mmuext_op: _mmuext_op,
+    Hypercall.multicall: _multicall,
+    Hypercall.event_channel_op: _event_channel_op,
+    Hypercall.callback_op: _callback_op,
+    Hypercall.set_callbacks: _none,
+    Hypercall.set_timer_op: _none,
+}
+
+
+def describe(nr: int, args: list[int], read: Reader) -> list[Span]:
+    """The spans hypercall ``nr`` names, uncapped (``copy_in`` applies the caps)."""
+    descriptor = DESCRIPTORS.get(nr)
+    if descriptor is None:
+        return []
+    return descriptor([a & _U32 for a in args[:5]] + [0] * (5 - len(args[:5])), read)
+
+
+def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
+    """The spans to copy in for a trap, capped per span and in total, first ones first."""
+    kept: list[Span] = []
+    total = 0
+    for s in describe(nr, args, read):
+        if 0 < s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
+            kept.append(s)
+            total += s.length
+    return kept

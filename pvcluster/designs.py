@@ -1,0 +1,11 @@
+"""The TLB-shootdown design a domain runs, named the same way by the domain's trace and by trace analysis."""
+
+from __future__ import annotations
+
+
+def mode_of(domain: dict[str, str]) -> str:
+    """The shootdown design a domain runs: its backend's flush_tlb_others, or IPIs that reload cr3."""
+    backend = domain.get("backend", "")
+    if "tlbflush=cr3" in domain.get("cmdline", ""):
+        return f"cr3 ({backend})"
+    return {"native": "native", "xen": "pv", "vmi": "pv (vmi rom)"}.get(backend, "?")
