@@ -25,7 +25,7 @@ from hypervisor.hypercalls.base import Call
 from pvcluster.abi import layouts, xen
 from pvcluster.abi.copyin import MAX_BATCH_COPY, Span, copy_in
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import DOMID_SELF, Hypercall
+from pvcluster.abi.xen import DOMID_SELF, Hypercall, MmuextCmd
 from pvcluster.bus.effects import FlushTlb, Invlpg, SetCr3, SetVaPte, WriteMachine
 from pvcluster.bus.messages import Region
 
@@ -385,10 +385,8 @@ def test_ext_multi_flushes(dom: Domain) -> None:
     assert _denied(call) == ["vcpumask-unmapped"]
 
 
-def test_ext_flush_cache_set_ldt_and_unknown(dom: Domain) -> None:
-    rc, call = _ext(dom, [(12, 0, 0)])
-    assert rc == 0 and call.effects == []
-    for cmd in (13, 14, 99):
+def test_ext_set_ldt_and_unknown(dom: Domain) -> None:
+    for cmd in (MmuextCmd.SET_LDT, 14, 99):
         rc, call = _ext(dom, [(cmd, VA, 16)])
         assert rc == -Errno.ENOSYS and _denied(call) == ["unsupported-cmd"]
 
@@ -469,3 +467,8 @@ def test_command_numbers_match_xen_headers() -> None:
         assert defines[f"MMUEXT_{e.name}"] == e
     for name in ("UVMF_NONE", "UVMF_TLB_FLUSH", "UVMF_INVLPG", "UVMF_FLUSHTYPE_MASK", "UVMF_LOCAL", "UVMF_ALL"):
         assert defines[name] == getattr(xen, name), name
+
+
+def test_ext_flush_cache_needs_privilege_no_domain_has(dom: Domain) -> None:
+    rc, call = _ext(dom, [(MmuextCmd.FLUSH_CACHE, 0, 0)])
+    assert rc == -Errno.EACCES and _denied(call) == ["cache-flush-not-permitted"] and _writes(call) == [(DONE, 0)]

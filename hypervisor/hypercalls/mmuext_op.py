@@ -60,7 +60,8 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
         invlpg = cmd in (_C.INVLPG_LOCAL, _C.INVLPG_MULTI, _C.INVLPG_ALL)
         call.effects.extend(mm.flush_effects(targets, arg1 if invlpg else None))
     elif cmd == _C.FLUSH_CACHE:
-        pass  # the simulated machine has no caches to write back
+        # Xen: -EACCES unless cache_flush_permitted(), which needs I/O resources no domain is given here
+        return mm.deny(call, Errno.EACCES, "cache-flush-not-permitted", index=i)
     else:
         # SET_LDT among them: descriptor tables are not modelled yet.
         return mm.deny(call, Errno.ENOSYS, "unsupported-cmd", index=i, cmd=cmd)
