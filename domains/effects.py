@@ -23,9 +23,11 @@ from pvcluster.bus.effects import (
     PollTimeout,
     RestartHypercall,
     SetCallback,
+    SetClockSkew,
     SetContext,
     SetCr3,
     SetPending,
+    SetSpeed,
     SetVaPte,
     Unmask,
     VcpuDown,
@@ -42,13 +44,15 @@ if TYPE_CHECKING:
 INT_INSN_LEN = 2
 
 
-def apply(proc: DomainProcess, effect: Effect, vt_ns: int, caller: int) -> None:
-    """Carry out ``effect``, decided at (or arriving at) ``vt_ns`` for a hypercall of vCPU ``caller``."""
+def apply(proc: DomainProcess, effect: Effect, vt_ns: int, caller: int) -> bool:
+    """Carry out ``effect``, decided at (or arriving at) ``vt_ns`` for a hypercall of vCPU ``caller``; False when it
+    names no vCPU of this domain (traced, and counted against the hypervisor by the checker)."""
     target = target_vcpu(effect)
     if target is not None and not 0 <= target < len(proc.vcpus):
         proc.trace("domain.bad_effect", vcpu=caller, kind=kind(effect), detail=f"no vCPU {target}")
-        return
+        return False
     _APPLY[type(effect)](proc, effect, vt_ns, caller)
+    return True
 
 
 def _vcpu(proc: DomainProcess, e: Any) -> Vcpu:
@@ -57,6 +61,8 @@ def _vcpu(proc: DomainProcess, e: Any) -> Vcpu:
 
 def _set_pending(proc: DomainProcess, e: SetPending, vt_ns: int, caller: int) -> None:
     events.set_pending(proc.memory, e.port, e.vcpu)
+    # the other half of the hypervisor's event.sent: the checker pairs them by eid
+    proc.trace("event.delivered", vt_ns=vt_ns, eid=e.eid, port=e.port, vcpu=e.vcpu)
 
 
 def _unmask(proc: DomainProcess, e: Unmask, vt_ns: int, caller: int) -> None:
@@ -152,6 +158,16 @@ def _restart(proc: DomainProcess, e: RestartHypercall, vt_ns: int, caller: int) 
     v.set_regs({**regs, "eip": v.reg("eip") - INT_INSN_LEN})
 
 
+def _set_speed(proc: DomainProcess, e: SetSpeed, vt_ns: int, caller: int) -> None:
+    _vcpu(proc, e).ps_per_instr = e.ps_per_instr
+    proc.trace("vcpu.speed", vt_ns=vt_ns, vcpu=e.vcpu, ps_per_instr=e.ps_per_instr)
+
+
+def _set_clock_skew(proc: DomainProcess, e: SetClockSkew, vt_ns: int, caller: int) -> None:
+    proc.skew = (e.offset_ns, e.ppm)
+    proc.trace("clock.skew", vt_ns=vt_ns, offset_ns=e.offset_ns, ppm=e.ppm)
+
+
 _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
     SetPending: _set_pending,
     Unmask: _unmask,
@@ -169,4 +185,6 @@ _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
     Poll: _poll,
     PollTimeout: _poll_timeout,
     RestartHypercall: _restart,
+    SetSpeed: _set_speed,
+    SetClockSkew: _set_clock_skew,
 }

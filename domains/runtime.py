@@ -16,6 +16,7 @@ import zmq
 from domains import effects
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
+from domains.link import LinkReceiver
 from domains.memory import GuestRam
 from domains.paging import read_virt, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
@@ -23,7 +24,7 @@ from pvcluster.abi.copyin import copy_in
 from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
 from pvcluster.bus import codec
-from pvcluster.bus.effects import PollTimeout, SetPending, kind
+from pvcluster.bus.effects import SetPending, Unmask, VcpuUp, kind
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
@@ -45,6 +46,9 @@ from pvcluster.designs import mode_of
 
 # Wall clock only decides when a silent hypervisor is presumed dead; nothing simulated depends on it.
 HYPERVISOR_SILENCE_S = 120.0
+# Deliveries that wake a sleeping vCPU at their arrival (a delayed flush, a speed or clock change do not; a poll
+# timeout does, but only by ending the poll).
+_WAKING = (SetPending, Unmask, VcpuUp)
 
 
 def _stopped(pid: int) -> bool:
@@ -75,6 +79,8 @@ class DomainProcess:
         self._ipis: list[Ipi] = []
         self._span_start: dict[int, int] = {}
         self._shootdown_mode = ""
+        self.skew = (0, 0)  # the skew fault: (offset ns, ppm) added to the system time vcpu_time_info shows
+        self.link = LinkReceiver()
 
     @property
     def memory(self) -> GuestRam:
@@ -197,21 +203,24 @@ class DomainProcess:
     def _apply(self, res: HypercallResult) -> None:
         ram = self.ram
         assert ram is not None
+        if not self.link.first(res.link_seq, "result", self.trace, res.vt_ns):
+            return
         if not 0 <= res.vcpu < len(self.vcpus):
-            self.trace("domain.bad_result", vcpu=res.vcpu, detail="no such vCPU")
+            self.trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such vCPU")
+            return
+        vcpu = self.vcpus[res.vcpu]
+        if res.complete and (vcpu.trap is None or vcpu.trap.seq != res.seq):
+            self.trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall")
             return
         # copy_to_guest: through the page tables of the vCPU that made the call
-        cr3 = self.vcpus[res.vcpu].cr3
         for w in res.writes:
-            if not write_virt(ram, cr3, w.addr, w.data):
+            if not write_virt(ram, vcpu.cr3, w.addr, w.data):
                 self.trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
-        for effect in res.effects:
-            effects.apply(self, effect, res.vt_ns, res.vcpu)
-        vcpu = self.vcpus[res.vcpu]
+        applied = sum(effects.apply(self, effect, res.vt_ns, res.vcpu) for effect in res.effects)
+        # the other half of the hypervisor's `hypercall` event: the checker pairs them by span
+        self.trace("hypercall.done", vt_ns=res.vt_ns, vcpu=res.vcpu, span=f"hc-d{self.domid}v{res.vcpu}-{res.seq}",
+                   value=res.value, complete=res.complete, effects=applied)
         if res.complete:
-            if vcpu.trap is None or vcpu.trap.seq != res.seq:
-                self.trace("domain.bad_result", vcpu=res.vcpu, seq=res.seq, detail="no such pending hypercall")
-                return
             vcpu.complete_trap(res.value, res.vt_ns)
 
     def _route_ipi(self, src: int, dest: int, vector: int, vt_ns: int) -> None:
@@ -239,7 +248,9 @@ class DomainProcess:
         version_at, time_at = info + VCPU_INFO.offset("time.version"), info + VCPU_INFO.offset("time.system_time")
         version = int.from_bytes(self.ram.read_pa(version_at, 4), "little")
         self.ram.write_pa(version_at, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
-        self.ram.write_pa(time_at, vcpu.clock_ns.to_bytes(8, "little"))
+        offset, ppm = self.skew  # a drifting clock source: only the guest's view moves, never virtual time
+        shown = max(0, vcpu.clock_ns + offset + vcpu.clock_ns * ppm // 1_000_000) & 0xFFFFFFFFFFFFFFFF
+        self.ram.write_pa(time_at, shown.to_bytes(8, "little"))
         self.ram.write_pa(version_at, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
 
     @staticmethod
@@ -265,11 +276,13 @@ class DomainProcess:
     def _event(self, d: Delivery) -> None:
         """An effect decided outside this domain's own hypercalls, arriving at ``d.vt_ns``: a vCPU asleep until then
         wakes no earlier than that."""
+        if not self.link.first(d.seq, kind(d.effect), self.trace, d.vt_ns):
+            return
         vcpu = getattr(d.effect, "vcpu", -1)
         self.trace("domain.event", vt_ns=d.vt_ns, vcpu=vcpu, kind=kind(d.effect),
                    port=getattr(d.effect, "port", None))
         blocked = 0 <= vcpu < len(self.vcpus) and self.vcpus[vcpu].state is VcpuState.BLOCKED
-        if blocked and not isinstance(d.effect, PollTimeout):  # a poll timeout that ends a poll advances the clock
+        if blocked and isinstance(d.effect, _WAKING):  # a poll timeout that ends a poll advances the clock
             self.vcpus[vcpu].advance_to(d.vt_ns)
         if isinstance(d.effect, SetPending):  # and a vCPU polling the port wakes no earlier than the event either
             for v in self.vcpus:
@@ -287,6 +300,8 @@ class DomainProcess:
         faults: list[VcpuFault] = []
         self._ipis = []
         for irq in window.irqs:
+            if not self.link.first(irq.seq, "ipi", self.trace, irq.vt_ns):
+                continue
             if 0 <= irq.dest < len(self.vcpus) and self.vcpus[irq.dest].state is not VcpuState.DOWN:
                 self.vcpus[irq.dest].post_irq(irq.vt_ns, irq.src, irq.vector)
         run = set(window.run)

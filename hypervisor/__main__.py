@@ -8,11 +8,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from hypervisor.shell import HypervisorProcess
 from pvcluster import trace
+from pvcluster.faults import request
 from pvcluster.spec import ClusterSpec, SpecError
 
 
@@ -20,14 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hypervisor", description=__doc__)
     ap.add_argument("--spec-json", required=True, type=Path, help="validated cluster spec, as ClusterSpec.to_dict()")
     ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--replay", type=Path, help="JSON list of recorded interactive faults to act at their steps")
     args = ap.parse_args(argv)
     try:
         spec = ClusterSpec.from_dict(json.loads(args.spec_json.read_text()))
     except (OSError, ValueError, SpecError) as exc:
         print(f"hypervisor: bad spec: {exc}", file=sys.stderr)
         return 2
+    try:
+        replay = read_replay(args.replay) if args.replay is not None else []
+    except (OSError, ValueError) as exc:
+        print(f"hypervisor: bad replay file: {exc}", file=sys.stderr)
+        return 2
     log = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
-    hv = HypervisorProcess(spec, args.run_dir, log)
+    hv = HypervisorProcess(spec, args.run_dir, log, replay)
 
     def on_term(signum: int, _frame: object) -> None:
         # The toolstack died or gave up on a clean `down`: take the domain processes down at once. Doing it
@@ -42,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def read_replay(path: Path) -> list[dict[str, Any]]:
+    """The recorded faults to replay, each checked against the fault catalog before the run starts."""
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise ValueError("not a JSON list")
+    keys = ("fid", "step", "planned_vt_ns", "after")
+    for r in records:
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), int) for k in keys) or r.get("point") not in (
+                "open", "close"):
+            raise ValueError(f"not a fault record: {str(r)[:200]}")
+        request(r.get("kind"), r.get("target"), r.get("at_ns"), r.get("params"))
+    return records
 
 
 if __name__ == "__main__":

@@ -46,12 +46,14 @@ from hypervisor.timers import END_OF_TIME
 from hypervisor.vcpu import RunState, Vcpu
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus.effects import PollTimeout, SetPending, Unmask, VcpuUp, kind
-from pvcluster.bus.messages import HypercallReq, Ipi, Window, WindowDone
+from pvcluster.bus.messages import HypercallReq, HypercallResult, Ipi, Window, WindowDone
 
 if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
 
 _WAKING_EFFECTS = (SetPending, Unmask, VcpuUp)
+# Deliveries that wake their vCPU (a delayed flush, a speed or clock change do not)
+_WAKING_DELIVERIES = (SetPending, Unmask, VcpuUp, PollTimeout)
 
 
 @attrs.define
@@ -99,9 +101,10 @@ class Clock:
     def step(self) -> dict[int, Window]:
         """Close the open window (every participant has reported or left) and open the next. Returns the windows
         to send, by domid; empty when nothing can happen (the cluster is idle) or a domain is still being built."""
+        if self.open is not None and self.awaiting:
+            raise ReportError(f"window {self.open.index} still waits for domains {sorted(self.awaiting)}")
+        self.hv.faults.at_close(self.index, self.now_ns)  # replayed faults that acted while this step was open
         if self.open is not None:
-            if self.awaiting:
-                raise ReportError(f"window {self.open.index} still waits for domains {sorted(self.awaiting)}")
             self._close(self.open)
             self.open = None
         return self._open_next()
@@ -114,25 +117,38 @@ class Clock:
             # Building takes no virtual time: domains created together start together, whatever the order in which
             # their processes happened to finish building.
             return {}
-        nexts = [(*choice, part) for part in partitions([d for d in hv.domains if d.running])
-                 if (choice := self._next_window(part)) is not None]
-        if not nexts:
-            return {}
-        grid = min(k for k, _, _ in nexts)
-        active = [part for k, _, part in nexts if k == grid]
-        for k, t, part in nexts:
-            if k == grid:
-                for d in part.domains:
-                    d.last_activity = t
+        while True:
+            nexts = [(*choice, part) for part in partitions([d for d in hv.domains if d.running])
+                     if (choice := self._next_window(part)) is not None]
+            first = min((k for k, _, _ in nexts), default=None)
+            orphan = hv.faults.orphan_time()
+            if orphan is not None and (first is None or orphan // self.window_ns < first):
+                # a fault due for a domain that takes part in no window (paused): a step of its own, no window
+                self.index += 1
+                self.now_ns = max(self.now_ns, (orphan // self.window_ns + 1) * self.window_ns)
+                hv.faults.at_open(self.index, orphan, [])
+                continue
+            if first is None:
+                return {}
+            return self._open(first, [(t, part) for k, t, part in nexts if k == first])
+
+    def _open(self, grid: int, active: list[tuple[int, Partition]]) -> dict[int, Window]:
+        """Open grid window ``grid`` for the ``active`` partitions (each with the activity it was chosen for)."""
+        hv = self.hv
+        for t, part in active:
+            for d in part.domains:
+                d.last_activity = t
         start, end = grid * self.window_ns, (grid + 1) * self.window_ns
         self.index += 1
         self.now_ns = max(self.now_ns, end)
-        participants = {d.domid: d for part in active for d in part.domains}
+        participants = {d.domid: d for _, part in active for d in part.domains}
+        hv.faults.at_open(self.index, start, list(participants.values()))
+        participants = {domid: dom for domid, dom in participants.items() if dom.running}
         for dom in participants.values():
             self._guarded(dom, "its timers", self._fire_timers, dom, end)
             self._guarded(dom, "its events", self._wake_arrivals, dom, end)
         runs: dict[int, list[int]] = {}
-        for part in active:
+        for _, part in active:
             try:
                 runs.update(hv.scheduler.pick(part, start))
             except Exception as exc:  # a scheduler bug ends the domains it was placing, not the hypervisor
@@ -152,6 +168,7 @@ class Clock:
         boundary = (part.last_window + 1) * self.window_ns
         free = set(part.pcpus) - {v.pcpu for d in part.domains for v in d.vcpus if v.running}
         times = [t for d in part.domains if (t := next_activity(d, free, boundary)) is not None]
+        times += [t for d in part.domains if (t := self.hv.faults.activity(d)) is not None]
         if not times or min(times) >= END_OF_TIME - 2 * self.window_ns:
             return None  # nothing will ever happen (every time the core admits is far below the end of time)
         t = min(times)
@@ -167,13 +184,17 @@ class Clock:
         irqs = [i for i in dom.ipis if i.dest in ran]
         dom.ipis = [i for i in dom.ipis if i.dest not in ran]
         results, dom.results = dom.results, []
+        arrived = [r for r in dom.held_results if r.vt_ns < end]
+        if arrived:  # results the link held back, arriving in this window, in sending order
+            dom.held_results = [r for r in dom.held_results if r.vt_ns >= end]
+            results += sorted(arrived, key=lambda r: r.link_seq)
         return Window(index=self.index, end_ns=end, results=results, run=run, irqs=irqs,
                       events=dom.take_deliveries(end))
 
     def _fire_timers(self, dom: Domain, end: int) -> None:
         """Timers due by the end of the window just opened become deliveries for their domains."""
         for exp in timers.due(dom.vcpus, end):
-            if exp.kind == "poll":
+            if exp.kind == "poll":  # the poll's own end: decided inside the hypervisor, it crosses no link
                 self.hv.deliver(dom, PollTimeout(vcpu=exp.vcpu, trap_vt=exp.seq), exp.vt_ns)
                 dom.trace.event("timer.expired", vt_ns=exp.vt_ns, vcpu=exp.vcpu, kind=exp.kind, port=None)
                 continue
@@ -187,7 +208,7 @@ class Clock:
     def _wake_arrivals(self, dom: Domain, end: int) -> None:
         """Deliveries and IPIs arriving in the window just opened wake their targets at their arrival."""
         for d in sorted(dom.deliveries, key=lambda d: d.vt_ns):
-            if d.vt_ns > end:
+            if d.vt_ns > end or not isinstance(d.effect, _WAKING_DELIVERIES):
                 continue
             target = getattr(d.effect, "vcpu", None)
             if isinstance(target, int) and 0 <= target < len(dom.vcpus):
@@ -208,12 +229,12 @@ class Clock:
         for domid, done in reports.items():
             self._guarded(w.participants[domid], "its report", self._fold_report, w.participants[domid], done,
                           set(w.runs.get(domid, [])))
-        shutdowns, stopped = self._apply_hypercalls(w, reports)
+        shutdowns, stopped, fresh = self._apply_hypercalls(w, reports)
         for domid, done in reports.items():
             dom = w.participants[domid]
             if domid not in stopped and dom.running:
                 self._guarded(dom, "its report", self._ready_from_report, dom, done, set(w.runs.get(domid, [])))
-                self._guarded(dom, "its results", self._results_ready, dom)
+                self._guarded(dom, "its results", self._results_ready, dom, fresh.get(domid, []))
         for dom, reason, vt in shutdowns:
             self._guarded(dom, "its shutdown", hv.shutdown, dom, reason, vt)
         for domid, done in reports.items():
@@ -222,8 +243,8 @@ class Clock:
                 if dom.alive:
                     hv.crash(dom, f"vcpu {f.vcpu} {f.kind}: {f.detail} at eip {f.eip:#x} ({f.disasm})", vt_ns=f.vt_ns)
 
-    def _results_ready(self, dom: Domain) -> None:
-        for r in dom.results:
+    def _results_ready(self, dom: Domain, results: list[HypercallResult]) -> None:
+        for r in results:
             self._result_ready(dom, dom.vcpus[r.vcpu], r.vt_ns)
             for e in r.effects:
                 if isinstance(e, _WAKING_EFFECTS) and 0 <= e.vcpu < len(dom.vcpus):
@@ -247,15 +268,15 @@ class Clock:
                 dom.trace.warning("ipi.dropped", vt_ns=ipi.vt_ns, vcpu=ipi.src, dest=ipi.dest, vector=ipi.vector,
                                   why="no such vCPU")
                 continue
-            arrive = Ipi(ipi.src, ipi.dest, ipi.vector, ipi.vt_ns + self.hv.cost.ipi_ns)
-            dom.ipis.append(arrive)
+            self.hv.send_ipi(dom, Ipi(ipi.src, ipi.dest, ipi.vector, ipi.vt_ns + self.hv.cost.ipi_ns))
             dom.trace.event("ipi", vt_ns=ipi.vt_ns, vcpu=ipi.src, dest=ipi.dest, vector=ipi.vector,
                             target_running=dom.vcpus[ipi.dest].running)
 
     def _apply_hypercalls(
         self, w: OpenWindow, reports: dict[int, WindowDone]
-    ) -> tuple[list[tuple[Domain, ShutdownReason, int]], set[int]]:
-        """Every trapped hypercall of the window, in (virtual time, domain, vCPU, seq) order."""
+    ) -> tuple[list[tuple[Domain, ShutdownReason, int]], set[int], dict[int, list[HypercallResult]]]:
+        """Every trapped hypercall of the window, in (virtual time, domain, vCPU, seq) order. Returns the shutdowns,
+        the domains stopped, and each domain's new results (as they arrive over its link)."""
         hv = self.hv
         queue: list[tuple[int, int, int, int, HypercallReq]] = []
         for domid, done in reports.items():
@@ -263,6 +284,7 @@ class Clock:
         queue.sort(key=lambda q: q[:4])
         shutdowns: list[tuple[Domain, ShutdownReason, int]] = []
         stopped: set[int] = set()
+        fresh: dict[int, list[HypercallResult]] = {}
         for vt, domid, _, _, req in queue:
             dom = w.participants[domid]
             if domid in stopped or not dom.running:
@@ -282,8 +304,8 @@ class Clock:
                 shutdowns.append((dom, out.shutdown, vt))
                 stopped.add(domid)
             elif out.result is not None:
-                dom.results.append(out.result)
-        return shutdowns, stopped
+                fresh.setdefault(domid, []).append(out.result)
+        return shutdowns, stopped, fresh
 
     def _ready_from_report(self, dom: Domain, done: WindowDone, ran: set[int]) -> None:
         """A vCPU the domain reports able to run is ready from its clock. One that held a pCPU and stopped (trapped,
@@ -322,11 +344,12 @@ def next_activity(dom: Domain, free_pcpus: set[int] | None = None, boundary: int
     next window), a vCPU that waits for a pCPU and has none free in its affinity counts from the boundary."""
     times = []
     for v in dom.vcpus:
-        if v.ready_ns is None:
-            continue
+        if v.ready_ns is None or v.held_until is not None:
+            continue  # a vCPU a fault holds off every pCPU waits for the fault's end, which has its own activity
         waits = free_pcpus is not None and v.runstate is RunState.RUNNABLE and not free_pcpus & set(v.affinity)
         times.append(max(v.ready_ns, boundary) if waits else v.ready_ns)
     times += [d.vt_ns for d in dom.deliveries]
+    times += [r.vt_ns for r in dom.held_results]
     # an IPI whose target is awake already waits only for that target to hold a pCPU: its clock says when
     times += [i.vt_ns for i in dom.ipis if dom.vcpus[i.dest].ready_ns is None]
     deadline = timers.next_deadline(dom.vcpus)

@@ -11,11 +11,13 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
 import zmq
 
-from hypervisor.domain import Domain
+from hypervisor.domain import Domain, DomainState
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
+from pvcluster.faults import ENDING, FaultError, FaultRequest, request
 from pvcluster.spec import SpecError, parse_domain_dict
 
 if TYPE_CHECKING:
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 
 # A request names a command in the toolstack's vocabulary; anything longer is not one.
 MAX_COMMAND_LEN = 64
+# How long pause/unpause wait for the next step to carry them out, and the most an inject may ask to wait.
+WAIT_S = 10.0
+MAX_WAIT_S = 600
 
 
 class CommandError(Exception):
@@ -43,6 +48,8 @@ class ControlServer:
             "destroy": self.cmd_destroy,
             "pause": self.cmd_pause,
             "unpause": self.cmd_unpause,
+            "inject": self.cmd_inject,
+            "faults": self.cmd_faults,
             "down": self.cmd_down,
         }
 
@@ -128,26 +135,71 @@ class ControlServer:
 
     async def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(args)
+        if dom.alive:  # recorded as a fault, so the run can be replayed
+            self.core.faults.now(request("destroy", str(dom.domid)), "interactive")
         await self.hvp.destroy(dom)
         return dom.summary()
 
     async def cmd_pause(self, args: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(args)
-        try:
-            self.core.pause(dom)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
-        self.hvp.poke()
+        if not dom.running:
+            raise CommandError(f"domain {dom.domid} is {dom.state.value}, not running")
+        await self._planned(request("pause", str(dom.domid)), WAIT_S)
         return dom.summary()
 
     async def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(args)
-        try:
-            self.core.unpause(dom)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
-        self.hvp.poke()
+        if dom.state is not DomainState.PAUSED:
+            raise CommandError(f"domain {dom.domid} is {dom.state.value}, not paused")
+        await self._planned(request("unpause", str(dom.domid)), WAIT_S)
         return dom.summary()
+
+    async def cmd_inject(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A fault from the toolstack: one that ends a domain acts at once; the others act at the step given
+        (``at_ns``) or the next one, and with ``wait_s`` the reply waits (that long at most) for the outcome."""
+        try:
+            req = request(args.get("kind"), args.get("target"), args.get("at_ns"), args.get("params"))
+        except FaultError as exc:
+            raise CommandError(str(exc)) from None
+        dom = self._domain({"dom": req.domain})
+        if not dom.alive:
+            raise CommandError(f"domain {dom.domid} ({dom.name}) is {dom.state.value}: no fault can reach it")
+        if req.vcpu is not None and req.vcpu >= len(dom.vcpus):
+            raise CommandError(f"domain {dom.name} has {len(dom.vcpus)} vCPUs, no vCPU {req.vcpu}")
+        pcpus = self.core.scheduler.pcpus
+        if req.params.get("pcpu", 0) >= pcpus:
+            raise CommandError(f"there is no pCPU {req.params['pcpu']} (the hypervisor has {pcpus})")
+        if req.kind in ENDING and req.at_ns is None:
+            record = self.core.faults.now(req, "interactive")
+            if req.kind == "destroy":
+                await self.hvp.destroy(dom)
+            self.hvp.poke()
+            return record
+        wait_s = args.get("wait_s", 0)
+        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not 0 <= wait_s <= MAX_WAIT_S:
+            raise CommandError(f"wait_s must be a number of seconds between 0 and {MAX_WAIT_S}")
+        return await self._planned(req, float(wait_s))
+
+    async def _planned(self, req: FaultRequest, wait_s: float) -> dict[str, Any]:
+        """Plan ``req``; wait up to ``wait_s`` wall seconds for it to act. The reply is its record once it acted,
+        else what was planned."""
+        fid = self.core.faults.schedule(req, "interactive")
+        self.hvp.poke()
+        with trio.move_on_after(wait_s):
+            while (record := self._record(fid)) is None:
+                await self.hvp.faults_done.wait()
+            return record
+        return {"fid": fid, **req.to_dict(), "origin": "interactive", "outcome": "planned",
+                "planned_vt_ns": req.at_ns if req.at_ns is not None else self.core.clock.now_ns}
+
+    def _record(self, fid: int) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.core.faults.log) if r["fid"] == fid), None)
+
+    async def cmd_faults(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every fault that acted (with its outcome), and those still planned."""
+        pending = [{"fid": p.fid, **p.request.to_dict(), "origin": p.origin, "planned_vt_ns": p.at_ns}
+                   for p in self.core.faults.pending if p.origin != "end"]
+        return {"vt_ns": self.core.clock.now_ns, "done": list(self.core.faults.log), "pending": pending}
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
         for dom in list(self.core.domains):

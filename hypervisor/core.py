@@ -23,14 +23,28 @@ from hypervisor.clock import Clock
 from hypervisor.domain import Domain, DomainState, DomainTable, new_identity
 from hypervisor.errors import ReportError
 from hypervisor.evtchn import EvtchnTable, PortState
+from hypervisor.faults import FOREVER, FaultPlan
 from hypervisor.hypercall_page import hypercall_page
+from hypervisor.link import Link
 from hypervisor.scheduler import Scheduler
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import RunState, Vcpu
 from hypervisor.vmi_rom import vmi_rom
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus.effects import Effect, SetPending
-from pvcluster.bus.messages import Build, BuildResult, Delivery, Error, Hello, Stop, Window, WindowDone
+from pvcluster.bus.messages import (
+    Build,
+    BuildResult,
+    Delivery,
+    Error,
+    Hello,
+    HypercallResult,
+    Ipi,
+    Stop,
+    Window,
+    WindowDone,
+)
+from pvcluster.faults import random_schedule
 from pvcluster.spec import ClusterSpec, DomainSpec
 
 MAX_DMESG_LINES = 5000
@@ -55,6 +69,17 @@ class Hypervisor:
         self.hypercalls = 0
         self.idle = False
         self._page = hypercall_page()
+        self.link_rto_ns = h.link_rto_ns
+        self.partition_limit_ns = h.partition_limit_ns
+        # Faults still to come and those done; process signals (stop, kill) the shell must send.
+        self.faults = FaultPlan(self)
+        self.signals: list[tuple[Domain, str, int]] = []
+        for req in spec.faults:
+            self.faults.schedule(req, "spec")
+        if spec.random_faults is not None:
+            doms = [(d.name, d.vcpus) for d in spec.domains]
+            for req in random_schedule(spec.random_faults, spec.cluster.seed, doms, h.pcpus):
+                self.faults.schedule(req, "random")
 
     # -- what hypercall handlers may ask about other domains ------------------------------------------------
 
@@ -94,7 +119,11 @@ class Hypervisor:
             # depend on which other domains exist or what they do.
             rng=random.Random(f"{self.spec.cluster.seed}/{spec.name}"),
             faults=faults.parse(spec.faults),
+            link=Link(rto_ns=self.link_rto_ns, reorder_ns=self.cost.link_ns,
+                      rng=random.Random(f"{self.spec.cluster.seed}/{spec.name}/link")),
         )
+        if "skip-flush" in spec.faults:  # a domain's permanent spec fault: every one of its hypercalls
+            dom.bugs["skip-flush"] = FOREVER
         self.domains.add(dom)
         return dom
 
@@ -165,9 +194,46 @@ class Hypervisor:
         )
 
     def deliver(self, dom: Domain, effect: Effect, vt_ns: int) -> None:
-        """Queue an effect decided outside ``dom``'s own hypercalls, arriving at ``vt_ns``."""
-        if dom.alive and dom.state is not DomainState.BUILDING:
-            dom.deliveries.append(Delivery(vt_ns=vt_ns, effect=effect))
+        """Queue an effect decided outside ``dom``'s own hypercalls, sent at ``vt_ns``: it crosses ``dom``'s link
+        (``hypervisor/link.py``), and an event-channel notification is named and may meet a hypervisor bug."""
+        if not dom.alive or dom.state is DomainState.BUILDING:
+            return
+        for e in self.notifications(dom, [effect], vt_ns):
+            arrival = dom.link.send(vt_ns, e.KIND, dom.trace)
+            for _ in range(arrival.copies):
+                dom.deliveries.append(Delivery(vt_ns=arrival.vt_ns, effect=e, seq=arrival.seq))
+
+    def notifications(self, dom: Domain, effects: list[Effect], vt_ns: int) -> list[Effect]:
+        """Point.EVENT: every event-channel notification for ``dom`` gets the domain's next event id and an
+        ``event.sent`` trace event (the checker matches it with the domain's ``event.delivered``); a lose-event or
+        dup-event bug armed on the domain drops it or doubles it."""
+        out: list[Effect] = []
+        for e in effects:
+            if not isinstance(e, SetPending):
+                out.append(e)
+                continue
+            dom.events_sent += 1
+            e = SetPending(vcpu=e.vcpu, port=e.port, eid=dom.events_sent)
+            dom.trace.event("event.sent", vt_ns=vt_ns, eid=e.eid, port=e.port, vcpu=e.vcpu)
+            out.extend([e] * faults.event_copies(dom, e.eid, vt_ns))
+        return out
+
+    def send_result(self, dom: Domain, result: HypercallResult) -> HypercallResult:
+        """A hypercall result crosses ``dom``'s link; returns it as it arrives. One the link held back waits in
+        ``held_results`` until the window its arrival falls in."""
+        arrival = dom.link.send(result.vt_ns, "result", dom.trace)
+        moved = HypercallResult(vcpu=result.vcpu, seq=result.seq, vt_ns=arrival.vt_ns, value=result.value,
+                                writes=result.writes, effects=result.effects, complete=result.complete,
+                                link_seq=arrival.seq)
+        for _ in range(arrival.copies):
+            (dom.results if arrival.vt_ns == result.vt_ns else dom.held_results).append(moved)
+        return moved
+
+    def send_ipi(self, dom: Domain, ipi: Ipi) -> None:
+        """An IPI crosses the link twice (sender to hypervisor, hypervisor to target): modelled as one send."""
+        arrival = dom.link.send(ipi.vt_ns, "ipi", dom.trace)
+        for _ in range(arrival.copies):
+            dom.ipis.append(Ipi(ipi.src, ipi.dest, ipi.vector, arrival.vt_ns, arrival.seq))
 
     def shutdown(self, dom: Domain, reason: ShutdownReason, vt_ns: int) -> None:
         """SCHEDOP_shutdown: the guest is done."""
@@ -184,8 +250,10 @@ class Hypervisor:
         dom.trace.event("domain.shutdown", vt_ns=vt_ns, reason=reason.name)
         self.outbox.append((dom, Stop(reason=reason.name)))
 
-    def crash(self, dom: Domain, detail: str, *, vt_ns: int | None = None, exc: BaseException | None = None) -> None:
-        """End ``dom`` (it stays listed as crashed until destroyed); its process is terminated."""
+    def crash(self, dom: Domain, detail: str, *, vt_ns: int | None = None, exc: BaseException | None = None,
+              signal: str = "term") -> None:
+        """End ``dom`` (it stays listed as crashed until destroyed); its process is terminated (``signal="kill"``:
+        killed at once, as the ``kill`` fault does)."""
         if not dom.alive:
             return
         vt = self.clock.now_ns if vt_ns is None else vt_ns
@@ -198,7 +266,10 @@ class Hypervisor:
         if exc is not None:
             fields["traceback"] = "".join(traceback.format_exception(exc))[-4000:]
         dom.trace.event("domain.crash", vt_ns=vt, **fields)
-        self.to_kill.append(dom)
+        if signal == "kill":
+            self.signals.append((dom, "kill", 0))
+        else:
+            self.to_kill.append(dom)
 
     def destroy(self, dom: Domain) -> None:
         """The toolstack's destroy: the domain stops now; the shell then waits for its process to exit."""
@@ -211,6 +282,7 @@ class Hypervisor:
             dom.move(DomainState.SHUTTING_DOWN, "destroyed by the toolstack")
         self._leave(dom, "destroyed")
         self.printk(f"d{dom.domid} ({dom.name}): destroyed", dom=dom.domid)
+        dom.trace.event("domain.destroy", vt_ns=self.clock.now_ns)
         self.outbox.append((dom, Stop(reason="destroy")))
 
     def process_exited(self, dom: Domain, returncode: int) -> None:
@@ -257,6 +329,7 @@ class Hypervisor:
             v.timers.clear()
             v.ready_ns = None
         dom.results.clear()
+        dom.held_results.clear()
         dom.deliveries.clear()
         dom.ipis.clear()
         for peer_dom, peer_port in evtchn.close_all(dom.domid, dom.evtchn, self.evtchn_of):

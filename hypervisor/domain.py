@@ -18,6 +18,7 @@ import attrs
 
 from hypervisor.errors import IllegalTransition
 from hypervisor.evtchn import EvtchnTable
+from hypervisor.link import Link
 from hypervisor.mm import Frames
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import Vcpu
@@ -61,6 +62,10 @@ class Domain:
     trace: DomainTrace
     rng: random.Random
     faults: tuple[Fault, ...] = ()
+    # the modelled link to the domain's process, and the hypervisor bugs armed on it (kind -> strikes left)
+    link: Link = attrs.Factory(lambda: Link(rto_ns=40_000, reorder_ns=10_000, rng=random.Random(0)))
+    bugs: dict[str, int] = attrs.Factory(dict)
+    bug_params: dict[str, int] = attrs.Factory(dict)
     state: DomainState = DomainState.BUILDING
     evtchn: EvtchnTable = attrs.Factory(EvtchnTable)
     frames: Frames = attrs.Factory(Frames)
@@ -76,9 +81,11 @@ class Domain:
     history: list[tuple[str, str]] = attrs.Factory(list)
     # What waits for the domain's next window.
     results: list[HypercallResult] = attrs.Factory(list)
+    held_results: list[HypercallResult] = attrs.Factory(list)  # held back by the link until they arrive
     deliveries: list[Delivery] = attrs.Factory(list)
     ipis: list[Ipi] = attrs.Factory(list)
     # The last grid window the domain took part in, and its work budget in the window now open.
+    events_sent: int = 0  # event-channel notifications sent to the domain: the next one's id (eid)
     last_window: int = -1
     last_activity: int | None = None
     work_left: int = 0

@@ -1,49 +1,77 @@
 """Fault injection: every fault the hypervisor can inject, at named points of the simulation core.
 
-A fault is a deliberate deviation from correct behaviour (a hypervisor bug, a bad boot block) that proves a checker
-or a guest's defences work. Each is armed for one domain (from the spec's ``faults`` list today; from the CLI,
-test scripts and spec schedules in later work) and acts only where the core calls into this module, at one of
-these injection points:
+A fault is a deliberate deviation (a process killed, a vCPU preempted, a link that drops messages, a hypervisor
+bug) that shows how guests and protocols behave under failure, or proves a checker catches what it must. The kinds
+and their parameters are the shared catalog's (``pvcluster/faults.py``); this module carries them out. Faults come
+from the spec (a domain's permanent ``faults``, the ``[[fault]]`` schedule, ``[faults] random``), from the
+toolstack (``pvcluster inject``, ``Cluster.inject``) and from a replayed run's record.
 
-* ``Point.BUILD``: the Build message a domain is sent. ``ident=0x...`` replaces the 32-bit ident at the start of
-  start_info, so no backend recognises the hypervisor (the kernel's unknown-ident path).
-* ``Point.HYPERCALL_EFFECTS``: the effects a hypercall decided, before they are delivered. ``skip-flush`` drops the
-  TLB flushes a hypercall asks of the caller's *other* vCPUs (the stale-TLB checker must catch it).
+When a fault acts is part of the deterministic timeline, so it is decided by the clock, never by the host:
 
-Every injection is a trace event (``fault.<kind>``) with its parameters and what it changed.
+* a scheduled fault (``at_ns``) acts when its domain's partition opens the first window starting at or after
+  ``at_ns``;
+* an interactive one acts at the next step; the ones that end a domain (``kill``, ``crash``, ``destroy``) act at
+  once, before the open window closes (the domain's report for it is not used);
+* a replayed one acts at exactly the step it acted at in the recorded run (``Point`` and step index).
+
+Faults with a duration undo themselves the same way, at the first window starting at or after their end. Every
+injection is a ``fault.inject`` event (its parameters, origin, the step and virtual time it acted), what it changed
+a ``fault.outcome`` event, and its end a ``fault.end`` event. The injection points inside the core:
+
+* ``Point.OPEN`` / ``Point.CLOSE``: when a window opens or is about to close (``FaultPlan.at_open`` / ``at_close``);
+* ``Point.BUILD``: the Build message a domain is sent (``ident=``: a start_info ident no backend recognises);
+* ``Point.HYPERCALL``: a hypercall's outcome (``skip-flush``, ``delay-flush``, ``corrupt-result``);
+* ``Point.EVENT``: an event-channel notification being sent to a domain (``lose-event``, ``dup-event``);
+* ``Point.LINK``: every message on a domain's link (``hypervisor/link.py``).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from hypervisor.hypercalls.base import Call
 from hypervisor.tracing import DomainTrace
-from pvcluster.bus.effects import FLUSHES, Effect
+from hypervisor.vcpu import HELD_FOREVER, RunState
+from pvcluster.abi.xen import ShutdownReason
+from pvcluster.bus.effects import FLUSHES, Effect, SetClockSkew, SetSpeed
 from pvcluster.bus.messages import Build
+from pvcluster.faults import FaultRequest
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
+    from hypervisor.hypercalls.base import Call
+
+FOREVER = -1  # a bug fault's count when it is a domain's permanent spec fault
 
 
 class Point(enum.Enum):
+    OPEN = "open"
+    CLOSE = "close"
     BUILD = "build"
-    HYPERCALL_EFFECTS = "hypercall-effects"
+    HYPERCALL = "hypercall"
+    EVENT = "event"
+    LINK = "link"
 
 
 @attrs.frozen
 class Fault:
+    """A domain's permanent fault from its spec ``faults`` list."""
+
     kind: str
     point: Point
     value: int | None = None
 
 
-# kind -> where it acts. The spec validates names against the same list (pvcluster/spec.py DOMAIN_FAULTS).
-KINDS: dict[str, Point] = {"skip-flush": Point.HYPERCALL_EFFECTS, "ident": Point.BUILD}
+# A domain's permanent spec faults and where they act. The spec validates names against the same list.
+KINDS: dict[str, Point] = {"skip-flush": Point.HYPERCALL, "ident": Point.BUILD}
 
 
 def parse(items: Iterable[str]) -> tuple[Fault, ...]:
-    """The faults a domain's spec names (already validated): ``"skip-flush"``, ``"ident=0x..."``."""
+    """The permanent faults a domain's spec names (already validated): ``"skip-flush"``, ``"ident=0x..."``."""
     out = []
     for item in items:
         kind, _, value = item.partition("=")
@@ -52,33 +80,364 @@ def parse(items: Iterable[str]) -> tuple[Fault, ...]:
     return tuple(out)
 
 
-def at(faults: Iterable[Fault], point: Point) -> list[Fault]:
-    return [f for f in faults if f.point is point]
-
-
 def on_build(faults: Iterable[Fault], build: Build, trace: DomainTrace) -> Build:
     """Point.BUILD: the Build message about to be sent."""
-    for f in at(faults, Point.BUILD):
+    for f in faults:
         if f.kind == "ident" and f.value is not None:
             build = attrs.evolve(build, start_info_ident=f.value & 0xFFFFFFFF)
             trace.event("fault.ident", vt_ns=0, ident=f.value & 0xFFFFFFFF)
     return build
 
 
-def on_hypercall_effects(faults: Iterable[Fault], call: Call) -> None:
-    """Point.HYPERCALL_EFFECTS: ``call.effects`` as the hypercall decided them, changed in place."""
-    for f in at(faults, Point.HYPERCALL_EFFECTS):
-        if f.kind == "skip-flush":
-            _skip_flushes(call)
+@attrs.define
+class Pending:
+    fid: int
+    request: FaultRequest
+    origin: str  # "spec", "random", "interactive", "replay", or "end" (a fault with a duration undoing itself)
+    at_ns: int  # acts at the first window of its domain starting at or after this
+    step: int | None = None  # replay: acts at exactly this step, at ``point``
+    point: Point = Point.OPEN
+    undo: Callable[[], str] | None = None  # for origin "end"
+    after: int = 0  # the step after which it was planned: a replayed fault asks for windows only from then on
 
 
-def _skip_flushes(call: Call) -> None:
-    """The hypervisor "forgets" to flush the other vCPUs a hypercall names."""
+class FaultPlan:
+    """The faults still to come, and the log of those that acted (for `pvcluster faults` and replay).
 
-    def foreign_flush(e: Effect) -> bool:
-        return isinstance(e, FLUSHES) and getattr(e, "vcpu", call.vcpu) != call.vcpu
+    Each record in ``log`` says what acted, where (``step``, ``point``, ``vt_ns``), why (``origin``) and with
+    what ``outcome``; ``on_record`` (the shell's) writes it to the run directory's ``faults.jsonl`` at once, so a
+    run that ends badly still says which faults it saw. Replaying the interactive ones at the same step and point
+    reproduces the run (``replay``)."""
 
-    dropped = sorted({getattr(e, "vcpu", -1) for e in call.effects if foreign_flush(e)})
-    if dropped:
-        call.effects = [e for e in call.effects if not foreign_flush(e)]
-        call.dom.trace.event("fault.skip_flush", vt_ns=call.vt_ns, vcpu=call.vcpu, targets=dropped)
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+        self.pending: list[Pending] = []
+        self.log: list[dict[str, Any]] = []
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
+        self._fid = 0
+
+    # -- scheduling ------------------------------------------------------------------------------------------
+
+    def schedule(self, req: FaultRequest, origin: str) -> int:
+        """Plan ``req``; one without ``at_ns`` acts at the next step its domain takes part in. Returns its id."""
+        self._fid += 1
+        at = req.at_ns if req.at_ns is not None else self.hv.clock.now_ns
+        self.pending.append(Pending(self._fid, req, origin, at, after=self.hv.clock.index))
+        return self._fid
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Plan a fault recorded in another run (an interactive one) at exactly the step and point it acted at,
+        under the id it had."""
+        fid = int(record["fid"])
+        self._fid = max(self._fid, fid)
+        req = FaultRequest(record["kind"], record["target"], record["at_ns"], record["params"])
+        self.pending.append(Pending(fid, req, "replay", int(record["planned_vt_ns"]), int(record["step"]),
+                                    Point(record["point"]), after=int(record["after"])))
+
+    def activity(self, dom: Domain) -> int | None:
+        """When the earliest fault planned for ``dom`` needs a window: the grid window that starts at or after it."""
+        w, index = self.hv.clock.window_ns, self.hv.clock.index
+        times = [-(-p.at_ns // w) * w for p in self.pending
+                 if p.point is Point.OPEN and p.after <= index and self._domain(p) is dom]
+        return min(times) if times else None
+
+    def _domain(self, p: Pending) -> Domain | None:
+        return self.hv.domains.get(p.request.domain)
+
+    def _outside(self, p: Pending) -> bool:
+        """A fault whose domain takes part in no window (paused, ended or gone): it cannot wait for one."""
+        dom = self._domain(p)
+        return dom is None or (not dom.running and dom.joined)
+
+    def orphan_time(self) -> int | None:
+        """The earliest virtual time a fault of a paused domain is due: the clock gives it a step of its own."""
+        index = self.hv.clock.index
+        times = [p.at_ns for p in self.pending
+                 if p.point is Point.OPEN and p.after <= index and self._outside(p)
+                 and (d := self._domain(p)) is not None and d.alive]
+        return min(times) if times else None
+
+    # -- the injection points of the clock -------------------------------------------------------------------
+
+    def at_open(self, index: int, start: int, participants: list[Domain]) -> None:
+        """Point.OPEN: the faults due when step ``index`` opens a window at ``start`` for ``participants`` (none: a
+        step of its own, for a fault of a paused domain)."""
+        def due(p: Pending) -> bool:
+            if p.point is not Point.OPEN:
+                return False
+            if p.step is not None:
+                return p.step == index
+            if not participants:
+                return self._outside(p) and p.at_ns <= start
+            return p.at_ns <= start and self._domain(p) in participants
+        self._run([p for p in self.pending if due(p)], index, start)
+
+    def at_close(self, index: int, vt: int) -> None:
+        """Point.CLOSE, at the start of the step after step ``index``, before its window (if any) closes: faults of
+        domains outside every window that are due (those of ended domains: at once); in a replay, also the faults
+        that acted at once in the recorded run (they end a domain) while step ``index`` was the latest."""
+        def due(p: Pending) -> bool:
+            if p.step is not None:
+                return p.point is Point.CLOSE and p.step == index
+            return p.point is Point.OPEN and self._outside(p) and (
+                p.at_ns <= vt or (d := self._domain(p)) is None or not d.alive)
+        now = [p for p in self.pending if due(p)]
+        for p in now:
+            p.point = Point.CLOSE  # the record says where it acted, which is where a replay must act
+        self._run(now, index, vt)
+
+    def now(self, req: FaultRequest, origin: str) -> dict[str, Any]:
+        """A fault that ends a domain, from the toolstack: it acts at once, before the open window (if any) closes."""
+        self._fid += 1
+        clock = self.hv.clock
+        p = Pending(self._fid, req, origin, clock.now_ns, clock.index, Point.CLOSE, after=clock.index)
+        return self._apply(p, clock.index, clock.now_ns)
+
+    def _run(self, due: list[Pending], step: int, vt: int) -> None:
+        for p in sorted(due, key=lambda p: p.fid):
+            self.pending.remove(p)
+            self._apply(p, step, vt)
+
+    def _apply(self, p: Pending, step: int, vt: int) -> dict[str, Any]:
+        req = p.request
+        dom = self._domain(p)
+        record = {"fid": p.fid, **req.to_dict(), "origin": p.origin, "step": step, "point": p.point.value,
+                  "vt_ns": vt, "planned_vt_ns": p.at_ns, "after": p.after}
+        if p.undo is not None:
+            outcome = p.undo()
+            if dom is not None:
+                dom.trace.event("fault.end", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target, outcome=outcome)
+            return {**record, "outcome": outcome}
+        if dom is None or not dom.alive:
+            outcome = "no such live domain"
+        else:
+            dom.trace.event("fault.inject", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target,
+                            params=dict(req.params), origin=p.origin, step=step, at_ns=req.at_ns)
+            try:
+                outcome = _KINDS[req.kind](self, dom, req, vt, p.fid)
+            except Exception as exc:  # a bug in a fault must not take the hypervisor down
+                self.hv.crash(dom, f"hypervisor error injecting {req.kind}: {exc!r}", exc=exc)
+                outcome = f"error: {exc!r}"
+            dom.trace.event("fault.outcome", vt_ns=vt, fid=p.fid, kind=req.kind, outcome=outcome)
+        record["outcome"] = outcome
+        self.log.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    def until(self, fid: int, req: FaultRequest, end_ns: int, undo: Callable[[], str]) -> None:
+        """Undo fault ``fid`` at the first window of its domain starting at or after ``end_ns``."""
+        self.pending.append(Pending(fid, req, "end", end_ns, undo=undo, after=self.hv.clock.index))
+
+
+# -- what each kind does (returns its outcome) ----------------------------------------------------------------
+
+
+def _kill(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.crash(dom, "killed by fault (SIGKILL)", vt_ns=vt, signal="kill")
+    return "killed"
+
+
+def _crash(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.shutdown(dom, ShutdownReason.crash, vt)
+    return "crashed (SHUTDOWN_crash)"
+
+
+def _destroy(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.destroy(dom)
+    return "destroyed"
+
+
+def _pause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.pause(dom)
+    if req.params["duration_ns"]:
+        plan.until(fid, req, vt + req.params["duration_ns"], lambda: _undo_pause(plan.hv, dom))
+    return "paused"
+
+
+def _undo_pause(hv: Hypervisor, dom: Domain) -> str:
+    if dom.state.value != "paused":
+        return f"not paused ({dom.state.value})"
+    hv.unpause(dom)
+    return "unpaused"
+
+
+def _unpause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    return _undo_pause(plan.hv, dom)
+
+
+def _stop(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.signals.append((dom, "stop", req.params["wall_ms"]))
+    return f"process stopped for {req.params['wall_ms']} ms of wall time"
+
+
+def _vcpu(dom: Domain, req: FaultRequest) -> Any:
+    vid = req.vcpu
+    if vid is None or not 0 <= vid < len(dom.vcpus):
+        raise ValueError(f"domain {dom.name} has no vCPU {vid}")
+    return dom.vcpus[vid]
+
+
+def _hold(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    """preempt and offline: the vCPU leaves its pCPU and may not have one until the hold ends."""
+    v = _vcpu(dom, req)
+    until = vt + req.params["duration_ns"] if req.params["duration_ns"] else None
+    v.held_until = until if until is not None else HELD_FOREVER
+    if v.runstate is RunState.RUNNING:
+        plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, vt, f"{req.kind} (fault)")
+    if until is not None:
+        plan.until(fid, req, until, lambda: _release(v))
+    return f"vcpu {v.vid} held until {until if until is not None else 'brought online'}"
+
+
+def _release(v: Any) -> str:
+    v.held_until = None
+    return f"vcpu {v.vid} released"
+
+
+def _online(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    return _release(_vcpu(dom, req))
+
+
+def _pin(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    v = _vcpu(dom, req)
+    pcpu = req.params["pcpu"]
+    if pcpu >= plan.hv.scheduler.pcpus:
+        return f"refused: there is no pCPU {pcpu}"
+    base = v.affinity
+    plan.hv.scheduler.pin(dom, v, (pcpu,), vt)
+    if req.params["duration_ns"]:
+        plan.until(fid, req, vt + req.params["duration_ns"],
+                   lambda: _unpin(plan.hv, dom, v, base, vt + req.params["duration_ns"]))
+    return f"vcpu {v.vid} pinned to pCPU {pcpu}"
+
+
+def _unpin(hv: Hypervisor, dom: Domain, v: Any, base: tuple[int, ...], vt: int) -> str:
+    hv.scheduler.pin(dom, v, base, vt)
+    return f"vcpu {v.vid} back on pCPUs {list(base)}"
+
+
+def _slow(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    v = _vcpu(dom, req)
+    base = plan.hv.cost.ps_per_instr
+    plan.hv.deliver(dom, SetSpeed(vcpu=v.vid, ps_per_instr=base * req.params["factor"]), vt)
+    end = vt + req.params["duration_ns"]
+    plan.until(fid, req, end, lambda: _speed(plan.hv, dom, v.vid, base, end))
+    return f"vcpu {v.vid} runs {req.params['factor']}x slower"
+
+
+def _speed(hv: Hypervisor, dom: Domain, vid: int, ps: int, vt: int) -> str:
+    hv.deliver(dom, SetSpeed(vcpu=vid, ps_per_instr=ps), vt)
+    return f"vcpu {vid} back to {ps} ps per instruction"
+
+
+def _skew(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    plan.hv.deliver(dom, SetClockSkew(offset_ns=req.params["offset_ns"], ppm=req.params["ppm"]), vt)
+    return f"system time skewed by {req.params['offset_ns']} ns and {req.params['ppm']} ppm"
+
+
+def _link(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    link, p = dom.link, req.params
+    if req.kind == "drop":
+        link.drops += p["count"]
+    elif req.kind == "dup":
+        link.dups += p["count"]
+    elif req.kind == "reorder":
+        link.reorders += p["count"]
+    elif req.kind == "delay":
+        link.delay_ns, link.jitter_ns, link.delay_until = p["delay_ns"], p["jitter_ns"], vt + p["duration_ns"]
+    else:
+        return _partition(plan, dom, req, vt, fid)
+    return f"{req.kind} on the link: {dict(p)}"
+
+
+def _partition(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    limit = plan.hv.partition_limit_ns
+    dom.link.partition_from, dom.link.partition_until = vt, vt + req.params["duration_ns"]
+    if req.params["duration_ns"] <= limit:
+        return f"link cut until {vt + req.params['duration_ns']}"
+    end = FaultRequest("crash", req.target)
+    plan.pending.append(Pending(fid, end, "end", vt + limit, undo=lambda: _unreachable(plan.hv, dom, limit)))
+    return f"link cut for longer than partition_limit_ns ({limit}): the domain ends at {vt + limit}"
+
+
+def _unreachable(hv: Hypervisor, dom: Domain, limit: int) -> str:
+    if not dom.alive:
+        return f"already {dom.state.value}"
+    hv.crash(dom, f"unreachable: its link was cut for more than {limit} ns")
+    return "ended as unreachable"
+
+
+def _bug(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    dom.bugs[req.kind] = dom.bugs.get(req.kind, 0) + req.params["count"]
+    if req.kind == "corrupt-result":
+        dom.bug_params["xor"] = req.params["xor"]
+    if req.kind == "delay-flush":
+        dom.bug_params["delay_ns"] = req.params["delay_ns"]
+    return f"{req.kind} armed for {req.params['count']}"
+
+
+_KINDS: dict[str, Callable[[FaultPlan, Domain, FaultRequest, int, int], str]] = {
+    "kill": _kill, "crash": _crash, "destroy": _destroy, "pause": _pause, "unpause": _unpause, "stop": _stop,
+    "preempt": _hold, "offline": _hold, "online": _online, "pin": _pin, "slow": _slow,
+    "delay": _link, "drop": _link, "dup": _link, "reorder": _link, "partition": _link,
+    "skip-flush": _bug, "lose-event": _bug, "dup-event": _bug, "corrupt-result": _bug, "delay-flush": _bug,
+    "skew": _skew,
+}
+
+
+# -- Point.HYPERCALL and Point.EVENT --------------------------------------------------------------------------
+
+
+def strikes(dom: Domain, kind: str) -> bool:
+    """Whether the bug ``kind`` armed on ``dom`` strikes now (and uses one of its count)."""
+    left = dom.bugs.get(kind, 0)
+    if left == 0:
+        return False
+    if left != FOREVER:
+        dom.bugs[kind] = left - 1
+    return True
+
+
+def foreign_flushes(call: Call) -> list[Effect]:
+    return [e for e in call.effects if isinstance(e, FLUSHES) and getattr(e, "vcpu", call.vcpu) != call.vcpu]
+
+
+def on_hypercall(call: Call) -> list[tuple[int, Effect]]:
+    """Point.HYPERCALL: skip-flush and delay-flush act on the flushes a hypercall asks of other vCPUs; returns
+    the flushes delay-flush holds back, as (virtual time, effect) to deliver later."""
+    dom, later = call.dom, []
+    flushes = foreign_flushes(call)
+    if not flushes:
+        return []
+    if strikes(dom, "skip-flush"):
+        call.effects = [e for e in call.effects if e not in flushes]
+        dom.trace.event("fault.skip_flush", vt_ns=call.vt_ns, vcpu=call.vcpu,
+                        targets=sorted({getattr(e, "vcpu", -1) for e in flushes}))
+    elif strikes(dom, "delay-flush"):
+        call.effects = [e for e in call.effects if e not in flushes]
+        at = call.vt_ns + dom.bug_params.get("delay_ns", 0)
+        later = [(at, e) for e in flushes]
+        dom.trace.event("fault.delay_flush", vt_ns=call.vt_ns, vcpu=call.vcpu, until_vt_ns=at,
+                        targets=sorted({getattr(e, "vcpu", -1) for e in flushes}))
+    return later
+
+
+def corrupt(dom: Domain, value: int, span: str, vt: int) -> int:
+    """Point.HYPERCALL: corrupt-result flips bits of the value the guest sees."""
+    if not strikes(dom, "corrupt-result"):
+        return value
+    bad = (value ^ dom.bug_params.get("xor", 0xFFFFFFFF)) & 0xFFFFFFFF
+    dom.trace.event("fault.corrupt_result", vt_ns=vt, span=span, decided=value & 0xFFFFFFFF, delivered=bad)
+    return bad
+
+
+def event_copies(dom: Domain, eid: int, vt: int) -> int:
+    """Point.EVENT: how many times a notification reaches the domain: 0 (lose-event), 2 (dup-event) or 1."""
+    if strikes(dom, "lose-event"):
+        dom.trace.event("fault.lose_event", vt_ns=vt, eid=eid)
+        return 0
+    if strikes(dom, "dup-event"):
+        dom.trace.event("fault.dup_event", vt_ns=vt, eid=eid)
+        return 2
+    return 1

@@ -58,18 +58,23 @@ def partitions(domains: Sequence[Domain]) -> list[Partition]:
         return p
 
     for d in domains:
-        cpus = d.vcpus[0].affinity if d.vcpus else ()
+        cpus = _cpus(d)
         for p in cpus[1:]:
             parent[find(p)] = find(cpus[0])
     groups: dict[int, list[Domain]] = {}
     for d in domains:
-        if d.vcpus and d.vcpus[0].affinity:
-            groups.setdefault(find(d.vcpus[0].affinity[0]), []).append(d)
+        if _cpus(d):
+            groups.setdefault(find(_cpus(d)[0]), []).append(d)
     out = []
     for members in groups.values():
-        pcpus = sorted({p for d in members for p in d.vcpus[0].affinity})
+        pcpus = sorted({p for d in members for p in _cpus(d)})
         out.append(Partition(tuple(members), tuple(pcpus)))
     return sorted(out, key=lambda part: part.domains[0].domid)
+
+
+def _cpus(dom: Domain) -> tuple[int, ...]:
+    """Every pCPU any of the domain's vCPUs may run on (a pinned vCPU may have another affinity than the rest)."""
+    return tuple(sorted({p for v in dom.vcpus for p in v.affinity}))
 
 
 class Scheduler:
@@ -116,6 +121,13 @@ class Scheduler:
         if v.runstate in (RunState.BLOCKED, RunState.OFFLINE):
             self.move(dom, v, RunState.RUNNABLE, now, why)
 
+    def pin(self, dom: Domain, v: Vcpu, affinity: tuple[int, ...], now: int) -> None:
+        """Set ``v``'s hard affinity (the ``pin`` fault, as `xl vcpu-pin`); a vCPU running elsewhere gives up its
+        pCPU and waits for one of the new ones."""
+        v.affinity = tuple(sorted(set(affinity)))
+        if v.runstate is RunState.RUNNING and v.pcpu not in v.affinity:
+            self.move(dom, v, RunState.RUNNABLE, now, "pinned elsewhere")
+
     def offline(self, dom: Domain, now: int, why: str) -> None:
         for v in dom.vcpus:
             self.move(dom, v, RunState.OFFLINE, now, why)
@@ -127,10 +139,11 @@ class Scheduler:
         owner = {id(v): d for d in part.domains for v in d.vcpus}
         vcpus = part.vcpus
         queue = sorted((v for v in vcpus if v.runstate is RunState.RUNNABLE), key=lambda v: (v.queued_at_ns, v.key))
+        held = sum(1 for v in queue if v.held_until is not None)
         running = sorted((v for v in vcpus if v.runstate is RunState.RUNNING), key=lambda v: v.key)
         used = {v.pcpu for v in vcpus if v.runstate is RunState.RUNNING}
         # vCPUs that would find no free pCPU: as many running ones that used up their slice make way for them
-        waiting = len(queue) - sum(1 for p in part.pcpus if p not in used)
+        waiting = len(queue) - held - sum(1 for p in part.pcpus if p not in used)
         for v in running:
             if waiting <= 0:
                 break
@@ -141,6 +154,8 @@ class Scheduler:
                 queue.append(v)
                 waiting -= 1
         for v in queue:
+            if v.held_until is not None:  # a preempt or offline fault holds it off every pCPU
+                continue
             pcpu = next((p for p in v.affinity if p not in used), None)
             if pcpu is None:
                 continue

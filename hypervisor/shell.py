@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,11 +43,15 @@ MAX_TICK_CHARGE_S = 2 * TICK_S
 
 
 class HypervisorProcess:
-    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any) -> None:
+    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.log = log
         self.core = Hypervisor(spec, log)
+        for record in replay or []:
+            self.core.faults.replay(record)
+        self.core.faults.on_record = self._record_fault
+        self.faults_done = trio.Event()
         self.unresponsive_s = spec.hypervisor.unresponsive_s
         self.ctx = zmq.Context()
         self.endpoints = Endpoints.for_spec(spec, run_dir)
@@ -97,10 +102,38 @@ class HypervisorProcess:
             return False
         return True
 
+    def _record_fault(self, record: dict[str, Any]) -> None:
+        """Every fault that acted goes to ``faults.jsonl`` at once: the run's record for `pvcluster faults`,
+        `pvcluster check` and replay, complete however the run ends."""
+        with open(self.run_dir / "faults.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.faults_done.set()
+        self.faults_done = trio.Event()
+
+    def _signal(self, dom: Domain, what: str, wall_ms: int) -> None:
+        """A fault's signal to ``dom``'s process: kill it now, or stop it for ``wall_ms`` of wall time."""
+        proc = self.procs.get(dom.domid)
+        if proc is None or proc.poll() is not None:
+            return
+        if what == "kill":
+            proc.kill()
+        elif what == "stop" and self.nursery is not None:
+            os.kill(proc.pid, signal.SIGSTOP)
+            self.nursery.start_soon(self._resume, proc, wall_ms)
+
+    @staticmethod
+    async def _resume(proc: subprocess.Popen[bytes], wall_ms: int) -> None:
+        await trio.sleep(wall_ms / 1000)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+
     async def flush(self) -> None:
-        """Carry out what the core asked for: messages to domain processes, processes to end."""
+        """Carry out what the core asked for: messages to domain processes, processes to end or signal."""
         core = self.core
-        while core.outbox or core.to_kill:
+        while core.outbox or core.to_kill or core.signals:
+            signals, core.signals = core.signals, []
+            for dom, what, wall_ms in signals:
+                self._signal(dom, what, wall_ms)
             outbox, core.outbox = core.outbox, []
             for dom, body in outbox:
                 try:

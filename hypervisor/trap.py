@@ -45,8 +45,9 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
     except NotCopied as exc:  # the handler read past what its copy-in descriptor names: treat it as unmapped
         call.trace("guestmem.not_copied", addr=exc.addr, length=exc.length)
         value = -Errno.EFAULT
-    faults.on_hypercall_effects(dom.faults, call)
-    call.effects = collapse_flushes(call.effects)
+    for at, flush in faults.on_hypercall(call):  # delay-flush: the flushes arrive later, as deliveries
+        hv.deliver(dom, flush, at)
+    call.effects = hv.notifications(dom, collapse_flushes(call.effects), req.vt_ns)
     if call.continuation is not None:
         value = call.nr  # as Xen: EAX holds the hypercall number again when the vCPU re-executes the trap
         call.effects.append(RestartHypercall(vcpu=req.vcpu, nr=call.nr, args=call.continuation))
@@ -54,12 +55,16 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
     hv.hypercalls += 1
     dom.hypercalls += 1
     vcpu.hypercalls += 1
-    _trace(dom, req, call, value, done_vt)
+    span = f"hc-d{dom.domid}v{req.vcpu}-{req.seq}"
     if call.shutdown is not None:
+        _trace(dom, req, call, span, value, done_vt, None)
         return Outcome(None, ShutdownReason(call.shutdown), call.remote)
-    _trace_pv_shootdown(hv, dom, req, call, done_vt, value)
-    result = HypercallResult(vcpu=req.vcpu, seq=req.seq, vt_ns=done_vt, value=value & 0xFFFFFFFF,
+    seen = faults.corrupt(dom, value & 0xFFFFFFFF, span, done_vt)
+    result = HypercallResult(vcpu=req.vcpu, seq=req.seq, vt_ns=done_vt, value=seen,
                              writes=call.mem.writes, effects=call.effects, complete=not call.deferred)
+    result = hv.send_result(dom, result)
+    _trace(dom, req, call, span, value, done_vt, result.vt_ns)
+    _trace_pv_shootdown(hv, dom, req, call, done_vt, value)
     return Outcome(result, None, call.remote)
 
 
@@ -80,18 +85,23 @@ def _jitter(hv: Hypervisor, dom: Domain) -> int:
     return dom.rng.randint(0, jitter) if jitter else 0
 
 
-def _trace(dom: Domain, req: HypercallReq, call: Call, value: int, done_vt: int) -> None:
+def _trace(dom: Domain, req: HypercallReq, call: Call, span: str, value: int, done_vt: int,
+           arrival: int | None) -> None:
+    """``result`` is what the hypervisor decided; ``arrival_vt_ns`` when the answer reaches the domain over its
+    link (None: the call ended the domain and is never answered); ``effects`` how many effects it carries."""
     name = Hypercall(req.nr).name if req.nr in Hypercall._value2member_map_ else f"unknown_{req.nr}"
     dom.trace.event(
         "hypercall",
         vt_ns=req.vt_ns,
         vcpu=req.vcpu,
-        span=f"hc-d{dom.domid}v{req.vcpu}-{req.seq}",
+        span=span,
         nr=req.nr,
         name=name,
         args=[a & 0xFFFFFFFF for a in req.args],
         result=as_signed(value),
         done_vt_ns=done_vt,
+        arrival_vt_ns=arrival,
+        effects=len(call.effects),
         deferred=call.deferred,
         continued=call.continuation is not None,
     )

@@ -14,6 +14,8 @@ import enum
 
 import attrs
 
+HELD_FOREVER = -1  # Vcpu.held_until of a vCPU an offline fault holds until it is brought online
+
 
 class RunState(enum.Enum):
     RUNNING = "running"  # holds a pCPU
@@ -62,6 +64,8 @@ class Vcpu:
     slice_start_ns: int = 0
     queued_at_ns: int = 0
     preemptions: int = 0
+    # a preempt or offline fault holds the vCPU off every pCPU until then (HELD_FOREVER: until brought online)
+    held_until: int | None = None
     # the clock's view
     ready_ns: int | None = None
     # from the domain's last report

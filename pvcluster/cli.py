@@ -14,9 +14,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from pvcluster import faults
 from pvcluster.analysis import latency_table, shootdowns, stale_reads
+from pvcluster.check import check_run, format_report
 from pvcluster.cluster import Cluster, ClusterError
 from pvcluster.control import ControlClient, ControlError
+from pvcluster.rundiff import first_divergence, format_divergence
+from pvcluster.runrecord import ReplayError, load_replay, replay_dir
 from pvcluster.spec import SpecError, load_spec
 from pvcluster.summary import hypercall_stats, render
 
@@ -43,10 +47,20 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
     run_dir = Path(args.run_dir).absolute() if args.run_dir else None
     say = (lambda m: None) if args.quiet else (lambda m: err.print(f"[dim]pvcluster:[/] {escape(m)}"))
-    cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say)
+    replay, source = None, None
+    if args.replay:
+        if args.spec:
+            raise ClusterError("give either a SPEC or --replay RUN_DIR: a replay reruns the spec recorded there")
+        source = Path(args.replay).absolute()
+        spec, replay = load_replay(source)
+        run_dir = run_dir or replay_dir(source)
+        say(f"replaying {source} ({len(replay)} interactive faults) into {run_dir}")
+    else:
+        spec = load_spec(args.spec)
+    cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say, replay=replay,
+                            replayed_from=source)
     if args.detach:
         say(f"cluster running in {cluster.run_dir}; `pvcluster list`, `pvcluster down` to stop")
         return 0
@@ -146,6 +160,82 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _param(text: str) -> tuple[str, int]:
+    name, eq, value = text.partition("=")
+    try:
+        if not eq:
+            raise ValueError
+        return name, int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=INTEGER, got {text!r}") from None
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    try:
+        req = faults.request(args.kind, args.target, args.at, dict(args.params))
+    except faults.FaultError as exc:
+        _error(str(exc))
+        return 2
+    rec = _client(args).call("inject", timeout_s=args.wait + 10, kind=req.kind, target=req.target, at_ns=req.at_ns,
+                             params=dict(req.params), wait_s=args.wait)
+    if args.json:
+        print(json.dumps(rec))
+        return 0
+    when = f"at vt {rec['vt_ns'] / 1000:.3f} us (step {rec['step']})" if "step" in rec else "planned"
+    out.print(f"fault {rec['fid']}: {req.kind} {req.target} {dict(req.params) or ''} {when}: {rec['outcome']}",
+              markup=False)
+    return 0
+
+
+def cmd_faults(args: argparse.Namespace) -> int:
+    data = _client(args).call("faults")
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    out.print(f"{'FID':>4}  {'VT (us)':>12}  {'Kind':<15} {'Target':<12} {'Origin':<12} Outcome / parameters",
+              markup=False)
+    for r in data["done"]:
+        out.print(f"{r['fid']:>4}  {r['vt_ns'] / 1000:>12.3f}  {r['kind']:<15} {r['target']:<12} {r['origin']:<12} "
+                  f"{r['outcome']}  {r['params'] or ''}", markup=False)
+    for r in data["pending"]:
+        out.print(f"{r['fid']:>4}  {'(planned)':>12}  {r['kind']:<15} {r['target']:<12} {r['origin']:<12} "
+                  f"at vt {r['planned_vt_ns'] / 1000:.3f} us  {r['params'] or ''}", markup=False)
+    if not data["done"] and not data["pending"]:
+        out.print("no faults injected or planned", markup=False)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify a run's invariants from its traces alone (running or finished); exit 1 with violations."""
+    run_dir = _run_dir(args)
+    if not (run_dir / "trace" / "hypervisor.jsonl").exists():
+        _error(f"no traces in {run_dir / 'trace'}")
+        return 2
+    try:
+        report = check_run(run_dir)
+    except (OSError, ValueError) as exc:
+        _error(f"cannot check the run in {run_dir}: {exc}")
+        return 2
+    print(report.to_json() if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """The first event where two runs' virtual-time traces diverge; exit 1 when they do."""
+    a, b = Path(args.run_a).absolute(), Path(args.run_b).absolute()
+    for d in (a, b):
+        if not (d / "trace").is_dir():
+            _error(f"no traces in {d / 'trace'}")
+            return 2
+    try:
+        div = first_divergence(a, b, upto_shortest=not args.strict)
+    except (OSError, ValueError) as exc:
+        _error(f"cannot compare {a} and {b}: {exc}")
+        return 2
+    print(format_divergence(div))
+    return 0 if div is None else 1
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
@@ -175,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", parents=[after], help="start a cluster and run it until every domain has shut down")
     p.add_argument("spec", nargs="?", help="cluster spec (TOML); default: the embedded default spec")
-    p.add_argument("--run-dir", help="override cluster.run_dir")
+    p.add_argument("--run-dir", help="override cluster.run_dir (with --replay: default RUN_DIR-replay-N)")
+    p.add_argument("--replay", metavar="RUN_DIR", help="rerun a recorded run: its spec, seed and every fault "
+                   "injected into it, at the same virtual times; the trace comes out identical")
     p.add_argument("--detach", action="store_true", help="leave the cluster running and return at once")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many wall seconds (600)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary table")
@@ -215,6 +307,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_trace)
 
+    p = sub.add_parser(
+        "inject", parents=[after], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="inject a fault into a running cluster",
+        description="Inject a fault into a running cluster. It acts at the next step (or at virtual time --at); "
+        "kill, crash and destroy act at once. Every injection is traced (fault.inject, fault.outcome) and recorded "
+        "in the run directory's faults.jsonl, so `pvcluster up --replay` reproduces it.",
+        epilog="kinds (TARGET is a domain name or id, DOM.VCPU for vCPU faults; [NAME=default]):\n"
+        + faults.describe_kinds())
+    common(p)
+    p.add_argument("kind", metavar="KIND", help="the fault kind (listed below)")
+    p.add_argument("target", metavar="TARGET", help="domain name or id, or DOM.VCPU (e.g. alpha.1)")
+    p.add_argument("params", nargs="*", type=_param, metavar="NAME=VALUE", help="the kind's parameters (integers)")
+    p.add_argument("--at", type=int, metavar="VT_NS", help="virtual time to act at (default: the next step)")
+    p.add_argument("--wait", type=float, default=10.0, help="wall seconds to wait for the outcome (10; 0: do not)")
+    p.add_argument("--json", action="store_true", help="print the fault's record as JSON")
+    p.set_defaults(fn=cmd_inject)
+
+    p = sub.add_parser("faults", parents=[after], help="faults injected into a running cluster, and their outcomes")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_faults)
+
+    p = sub.add_parser(
+        "check", parents=[after], help="verify a run's invariants from its traces (exit 1 with violations)",
+        description="Check, from the traces alone, the invariants that must survive any fault: no stale TLB read; "
+        "every event sent delivered exactly once (or its loss explained by its receiver ending); every hypercall "
+        "answered exactly once; every acknowledged effect applied and every result delivered as decided. Each "
+        "violation is printed with its span or event id. Exit 0 when clean, 1 with violations, 2 on unreadable "
+        "traces.")
+    common(p)
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser(
+        "diff", parents=[after], help="the first event where two runs' virtual-time traces diverge",
+        description="Compare two run directories' virtual-time traces (wall-clock fields, pids and socket paths "
+        "ignored) and report the first event where they diverge. A trace that merely ends early (a killed process's "
+        "ends at its last completed window) is not a divergence unless --strict. Exit 0 when identical, 1 when not.")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--strict", action="store_true", help="a trace that ends early is a divergence too")
+    p.set_defaults(fn=cmd_diff)
+
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
     p.set_defaults(fn=cmd_down)
@@ -229,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         _error(str(exc))
         return 2
-    except (ClusterError, ControlError) as exc:
+    except (ClusterError, ControlError, ReplayError) as exc:
         _error(str(exc))
         return 1
     except KeyboardInterrupt:

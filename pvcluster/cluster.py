@@ -18,16 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvcluster import launch
+from pvcluster import faults, launch, runrecord
 from pvcluster.control import ControlClient, ControlError, read_hypervisor_info
 from pvcluster.spec import ClusterSpec, DomainSpec
+from pvcluster.tracequery import TraceCursor, TraceQuery
 
 FINAL_STATES = frozenset({"dead", "crashed"})
 START_TIMEOUT_S = 30.0
 # Written into every run directory `up` creates. Starting a run deletes the previous run's files (STALE), so a
 # directory without the marker (a user's project, $HOME, ...) is never used: its logs/ or trace/ are not ours.
 RUN_DIR_MARKER = ".pvcluster-run"
-STALE = ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock")
+STALE = ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock", "run.json", "faults.jsonl",
+         "replay-faults.json")
 
 
 class ClusterError(Exception):
@@ -59,7 +61,11 @@ class Cluster:
         run_dir: Path | None = None,
         detach: bool = False,
         progress: Callable[[str], None] | None = None,
+        replay: list[dict[str, Any]] | None = None,
+        replayed_from: Path | None = None,
     ) -> Cluster:
+        """Start the hypervisor in ``run_dir`` and create the spec's domains. ``replay``: recorded interactive
+        faults (``runrecord.load_replay``) to act at the steps they acted at in the run ``replayed_from``."""
         say = progress or (lambda _msg: None)
         run_dir = (run_dir or spec.resolved_run_dir()).absolute()
         claim_run_dir(run_dir, spec.cluster.name)
@@ -71,10 +77,17 @@ class Cluster:
             )
         _remove_stale(run_dir)
         (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
+        try:
+            runrecord.write_run_record(run_dir, spec, replayed_from)
+        except OSError as exc:
+            raise ClusterError(f"cannot record the run in {run_dir}: {exc}") from None
         say(f"starting the hypervisor in {run_dir}")
         argv = launch.python_module_argv(
             "hypervisor", "--spec-json", str(run_dir / "spec.json"), "--run-dir", str(run_dir)
         )
+        if replay:
+            (run_dir / runrecord.REPLAY_INPUT).write_text(json.dumps(replay))
+            argv += ["--replay", str(run_dir / runrecord.REPLAY_INPUT)]
         hv_log = run_dir / "logs" / "hypervisor.log"
         proc = launch.spawn(argv, log=hv_log, detached=detach)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -160,6 +173,58 @@ class Cluster:
     @property
     def wall_s(self) -> float:
         return time.monotonic() - self.started_wall
+
+    # -- faults and trace conditions, for test scripts -------------------------------------------------------
+
+    def inject(self, kind: str, target: str | int, *, at_ns: int | None = None, wait_s: float = 30.0,
+               **params: int) -> dict[str, Any]:
+        """Inject a fault (``pvcluster inject --help`` lists the kinds): ``target`` is a domain (name or id) or, for
+        vCPU faults, ``"name.N"``. Without ``at_ns`` it acts at the next step; one that ends a domain (kill,
+        crash, destroy) acts at once. Waits up to ``wait_s`` for it to act and returns its record (``outcome``
+        says what it did; "planned" if it had not acted yet). FaultError for a request the catalog refuses."""
+        req = faults.request(kind, str(target), at_ns, params)
+        timeout = wait_s + 10.0
+        record: dict[str, Any] = self.client.call("inject", timeout_s=timeout, kind=req.kind, target=req.target,
+                                                  at_ns=req.at_ns, params=dict(req.params), wait_s=wait_s)
+        return record
+
+    def faults(self) -> dict[str, Any]:
+        """``{"done": [records of faults that acted], "pending": [...], "vt_ns": now}``."""
+        data: dict[str, Any] = self.client.call("faults")
+        return data
+
+    def events(self, event: str | None = None, *, dom: str | int | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """Trace events so far (from every process's trace), optionally only ``event`` about domain ``dom`` whose
+        ``fields`` have the given values."""
+        return list(TraceQuery(self.run_dir, event, self._domid(dom), fields).scan(TraceCursor()))
+
+    def wait_for(self, event: str, *, dom: str | int | None = None, timeout_s: float = 60.0,
+                 where: Callable[[dict[str, Any]], bool] | None = None, **fields: Any) -> dict[str, Any]:
+        """Wait until a trace event ``event`` (about domain ``dom``, with ``fields``, and ``where(event)`` true)
+        appears in any process's trace; return it. ClusterError after ``timeout_s`` wall seconds, or when the
+        hypervisor exits first."""
+        query = TraceQuery(self.run_dir, event, self._domid(dom), fields, where)
+        cursor = TraceCursor()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = next(iter(query.scan(cursor)), None)
+            if found is not None:
+                return found
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ClusterError(f"the hypervisor exited (code {self.proc.returncode}) before {query}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"no {query} within {timeout_s:g} s; traces in {self.run_dir / 'trace'}")
+            time.sleep(0.05)
+
+    def _domid(self, dom: str | int | None) -> int | None:
+        if dom is None or isinstance(dom, int):
+            return dom
+        if dom.isascii() and dom.isdigit():
+            return int(dom)
+        for d in self.client.call("list"):
+            if d["name"] == dom:
+                return int(d["domid"])
+        raise ClusterError(f"no domain named {dom!r}")
 
 
 def _domain_dict(dom: DomainSpec) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Any, Literal, cast, get_args
 import attrs
 
 from pvcluster.abi.xen import MAX_GUEST_CMDLINE, MAX_LEGACY_VCPUS
+from pvcluster.faults import DEFAULT_RANDOM_KINDS, FaultError, FaultRequest, RandomFaults, request
+from pvcluster.faults import KINDS as FAULT_KINDS
 
 __all__ = [
     "BUILTIN_KERNELS",
@@ -69,6 +71,8 @@ MAX_PS_PER_INSTR = 1_000_000
 # The control socket binds bus.port + 1 (pvcluster/bus/endpoints.py), and 65535 is the highest TCP port.
 MAX_PORT = 65534
 MAX_UNRESPONSIVE_S = 86400
+MAX_LINK_NS = 1 << 50  # link timeouts and limits: far beyond any run, well inside the clock's range
+MAX_SCHEDULED_FAULTS = 10_000
 # Tables and arrays a value may sit in; a valid spec needs 4 (top, [[domain]] array, domain table, faults).
 # Checked without recursion before anything else looks at the data: a hostile spec must not exhaust the stack.
 MAX_NESTING = 16
@@ -136,6 +140,10 @@ class HypervisorSection:
     # Per-domain token bucket on detail trace events: trace_burst tokens, refilled by trace_rate per virtual us.
     trace_burst: int = 20000  # 0 = no limit (trace_rate is ignored)
     trace_rate: int = 50  # 0 = never refilled: at most trace_burst detail events per domain
+    # The hypervisor-domain link: a message lost on it is retransmitted after link_rto_ns; a domain whose link stays
+    # cut for longer than partition_limit_ns is ended as unreachable.
+    link_rto_ns: int = 40000
+    partition_limit_ns: int = 5_000_000
 
 
 @attrs.frozen
@@ -185,6 +193,8 @@ class ClusterSpec:
     bus: BusSection
     domains: tuple[DomainSpec, ...]
     source: str
+    faults: tuple[FaultRequest, ...] = ()  # the [[fault]] schedule
+    random_faults: RandomFaults | None = None  # [faults] random
 
     def resolved_run_dir(self) -> Path:
         """Where this cluster's sockets and traces go.
@@ -208,13 +218,18 @@ class ClusterSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict in the TOML layout (``domain`` list included), plus ``source``."""
-        return {
+        out = {
             "source": self.source,
             "cluster": attrs.asdict(self.cluster),
             "hypervisor": attrs.asdict(self.hypervisor),
             "bus": attrs.asdict(self.bus),
             "domain": [d.to_dict() for d in self.domains],
         }
+        if self.faults:
+            out["fault"] = [f.to_table() for f in self.faults]
+        if self.random_faults is not None:
+            out["faults"] = {"random": self.random_faults.to_dict()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterSpec:
@@ -487,16 +502,18 @@ class _Checker:
     def spec(self, data: Mapping[str, Any], source: str) -> ClusterSpec:
         if not self.nesting(data, ""):
             raise SpecError(source, self.problems)
-        top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain"))
+        top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain", "fault", "faults"))
         cluster = self.cluster(top.get("cluster", {}))
         hypervisor = self.hypervisor(top.get("hypervisor", {}))
         bus = self.bus(top.get("bus", {}))
         # Domains' cpus are checked against pcpus only when pcpus itself is valid (else only against MAX_PCPUS).
         pcpus = hypervisor.pcpus if self.ok("hypervisor.pcpus") else None
         domains = self.domains(top.get("domain", _MISSING), pcpus)
+        schedule = self.fault_schedule(top.get("fault", []), domains, hypervisor.pcpus)
+        random_faults = self.random_faults(top.get("faults", {}), domains)
         if self.problems:
             raise SpecError(source, self.problems)
-        return ClusterSpec(cluster, hypervisor, bus, domains, source)
+        return ClusterSpec(cluster, hypervisor, bus, domains, source, schedule, random_faults)
 
     def cluster(self, raw: object) -> ClusterSection:
         path = "cluster"
@@ -522,7 +539,7 @@ class _Checker:
     def hypervisor(self, raw: object) -> HypervisorSection:
         path = "hypervisor"
         keys = ("pcpus", "window_ns", "slice_ns", "log_level", "cost", "unresponsive_s", "work_budget", "trace_burst",
-                "trace_rate")
+                "trace_rate", "link_rto_ns", "partition_limit_ns")
         t = self.table(raw, path, keys)
         pcpus = self.integer(t, path, "pcpus", 2, 1, MAX_PCPUS)
         window_ns = self.integer(t, path, "window_ns", 10000, MIN_WINDOW_NS)
@@ -540,8 +557,10 @@ class _Checker:
         work_budget = self.integer(t, path, "work_budget", 1024, 1)
         trace_burst = self.integer(t, path, "trace_burst", 20000, 0)
         trace_rate = self.integer(t, path, "trace_rate", 50, 0)
+        rto = self.integer(t, path, "link_rto_ns", 40000, 1, MAX_LINK_NS)
+        limit = self.integer(t, path, "partition_limit_ns", 5_000_000, 1, MAX_LINK_NS)
         return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost, slice_ns, unresponsive_s,
-                                 work_budget, trace_burst, trace_rate)
+                                 work_budget, trace_burst, trace_rate, rto, limit)
 
     def cost(self, raw: object) -> CostModel:
         path = "hypervisor.cost"
@@ -651,6 +670,71 @@ class _Checker:
         else:
             self.error(path, f"unknown fault {_quote(raw)} (known: {KNOWN_FAULTS_TEXT}){_hint(raw, DOMAIN_FAULTS)}")
         return None
+
+    def fault_schedule(self, raw: object, domains: Sequence[DomainSpec], pcpus: int) -> tuple[FaultRequest, ...]:
+        """``[[fault]]``: each a kind, a target domain (or DOM.VCPU) of this spec, ``at_ns`` and the kind's
+        parameters inline, all checked against the shared fault catalog."""
+        if not isinstance(raw, list | tuple):
+            self.error("fault", f"must be an array of tables ([[fault]]), got {_describe(raw)}")
+            return ()
+        if len(raw) > MAX_SCHEDULED_FAULTS:
+            self.error("fault", f"at most {MAX_SCHEDULED_FAULTS} scheduled faults, got {len(raw)}")
+            return ()
+        vcpus = {d.name: d.vcpus for d in domains}
+        out = []
+        for i, item in enumerate(raw):
+            path = f"fault[{i}]"
+            if not isinstance(item, Mapping):
+                self.error(path, f"must be a table with kind, target, at_ns and the kind's parameters, got "
+                                 f"{_describe(item)}")
+                continue
+            params = {k: v for k, v in item.items() if k not in ("kind", "target", "at_ns")}
+            if "at_ns" not in item:
+                self.error(f"{path}.at_ns", "required key missing (the virtual time the fault acts at)")
+                continue
+            try:
+                req = request(item.get("kind"), item.get("target"), item["at_ns"], params)
+            except FaultError as exc:
+                self.error(path, str(exc))
+                continue
+            if req.domain not in vcpus:
+                self.error(f"{path}.target", f"no domain named {_quote(req.domain)} in this spec"
+                                             f"{_hint(req.domain, list(vcpus))}")
+            elif req.vcpu is not None and req.vcpu >= vcpus[req.domain]:
+                self.error(f"{path}.target", f"domain {req.domain} has {vcpus[req.domain]} vCPUs, no vCPU {req.vcpu}")
+            elif "pcpu" in req.params and req.params["pcpu"] >= pcpus:
+                self.error(f"{path}.pcpu", f"pCPU {req.params['pcpu']} does not exist: hypervisor.pcpus is {pcpus}")
+            else:
+                out.append(req)
+        return tuple(out)
+
+    def random_faults(self, raw: object, domains: Sequence[DomainSpec]) -> RandomFaults | None:
+        """``[faults] random = {rate, kinds, until_ns, targets}``: a seeded random schedule per domain."""
+        t = self.table(raw, "faults", ("random",))
+        if "random" not in t:
+            return None
+        path = "faults.random"
+        r = self.table(t["random"], path, ("rate", "kinds", "until_ns", "targets"))
+        if "rate" not in r:
+            self.error(f"{path}.rate", "required key missing (expected faults per virtual millisecond, per domain)")
+        rate = self.number(r, path, "rate", 1.0, 0, 1000)
+        kinds = r.get("kinds", list(DEFAULT_RANDOM_KINDS))
+        if not isinstance(kinds, list | tuple) or not kinds or not all(isinstance(k, str) for k in kinds):
+            self.error(f"{path}.kinds", f"must be a non-empty array of fault kinds, got {_describe(kinds)}")
+            kinds = []
+        for k in kinds:
+            if k not in FAULT_KINDS:
+                self.error(f"{path}.kinds", f"unknown fault kind {_quote(k)}{_hint(k, list(FAULT_KINDS))}")
+            elif k in ("stop", "kill", "crash", "destroy", "unpause", "online"):
+                self.error(f"{path}.kinds", f"{k!r} cannot be drawn at random (it ends a domain, depends on wall "
+                                            f"time, or only undoes another fault); schedule it with [[fault]]")
+        until = self.integer(r, path, "until_ns", 2_000_000, 1, MAX_LINK_NS)
+        targets = r.get("targets", [])
+        names = {d.name for d in domains}
+        if not isinstance(targets, list | tuple) or not all(isinstance(n, str) and n in names for n in targets):
+            self.error(f"{path}.targets", f"must be an array of domain names of this spec, got {_describe(targets)}")
+            targets = []
+        return RandomFaults(rate, tuple(kinds), until, tuple(targets))
 
     def cpus(self, t: Mapping[str, Any], path: str, pcpus: int | None) -> tuple[int, ...]:
         """Hard affinity: distinct pCPU ids, below ``pcpus`` when it is known (else below MAX_PCPUS)."""

@@ -22,9 +22,11 @@ from pvcluster.bus.effects import (
     PollTimeout,
     RestartHypercall,
     SetCallback,
+    SetClockSkew,
     SetContext,
     SetCr3,
     SetPending,
+    SetSpeed,
     SetVaPte,
     Unmask,
     VcpuDown,
@@ -102,7 +104,9 @@ SAMPLES: dict[type, list[Any]] = {
         Window(index=13, end_ns=130_000, results=[], run=[0], irqs=[Ipi(src=0, dest=1, vector=0xF0, vt_ns=125_500)],
                events=[Delivery(vt_ns=125_000, effect=SetPending(vcpu=0, port=3)),
                        Delivery(vt_ns=126_000, effect=PollTimeout(vcpu=1, trap_vt=7)),
-                       Delivery(vt_ns=2**62, effect=SetPending(vcpu=1, port=1023))]),
+                       Delivery(vt_ns=126_500, effect=SetSpeed(vcpu=1, ps_per_instr=5000), seq=9),
+                       Delivery(vt_ns=127_000, effect=SetClockSkew(offset_ns=-3000, ppm=250), seq=10),
+                       Delivery(vt_ns=2**62, effect=SetPending(vcpu=1, port=1023, eid=77))]),
     ],
     WindowDone: [
         WindowDone(index=0, vcpus=[], hypercalls=[], faults=[]),
@@ -313,19 +317,19 @@ def bad_field(body_code: int, fields: Any, seq: int = 77) -> FrameError:
 
 
 def test_str_where_int_expected_nested_in_a_list_of_hypercall_results() -> None:
-    good = [0, 1, 100, 0, [], [], True]
-    bad = [1, 2, 200, "0xffffffea", [], [], True]
+    good = [0, 1, 100, 0, [], [], True, 0]
+    bad = [1, 2, 200, "0xffffffea", [], [], True, 0]
     err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], [], []])
     assert err.detail == "Window.results[1].value: expected int, got str"
 
 
 def test_wrong_type_deep_inside_a_window() -> None:
     effect = [SetContext.TAG, [0, "not a record"]]
-    result = [0, 1, 100, 0, [[0x1000, b"ab"]], [effect], True]
+    result = [0, 1, 100, 0, [[0x1000, b"ab"]], [effect], True, 0]
     err = bad_field(code_of(Window), [3, 30_000, [result], [], [], []])
     assert err.detail == "Window.results[0].effects[0]<SetContext>.regs: VcpuRegs needs 10 fields, got str"
     write = [0x1000, "ab"]  # str where bytes expected
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True]], [], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True, 0]], [], [], []])
     assert err.detail == "Window.results[0].writes[0].data: expected bytes, got str"
 
 
@@ -406,12 +410,12 @@ def test_any_field_passes_through_but_the_frame_is_still_checked() -> None:
 def test_nested_record_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
     regs = [0, 0, 0, 0, 0, 0, 0, 0x2000, value, 0x202]  # VcpuRegs: eax .. esp, eip, eflags, all int
     effect = [SetContext.TAG, [0, regs]]
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [effect], True]], [], [], []])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], []])
     assert err.detail == f"Window.results[0].effects[0]<SetContext>.regs.eip: expected int, got {got}"
 
 
 def test_list_items_inside_an_effect_are_checked() -> None:
-    delivery = [125_000, [Poll.TAG, [0, [1, "2"]]]]
+    delivery = [125_000, [Poll.TAG, [0, [1, "2"]]], 0]
     err = bad_field(code_of(Window), [3, 30_000, [], [], [], [delivery]])
     assert err.detail == "Window.events[0].effect<Poll>.ports[1]: expected int, got str"
 
@@ -424,7 +428,7 @@ def test_effect_tags_are_unique_and_stable() -> None:
     assert {cls: cls.TAG for cls in EFFECTS} == {  # type: ignore[attr-defined]
         SetPending: 1, Unmask: 2, ClearPending: 3, FlushTlb: 4, Invlpg: 5, SetCr3: 6, WriteMachine: 7, SetVaPte: 8,
         SetContext: 9, SetCallback: 10, VcpuUp: 11, VcpuDown: 12, Block: 13, Poll: 14, PollTimeout: 15,
-        RestartHypercall: 16,
+        RestartHypercall: 16, SetSpeed: 17, SetClockSkew: 18,
     }
     assert set(EFFECTS) == set(Effect.__args__)  # type: ignore[attr-defined]
 
@@ -433,18 +437,18 @@ def test_an_effect_travels_as_its_tag_and_its_fields() -> None:
     result = HypercallResult(vcpu=0, seq=1, vt_ns=5, value=0, writes=[], complete=True,
                              effects=[SetPending(vcpu=1, port=7), SetContext(vcpu=1, regs=REGS)])
     raw = msgpack.unpackb(encode(Window(index=1, end_ns=10, results=[result]), seq=1, vt_ns=0), raw=False)
-    assert raw[4][2][0][5] == [[1, [1, 7]], [9, [1, [0, 1, 2, 3, 4, 5, 6, 0x2000, 0xC0100000, 0x202]]]]
+    assert raw[4][2][0][5] == [[1, [1, 7, 0]], [9, [1, [0, 1, 2, 3, 4, 5, 6, 0x2000, 0xC0100000, 0x202]]]]
 
 
 def _in_a_result(effect: Any) -> Any:
-    return [3, 30_000, [[0, 1, 100, 0, [], [effect], True]], [], [], []]
+    return [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], []]
 
 
 def _in_a_delivery(effect: Any) -> Any:
-    return [3, 30_000, [], [], [], [[125_000, effect]]]
+    return [3, 30_000, [], [], [], [[125_000, effect, 0]]]
 
 
-@pytest.mark.parametrize("tag", [0, 17, 99, -1, 2**32], ids=repr)
+@pytest.mark.parametrize("tag", [0, 19, 99, -1, 2**32], ids=repr)
 def test_an_effect_with_an_unknown_tag_is_rejected(tag: int) -> None:
     err = bad_field(code_of(Window), _in_a_result([tag, [0, 1]]))
     assert err.detail == f"Window.results[0].effects[0]: unknown record tag {tag}"
@@ -453,14 +457,14 @@ def test_an_effect_with_an_unknown_tag_is_rejected(tag: int) -> None:
 
 
 @pytest.mark.parametrize("effect, detail", [
-    ([SetPending.TAG, []], "<SetPending>: SetPending needs 2 fields, got 0"),
-    ([SetPending.TAG, [0]], "<SetPending>: SetPending needs 2 fields, got 1"),
-    ([SetPending.TAG, [0, 3, 9]], "<SetPending>: SetPending needs 2 fields, got 3"),
+    ([SetPending.TAG, []], "<SetPending>: SetPending needs 3 fields, got 0"),
+    ([SetPending.TAG, [0]], "<SetPending>: SetPending needs 3 fields, got 1"),
+    ([SetPending.TAG, [0, 3, 9, 1]], "<SetPending>: SetPending needs 3 fields, got 4"),
     ([ClearPending.TAG, [0, 3]], "<ClearPending>: ClearPending needs 1 fields, got 2"),
     ([Poll.TAG, [0]], "<Poll>: Poll needs 2 fields, got 1"),
     ([RestartHypercall.TAG, [0, 26]], "<RestartHypercall>: RestartHypercall needs 3 fields, got 2"),
     ([SetContext.TAG, [0, [1, 2, 3]]], "<SetContext>.regs: VcpuRegs needs 10 fields, got 3"),
-    ([SetPending.TAG, {"vcpu": 0, "port": 3}], "<SetPending>: SetPending needs 2 fields, got dict"),
+    ([SetPending.TAG, {"vcpu": 0, "port": 3}], "<SetPending>: SetPending needs 3 fields, got dict"),
 ], ids=["none", "short", "long", "long-1", "poll-short", "restart-short", "regs-short", "map"])
 def test_an_effect_with_a_wrong_length_field_list_is_rejected(effect: Any, detail: str) -> None:
     assert bad_field(code_of(Window), _in_a_result(effect)).detail == f"Window.results[0].effects[0]{detail}"
@@ -497,7 +501,7 @@ def test_an_effect_that_is_not_a_tagged_record_is_rejected(effect: Any) -> None:
 def test_an_effects_bare_fields_are_not_taken_for_a_tagged_record() -> None:
     # SetPending(vcpu=1, port=3) sent without its tag reads as tag 1 with the fields 3
     err = bad_field(code_of(Window), _in_a_result([1, 3]))
-    assert err.detail == "Window.results[0].effects[0]<SetPending>: SetPending needs 2 fields, got int"
+    assert err.detail == "Window.results[0].effects[0]<SetPending>: SetPending needs 3 fields, got int"
 
 
 # ------------------------------------------------------------------------------------------- encode errors

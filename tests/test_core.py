@@ -213,7 +213,7 @@ def test_every_fault_the_spec_accepts_has_an_injection_point() -> None:
     assert set(faults.KINDS) == {*DOMAIN_FAULTS, IDENT_FAULT}
     parsed = faults.parse(("skip-flush", "ident=0x0000dead"))
     assert [(f.kind, f.point, f.value) for f in parsed] == [
-        ("skip-flush", faults.Point.HYPERCALL_EFFECTS, None), ("ident", faults.Point.BUILD, 0xDEAD)]
+        ("skip-flush", faults.Point.HYPERCALL, None), ("ident", faults.Point.BUILD, 0xDEAD)]
 
 
 def test_the_ident_fault_acts_at_the_build_point_and_is_traced() -> None:

@@ -279,15 +279,19 @@ def test_an_interdomain_send_reaches_the_peer_link_ns_later_in_the_window_that_c
     out = trap.apply(hv, a, req)
     assert out.result is not None and out.result.value == 0 and out.result.effects == []
     assert out.remote == [(b.domid, _pending(0, theirs))]
+    assert a.results == [out.result]  # the answer is on a's link, waiting for a's next window
+    a.results.clear()
     # the clock applies the window's hypercalls and hands each remote effect to its domain link_ns later
     assert hv.cost.link_ns == 10_000
     window = OpenWindow(index=1, grid=1, start_ns=10_000, end_ns=20_000, participants={1: a, 2: b}, runs={})
-    shutdowns, stopped = hv.clock._apply_hypercalls(
+    shutdowns, stopped, fresh = hv.clock._apply_hypercalls(
         window, {a.domid: WindowDone(index=1, vcpus=[], hypercalls=[req], faults=[])})
     assert (shutdowns, stopped) == ([], set())
-    assert [r.seq for r in a.results] == [1]
+    assert [r.seq for r in a.results] == [1] and fresh == {a.domid: a.results}
     assert b.take_deliveries(20_000) == []  # not due yet
-    assert b.take_deliveries(22_345) == [Delivery(vt_ns=22_345, effect=_pending(0, theirs))]
+    # the notification is b's first (event id 1) and the first message on b's link (sequence number 1)
+    sent = SetPending(vcpu=0, port=theirs, eid=1)
+    assert b.take_deliveries(22_345) == [Delivery(vt_ns=22_345, effect=sent, seq=1)]
     assert b.take_deliveries(10**9) == [] and a.take_deliveries(10**9) == []
 
 
@@ -317,7 +321,8 @@ def test_a_domain_that_leaves_sends_its_interdomain_peers_back_to_unbound_and_te
     hv.destroy(b)
     assert b.evtchn.in_use() == []
     assert a.evtchn.lookup(ours) == Port(ours, state=_S.UNBOUND, notify_vcpu=1, remote_dom=b.domid)
-    assert a.deliveries == [Delivery(vt_ns=hv.clock.now_ns + hv.cost.link_ns, effect=_pending(1, ours))]
+    closed = SetPending(vcpu=1, port=ours, eid=a.events_sent)
+    assert a.deliveries == [Delivery(vt_ns=hv.clock.now_ns + hv.cost.link_ns, effect=closed, seq=a.link.seq)]
     assert [kw["port"] for ev, kw in hv.log.events if ev == "evtchn.peer_closed" and kw["dom"] == a.domid] == [ours]
 
 

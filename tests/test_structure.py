@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pvcluster", "hypervisor", "domains")
 # Toolstack modules: the CLI and what only it uses. Neither process may import them.
-TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvcluster.summary", "pvcluster.analysis")
+TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvcluster.summary", "pvcluster.analysis",
+             "pvcluster.check", "pvcluster.rundiff", "pvcluster.runrecord", "pvcluster.tracequery",
+             "pvcluster.pytest_plugin")
 # The simulation core: everything in hypervisor/ but the transport shell and the process entry point.
 SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/__main__.py")
 _MUTATING = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",

@@ -42,12 +42,15 @@ class VcpuRegs:
 
 @attrs.frozen
 class SetPending:
-    """Xen's evtchn_set_pending: mark ``port`` pending and, unless it is masked, raise ``vcpu``'s upcall."""
+    """Xen's evtchn_set_pending: mark ``port`` pending and, unless it is masked, raise ``vcpu``'s upcall. ``eid``
+    names this notification (``event.sent`` in the hypervisor's trace, ``event.delivered`` in the domain's), so a
+    checker can tell a lost or twice-delivered event from the traces alone."""
 
     TAG: ClassVar[int] = 1
     KIND: ClassVar[str] = "evtchn_pending"
     vcpu: int
     port: int
+    eid: int = 0
 
 
 @attrs.frozen
@@ -205,6 +208,27 @@ class RestartHypercall:
     args: list[int]
 
 
+@attrs.frozen
+class SetSpeed:
+    """The virtual picoseconds each guest instruction of ``vcpu`` costs from now on (the ``slow`` fault)."""
+
+    TAG: ClassVar[int] = 17
+    KIND: ClassVar[str] = "set_speed"
+    vcpu: int
+    ps_per_instr: int
+
+
+@attrs.frozen
+class SetClockSkew:
+    """Skew the system time the domain publishes in every vcpu_time_info: ``offset_ns`` plus ``ppm`` parts per
+    million of the true time (the ``skew`` fault: a drifting clock source)."""
+
+    TAG: ClassVar[int] = 18
+    KIND: ClassVar[str] = "set_clock_skew"
+    offset_ns: int
+    ppm: int
+
+
 Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to decode tagged records
     SetPending,
     Unmask,
@@ -222,6 +246,8 @@ Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to de
     Poll,
     PollTimeout,
     RestartHypercall,
+    SetSpeed,
+    SetClockSkew,
 ]
 
 EFFECTS: tuple[type, ...] = (
@@ -241,6 +267,8 @@ EFFECTS: tuple[type, ...] = (
     Poll,
     PollTimeout,
     RestartHypercall,
+    SetSpeed,
+    SetClockSkew,
 )
 
 # Effects that flush translations: a hypervisor that skips them is the fault the stale-TLB checker must catch.

@@ -91,10 +91,13 @@ class MemWrite:
 @attrs.frozen
 class Delivery:
     """An effect decided outside the domain's own hypercalls (an interdomain event, a timer, a peer closing its
-    end, a poll timeout), arriving at virtual time ``vt_ns``: a vCPU asleep until then wakes no earlier."""
+    end, a poll timeout), arriving at virtual time ``vt_ns``: a vCPU asleep until then wakes no earlier. ``seq`` is
+    its sequence number on the hypervisor-domain link: a copy the link duplicated has the same one, and the
+    domain drops it."""
 
     vt_ns: int
     effect: Effect
+    seq: int = 0
 
 
 @attrs.frozen
@@ -106,6 +109,7 @@ class HypercallResult:
     writes: list[MemWrite]
     effects: list[Effect]
     complete: bool  # False: apply writes and effects, but the vCPU keeps waiting (blocked, taken down, restarted)
+    link_seq: int = 0  # its sequence number on the hypervisor-domain link: the domain drops a duplicate
 
 
 @attrs.frozen
@@ -134,6 +138,7 @@ class Ipi:
     dest: int
     vector: int
     vt_ns: int
+    seq: int = 0  # its sequence number on the hypervisor-domain link (0 from a domain): the domain drops a duplicate
 
 
 @attrs.frozen
