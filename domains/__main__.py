@@ -13,8 +13,6 @@ import trio
 from domains.runtime import DomainProcess
 from pvcluster import trace
 
-EXIT_HYPERVISOR_GONE = 5
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m domains", description=__doc__)
@@ -25,20 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     args = ap.parse_args(argv)
     log = trace.configure(args.run_dir / "trace" / f"dom{args.domid}-{args.name}.jsonl", f"dom{args.domid}")
-    # Terminated by the hypervisor, or because it died (the death signal the launcher set): nothing is owed, every
-    # trace line is already on disk (each is flushed as written), so leave at once rather than raise into the
-    # event loop, saying which it was.
-    parent = os.getppid()
-
-    def on_term(signum: int, _frame: object) -> None:
-        if os.getppid() != parent:  # reparented: the hypervisor process is gone
-            log.error("domain.hypervisor_gone", dom=args.domid, hypervisor_pid=parent)
-            print(f"domain {args.domid} ({args.name}): the hypervisor (pid {parent}) is gone; trace flushed, exiting",
-                  file=sys.stderr, flush=True)
-            os._exit(EXIT_HYPERVISOR_GONE)
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    # Terminated by the hypervisor: nothing is owed, every trace line is already on disk (each is flushed as
+    # written), so leave at once rather than raise into the event loop. (The hypervisor's death is a signal of its
+    # own, handled inside the event loop: DomainProcess._watch_hypervisor.)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: os._exit(128 + signum))
     proc = DomainProcess(args.endpoint, args.identity.encode(), args.domid, args.name, log)
     try:
         return trio.run(proc.run)

@@ -7,6 +7,7 @@ their interleaving over the shared RAM depends only on virtual time, never on ho
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pvcluster.abi.copyin import copy_in
 from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
 from pvcluster.bus import codec
-from pvcluster.bus.effects import SetPending, Unmask, VcpuUp, kind
+from pvcluster.bus.effects import FLUSHES, FlushTlb, Invlpg, SetPending, Unmask, VcpuUp, kind
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
@@ -43,9 +44,11 @@ from pvcluster.bus.messages import (
 )
 from pvcluster.bus.zsock import TrioSocket
 from pvcluster.designs import mode_of
+from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
 
 # Wall clock only decides when a silent hypervisor is presumed dead; nothing simulated depends on it.
 HYPERVISOR_SILENCE_S = 120.0
+EXIT_HYPERVISOR_GONE = 5
 # Deliveries that wake a sleeping vCPU at their arrival (a delayed flush, a speed or clock change do not; a poll
 # timeout does, but only by ending the poll).
 _WAKING = (SetPending, Unmask, VcpuUp)
@@ -79,6 +82,7 @@ class DomainProcess:
         self._ipis: list[Ipi] = []
         self._span_start: dict[int, int] = {}
         self._shootdown_mode = ""
+        self.parent = os.getppid()  # the hypervisor, which launched this process
         self.skew = (0, 0)  # the skew fault: (offset ns, ppm) added to the system time vcpu_time_info shows
         self.link = LinkReceiver()
 
@@ -104,47 +108,70 @@ class DomainProcess:
         raw.setsockopt(zmq.LINGER, 2000)
         raw.connect(self.endpoint)
         sock = TrioSocket(raw)
+        code = EXIT_HYPERVISOR_GONE
         try:
-            await self._send(sock, Hello(pid=os.getpid()))
-            while True:
-                with trio.move_on_after(HYPERVISOR_SILENCE_S) as timeout:
-                    frames = await sock.recv_multipart()
-                if timeout.cancelled_caught:
-                    if _stopped(os.getppid()):
-                        continue  # a hypervisor that is not running is not judged for its silence
-                    self.trace("domain.hypervisor_silent", seconds=HYPERVISOR_SILENCE_S)
-                    return 4
-                try:
-                    env = codec.decode(frames[-1])
-                except codec.FrameError as exc:
-                    self.trace(f"bus.{exc.kind}", detail=exc.detail)
-                    await self._send(
-                        sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1)
-                    )
-                    continue
-                body = env.body
-                if isinstance(body, Build):
-                    # from then on only this domain's own windows move its clock: its trace must not depend on
-                    # what the hypervisor did for other domains meanwhile
-                    self.vt_ns = max(self.vt_ns, env.vt_ns)
-                if isinstance(body, Build) and self.ram is None:
-                    await self._send(sock, self._build(body))
-                    if self.ram is None:
-                        return 3
-                elif isinstance(body, Window) and self.ram is not None:
-                    await self._send(sock, self._window(body))
-                elif isinstance(body, Stop):
-                    self.trace("domain.stop", reason=body.reason)
-                    return self.exit_code
-                elif isinstance(body, Error):
-                    self.trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)
-                else:
-                    detail = f"{type(body).__name__} is not expected now"
-                    self.trace("bus.unexpected", detail=detail)
-                    await self._send(sock, Error("unexpected", detail, env.seq))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._watch_hypervisor, nursery.cancel_scope)
+                code = await self._serve(sock)
+                nursery.cancel_scope.cancel()
         finally:
+            raw.setsockopt(zmq.LINGER, 0 if code == EXIT_HYPERVISOR_GONE else 2000)
             sock.close()
             self.ctx.term()
+        return code
+
+    async def _watch_hypervisor(self, scope: trio.CancelScope,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The launcher has the kernel send HYPERVISOR_GONE_SIGNAL when the hypervisor process dies: say so in the
+        trace and on stderr, and end the process (its trace is flushed line by line) with EXIT_HYPERVISOR_GONE."""
+        with trio.open_signal_receiver(HYPERVISOR_GONE_SIGNAL) as signals:
+            task_status.started()
+            async for _ in signals:
+                self.trace("domain.hypervisor_gone", hypervisor_pid=self.parent)
+                print(f"domain {self.domid} ({self.name}): the hypervisor (pid {self.parent}) is gone; trace "
+                      f"flushed, exiting", file=sys.stderr, flush=True)
+                scope.cancel()
+                return
+
+    async def _serve(self, sock: TrioSocket) -> int:
+        """Hello, then answer the hypervisor until it says stop; returns the exit code."""
+        await self._send(sock, Hello(pid=os.getpid()))
+        while True:
+            with trio.move_on_after(HYPERVISOR_SILENCE_S) as timeout:
+                frames = await sock.recv_multipart()
+            if timeout.cancelled_caught:
+                if _stopped(os.getppid()):
+                    continue  # a hypervisor that is not running is not judged for its silence
+                self.trace("domain.hypervisor_silent", seconds=HYPERVISOR_SILENCE_S)
+                return 4
+            try:
+                env = codec.decode(frames[-1])
+            except codec.FrameError as exc:
+                self.trace(f"bus.{exc.kind}", detail=exc.detail)
+                await self._send(
+                    sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1)
+                )
+                continue
+            body = env.body
+            if isinstance(body, Build):
+                # from then on only this domain's own windows move its clock: its trace must not depend on
+                # what the hypervisor did for other domains meanwhile
+                self.vt_ns = max(self.vt_ns, env.vt_ns)
+            if isinstance(body, Build) and self.ram is None:
+                await self._send(sock, self._build(body))
+                if self.ram is None:
+                    return 3
+            elif isinstance(body, Window) and self.ram is not None:
+                await self._send(sock, self._window(body))
+            elif isinstance(body, Stop):
+                self.trace("domain.stop", reason=body.reason)
+                return self.exit_code
+            elif isinstance(body, Error):
+                self.trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)
+            else:
+                detail = f"{type(body).__name__} is not expected now"
+                self.trace("bus.unexpected", detail=detail)
+                await self._send(sock, Error("unexpected", detail, env.seq))
 
     # -- build ---------------------------------------------------------------------------------------------
 
@@ -216,10 +243,13 @@ class DomainProcess:
         for w in res.writes:
             if not write_virt(ram, vcpu.cr3, w.addr, w.data):
                 self.trace("domain.bad_write", vcpu=res.vcpu, addr=w.addr, length=len(w.data))
+        span = f"hc-d{self.domid}v{res.vcpu}-{res.seq}"
         applied = sum(effects.apply(self, effect, res.vt_ns, res.vcpu) for effect in res.effects)
+        for target in sorted({e.vcpu for e in res.effects if isinstance(e, FlushTlb | Invlpg) and e.vcpu != res.vcpu}):
+            self.trace("tlb.flush", vt_ns=res.vt_ns, vcpu=target, by=res.vcpu, span=span)
         # the other half of the hypervisor's `hypercall` event: the checker pairs them by span
-        self.trace("hypercall.done", vt_ns=res.vt_ns, vcpu=res.vcpu, span=f"hc-d{self.domid}v{res.vcpu}-{res.seq}",
-                   value=res.value, complete=res.complete, effects=applied)
+        self.trace("hypercall.done", vt_ns=res.vt_ns, vcpu=res.vcpu, span=span, value=res.value,
+                   complete=res.complete, effects=applied)
         if res.complete:
             vcpu.complete_trap(res.value, res.vt_ns)
 
@@ -288,6 +318,8 @@ class DomainProcess:
             for v in self.vcpus:
                 if v.poll_ports is not None and d.effect.port in v.poll_ports:
                     v.advance_to(d.vt_ns)
+        if isinstance(d.effect, FLUSHES):  # a flush no hypercall answer carried (the delay-flush bug)
+            self.trace("tlb.flush", vt_ns=d.vt_ns, vcpu=vcpu, by=None, span=None)
         effects.apply(self, d.effect, d.vt_ns, vcpu)
 
     def _window(self, window: Window) -> WindowDone:

@@ -130,7 +130,10 @@ class Clock:
                 continue
             if first is None:
                 return {}
-            return self._open(first, [(t, part) for k, t, part in nexts if k == first])
+            windows = self._open(first, [(t, part) for k, t, part in nexts if k == first])
+            if windows:
+                return windows
+            self.open = None  # a fault at the open ended or paused every participant: the next window, then
 
     def _open(self, grid: int, active: list[tuple[int, Partition]]) -> dict[int, Window]:
         """Open grid window ``grid`` for the ``active`` partitions (each with the activity it was chosen for)."""

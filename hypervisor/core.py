@@ -296,28 +296,31 @@ class Hypervisor:
             self.crash(dom, f"domain process exited unexpectedly with code {returncode}")
         self._leave(dom, "process exited")
         dom.frames.clear()
+        # its bus identity dies with it: a frame sent under it now is an unknown peer's
+        self.domains.forget_identity(dom)
 
-    def pause(self, dom: Domain) -> None:
+    def pause(self, dom: Domain, vt_ns: int | None = None) -> None:
         if dom.state is not DomainState.RUNNING:
             raise ValueError(f"domain {dom.domid} is {dom.state.value}, not running")
+        vt = self.clock.now_ns if vt_ns is None else vt_ns
         dom.move(DomainState.PAUSED, "paused by the toolstack")
         # A paused domain's vCPUs give up their pCPUs; the ones that could run are woken again on unpause.
         for v in dom.vcpus:
             if v.runstate in (RunState.RUNNING, RunState.RUNNABLE):
-                self.scheduler.move(dom, v, RunState.RUNNABLE, self.clock.now_ns, "paused")
-        self.printk(f"d{dom.domid} ({dom.name}): paused", dom=dom.domid)
+                self.scheduler.move(dom, v, RunState.RUNNABLE, vt, "paused")
+        self.printk(f"d{dom.domid} ({dom.name}): paused", vt_ns=vt, dom=dom.domid)
 
-    def unpause(self, dom: Domain) -> None:
+    def unpause(self, dom: Domain, vt_ns: int | None = None) -> None:
         if dom.state is not DomainState.PAUSED:
             raise ValueError(f"domain {dom.domid} is {dom.state.value}, not paused")
         dom.move(DomainState.RUNNING, "unpaused by the toolstack")
-        now = self.clock.now_ns
+        now = max(self.clock.now_ns if vt_ns is None else vt_ns, dom.last_window * self.clock.window_ns)
         # Virtual time went on while it was paused; it cannot take part in windows already closed.
         dom.last_window = max(dom.last_window, now // self.clock.window_ns)
         for v in dom.vcpus:
             if v.ready_ns is not None:
                 v.ready_ns = max(v.ready_ns, now)
-        self.printk(f"d{dom.domid} ({dom.name}): unpaused", dom=dom.domid)
+        self.printk(f"d{dom.domid} ({dom.name}): unpaused", vt_ns=now, dom=dom.domid)
 
     def _leave(self, dom: Domain, why: str) -> None:
         """``dom`` stops taking part in windows: its vCPUs give up their pCPUs, what was queued for it is dropped,

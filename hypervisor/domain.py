@@ -143,6 +143,9 @@ class Domain:
             "backend": getattr(self.spec, "backend", ""),
             "boot": getattr(self.spec, "boot", ""),
             "cpus": list(getattr(self.spec, "cpus", ())),
+            # what it still holds: a dead domain's are reclaimed
+            "ports_open": len(self.evtchn.in_use()),
+            "frames_pinned": len(self.frames.pinned),
         }
 
 
@@ -166,6 +169,9 @@ class DomainTable:
         self._next += 1
         self._by_id[dom.domid] = dom
         self._by_identity[dom.identity] = dom
+
+    def forget_identity(self, dom: Domain) -> None:
+        self._by_identity.pop(dom.identity, None)
 
     def live_named(self, name: str) -> Domain | None:
         return next((d for d in self._by_id.values() if d.name == name and d.state is not DomainState.DEAD), None)

@@ -36,7 +36,7 @@ import attrs
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import HELD_FOREVER, RunState
 from pvcluster.abi.xen import ShutdownReason
-from pvcluster.bus.effects import FLUSHES, Effect, SetClockSkew, SetSpeed
+from pvcluster.bus.effects import FlushTlb, Invlpg, SetClockSkew, SetSpeed
 from pvcluster.bus.messages import Build
 from pvcluster.faults import FaultRequest
 
@@ -93,11 +93,11 @@ def on_build(faults: Iterable[Fault], build: Build, trace: DomainTrace) -> Build
 class Pending:
     fid: int
     request: FaultRequest
-    origin: str  # "spec", "random", "interactive", "replay", or "end" (a fault with a duration undoing itself)
+    origin: str  # "spec", "random", "interactive", or "end" (a fault with a duration undoing itself)
     at_ns: int  # acts at the first window of its domain starting at or after this
     step: int | None = None  # replay: acts at exactly this step, at ``point``
     point: Point = Point.OPEN
-    undo: Callable[[], str] | None = None  # for origin "end"
+    undo: Callable[[int], str] | None = None  # for origin "end": undoes the fault at the virtual time given
     after: int = 0  # the step after which it was planned: a replayed fault asks for windows only from then on
 
 
@@ -131,8 +131,9 @@ class FaultPlan:
         fid = int(record["fid"])
         self._fid = max(self._fid, fid)
         req = FaultRequest(record["kind"], record["target"], record["at_ns"], record["params"])
-        self.pending.append(Pending(fid, req, "replay", int(record["planned_vt_ns"]), int(record["step"]),
-                                    Point(record["point"]), after=int(record["after"])))
+        # it keeps its origin: the replayed trace must be the recorded one
+        self.pending.append(Pending(fid, req, str(record["origin"]), int(record["planned_vt_ns"]),
+                                    int(record["step"]), Point(record["point"]), after=int(record["after"])))
 
     def activity(self, dom: Domain) -> int | None:
         """When the earliest fault planned for ``dom`` needs a window: the grid window that starts at or after it."""
@@ -145,16 +146,16 @@ class FaultPlan:
         return self.hv.domains.get(p.request.domain)
 
     def _outside(self, p: Pending) -> bool:
-        """A fault whose domain takes part in no window (paused, ended or gone): it cannot wait for one."""
+        """A fault whose domain takes part in no window (paused or ended): it cannot wait for one. (A spec fault's
+        domain that is not created yet, or still building, can: it waits.)"""
         dom = self._domain(p)
-        return dom is None or (not dom.running and dom.joined)
+        return dom is not None and dom.joined and not dom.running
 
     def orphan_time(self) -> int | None:
         """The earliest virtual time a fault of a paused domain is due: the clock gives it a step of its own."""
         index = self.hv.clock.index
         times = [p.at_ns for p in self.pending
-                 if p.point is Point.OPEN and p.after <= index and self._outside(p)
-                 and (d := self._domain(p)) is not None and d.alive]
+                 if p.point is Point.OPEN and p.after <= index and self._outside(p) and _alive(self._domain(p))]
         return min(times) if times else None
 
     # -- the injection points of the clock -------------------------------------------------------------------
@@ -173,15 +174,13 @@ class FaultPlan:
         self._run([p for p in self.pending if due(p)], index, start)
 
     def at_close(self, index: int, vt: int) -> None:
-        """Point.CLOSE, at the start of the step after step ``index``, before its window (if any) closes: faults of
-        domains outside every window that are due (those of ended domains: at once); in a replay, also the faults
-        that acted at once in the recorded run (they end a domain) while step ``index`` was the latest."""
-        def due(p: Pending) -> bool:
-            if p.step is not None:
-                return p.point is Point.CLOSE and p.step == index
-            return p.point is Point.OPEN and self._outside(p) and (
-                p.at_ns <= vt or (d := self._domain(p)) is None or not d.alive)
-        now = [p for p in self.pending if due(p)]
+        """Point.CLOSE, at the start of the step after step ``index``, before its window (if any) closes: in a
+        replay, first the faults that acted at once in the recorded run (they end a domain) while step ``index`` was
+        the latest; then the faults of domains outside every window that are due (those of ended domains: at
+        once), exactly where they came in the recorded run."""
+        self._run([p for p in self.pending if p.point is Point.CLOSE and p.step == index], index, vt)
+        now = [p for p in self.pending if p.step is None and p.point is Point.OPEN and self._outside(p) and (
+            p.at_ns <= vt or not _alive(self._domain(p)))]
         for p in now:
             p.point = Point.CLOSE  # the record says where it acted, which is where a replay must act
         self._run(now, index, vt)
@@ -202,11 +201,12 @@ class FaultPlan:
         req = p.request
         dom = self._domain(p)
         record = {"fid": p.fid, **req.to_dict(), "origin": p.origin, "step": step, "point": p.point.value,
-                  "vt_ns": vt, "planned_vt_ns": p.at_ns, "after": p.after}
+                  "vt_ns": vt, "planned_vt_ns": p.at_ns, "after": p.after, "replayed": p.step is not None}
         if p.undo is not None:
-            outcome = p.undo()
-            if dom is not None:
-                dom.trace.event("fault.end", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target, outcome=outcome)
+            if dom is None or not dom.alive:
+                return {**record, "outcome": "the domain ended first"}
+            outcome = p.undo(vt)
+            dom.trace.event("fault.end", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target, outcome=outcome)
             return {**record, "outcome": outcome}
         if dom is None or not dom.alive:
             outcome = "no such live domain"
@@ -225,9 +225,13 @@ class FaultPlan:
             self.on_record(record)
         return record
 
-    def until(self, fid: int, req: FaultRequest, end_ns: int, undo: Callable[[], str]) -> None:
+    def until(self, fid: int, req: FaultRequest, end_ns: int, undo: Callable[[int], str]) -> None:
         """Undo fault ``fid`` at the first window of its domain starting at or after ``end_ns``."""
         self.pending.append(Pending(fid, req, "end", end_ns, undo=undo, after=self.hv.clock.index))
+
+
+def _alive(dom: Domain | None) -> bool:
+    return dom is not None and dom.alive
 
 
 # -- what each kind does (returns its outcome) ----------------------------------------------------------------
@@ -240,6 +244,7 @@ def _kill(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
 
 def _crash(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
     plan.hv.shutdown(dom, ShutdownReason.crash, vt)
+    dom.crash_detail = f"crashed by fault {fid} (SHUTDOWN_crash, as if the guest had asked)"
     return "crashed (SHUTDOWN_crash)"
 
 
@@ -249,21 +254,24 @@ def _destroy(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int)
 
 
 def _pause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
-    plan.hv.pause(dom)
+    if not dom.running:
+        return f"refused: the domain is {dom.state.value}, not running"
+    plan.hv.pause(dom, vt)
     if req.params["duration_ns"]:
-        plan.until(fid, req, vt + req.params["duration_ns"], lambda: _undo_pause(plan.hv, dom))
+        end = vt + req.params["duration_ns"]
+        plan.until(fid, req, end, lambda at: _undo_pause(plan.hv, dom, at))
     return "paused"
 
 
-def _undo_pause(hv: Hypervisor, dom: Domain) -> str:
+def _undo_pause(hv: Hypervisor, dom: Domain, vt: int) -> str:
     if dom.state.value != "paused":
         return f"not paused ({dom.state.value})"
-    hv.unpause(dom)
+    hv.unpause(dom, vt)
     return "unpaused"
 
 
 def _unpause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
-    return _undo_pause(plan.hv, dom)
+    return _undo_pause(plan.hv, dom, vt)
 
 
 def _stop(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
@@ -286,7 +294,7 @@ def _hold(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
     if v.runstate is RunState.RUNNING:
         plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, vt, f"{req.kind} (fault)")
     if until is not None:
-        plan.until(fid, req, until, lambda: _release(v))
+        plan.until(fid, req, until, lambda at: _release(v))
     return f"vcpu {v.vid} held until {until if until is not None else 'brought online'}"
 
 
@@ -308,7 +316,7 @@ def _pin(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> 
     plan.hv.scheduler.pin(dom, v, (pcpu,), vt)
     if req.params["duration_ns"]:
         plan.until(fid, req, vt + req.params["duration_ns"],
-                   lambda: _unpin(plan.hv, dom, v, base, vt + req.params["duration_ns"]))
+                   lambda at: _unpin(plan.hv, dom, v, base, at))
     return f"vcpu {v.vid} pinned to pCPU {pcpu}"
 
 
@@ -322,7 +330,7 @@ def _slow(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
     base = plan.hv.cost.ps_per_instr
     plan.hv.deliver(dom, SetSpeed(vcpu=v.vid, ps_per_instr=base * req.params["factor"]), vt)
     end = vt + req.params["duration_ns"]
-    plan.until(fid, req, end, lambda: _speed(plan.hv, dom, v.vid, base, end))
+    plan.until(fid, req, end, lambda at: _speed(plan.hv, dom, v.vid, base, at))
     return f"vcpu {v.vid} runs {req.params['factor']}x slower"
 
 
@@ -338,17 +346,18 @@ def _skew(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
 
 def _link(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
     link, p = dom.link, req.params
+    if req.kind == "delay":
+        link.delay_ns, link.jitter_ns, link.delay_until = p["delay_ns"], p["jitter_ns"], vt + p["duration_ns"]
+        return f"delay on the link: +{p['delay_ns']} ns (jitter {p['jitter_ns']}) until {link.delay_until}"
+    if req.kind == "partition":
+        return _partition(plan, dom, req, vt, fid)
     if req.kind == "drop":
         link.drops += p["count"]
     elif req.kind == "dup":
         link.dups += p["count"]
-    elif req.kind == "reorder":
-        link.reorders += p["count"]
-    elif req.kind == "delay":
-        link.delay_ns, link.jitter_ns, link.delay_until = p["delay_ns"], p["jitter_ns"], vt + p["duration_ns"]
     else:
-        return _partition(plan, dom, req, vt, fid)
-    return f"{req.kind} on the link: {dict(p)}"
+        link.reorders += p["count"]
+    return f"{req.kind} on the link: next {p['count']} messages"
 
 
 def _partition(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
@@ -357,14 +366,14 @@ def _partition(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: in
     if req.params["duration_ns"] <= limit:
         return f"link cut until {vt + req.params['duration_ns']}"
     end = FaultRequest("crash", req.target)
-    plan.pending.append(Pending(fid, end, "end", vt + limit, undo=lambda: _unreachable(plan.hv, dom, limit)))
+    plan.pending.append(Pending(fid, end, "end", vt + limit, undo=lambda at: _unreachable(plan.hv, dom, limit, at)))
     return f"link cut for longer than partition_limit_ns ({limit}): the domain ends at {vt + limit}"
 
 
-def _unreachable(hv: Hypervisor, dom: Domain, limit: int) -> str:
+def _unreachable(hv: Hypervisor, dom: Domain, limit: int, vt: int) -> str:
     if not dom.alive:
         return f"already {dom.state.value}"
-    hv.crash(dom, f"unreachable: its link was cut for more than {limit} ns")
+    hv.crash(dom, f"unreachable: its link was cut for more than {limit} ns", vt_ns=vt)
     return "ended as unreachable"
 
 
@@ -399,11 +408,12 @@ def strikes(dom: Domain, kind: str) -> bool:
     return True
 
 
-def foreign_flushes(call: Call) -> list[Effect]:
-    return [e for e in call.effects if isinstance(e, FLUSHES) and getattr(e, "vcpu", call.vcpu) != call.vcpu]
+def foreign_flushes(call: Call) -> list[FlushTlb | Invlpg]:
+    """The TLB flushes a hypercall asks of vCPUs other than its caller's: what a shootdown acknowledges."""
+    return [e for e in call.effects if isinstance(e, FlushTlb | Invlpg) and e.vcpu != call.vcpu]
 
 
-def on_hypercall(call: Call) -> list[tuple[int, Effect]]:
+def on_hypercall(call: Call) -> list[tuple[int, FlushTlb | Invlpg]]:
     """Point.HYPERCALL: skip-flush and delay-flush act on the flushes a hypercall asks of other vCPUs; returns
     the flushes delay-flush holds back, as (virtual time, effect) to deliver later."""
     dom, later = call.dom, []
@@ -412,14 +422,13 @@ def on_hypercall(call: Call) -> list[tuple[int, Effect]]:
         return []
     if strikes(dom, "skip-flush"):
         call.effects = [e for e in call.effects if e not in flushes]
-        dom.trace.event("fault.skip_flush", vt_ns=call.vt_ns, vcpu=call.vcpu,
-                        targets=sorted({getattr(e, "vcpu", -1) for e in flushes}))
+        dom.trace.event("fault.skip_flush", vt_ns=call.vt_ns, vcpu=call.vcpu, targets=sorted({e.vcpu for e in flushes}))
     elif strikes(dom, "delay-flush"):
         call.effects = [e for e in call.effects if e not in flushes]
         at = call.vt_ns + dom.bug_params.get("delay_ns", 0)
         later = [(at, e) for e in flushes]
         dom.trace.event("fault.delay_flush", vt_ns=call.vt_ns, vcpu=call.vcpu, until_vt_ns=at,
-                        targets=sorted({getattr(e, "vcpu", -1) for e in flushes}))
+                        targets=sorted({e.vcpu for e in flushes}))
     return later
 
 

@@ -137,7 +137,7 @@ class Scheduler:
     def pick(self, part: Partition, now: int) -> dict[int, list[int]]:
         """Assign the partition's pCPUs for the window starting at ``now``; return the vCPUs that run, by domain."""
         owner = {id(v): d for d in part.domains for v in d.vcpus}
-        vcpus = part.vcpus
+        vcpus = [v for d in part.domains if d.running for v in d.vcpus]  # one paused as the window opened: none
         queue = sorted((v for v in vcpus if v.runstate is RunState.RUNNABLE), key=lambda v: (v.queued_at_ns, v.key))
         held = sum(1 for v in queue if v.held_until is not None)
         running = sorted((v for v in vcpus if v.runstate is RunState.RUNNING), key=lambda v: v.key)

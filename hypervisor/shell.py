@@ -97,8 +97,9 @@ class HypervisorProcess:
         try:
             await sock.send_multipart([identity, frame])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; its watcher reports the death
-            self.log.warning("bus.send_failed", vt_ns=self.core.clock.now_ns,
-                             peer=identity[:6].decode(errors="replace"), error=str(exc), msg=type(body).__name__)
+            peer = identity.split(b"-")[0][:16].decode(errors="replace")  # "domN": not the secret part
+            self.log.warning("bus.send_failed", vt_ns=self.core.clock.now_ns, peer=peer, error=str(exc),
+                             msg=type(body).__name__)
             return False
         return True
 
@@ -260,7 +261,8 @@ class HypervisorProcess:
             "--run-dir", str(self.run_dir), "--domid", str(dom.domid), "--name", dom.name,
         )
         try:
-            proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log")
+            proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
+                                death_signal=launch.HYPERVISOR_GONE_SIGNAL)
         except OSError as exc:  # a domain that never gets a process must not hold every window back
             self.core.crash(dom, f"could not start its process: {exc}")
             raise

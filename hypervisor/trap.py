@@ -45,6 +45,7 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
     except NotCopied as exc:  # the handler read past what its copy-in descriptor names: treat it as unmapped
         call.trace("guestmem.not_copied", addr=exc.addr, length=exc.length)
         value = -Errno.EFAULT
+    asked = sorted({e.vcpu for e in faults.foreign_flushes(call)})  # before a flush bug can hide them
     for at, flush in faults.on_hypercall(call):  # delay-flush: the flushes arrive later, as deliveries
         hv.deliver(dom, flush, at)
     call.effects = hv.notifications(dom, collapse_flushes(call.effects), req.vt_ns)
@@ -64,7 +65,7 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
                              writes=call.mem.writes, effects=call.effects, complete=not call.deferred)
     result = hv.send_result(dom, result)
     _trace(dom, req, call, span, value, done_vt, result.vt_ns)
-    _trace_pv_shootdown(hv, dom, req, call, done_vt, value)
+    _trace_pv_shootdown(dom, req, asked, call, done_vt, value)
     return Outcome(result, None, call.remote)
 
 
@@ -107,13 +108,12 @@ def _trace(dom: Domain, req: HypercallReq, call: Call, span: str, value: int, do
     )
 
 
-def _trace_pv_shootdown(hv: Hypervisor, dom: Domain, req: HypercallReq, call: Call, done_vt: int, value: int) -> None:
+def _trace_pv_shootdown(dom: Domain, req: HypercallReq, targets: list[int], call: Call, done_vt: int,
+                        value: int) -> None:
     """A flush of other vCPUs in one hypercall is a paravirtual shootdown: it completes when the hypercall
-    does, because targets without a pCPU are flushed before they next run."""
-    if req.nr not in _FLUSHING or as_signed(value) < 0:
-        return
-    targets = sorted({e.vcpu for e in call.effects if isinstance(e, (FlushTlb, Invlpg)) and e.vcpu != call.vcpu})
-    if not targets:
+    does, because targets without a pCPU are flushed before they next run. ``targets`` are the vCPUs the guest
+    asked to flush: the answer acknowledges them, and the checker holds the domain's flushes to it."""
+    if req.nr not in _FLUSHING or as_signed(value) < 0 or not targets:
         return
     pages = sum(1 for e in call.effects if isinstance(e, Invlpg))
     preempted = [v for v in targets if not dom.vcpus[v].running]

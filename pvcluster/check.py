@@ -55,10 +55,12 @@ DOMAIN_ENDS = {"domain.crash": "crashed", "domain.shutdown": "shut down", "domai
 LINK_FAULTS = frozenset({"link.drop", "link.dup", "link.delay", "link.reorder", "link.partitioned"})
 FLUSH_BUGS = ("fault.skip_flush", "fault.delay_flush")
 # Every stats key, in the order format_report prints them.
-STATS = ("domains", "events_sent", "events_delivered", "events_lost_explained", "hypercalls", "hypercalls_answered",
-         "hypercalls_ended_domain", "hypercalls_unanswered_explained", "stale_reads", "faults", "faults_injected",
-         "faults_refused", "faults_not_due", "bug_lose_event", "bug_dup_event", "bug_corrupt_result", "bug_skip_flush",
-         "bug_delay_flush", "link_faults", "link_dups_dropped", "torn_lines", "violations")
+STATS = (
+    "domains", "events_sent", "events_delivered", "events_lost_explained", "hypercalls", "hypercalls_answered",
+    "hypercalls_ended_domain", "hypercalls_unanswered_explained", "pv_shootdowns", "stale_reads", "faults",
+    "faults_injected", "faults_refused", "faults_not_due", "bug_lose_event", "bug_dup_event", "bug_corrupt_result",
+    "bug_skip_flush", "bug_delay_flush", "link_faults", "link_dups_dropped", "torn_lines", "violations",
+)
 
 
 class Invariant(enum.StrEnum):
@@ -164,6 +166,10 @@ class _Checker:
         self.names: dict[str, int] = {}  # domain name -> id, from the trace file names
         self.violations: list[Violation] = []
         self.stats = dict.fromkeys(STATS, 0)
+        # (dom, hypercall span) -> the vCPUs a paravirtual shootdown's answer acknowledged flushing and not yet seen
+        # flushed, and when the answer was due; (dom, vcpu) -> times of flushes no answer carried
+        self.pending_flushes: dict[tuple[int, str], tuple[list[int], int]] = {}
+        self.late_flushes: dict[tuple[int, int], list[int]] = {}
 
     def violate(self, invariant: Invariant, dom: int | None, vt_ns: int, detail: str, *, span: str | None = None,
                 eid: int | None = None) -> None:
@@ -181,6 +187,7 @@ class _Checker:
             "fault.dup_event": self._dup_event, "fault.corrupt_result": self._corrupt_result,
             "fault.skip_flush": self._flush_bug, "fault.delay_flush": self._flush_bug,
             "fault.inject": self._inject, "fault.outcome": self._fault_outcome, "fault.end": self._fault_outcome,
+            "shootdown": self._shootdown,
         }
         for n, e in lines:
             name = e["event"]
@@ -228,6 +235,15 @@ class _Checker:
         name = sys.intern(str(e.get("name", "")))
         self.hv.calls[(dom, span)] = _Call(vt, name, int(e["result"]), int(e.get("effects", 0)),
                                            bool(e.get("deferred", False)), int(e.get("arrival_vt_ns", done)))
+
+    def _shootdown(self, dom: int, e: dict[str, Any]) -> None:
+        """A paravirtual shootdown (sd-dDvV-SEQ) is answered by hypercall hc-dDvV-SEQ: that answer must carry the
+        flush of every target."""
+        if e.get("mode") != "pv":
+            return
+        self.stats["pv_shootdowns"] += 1
+        span = "hc-" + str(e["span"]).removeprefix("sd-")
+        self.pending_flushes[(dom, span)] = (sorted(int(t) for t in e["targets"]), int(e.get("end_vt_ns", _vt(e))))
 
     def _lose_event(self, dom: int, e: dict[str, Any]) -> None:
         self.stats["bug_lose_event"] += 1
@@ -278,6 +294,8 @@ class _Checker:
             self.violate(Invariant.HYPERCALL_ONCE, dom, vt,
                          f"vcpu {e.get('vcpu')} got a result for no pending hypercall (seq {e.get('seq')}): "
                          f"{e.get('detail')}")
+        elif name == "tlb.flush":
+            self._flushed(dom, vt, e)
         elif name == "link.dup_dropped":
             self.stats["link_dups_dropped"] += 1
         elif name == CLEAN_STOP:
@@ -326,6 +344,16 @@ class _Checker:
                          f"hypercall result corrupted: {call.name} returned {call.result} "
                          f"({call.result & U32:#x}), the guest got {int(e['value']) & U32:#x}{hint}", span=span)
 
+    def _flushed(self, dom: int, vt: int, e: dict[str, Any]) -> None:
+        span = e.get("span")
+        key = (dom, str(span))
+        if span is not None and key in self.pending_flushes:
+            targets, due = self.pending_flushes[key]
+            if e["vcpu"] in targets:
+                targets.remove(e["vcpu"])
+        elif span is None:
+            self.late_flushes.setdefault((dom, int(e["vcpu"])), []).append(vt)
+
     def _stale(self, dom: int, vt: int, e: dict[str, Any]) -> None:
         self.stats["stale_reads"] += 1
         span = e.get("span") or f"sd-d{dom}-r{e.get('round')}"
@@ -372,6 +400,16 @@ class _Checker:
             if (dom, eid) not in self.hv.sent and self.explained(dom, vt) is None:
                 self.violate(Invariant.EVENT_ONCE, dom, vt,
                              "fault.lose_event struck an event never traced as sent; never delivered", eid=eid)
+        for (dom, span), (targets, due) in self.pending_flushes.items():
+            call = self.hv.calls.get((dom, span))
+            if not targets or call is None or not call.answers:
+                continue  # all flushed with the answer, or never answered (reported above, or explained)
+            for t in targets:
+                late = [vt for vt in self.late_flushes.get((dom, t), []) if vt > due]
+                what = f"applied only at {late[0]} ns" if late else "never applied"
+                self.violate(Invariant.EFFECTS, dom, due,
+                             f"the answer acknowledged flushing vcpu {t}'s TLB, but that flush was {what}"
+                             f"{self._flush_hint(dom, due + 1)}", span=span)
         for (dom, span), call in self.hv.calls.items():
             if call.answers:
                 continue
@@ -460,7 +498,7 @@ def format_report(report: Report) -> str:
         f"  hypercalls: {s['hypercalls']} made, {s['hypercalls_answered']} answered, "
         f"{s['hypercalls_ended_domain']} ended their domain, "
         f"{s['hypercalls_unanswered_explained']} unanswered because the domain ended",
-        f"  stale TLB reads: {s['stale_reads']}",
+        f"  paravirtual shootdowns: {s['pv_shootdowns']}; stale TLB reads: {s['stale_reads']}",
         f"  faults:     {s['faults']} in faults.jsonl, {s['faults_injected']} injected, "
         f"{s['faults_refused']} refused (no such live domain), {s['faults_not_due']} due after the trace ends",
         "  bugs struck: " + ", ".join(f"{k.removeprefix('bug_').replace('_', '-')} {s[k]}"

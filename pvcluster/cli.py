@@ -56,7 +56,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         source = Path(args.replay).absolute()
         spec, replay = load_replay(source)
         run_dir = run_dir or replay_dir(source)
-        say(f"replaying {source} ({len(replay)} interactive faults) into {run_dir}")
+        # printed even with --quiet: the replay's run directory is the one thing the user must learn
+        text = f"replaying {source} ({len(replay)} interactive faults) into {run_dir}"
+        err.print(f"[dim]pvcluster:[/] {escape(text)}",
+                  soft_wrap=True)
     else:
         spec = load_spec(args.spec)
     cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say, replay=replay,

@@ -11,20 +11,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+# What a domain process receives when the hypervisor process dies (domains/__main__.py)
+HYPERVISOR_GONE_SIGNAL = signal.SIGHUP
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the parent dies, and keep terminal Ctrl-C away from it.
+def _die_with_parent(death_signal: int) -> Callable[[], None]:
+    """Runs in the child before exec: send it ``death_signal`` when the parent dies, and keep terminal Ctrl-C away
+    from it.
 
     The parent owns the child's shutdown; a Ctrl-C in the terminal reaches only the toolstack, which then brings
-    the cluster down in order.
+    the cluster down in order. A signal of its own (not the SIGTERM a live parent terminates it with) lets the
+    child tell its parent's death from a termination: the kernel sends it as the forking thread exits, before the
+    child's parent pid changes, so the parent pid cannot tell.
     """
-    os.setpgrp()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the hypervisor's watchdog still stops orphans
-        pass
+
+    def preexec() -> None:
+        os.setpgrp()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, death_signal)
+        except (OSError, AttributeError):  # not Linux: the hypervisor's watchdog still stops orphans
+            pass
+
+    return preexec
 
 
 def detach() -> None:
@@ -36,8 +45,8 @@ def python_module_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def preexec(detached: bool) -> Callable[[], None]:
-    return detach if detached else _die_with_parent
+def preexec(detached: bool, death_signal: int = signal.SIGTERM) -> Callable[[], None]:
+    return detach if detached else _die_with_parent(death_signal)
 
 
 def log_file(path: Path) -> int:
@@ -45,7 +54,8 @@ def log_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
-def spawn(argv: list[str], *, log: Path, detached: bool = False) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], *, log: Path, detached: bool = False,
+          death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
     fd = log_file(log)
     try:
         return subprocess.Popen(
@@ -53,7 +63,7 @@ def spawn(argv: list[str], *, log: Path, detached: bool = False) -> subprocess.P
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
-            preexec_fn=preexec(detached),  # noqa: PLW1509 - needed for the death signal
+            preexec_fn=preexec(detached, death_signal),  # noqa: PLW1509 - needed for the death signal
             close_fds=True,
         )
     finally:

@@ -6,7 +6,9 @@ reduced to its virtual view (``normalize``), and reports where each diverging fi
 
 What is host-dependent and so not compared: the fields ``pvcluster.trace.virtual_view`` drops (``WALL_FIELDS``),
 the ``HOST_FIELDS`` (pids, endpoints, paths), the ``HOST_EVENTS`` (the listening endpoints; control requests,
-whose number depends on how often a client polled) and the pid in dmesg's "created, process NNN" text. ``level``
+whose number depends on how often a client polled; a send that failed because the peer process had already exited)
+and the pid in dmesg's "created, process NNN" text. A ``HOST_ORDERED`` event (a process's exit) is compared, but
+not its position among the others. ``level``
 and everything else is compared.
 
 Order. A domain-process trace is one process in virtual time: compared in file order. The hypervisor trace
@@ -42,7 +44,10 @@ from pvcluster.trace import WALL_FIELDS
 
 HYPERVISOR_TRACE = "hypervisor.jsonl"
 HOST_FIELDS = frozenset({"pid", "bus", "control", "endpoint", "run_dir", "path"})
-HOST_EVENTS = frozenset({"hypervisor.listening", "control.request"})
+HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_failed"})
+# Events whose place among the others is the host's: a process exits (and its exit is traced) when the host gets
+# to it. Each is compared in a stream of its own, so its fields count but not its position.
+HOST_ORDERED = frozenset({"domain.process_exit"})
 _PID_TEXT = re.compile(r"\bprocess \d+")
 _NOT_COMPARED = WALL_FIELDS | HOST_FIELDS  # what pvcluster.trace.virtual_view drops, and the host's own fields
 _MISSING = object()  # a field one event lacks: differs from any value, None included
@@ -125,7 +130,8 @@ def _stream(path: Path, file: str, by_domain: bool) -> Iterator[tuple[Stream, in
         view = normalize(event)
         if view is not None:
             dom = event.get("dom")
-            yield (file, dom if split and isinstance(dom, int) else None), n, view
+            name = f"{file} ({event['event']})" if event["event"] in HOST_ORDERED else file
+            yield (name, dom if split and isinstance(dom, int) else None), n, view
 
 
 def _vt(*events: dict[str, Any] | None) -> int:

@@ -23,7 +23,7 @@ RUN_RECORD = "run.json"
 FAULT_LOG = "faults.jsonl"
 REPLAY_INPUT = "replay-faults.json"
 # Faults a replay must inject itself: the others come from the spec again.
-REPLAYED_ORIGINS = ("interactive", "replay")
+REPLAYED_ORIGINS = ("interactive",)
 
 
 class ReplayError(Exception):
