@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(BIN / "pytest"), "-q", *rest])
     if cmd == "bench":
         return subprocess.call([str(BIN / "python"), "-m", "bench", *rest])
-    rc = subprocess.call([str(BIN / "ruff"), "check", "pvcluster", "hypervisor", "domains", "tests", "bench", "dev.py"])
+    lint = ["pvcluster", "hypervisor", "domains", "tests", "examples", "bench", "dev.py"]
+    rc = subprocess.call([str(BIN / "ruff"), "check", *lint])
     return rc or subprocess.call([str(BIN / "mypy"), "pvcluster", "hypervisor", "domains"])
 
 
