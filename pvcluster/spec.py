@@ -726,7 +726,7 @@ class _Checker:
             if k not in FAULT_KINDS:
                 self.error(f"{path}.kinds", f"unknown fault kind {_quote(k)}{_hint(k, list(FAULT_KINDS))}")
             elif k in ("stop", "kill", "crash", "destroy", "unpause", "online"):
-                self.error(f"{path}.kinds", f"{k!r} cannot be drawn at random (it ends a domain, depends on wall "
+                self.error(f"{path}.kinds", f"{_quote(k)} cannot be drawn at random (it ends a domain, depends on wall "
                                             f"time, or only undoes another fault); schedule it with [[fault]]")
         until = self.integer(r, path, "until_ns", 2_000_000, 1, MAX_LINK_NS)
         targets = r.get("targets", [])
