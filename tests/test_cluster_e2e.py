@@ -162,12 +162,9 @@ def test_tcp_transport_runs_the_same_workload(run_dir: Path) -> None:
 
 
 def test_down_right_after_start_is_prompt_and_clean(run_dir: Path) -> None:
-    # Domains destroyed before their processes connect must still get their Stop (on Hello), not a kill.
-    import time
-
+    # Domains destroyed before their processes connect must still get their Stop (on Hello), not a kill after the
+    # grace period (which would show as returncode -9): no wall-clock assertion needed to tell them apart.
     cluster = Cluster.start(load_spec(), run_dir=run_dir)
-    t0 = time.monotonic()
     cluster.down()
-    assert time.monotonic() - t0 < 4.0
     exits = [e for e in read_events(run_dir / "trace" / "hypervisor.jsonl") if e["event"] == "domain.process_exit"]
     assert len(exits) == 2 and all(e["returncode"] == 0 for e in exits), exits
