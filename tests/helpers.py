@@ -111,3 +111,38 @@ def assert_matches_xen_headers(tmp_path: Path, headers: tuple[str, ...], checks:
     got = struct.unpack_from(f"<{len(checks)}I", data)
     mismatches = [(expr, want, have) for (expr, want), have in zip(checks, got, strict=True) if want != have]
     assert not mismatches, mismatches
+
+
+# -- driving the real CLI and watching processes (end-to-end tests) -----------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`pvcluster ARGS` in a subprocess, as a user runs it."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (dead for our purpose)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(pred: Any, timeout: float = 30.0) -> None:
+    """Poll ``pred()`` until it is true; fail the test after ``timeout`` wall seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -9,11 +9,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import alive, run_cli, wait_until
 
 from pvcluster.cluster import RUN_DIR_MARKER, ClusterError, claim_run_dir
 from pvcluster.control import read_hypervisor_info
@@ -34,35 +34,13 @@ cmdline = "shutdown=poweroff"
 """
 
 
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_for(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _cluster_pids(run_dir: Path) -> list[int]:
     info = read_hypervisor_info(run_dir)
     assert info is not None
-    dmesg = _cli("dmesg", "--run-dir", str(run_dir)).stdout
+    dmesg = run_cli("dmesg", "--run-dir", str(run_dir)).stdout
     return [info["pid"], *(int(p) for p in re.findall(r"created, process (\d+)", dmesg))]
 
 
@@ -70,24 +48,24 @@ def test_detached_cluster_list_console_destroy_down(run_dir: Path) -> None:
     spec = run_dir / "life.toml"
     spec.write_text(SPEC)
     rd = str(run_dir / "c")
-    up = _cli("up", str(spec), "--run-dir", rd, "--detach")
+    up = run_cli("up", str(spec), "--run-dir", rd, "--detach")
     assert up.returncode == 0, up.stderr
-    _wait_for(lambda: "spinning forever" in _cli("console", "spinner", "--run-dir", rd).stdout)
-    listed = json.loads(_cli("list", "--json", "--run-dir", rd).stdout)
+    wait_until(lambda: "spinning forever" in run_cli("console", "spinner", "--run-dir", rd).stdout)
+    listed = json.loads(run_cli("list", "--json", "--run-dir", rd).stdout)
     assert [(d["name"], d["vcpus"]) for d in listed] == [("spinner", 2), ("quick", 1)]
-    _wait_for(lambda: json.loads(_cli("list", "--json", "--run-dir", rd).stdout)[1]["state"] == "dead")
-    assert json.loads(_cli("list", "--json", "--run-dir", rd).stdout)[0]["state"] == "running"
-    assert "quick" in _cli("list", "--run-dir", rd).stdout
+    wait_until(lambda: json.loads(run_cli("list", "--json", "--run-dir", rd).stdout)[1]["state"] == "dead")
+    assert json.loads(run_cli("list", "--json", "--run-dir", rd).stdout)[0]["state"] == "running"
+    assert "quick" in run_cli("list", "--run-dir", rd).stdout
     pids = _cluster_pids(run_dir / "c")
     assert len(pids) == 3
-    destroyed = _cli("destroy", "spinner", "--run-dir", rd)
+    destroyed = run_cli("destroy", "spinner", "--run-dir", rd)
     assert destroyed.returncode == 0 and "dead" in destroyed.stdout
-    assert "destroyed" in _cli("dmesg", "--run-dir", rd).stdout
-    bad = _cli("destroy", "nosuch", "--run-dir", rd)
+    assert "destroyed" in run_cli("dmesg", "--run-dir", rd).stdout
+    bad = run_cli("destroy", "nosuch", "--run-dir", rd)
     assert bad.returncode == 1 and "no domain 'nosuch'" in bad.stderr
-    assert _cli("down", "--run-dir", rd).returncode == 0
-    _wait_for(lambda: not any(_alive(p) for p in pids))
-    gone = _cli("list", "--run-dir", rd)
+    assert run_cli("down", "--run-dir", rd).returncode == 0
+    wait_until(lambda: not any(alive(p) for p in pids))
+    gone = run_cli("list", "--run-dir", rd)
     assert gone.returncode == 1 and "no cluster is running" in gone.stderr
 
 
@@ -103,17 +81,17 @@ def test_no_child_outlives_the_toolstack(run_dir: Path, sig: signal.Signals) -> 
         text=True,
     )
     try:
-        _wait_for(
+        wait_until(
             lambda: (
                 read_hypervisor_info(rd) is not None
-                and "spinning forever" in _cli("console", "spinner", "--run-dir", str(rd)).stdout
+                and "spinning forever" in run_cli("console", "spinner", "--run-dir", str(rd)).stdout
             )
         )
         pids = _cluster_pids(rd)
-        assert all(_alive(p) for p in pids[:2])
+        assert all(alive(p) for p in pids[:2])
         up.send_signal(sig)  # SIGINT is what Ctrl-C delivers to the foreground toolstack
         up.wait(timeout=60)
-        _wait_for(lambda: not any(_alive(p) for p in pids), timeout=30)
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=30)
         if sig == signal.SIGINT:
             assert "interrupted" in (up.stderr.read() if up.stderr else "")
     finally:
@@ -135,7 +113,7 @@ cmdline = "shutdown=poweroff"
 def _quick_up(run_dir: Path, rd: Path) -> subprocess.CompletedProcess[str]:
     spec = run_dir / "quick.toml"
     spec.write_text(QUICK_SPEC)
-    return _cli("up", str(spec), "--run-dir", str(rd), "--quiet", "--timeout", "60")
+    return run_cli("up", str(spec), "--run-dir", str(rd), "--quiet", "--timeout", "60")
 
 
 def test_up_refuses_a_non_empty_directory_it_did_not_create(run_dir: Path) -> None:

@@ -8,12 +8,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import alive, run_cli, wait_until
 
 from pvcluster.check import check_run
 from pvcluster.cluster import Cluster
@@ -69,50 +68,30 @@ faults = ["skip-flush"]
 """
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_for(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _domain_pids(rd: Path) -> list[int]:
-    return [int(p) for p in re.findall(r"created, process (\d+)", _cli("dmesg", "--run-dir", str(rd)).stdout)]
+    return [int(p) for p in re.findall(r"created, process (\d+)", run_cli("dmesg", "--run-dir", str(rd)).stdout)]
 
 
 def _up_detached(run_dir: Path, spec: str) -> Path:
     path = run_dir / "spec.toml"
     path.write_text(spec)
     rd = run_dir / "c"
-    up = _cli("up", str(path), "--run-dir", str(rd), "--detach")
+    up = run_cli("up", str(path), "--run-dir", str(rd), "--detach")
     assert up.returncode == 0, up.stderr
-    _wait_for(lambda: "spinning forever" in _cli("console", "spinner", "--run-dir", str(rd)).stdout)
+    wait_until(lambda: "spinning forever" in run_cli("console", "spinner", "--run-dir", str(rd)).stdout)
     return rd
 
 
 def test_inject_from_the_cli_then_list_the_faults_and_their_outcomes(run_dir: Path) -> None:
     rd = _up_detached(run_dir, SPINNERS)
     try:
-        done = _cli("inject", "preempt", "spinner.1", "duration_ns=30000", "--run-dir", str(rd))
+        done = run_cli("inject", "preempt", "spinner.1", "duration_ns=30000", "--run-dir", str(rd))
         assert done.returncode == 0, done.stderr
         assert re.search(r"fault 1: preempt spinner\.1 .* at vt [\d.]+ us \(step \d+\): vcpu 1 held until", done.stdout)
-        rec = json.loads(_cli("inject", "drop", "other", "count=2", "--json", "--run-dir", str(rd)).stdout)
+        rec = json.loads(run_cli("inject", "drop", "other", "count=2", "--json", "--run-dir", str(rd)).stdout)
         assert (rec["fid"], rec["kind"], rec["origin"], rec["outcome"]) == (2, "drop", "interactive",
                                                                             "drop on the link: next 2 messages")
         # refused before anything acts: a bad kind, parameter, target or vCPU says what is wrong
@@ -121,21 +100,21 @@ def test_inject_from_the_cli_then_list_the_faults_and_their_outcomes(run_dir: Pa
                           (("preempt", "other", "duration_ns=5"), "target must be a vCPU"),
                           (("preempt", "other.3", "duration_ns=5"), "no vCPU 3"),
                           (("pause", "nosuch"), "no domain 'nosuch'")):
-            bad = _cli("inject", *args, "--run-dir", str(rd))
+            bad = run_cli("inject", *args, "--run-dir", str(rd))
             assert bad.returncode != 0 and msg in bad.stderr, (args, bad.stderr)
-        killed = json.loads(_cli("inject", "kill", "other", "--json", "--run-dir", str(rd)).stdout)
+        killed = json.loads(run_cli("inject", "kill", "other", "--json", "--run-dir", str(rd)).stdout)
         assert killed["outcome"] == "killed" and killed["point"] == "close"
-        _wait_for(lambda: json.loads(_cli("list", "--json", "--run-dir", str(rd)).stdout)[1]["state"] == "crashed")
-        listed = json.loads(_cli("faults", "--json", "--run-dir", str(rd)).stdout)
+        wait_until(lambda: json.loads(run_cli("list", "--json", "--run-dir", str(rd)).stdout)[1]["state"] == "crashed")
+        listed = json.loads(run_cli("faults", "--json", "--run-dir", str(rd)).stdout)
         assert [(r["fid"], r["kind"]) for r in listed["done"]] == [(1, "preempt"), (2, "drop"), (3, "kill")]
-        table = _cli("faults", "--run-dir", str(rd)).stdout
+        table = run_cli("faults", "--run-dir", str(rd)).stdout
         assert "preempt" in table and "killed" in table
         records = [json.loads(line) for line in (rd / "faults.jsonl").read_text().splitlines()]
         assert [r["fid"] for r in records] == [1, 2, 3]
         # the spinner runs on, untouched by the other domain's death
-        assert json.loads(_cli("list", "--json", "--run-dir", str(rd)).stdout)[0]["state"] == "running"
+        assert json.loads(run_cli("list", "--json", "--run-dir", str(rd)).stdout)[0]["state"] == "running"
     finally:
-        assert _cli("down", "--run-dir", str(rd)).returncode == 0
+        assert run_cli("down", "--run-dir", str(rd)).returncode == 0
 
 
 def test_down_finishes_with_a_stopped_process_and_a_paused_domain(run_dir: Path) -> None:
@@ -143,23 +122,23 @@ def test_down_finishes_with_a_stopped_process_and_a_paused_domain(run_dir: Path)
     pids = _domain_pids(rd)
     hv = read_hypervisor_info(rd)
     assert hv is not None and len(pids) == 2
-    stopped = json.loads(_cli("inject", "stop", "other", "wall_ms=600000", "--json", "--run-dir", str(rd)).stdout)
+    stopped = json.loads(run_cli("inject", "stop", "other", "wall_ms=600000", "--json", "--run-dir", str(rd)).stdout)
     assert stopped["outcome"].startswith("process stopped")
     assert Path(f"/proc/{pids[1]}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "T"
     start = time.monotonic()
-    assert _cli("down", "--run-dir", str(rd), timeout=90).returncode == 0
+    assert run_cli("down", "--run-dir", str(rd), timeout=90).returncode == 0
     assert time.monotonic() - start < 60
-    _wait_for(lambda: not any(_alive(p) for p in [hv["pid"], *pids]))
+    wait_until(lambda: not any(alive(p) for p in [hv["pid"], *pids]))
 
 
 def test_a_dead_hypervisor_leaves_no_domain_process_behind(run_dir: Path) -> None:
     rd = _up_detached(run_dir, SPINNERS)
     pids = _domain_pids(rd)
     hv = read_hypervisor_info(rd)
-    assert hv is not None and all(_alive(p) for p in pids)
+    assert hv is not None and all(alive(p) for p in pids)
     os.kill(hv["pid"], signal.SIGKILL)
     start = time.monotonic()
-    _wait_for(lambda: not any(_alive(p) for p in pids), timeout=15)
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=15)
     assert time.monotonic() - start < 15
     for log in sorted((rd / "logs").glob("dom*.log")):
         assert "the hypervisor (pid" in log.read_text() and "is gone; trace flushed, exiting" in log.read_text()
@@ -179,7 +158,7 @@ def test_replay_of_a_faulted_run_with_interactive_injections_reproduces_its_trac
     faults = [json.loads(line) for line in (a / "faults.jsonl").read_text().splitlines()]
     assert sum(f["origin"] == "interactive" for f in faults) == 3
     assert sum(f["origin"] == "random" for f in faults) >= 3
-    replayed = _cli("up", "--replay", str(a), "--quiet")
+    replayed = run_cli("up", "--replay", str(a), "--quiet")
     assert replayed.returncode == 1  # alpha was killed: not every domain is dead, as in the recorded run
     b = run_dir / "a-replay-1"
     assert f"into {b}" in replayed.stderr, replayed.stderr
@@ -187,7 +166,7 @@ def test_replay_of_a_faulted_run_with_interactive_injections_reproduces_its_trac
     key = ("fid", "kind", "target", "params", "step", "point", "vt_ns", "outcome")
     assert [{k: f[k] for k in key} for f in again] == [{k: f[k] for k in key} for f in faults]
     assert first_divergence(a, b, upto_shortest=True) is None
-    diff = _cli("diff", str(a), str(b))
+    diff = run_cli("diff", str(a), str(b))
     assert diff.returncode == 0, diff.stdout
     # a replay of the replay names the next free directory
     assert json.loads((b / "run.json").read_text())["replayed_from"] == str(a)
@@ -201,7 +180,7 @@ def test_a_run_recorded_under_another_timing_model_is_refused(run_dir: Path) -> 
     record = json.loads((a / "run.json").read_text())
     record["model_version"] = -1
     (a / "run.json").write_text(json.dumps(record))
-    refused = _cli("up", "--replay", str(a))
+    refused = run_cli("up", "--replay", str(a))
     assert refused.returncode == 1
     assert "recorded under timing model version -1" in refused.stderr and "cannot be reproduced" in refused.stderr
     assert not (run_dir / "q-replay-1").exists()
@@ -212,12 +191,12 @@ def test_check_passes_a_clean_run_and_names_the_stale_reads_of_a_skip_flush_run(
     for rd, spec in ((clean, SKIP_FLUSH.replace('faults = ["skip-flush"]', "")), (bad, SKIP_FLUSH)):
         with Cluster.start(parse_spec(spec), run_dir=rd) as cluster:
             cluster.wait(timeout_s=120)
-    ok = _cli("check", "--run-dir", str(clean))
+    ok = run_cli("check", "--run-dir", str(clean))
     assert ok.returncode == 0 and "check: OK: no violations" in ok.stdout, ok.stdout
-    failed = _cli("check", "--run-dir", str(bad))
+    failed = run_cli("check", "--run-dir", str(bad))
     assert failed.returncode == 1 and "stale-tlb-read" in failed.stdout, failed.stdout
     assert re.search(r"stale-tlb-read\s+sd-d1-r\d+\s+stale TLB read", failed.stdout)
     report = check_run(bad)
     assert report.stats["stale_reads"] > 0 and not report.ok
-    diff = _cli("diff", str(clean), str(bad))
+    diff = run_cli("diff", str(clean), str(bad))
     assert diff.returncode == 1 and "diverge" in diff.stdout.lower(), diff.stdout
