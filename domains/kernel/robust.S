@@ -149,18 +149,23 @@ rb_mcflood:
 # -- hcfuzz ----------------------------------------------------------------------------------------------------
 
 # rb_rand() -> eax: the next word of the seeded linear congruential generator (the high 16 bits of two steps)
+# (the multiplier goes through a register: keystone now and then refused `imul eax, eax, SYMBOL` as an invalid
+# operand, under load, in one process of hundreds; `mov reg, SYMBOL` it always takes)
 rb_rand:
     push edx
+    push ecx
+    mov ecx, RB_LCG_MUL
     mov eax, [rb_seed]
-    imul eax, eax, RB_LCG_MUL
+    imul eax, ecx
     add eax, RB_LCG_ADD
     mov edx, eax
     shr edx, 16
-    imul eax, eax, RB_LCG_MUL
+    imul eax, ecx
     add eax, RB_LCG_ADD
     mov [rb_seed], eax
     and eax, 0xFFFF0000
     or eax, edx
+    pop ecx
     pop edx
     ret
 
