@@ -339,6 +339,7 @@ class DomainProcess:
                 if vcpu.state in (VcpuState.RUNNING, VcpuState.HYPERCALL):
                     vcpu.advance_to(window.end_ns)  # runnable but without a pCPU: it waits out the window
                 continue
+            vcpu.advance_to(window.start_ns)  # it holds its pCPU from the window's start at the earliest
             self._publish_time(vcpu)
             vcpu.run(window.end_ns)
             # Copy the hypercall's arguments in now, as the CPU would at the trap: a vCPU that runs after this

@@ -191,7 +191,7 @@ class Clock:
         if arrived:  # results the link held back, arriving in this window, in sending order
             dom.held_results = [r for r in dom.held_results if r.vt_ns >= end]
             results += sorted(arrived, key=lambda r: r.link_seq)
-        return Window(index=self.index, end_ns=end, results=results, run=run, irqs=irqs,
+        return Window(index=self.index, end_ns=end, start_ns=end - self.window_ns, results=results, run=run, irqs=irqs,
                       events=dom.take_deliveries(end))
 
     def _fire_timers(self, dom: Domain, end: int) -> None:

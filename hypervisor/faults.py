@@ -291,8 +291,8 @@ def _hold(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
     v = _vcpu(dom, req)
     until = vt + req.params["duration_ns"] if req.params["duration_ns"] else None
     v.held_until = until if until is not None else HELD_FOREVER
-    if v.runstate is RunState.RUNNING:
-        plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, vt, f"{req.kind} (fault)")
+    if v.runstate is RunState.RUNNING:  # it leaves its pCPU where its own clock is
+        plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, max(vt, v.clock_ns), f"{req.kind} (fault)")
     if until is not None:
         plan.until(fid, req, until, lambda at: _release(v))
     return f"vcpu {v.vid} held until {until if until is not None else 'brought online'}"

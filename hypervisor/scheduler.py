@@ -126,7 +126,7 @@ class Scheduler:
         pCPU and waits for one of the new ones."""
         v.affinity = tuple(sorted(set(affinity)))
         if v.runstate is RunState.RUNNING and v.pcpu not in v.affinity:
-            self.move(dom, v, RunState.RUNNABLE, now, "pinned elsewhere")
+            self.move(dom, v, RunState.RUNNABLE, max(now, v.clock_ns), "pinned elsewhere")
 
     def offline(self, dom: Domain, now: int, why: str) -> None:
         for v in dom.vcpus:

@@ -152,6 +152,9 @@ class Window:
     # effects decided outside this domain's own hypercalls (interdomain events, peers closing, timers, poll
     # timeouts), in arrival order; applied before the vCPUs run
     events: list[Delivery] = attrs.Factory(list)
+    # where the window starts: a vCPU given a pCPU runs from here at the earliest (after a pause, say, its own clock
+    # is still where it stopped)
+    start_ns: int = 0
 
 
 @attrs.frozen
