@@ -200,7 +200,10 @@ def test_preempt_keeps_the_vcpu_off_every_pcpu_for_its_duration(benign: Run) -> 
     f = benign.fault("preempt", "sdx.1")
     assert f["outcome"] == "vcpu 1 held until 460000"
     assert _running_between(benign, "sdx", 1, f["vt_ns"], 460_000) == []
-    assert [e["why"] for e in _runstates(benign, "sdx", 1) if e["vt_ns"] == f["vt_ns"]] == ["preempt (fault)"]
+    # the vCPU stops at its own clock, which may be a little past the instant the fault acted (within one window)
+    first = next(e for e in _runstates(benign, "sdx", 1) if e["vt_ns"] >= f["vt_ns"])
+    assert (first["why"], first["state"]) == ("preempt (fault)", "runnable")
+    assert first["vt_ns"] < f["vt_ns"] + 10_000
     ends = [e for e in benign.hv_events("sdx", "fault.end") if e["fid"] == f["fid"]]
     assert [(e["vt_ns"], e["outcome"]) for e in ends] == [(460_000, "vcpu 1 released")]
 
