@@ -1,7 +1,7 @@
 # Shortcuts for dev.py, which needs nothing but Python (the README's Quick start uses it directly).
 PYTHON ?= python3
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench soak clean
 
 up:
 	$(PYTHON) dev.py up $(SPEC)
@@ -14,6 +14,9 @@ lint:
 
 bench:
 	$(PYTHON) dev.py bench
+
+soak:
+	$(PYTHON) dev.py soak $(N)
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,6 +4,7 @@
     python3 dev.py up [SPEC] [pvcluster up options]   # the default cluster, ending with its summary
     python3 dev.py test [pytest options]              # the whole test suite
     python3 dev.py bench | lint
+    python3 dev.py soak [N] [tools/soak.py options]   # N seeded random fault schedules (default 200), with counts
 
 The first run creates .venv and installs the project with its dev extras; later runs reinstall only when
 pyproject.toml changed.
@@ -43,7 +44,7 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("up", "test", "bench", "lint"):
+    if not argv or argv[0] not in ("up", "test", "bench", "lint", "soak"):
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
@@ -55,9 +56,11 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(BIN / "pytest"), "-q", *rest])
     if cmd == "bench":
         return subprocess.call([str(BIN / "python"), "-m", "bench", *rest])
-    lint = ["pvcluster", "hypervisor", "domains", "tests", "examples", "bench", "dev.py"]
+    if cmd == "soak":
+        return subprocess.call([str(BIN / "python"), "-m", "tools.soak", *rest])
+    lint = ["pvcluster", "hypervisor", "domains", "tests", "examples", "bench", "tools", "dev.py"]
     rc = subprocess.call([str(BIN / "ruff"), "check", *lint])
-    return rc or subprocess.call([str(BIN / "mypy"), "pvcluster", "hypervisor", "domains"])
+    return rc or subprocess.call([str(BIN / "mypy"), "pvcluster", "hypervisor", "domains", "tools"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Development tools that are neither tests nor benchmarks (``python -m tools.soak``)."""
