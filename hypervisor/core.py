@@ -305,9 +305,9 @@ class Hypervisor:
         vt = self.clock.now_ns if vt_ns is None else vt_ns
         dom.move(DomainState.PAUSED, "paused by the toolstack")
         # A paused domain's vCPUs give up their pCPUs; the ones that could run are woken again on unpause.
-        for v in dom.vcpus:  # each stops where its own clock is (it may have run past vt in an earlier sub-step)
+        for v in dom.vcpus:  # a running one stops where its own clock is (Scheduler.move)
             if v.runstate in (RunState.RUNNING, RunState.RUNNABLE):
-                self.scheduler.move(dom, v, RunState.RUNNABLE, max(vt, v.clock_ns), "paused")
+                self.scheduler.move(dom, v, RunState.RUNNABLE, vt, "paused")
         self.printk(f"d{dom.domid} ({dom.name}): paused", vt_ns=vt, dom=dom.domid)
 
     def unpause(self, dom: Domain, vt_ns: int | None = None) -> None:

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hypervisor.domain import DomainState
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import HELD_FOREVER, RunState
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus.effects import FlushTlb, Invlpg, SetClockSkew, SetSpeed
 from pvcluster.bus.messages import Build
-from pvcluster.faults import FaultRequest
+from pvcluster.faults import ENDING, NO_SUCH_DOMAIN, FaultRequest
 
 if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
@@ -209,7 +210,11 @@ class FaultPlan:
             dom.trace.event("fault.end", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target, outcome=outcome)
             return {**record, "outcome": outcome}
         if dom is None or not dom.alive:
-            outcome = "no such live domain"
+            outcome = NO_SUCH_DOMAIN
+        elif dom.state is DomainState.SHUTTING_DOWN and req.kind not in ENDING:
+            # Once it has shut down a domain runs no more guest code, so only what ends its process still applies
+            # (as `xl destroy` does to a domain stuck in shutdown).
+            outcome = f"{NO_SUCH_DOMAIN} (it shut down at {dom.ended_vt} ns)"
         else:
             dom.trace.event("fault.inject", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target,
                             params=dict(req.params), origin=p.origin, step=step, at_ns=req.at_ns)
@@ -291,8 +296,8 @@ def _hold(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) ->
     v = _vcpu(dom, req)
     until = vt + req.params["duration_ns"] if req.params["duration_ns"] else None
     v.held_until = until if until is not None else HELD_FOREVER
-    if v.runstate is RunState.RUNNING:  # it leaves its pCPU where its own clock is
-        plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, max(vt, v.clock_ns), f"{req.kind} (fault)")
+    if v.runstate is RunState.RUNNING:  # it leaves its pCPU where its own clock is (Scheduler.move)
+        plan.hv.scheduler.move(dom, v, RunState.RUNNABLE, vt, f"{req.kind} (fault)")
     if until is not None:
         plan.until(fid, req, until, lambda at: _release(v))
     return f"vcpu {v.vid} held until {until if until is not None else 'brought online'}"

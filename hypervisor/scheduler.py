@@ -93,6 +93,10 @@ class Scheduler:
     def move(dom: Domain, v: Vcpu, state: RunState, now: int, why: str) -> None:
         if v.runstate is state:
             return
+        if v.runstate is RunState.RUNNING:
+            # A vCPU leaves its pCPU where its own clock is: it may have run past ``now`` (the window's start, for a
+            # decision in a later sub-step of the window, or its last block overshooting the window's end).
+            now = max(now, v.clock_ns)
         dom.trace.event("vcpu.runstate", vt_ns=now, vcpu=v.vid, state=state.value, previous=v.runstate.value,
                         duration_ns=max(0, now - v.since_ns), why=why, pcpu=v.pcpu)
         if state is RunState.RUNNABLE:
@@ -126,7 +130,7 @@ class Scheduler:
         pCPU and waits for one of the new ones."""
         v.affinity = tuple(sorted(set(affinity)))
         if v.runstate is RunState.RUNNING and v.pcpu not in v.affinity:
-            self.move(dom, v, RunState.RUNNABLE, max(now, v.clock_ns), "pinned elsewhere")
+            self.move(dom, v, RunState.RUNNABLE, now, "pinned elsewhere")
 
     def offline(self, dom: Domain, now: int, why: str) -> None:
         for v in dom.vcpus:

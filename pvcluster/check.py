@@ -42,11 +42,10 @@ from typing import Any
 import attrs
 
 from pvcluster.abi.platform import Mark
+from pvcluster.faults import NO_SUCH_DOMAIN
 from pvcluster.jsonl import JsonLines
 
 U32 = 0xFFFFFFFF
-# faults.jsonl / fault.outcome wording of a fault refused because its target domain was not running
-NO_SUCH_DOMAIN = "no such live domain"
 # A domain process's own record that the hypervisor stopped it: after it, the trace ending is not a kill.
 CLEAN_STOP = "domain.stop"
 # The hypervisor's record of a domain ending, and how a report words it.

@@ -95,6 +95,8 @@ KINDS: Mapping[str, Kind] = {
 
 # Kinds that end the domain they hit: their outcome is final.
 ENDING = frozenset({"kill", "crash", "destroy"})
+# The outcome of a fault that did not act because its domain was gone or had shut down (the checker relies on it)
+NO_SUCH_DOMAIN = "no such live domain"
 _TARGET = re.compile(r"(?P<dom>[a-z0-9][a-z0-9_-]{0,31})(?:\.(?P<vcpu>[0-9]{1,2}))?")
 
 

@@ -1,6 +1,7 @@
 """A scripted stand-in for a domain process, to drive the hypervisor core in-process, fast.
 
-Each vCPU runs a program of ops instead of x86 code: ``("compute", ns)`` spends virtual time, ``("hc", nr, args,
+Each vCPU runs a program of ops instead of x86 code: ``("compute", ns)`` spends virtual time, ``("block", ns)`` spends
+it without stopping at the window's end (a translated block that runs past it, as Unicorn's do), ``("hc", nr, args,
 regions)`` traps with a hypercall (regions: the guest buffers it names, as the domain process would copy them in),
 ``("loop", k)`` jumps back to op ``k``. The fake applies what the hypervisor sends the way a domain process does in
 the parts the core cares about: results complete traps (and move the clock to the result's time), ``Block`` sleeps
@@ -133,9 +134,9 @@ class FakeDomain:
     def _run(self, v: FakeVcpu, end: int) -> HypercallReq | None:
         while v.state == "running" and v.clock < end:
             op = v.program[v.pc % len(v.program)]
-            if op[0] == "compute":
+            if op[0] in ("compute", "block"):
                 left = op[1] if v.left is None else v.left
-                step = min(left, end - v.clock)
+                step = min(left, end - v.clock) if op[0] == "compute" else left
                 v.clock += step
                 v.instructions += step
                 v.left = left - step

@@ -227,3 +227,28 @@ def test_the_ident_fault_acts_at_the_build_point_and_is_traced() -> None:
     builds = {dom.name: msg for dom, msg in hv.outbox if isinstance(msg, Build)}
     assert builds["alpha"].start_info_ident == 0xDEAD and builds["beta"].start_info_ident is None
     assert [kw for e, kw in log.events if e == "fault.ident"] == [{"dom": 1, "vt_ns": 0, "ident": 0xDEAD}]
+
+
+def test_no_hypercall_is_stamped_while_its_vcpu_holds_no_pcpu() -> None:
+    """A vCPU leaves its pCPU at its own clock, never before it: one preempted in a later sub-step of a window (a
+    vCPU it woke needs the pCPU) has already trapped at times after the window's start."""
+    log = RecordingLog()
+    programs = {"alpha": _ping_programs(20, 15_000), "beta": [[shutdown_op()], [("compute", 1)]]}
+    Cluster(_spec(pcpus=1, slice_ns=10_000), programs, log).run()
+    states: dict[tuple[int, int], list[tuple[int, str, str]]] = {}
+    for e, kw in log.events:
+        if e == "vcpu.runstate":
+            states.setdefault((kw["dom"], kw["vcpu"]), []).append((kw["vt_ns"], kw["state"], kw["why"]))
+    for changes in states.values():
+        changes.sort(key=lambda c: c[0])
+    bad = []
+    for e, kw in log.events:
+        if e == "hypercall":
+            changes = states[(kw["dom"], kw["vcpu"])]
+            # running on [from, to]: a stamp at the instant it got or left its pCPU is fine
+            before = [c for c in changes if c[0] < kw["vt_ns"]]
+            upto = [c for c in changes if c[0] <= kw["vt_ns"]]
+            if before and before[-1][1] != "running" and upto[-1][1] != "running":
+                bad.append((kw["dom"], kw["vcpu"], kw["name"], kw["vt_ns"], before[-1]))
+    assert bad == [], bad[:3]
+    assert sum(1 for c in states[(1, 0)] if c[2] == "slice used up") >= 5

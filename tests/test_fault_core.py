@@ -15,6 +15,7 @@ from domains.link import LinkReceiver
 from hypervisor.core import Hypervisor
 from hypervisor.link import Link
 from hypervisor.tracing import DomainTrace
+from pvcluster.abi.xen import ShutdownReason
 from pvcluster.faults import KINDS, FaultError, RandomFaults, random_schedule, request
 from pvcluster.spec import SpecError, parse_spec
 
@@ -34,8 +35,8 @@ vcpus = 2
 cpus = [1]
 {extra}
 """
-RANDOM = ('[faults]\nrandom = {{ rate = 20.0, kinds = ["preempt", "delay", "drop", "dup", "reorder", "slow", '
-          '"pause", "skew", "offline", "pin", "partition"], until_ns = 1000000, targets = [{targets}] }}')
+RANDOM = ('[faults]\nrandom = {{ rate = 60.0, kinds = ["preempt", "delay", "drop", "dup", "reorder", "slow", '
+          '"pause", "skew", "offline", "pin", "partition"], until_ns = 150000, targets = [{targets}] }}')
 
 
 def _run(seed: int = 5, extra: str = "") -> RecordingLog:
@@ -183,3 +184,15 @@ def test_a_dead_domain_s_bus_identity_is_forgotten() -> None:
     assert hv.domains.by_identity(dom.identity) is dom
     hv.process_exited(dom, -9)
     assert hv.domains.by_identity(dom.identity) is None and not dom.alive
+
+
+def test_a_domain_that_shut_down_takes_only_faults_that_end_its_process() -> None:
+    log = RecordingLog()
+    hv = Hypervisor(parse_spec(SPEC.format(seed=1, extra="")), log)
+    dom = hv.create_domain(hv.spec.domains[0])
+    hv.shutdown(dom, ShutdownReason.poweroff, 1000)
+    refused = hv.faults.now(request("preempt", "alpha.0", None, {"duration_ns": 5}), "interactive")
+    assert refused["outcome"] == "no such live domain (it shut down at 1000 ns)"
+    assert not [kw for e, kw in log.events if e == "fault.inject"]  # the checker accepts it as refused
+    assert hv.faults.now(request("kill", "alpha"), "interactive")["outcome"] == "killed"  # as `xl destroy` would
+    assert [kw["kind"] for e, kw in log.events if e == "fault.inject"] == ["kill"]

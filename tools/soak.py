@@ -426,8 +426,9 @@ def trace_checks(run_dir: Path, link_ns: int) -> dict[str, Any]:
         if (dom, vcpu) not in times:
             continue
         ts, states = times[(dom, vcpu)]
-        i = bisect.bisect_left(ts, vt)  # the state just before vt (a stamp at a transition's own time is fine)
-        if i and states[i - 1] != "running":
+        i = bisect.bisect_left(ts, vt)  # the state just before vt
+        j = bisect.bisect_right(ts, vt)  # and the state at vt: a stamp at the instant it got its pCPU is fine
+        if i and states[i - 1] != "running" and states[j - 1] != "running":
             bad.append(f"d{dom}v{vcpu} {what} at {vt} ns while {states[i - 1]} since {ts[i - 1]} ns")
     out["descheduled"] = len(bad)
     if bad:
