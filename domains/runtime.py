@@ -69,6 +69,9 @@ class DomainProcess:
         self._seq = 0
         self._reported_trap: dict[int, int] = {}  # vCPU -> sequence number of the last trap reported
         self._reported_faults: set[int] = set()
+        # The latest arrival time of a delivery applied so far: guest memory already shows it, so no vCPU may run
+        # at an earlier time again (one that trapped before it resumes, in a later sub-step, no earlier than this).
+        self._seen_ns = 0
         self.exit_code = 0
         self._ipis: list[Ipi] = []
         self._span_start: dict[int, int] = {}
@@ -305,6 +308,7 @@ class DomainProcess:
         wakes no earlier than that."""
         if not self.link.first(d.seq, kind(d.effect), self.trace, d.vt_ns):
             return
+        self._seen_ns = max(self._seen_ns, d.vt_ns)
         vcpu = getattr(d.effect, "vcpu", -1)
         self.trace("domain.event", vt_ns=d.vt_ns, vcpu=vcpu, kind=kind(d.effect),
                    port=getattr(d.effect, "port", None))
@@ -320,13 +324,16 @@ class DomainProcess:
         effects.apply(self, d.effect, d.vt_ns, vcpu)
 
     def _window(self, window: Window) -> WindowDone:
+        """Run the window. A delivery arriving inside it (an event, a peer closing, a timer) is applied at its
+        arrival: every vCPU that runs first runs up to that instant (to its first block boundary there), so no
+        guest sees a pending bit before the event could have reached it."""
         assert self.ram is not None
+        later = [d for d in window.events if d.vt_ns > window.start_ns]
         for act in window.events:
-            self._event(act)
+            if act.vt_ns <= window.start_ns:
+                self._event(act)
         for res in window.results:
             self._apply(res)
-        reqs: list[HypercallReq] = []
-        faults: list[VcpuFault] = []
         self._ipis = []
         for irq in window.irqs:
             if not self.link.first(irq.seq, "ipi", self.trace, irq.vt_ns):
@@ -334,28 +341,41 @@ class DomainProcess:
             if 0 <= irq.dest < len(self.vcpus) and self.vcpus[irq.dest].state is not VcpuState.DOWN:
                 self.vcpus[irq.dest].post_irq(irq.vt_ns, irq.src, irq.vector)
         run = set(window.run)
+        running = []
         for vcpu in self.vcpus:
             if vcpu.vid not in run:
                 if vcpu.state in (VcpuState.RUNNING, VcpuState.HYPERCALL):
                     vcpu.advance_to(window.end_ns)  # runnable but without a pCPU: it waits out the window
                 continue
-            vcpu.advance_to(window.start_ns)  # it holds its pCPU from the window's start at the earliest
+            # It holds its pCPU from the window's start at the earliest, and cannot observe memory at a time
+            # before a delivery it may already see (``_seen_ns``).
+            vcpu.advance_to(max(window.start_ns, self._seen_ns))
             self._publish_time(vcpu)
-            vcpu.run(window.end_ns)
-            # Copy the hypercall's arguments in now, as the CPU would at the trap: a vCPU that runs after this
-            # one in the same window must not be able to change what the hypervisor reads.
-            trap = vcpu.trap
-            if trap is not None and self._reported_trap.get(vcpu.vid) != trap.seq:
-                self._reported_trap[vcpu.vid] = trap.seq
-                regions = self._copy_in(vcpu, trap.nr, trap.args)
-                reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
-            f = vcpu.fault
-            if f is not None and vcpu.vid not in self._reported_faults:
-                self._reported_faults.add(vcpu.vid)
-                faults.append(VcpuFault(vcpu.vid, f.vt_ns, f.kind, f.detail, f.eip, f.disasm))
-                self.trace(
-                    "vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm
-                )
+            running.append(vcpu)
+        reqs: list[HypercallReq] = []
+        faults: list[VcpuFault] = []
+        for until in sorted({d.vt_ns for d in later if d.vt_ns < window.end_ns} | {window.end_ns}):
+            for vcpu in running:
+                vcpu.run(until)
+                self._collect(vcpu, reqs, faults)
+            for act in later:
+                if act.vt_ns == until or (until == window.end_ns and act.vt_ns > until):
+                    self._event(act)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis)
+
+    def _collect(self, vcpu: Vcpu, reqs: list[HypercallReq], faults: list[VcpuFault]) -> None:
+        """What ``vcpu`` stopped on, reported once. A hypercall's arguments are copied in now, as the CPU would at
+        the trap: a vCPU that runs after this one in the same window must not be able to change what the
+        hypervisor reads."""
+        trap = vcpu.trap
+        if trap is not None and self._reported_trap.get(vcpu.vid) != trap.seq:
+            self._reported_trap[vcpu.vid] = trap.seq
+            regions = self._copy_in(vcpu, trap.nr, trap.args)
+            reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
+        f = vcpu.fault
+        if f is not None and vcpu.vid not in self._reported_faults:
+            self._reported_faults.add(vcpu.vid)
+            faults.append(VcpuFault(vcpu.vid, f.vt_ns, f.kind, f.detail, f.eip, f.disasm))
+            self.trace("vcpu.fault", vcpu=vcpu.vid, kind=f.kind, detail=f.detail, eip=f.eip, disasm=f.disasm)

@@ -142,7 +142,7 @@ class ControlServer:
 
     async def cmd_pause(self, args: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(args)
-        if not dom.running:
+        if not dom.running and dom.state is not DomainState.PAUSED:  # pauses nest, as in Xen
             raise CommandError(f"domain {dom.domid} is {dom.state.value}, not running")
         await self._planned(request("pause", str(dom.domid)), WAIT_S)
         return dom.summary()

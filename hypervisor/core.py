@@ -48,6 +48,7 @@ from pvcluster.faults import random_schedule
 from pvcluster.spec import ClusterSpec, DomainSpec
 
 MAX_DMESG_LINES = 5000
+MAX_PAUSES = 255  # Xen limits the toolstack's pause count to 255 (_domain_pause_by_systemcontroller)
 
 
 class Hypervisor:
@@ -299,20 +300,35 @@ class Hypervisor:
         # its bus identity dies with it: a frame sent under it now is an unknown peer's
         self.domains.forget_identity(dom)
 
-    def pause(self, dom: Domain, vt_ns: int | None = None) -> None:
-        if dom.state is not DomainState.RUNNING:
+    def pause(self, dom: Domain, vt_ns: int | None = None) -> int:
+        """The toolstack's pause (XEN_DOMCTL_pausedomain): pauses nest, so a paused domain's count goes up (at most
+        MAX_PAUSES, as Xen's -EOVERFLOW). Returns the new count."""
+        if dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
             raise ValueError(f"domain {dom.domid} is {dom.state.value}, not running")
+        if dom.pause_count >= MAX_PAUSES:
+            raise ValueError(f"domain {dom.domid} is already paused {dom.pause_count} times, the limit")
+        dom.pause_count += 1
         vt = self.clock.now_ns if vt_ns is None else vt_ns
+        if dom.pause_count > 1:
+            self.printk(f"d{dom.domid} ({dom.name}): pause count {dom.pause_count}", vt_ns=vt, dom=dom.domid)
+            return dom.pause_count
         dom.move(DomainState.PAUSED, "paused by the toolstack")
         # A paused domain's vCPUs give up their pCPUs; the ones that could run are woken again on unpause.
         for v in dom.vcpus:  # a running one stops where its own clock is (Scheduler.move)
             if v.runstate in (RunState.RUNNING, RunState.RUNNABLE):
                 self.scheduler.move(dom, v, RunState.RUNNABLE, vt, "paused")
         self.printk(f"d{dom.domid} ({dom.name}): paused", vt_ns=vt, dom=dom.domid)
+        return 1
 
-    def unpause(self, dom: Domain, vt_ns: int | None = None) -> None:
-        if dom.state is not DomainState.PAUSED:
+    def unpause(self, dom: Domain, vt_ns: int | None = None) -> int:
+        """Undo one pause (XEN_DOMCTL_unpausedomain; one too many is Xen's -EINVAL); the domain runs again when the
+        count reaches 0. Returns the new count."""
+        if dom.state is not DomainState.PAUSED or dom.pause_count <= 0:
             raise ValueError(f"domain {dom.domid} is {dom.state.value}, not paused")
+        dom.pause_count -= 1
+        if dom.pause_count:
+            self.printk(f"d{dom.domid} ({dom.name}): pause count {dom.pause_count}", dom=dom.domid)
+            return dom.pause_count
         dom.move(DomainState.RUNNING, "unpaused by the toolstack")
         now = max(self.clock.now_ns if vt_ns is None else vt_ns, dom.last_window * self.clock.window_ns)
         # Virtual time went on while it was paused; it cannot take part in windows already closed.
@@ -321,6 +337,7 @@ class Hypervisor:
             if v.ready_ns is not None:
                 v.ready_ns = max(v.ready_ns, now)
         self.printk(f"d{dom.domid} ({dom.name}): unpaused", vt_ns=now, dom=dom.domid)
+        return 0
 
     def _leave(self, dom: Domain, why: str) -> None:
         """``dom`` stops taking part in windows: its vCPUs give up their pCPUs, what was queued for it is dropped,

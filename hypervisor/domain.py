@@ -78,6 +78,9 @@ class Domain:
     hypercalls: int = 0
     started_vt: int = 0
     ended_vt: int | None = None
+    # Toolstack pauses nest, as Xen's controller_pause_count does (xen/common/domain.c): the domain runs again when
+    # every pause has been matched by an unpause.
+    pause_count: int = 0
     history: list[tuple[str, str]] = attrs.Factory(list)
     # What waits for the domain's next window.
     results: list[HypercallResult] = attrs.Factory(list)

@@ -259,20 +259,23 @@ def _destroy(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int)
 
 
 def _pause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
-    if not dom.running:
+    if not dom.joined or dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
         return f"refused: the domain is {dom.state.value}, not running"
-    plan.hv.pause(dom, vt)
+    try:
+        count = plan.hv.pause(dom, vt)
+    except ValueError as exc:
+        return f"refused: {exc}"
     if req.params["duration_ns"]:
         end = vt + req.params["duration_ns"]
         plan.until(fid, req, end, lambda at: _undo_pause(plan.hv, dom, at))
-    return "paused"
+    return "paused" if count == 1 else f"paused again (pause count {count})"
 
 
 def _undo_pause(hv: Hypervisor, dom: Domain, vt: int) -> str:
-    if dom.state.value != "paused":
+    if dom.state is not DomainState.PAUSED:
         return f"not paused ({dom.state.value})"
-    hv.unpause(dom, vt)
-    return "unpaused"
+    count = hv.unpause(dom, vt)
+    return "unpaused" if count == 0 else f"still paused (pause count {count})"
 
 
 def _unpause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:

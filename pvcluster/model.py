@@ -5,4 +5,6 @@ A run directory records it (``run.json``); ``pvcluster up --replay`` refuses a r
 because its trace could not be reproduced. Bump it with every change that moves a single virtual-time event.
 """
 
-MODEL_VERSION = 9
+# 10: a vCPU leaves its pCPU at its own clock; deliveries inside a window apply at their arrival, and a vCPU resumes
+# no earlier than the latest delivery its domain applied; toolstack pauses nest.
+MODEL_VERSION = 10

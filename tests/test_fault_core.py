@@ -196,3 +196,25 @@ def test_a_domain_that_shut_down_takes_only_faults_that_end_its_process() -> Non
     assert not [kw for e, kw in log.events if e == "fault.inject"]  # the checker accepts it as refused
     assert hv.faults.now(request("kill", "alpha"), "interactive")["outcome"] == "killed"  # as `xl destroy` would
     assert [kw["kind"] for e, kw in log.events if e == "fault.inject"] == ["kill"]
+
+
+def test_pauses_nest_as_xen_s_controller_pause_count() -> None:
+    nested = """
+[[fault]]
+kind = "pause"
+target = "alpha"
+at_ns = 20000
+duration_ns = 30000
+[[fault]]
+kind = "pause"
+target = "alpha"
+at_ns = 30000
+duration_ns = 5000
+"""
+    log = _run(5, nested)
+    outcomes = [(kw["vt_ns"], kw["outcome"]) for e, kw in log.events if e in ("fault.outcome", "fault.end")]
+    assert outcomes == [(20000, "paused"), (30000, "paused again (pause count 2)"),
+                        (40000, "still paused (pause count 1)"), (50000, "unpaused")]
+    ran = [kw["vt_ns"] for e, kw in log.events
+           if e == "vcpu.runstate" and kw["dom"] == 1 and kw["state"] == "running" and 20000 <= kw["vt_ns"] < 50000]
+    assert ran == []  # the second pause's end did not let it run: one pause was still held

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pvcluster.abi.platform import Mark
 from pvcluster.check import Report, check_run
 from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
@@ -365,3 +366,41 @@ def test_a_partition_longer_than_the_limit_ends_the_domain_as_unreachable(unreac
     # its shootdown in flight never completes, and nothing waits for it: the other domain finished
     assert unreachable.final["sdq"]["state"] == "dead"
     assert unreachable.report.ok, unreachable.report.violations
+
+
+# -- causality under link faults ------------------------------------------------------------------------------------
+
+JITTERY = """
+[cluster]
+name = "jittery"
+seed = {seed}
+[hypervisor]
+pcpus = 2
+[[domain]]
+name = "srv"
+backend = "xen"
+cmdline = "workload=pingserver peer=2 rounds=60 shutdown=poweroff"
+[[domain]]
+name = "cli"
+backend = "xen"
+cmdline = "workload=pingclient peer=1 port=2 rounds=60 shutdown=poweroff"
+""" + _faults({"kind": "delay", "target": "srv", "at_ns": 100_000, "delay_ns": 10_000, "jitter_ns": 12_000,
+               "duration_ns": 2_000_000})
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_no_echo_beats_two_link_crossings_under_a_jittery_link(seed: int) -> None:
+    """The server's hypercall results and its events cross a delayed, jittery link: it often runs when the next ping
+    arrives, so it must not see that ping before its arrival (seed 11 did when a delivery was applied at the window's
+    start; seed 3 when a vCPU resumed, in a later sub-step, at a time before a delivery already applied)."""
+    for run in _run(JITTERY.format(seed=seed)):
+        link_ns = 10_000  # hypervisor.cost.link_ns: a ping and its echo each cross from one domain to the other
+        sent: dict[int, int] = {}
+        rtts = []
+        for e in run.dom_events("cli", "guest.mark"):
+            if e["code"] == Mark.PING_SENT:
+                sent[e["round"]] = e["vt_ns"]
+            elif e["code"] == Mark.PING_ECHO:
+                rtts.append(e["vt_ns"] - sent[e["round"]])
+        assert len(rtts) == 60 and min(rtts) >= 2 * link_ns, sorted(rtts)[:3]
+        assert run.report.ok, run.report.violations
