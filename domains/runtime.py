@@ -359,8 +359,11 @@ class DomainProcess:
                 vcpu.run(until)
                 self._collect(vcpu, reqs, faults)
             for act in later:
-                if act.vt_ns == until or (until == window.end_ns and act.vt_ns > until):
+                if act.vt_ns == until:
                     self._event(act)
+        for vcpu in running:  # one woken by a delivery at the window's very end is running when it ends
+            vcpu.run(window.end_ns)
+            self._collect(vcpu, reqs, faults)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis)

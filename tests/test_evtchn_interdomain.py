@@ -36,7 +36,7 @@ from pvcluster.abi.copyin import copy_in
 from pvcluster.abi.errno import Errno, as_signed
 from pvcluster.abi.xen import DOMID_SELF, Hypercall, SchedOp, VcpuOp
 from pvcluster.bus.effects import ClearPending, Poll, PollTimeout, SetPending
-from pvcluster.bus.messages import Delivery, HypercallReq, HypercallResult, Region, WindowDone
+from pvcluster.bus.messages import Delivery, HypercallReq, HypercallResult, Region, Window, WindowDone
 
 BUF = 0x10000
 PORTS = 0x20000
@@ -525,6 +525,25 @@ def test_a_poll_timeout_ends_only_the_poll_it_was_set_for() -> None:
     assert vcpu.clock_ns < 90_000
     proc._event(Delivery(vt_ns=95_000, effect=PollTimeout(vcpu=0, trap_vt=trap_vt)))
     assert vcpu.trap is None and vcpu.poll_ports is None and vcpu.clock_ns >= 95_000 and vcpu.reg("eax") == 0
+
+
+def test_a_delivery_at_the_window_s_very_end_wakes_the_poller_by_the_end() -> None:
+    """The hypervisor counts the poller awake from the arrival on; were it still asleep when the window's report is
+    made, its wake-up would be lost until the poll timed out."""
+    proc, vcpu, _ = _polling_domain()
+    done = proc._window(Window(index=1, start_ns=0, end_ns=10_000, results=[], run=[0],
+                               events=[Delivery(vt_ns=10_000, effect=SetPending(vcpu=0, port=9), seq=1)]))
+    assert vcpu.trap is None and vcpu.state is VcpuState.RUNNING and vcpu.clock_ns == 10_000
+    assert [r.state for r in done.vcpus] == ["running"]
+
+
+def test_a_delivery_inside_the_window_is_applied_at_its_arrival_not_at_the_start() -> None:
+    proc, vcpu, ram = _polling_domain()
+    proc._window(Window(index=1, start_ns=0, end_ns=10_000, results=[], run=[0],
+                        events=[Delivery(vt_ns=6_000, effect=SetPending(vcpu=0, port=9), seq=1)]))
+    # woken by the event at 6000, the vCPU ran on to its `hlt`: never earlier than the event
+    assert vcpu.trap is None and vcpu.state is VcpuState.BLOCKED and 6_000 <= vcpu.clock_ns < 7_000
+    assert proc._seen_ns == 6_000
 
 
 def test_a_poll_returns_at_once_when_a_polled_port_is_already_pending() -> None:

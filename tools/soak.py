@@ -20,7 +20,10 @@ draws each domain's fault schedule from that seed; the kinds are ``DEFAULT_RANDO
 pin, slow, delay, drop, dup, reorder, partition, skew), none of which ends a domain or is a hypervisor bug. Every
 ``--bug-every``-th run (i % k == k - 1) also arms one hypervisor bug with a ``[[fault]]`` entry at a seeded virtual
 time inside the workloads (count 1), the kind rotating through skip-flush, lose-event, dup-event, corrupt-result,
-delay-flush and the target through the domains where it can strike:
+delay-flush and the target through the domains where it can strike. By default (``--via control``) that schedule
+(the same faults at the same virtual times) is injected through ``Cluster.inject`` right after ``Cluster.start``,
+before any window opens, which exercises the interactive path a test script uses; ``--via spec`` leaves it in the
+spec for the hypervisor to plan itself:
 
 ==============  ===========  ================================================================================
 bug             target       "caught" means
@@ -837,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write every run's record and the summary here")
     p.add_argument("--via", choices=("control", "spec"), default="control",
                    help="how the fault schedule reaches the hypervisor: the spec's [[fault]] and [faults] random, "
-                        "or the same schedule through Cluster.inject after start (default; see the docstring)")
+                        "or the same schedule through Cluster.inject after start (default)")
     p.add_argument("--only", default="", help="comma-separated run indices to run (re-running failing runs)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -150,7 +150,7 @@ class Window:
     run: list[int] = attrs.Factory(list)  # the vCPUs that hold a physical CPU in this window
     irqs: list[Ipi] = attrs.Factory(list)  # interrupts to take, each no earlier than its vt_ns
     # effects decided outside this domain's own hypercalls (interdomain events, peers closing, timers, poll
-    # timeouts), in arrival order; applied before the vCPUs run
+    # timeouts), in arrival order; each applied at its arrival (those at or before start_ns before the vCPUs run)
     events: list[Delivery] = attrs.Factory(list)
     # where the window starts: a vCPU given a pCPU runs from here at the earliest (after a pause, say, its own clock
     # is still where it stopped)
