@@ -111,6 +111,9 @@ class Cluster:
         except ControlError as exc:
             cluster.down()
             raise ClusterError(f"creating domains failed: {exc}") from None
+        except BaseException:  # Ctrl-C while the domains are being created: nothing outlives the toolstack, and
+            cluster.down()  # the control socket is closed (an open one would hold the interpreter's exit)
+            raise
         return cluster
 
     def __enter__(self) -> Cluster:

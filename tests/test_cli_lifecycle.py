@@ -90,10 +90,12 @@ def test_no_child_outlives_the_toolstack(run_dir: Path, sig: signal.Signals) -> 
         pids = _cluster_pids(rd)
         assert all(alive(p) for p in pids[:2])
         up.send_signal(sig)  # SIGINT is what Ctrl-C delivers to the foreground toolstack
-        up.wait(timeout=60)
+        # read its output while waiting (a full pipe would block it); bringing a cluster down takes 45 s at worst
+        _, err = up.communicate(timeout=120)
         wait_until(lambda: not any(alive(p) for p in pids), timeout=30)
-        if sig == signal.SIGINT:
-            assert "interrupted" in (up.stderr.read() if up.stderr else "")
+        if sig == signal.SIGINT:  # interrupted while waiting for the cluster, or still creating its domains
+            assert up.returncode in (1, 130), (up.returncode, err)
+            assert up.returncode == 130 or "interrupted" in err
     finally:
         if up.poll() is None:
             up.kill()
