@@ -79,6 +79,8 @@ def test_no_child_outlives_the_toolstack(run_dir: Path, sig: signal.Signals) -> 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite started in the background (`cmd &` in a script) passes SIGINT on ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - before exec only
     )
     try:
         wait_until(
