@@ -148,9 +148,15 @@ class EvtchnTable:
         # (vcpu, virq) -> port, as Xen's per-vCPU virq_to_evtchn: a global VIRQ sits under vCPU 0 whatever vCPU it
         # notifies; a per-vCPU VIRQ under the vCPU it was bound on (which it cannot leave).
         self.virqs: dict[tuple[int, int], int] = {}
+        # Ports are handed out lowest first, so every port at or above this mark has always been free: scans stop
+        # there (the toolstack's status asks for in_use() of every domain several times a second).
+        self._high = 1
 
     def _free_port(self) -> Port | None:
-        return next((p for p in self.ports if p.free), None)
+        p = next((p for p in self.ports[1 : self._high] if p.free), None)
+        if p is None and self._high < NR_EVENT_CHANNELS:
+            p = self.ports[self._high]
+        return p
 
     def _allocate(self, state: PortState, **fields: Any) -> Port | Errno:
         """The lowest free port, moved to ``state``; -ENOSPC when the table is full."""
@@ -158,6 +164,7 @@ class EvtchnTable:
         if p is None:
             return Errno.ENOSPC
         p.transition(state, **fields)
+        self.taken(p)
         return p
 
     def lookup(self, port: int) -> Port | None:
@@ -166,9 +173,13 @@ class EvtchnTable:
             return None
         return self.ports[port]
 
+    def taken(self, p: Port) -> None:
+        """``p``, a free port, was just taken: scans must now reach it."""
+        self._high = max(self._high, p.number + 1)
+
     def in_use(self) -> list[Port]:
         """Every port that is neither free nor reserved, lowest first."""
-        return [p for p in self.ports if p.state not in (PortState.FREE, PortState.RESERVED)]
+        return [p for p in self.ports[1 : self._high] if p.state not in (PortState.FREE, PortState.RESERVED)]
 
     def virq_port(self, vcpu: int, virq: int) -> int | None:
         return self.virqs.get((vcpu, virq))
@@ -218,6 +229,7 @@ def bind_interdomain(domid: int, table: EvtchnTable, remote_domid: int, peers: P
     if remote is None or remote.state is not PortState.UNBOUND or remote.remote_dom != domid:
         return Errno.EINVAL
     local.transition(PortState.INTERDOMAIN, remote_dom=remote_domid, remote_port=remote_port)
+    table.taken(local)
     remote.transition(PortState.INTERDOMAIN, remote_dom=domid, remote_port=local.number)
     return local
 
@@ -258,8 +270,8 @@ def close_all(domid: int, table: EvtchnTable, peers: Peers) -> list[tuple[int, i
     Returns the (remote domid, remote port) of every interdomain peer in another domain: those ports have been moved
     back to UNBOUND (waiting for ``domid``, which will never bind again) and their domains may want telling."""
     out: list[tuple[int, int]] = []
-    for p in reversed(table.ports):  # highest first, as Xen's evtchn_destroy
-        if p.state in (PortState.FREE, PortState.RESERVED):
+    for p in reversed(table.in_use()):  # highest first, as Xen's evtchn_destroy
+        if p.state is PortState.FREE:  # closed meanwhile, with a loopback peer
             continue
         if p.state is PortState.INTERDOMAIN and p.remote_dom != domid and peers(p.remote_dom) is not None:  # type: ignore[arg-type]
             assert p.remote_dom is not None and p.remote_port is not None
