@@ -10,6 +10,9 @@ maps a block's (virtual address, size) plus its exact bytes to its instruction c
 the way the CPU fetched them (CR3, then a walk of the guest's page tables over the shared RAM, or the ROM page),
 so code rewritten at the same address (pvops call-site patching, self-modifying code) is a different entry.
 Comparing the stored bytes, rather than trusting a hash of them, makes a hit exact and costs less than hashing.
+Two memos in C cut the per-block cost without touching a count: CR3 (reading it through Unicorn cost more than the
+rest of the hook; it is re-read at each emu_start and after a block holding ``mov crN, r32``, the one instruction
+that loads it inside emulation), and per vCPU the table entries it used last (checked against the bytes too).
 
 When Python is called: only on a miss (the block was never seen with these bytes; ``InsnCounter`` counts it with
 capstone, C stores the count) or when C cannot read the bytes (a page not mapped, or mapped to neither RAM nor the
@@ -42,6 +45,7 @@ from unicorn import UC_HOOK_BLOCK, Uc, UcError
 _SOURCE = Path(__file__).resolve().parent / "native" / "blockhook.c"
 _CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
 _U64_MAX = (1 << 64) - 1
+RECENT = 256  # blockhook.c's RECENT
 
 # Python's side of a miss: (address, size, pointer to the bytes or None) -> instruction count (>= 1; < 1 means
 # the callback failed and emulation must stop).
@@ -71,7 +75,11 @@ class PvVcpu(ctypes.Structure):
         ("end_ps", ctypes.c_uint64),
         ("instructions", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
+        ("unreadable", ctypes.c_uint64),
         ("failed", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr3_known", ctypes.c_uint64),
+        ("recent", ctypes.c_void_p * RECENT),
     ]
 
 
@@ -222,9 +230,11 @@ class BlockHook:
         """Code at physical ``[base, base+size)`` is read from host memory at ``addr`` (kept alive by the caller)."""
         self.state.rom, self.state.rom_base, self.state.rom_size = addr, base, size
 
-    def set_end(self, end_ps: int) -> None:
-        """The slice end, relative to the clock's base (see ``Vcpu.clock_ps``), clamped to what C holds."""
+    def start(self, end_ps: int) -> None:
+        """Before emu_start: the slice end, relative to the clock's base (see ``Vcpu.clock_ps``) and clamped to what
+        C holds; and CR3 to be read afresh (Python may have loaded it since the last emulation)."""
         self.state.end_ps = min(max(end_ps, 0), _U64_MAX)
+        self.state.cr3_known = 0
 
     def _on_miss(self, addr: int, size: int, code: int | None) -> int:
         try:

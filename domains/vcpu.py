@@ -230,6 +230,7 @@ class Vcpu:
     def set_cr3(self, value: int) -> None:
         """Load CR3 (which, as on the CPU, drops this vCPU's TLB)."""
         self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
+        self._st.cr3_known = 0  # the block hook's memo of it
 
     @property
     def cr3(self) -> int:
@@ -465,7 +466,7 @@ class Vcpu:
     def _slice(self) -> None:
         while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
             eip = self.reg("eip")
-            self._hook.set_end(self._end_ps - self._base_ps)
+            self._hook.start(self._end_ps - self._base_ps)
             try:
                 self.uc.emu_start(eip, _STOP_ADDR)
                 self._hook.raise_error()
