@@ -133,10 +133,12 @@ def measure() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in LOOPS:
         code = _assemble(name)
-        runs = [_vcpu_run(code) for _ in range(REPEATS)]
-        instructions = runs[0][1]
-        vcpu_s = min(s for s, _ in runs)
-        bare_s = min(_bare_run(code) for _ in range(REPEATS))
+        vcpu_runs, bare_runs = [], []
+        for _ in range(REPEATS):  # interleaved: a busy spell on the machine slows both sides alike
+            vcpu_runs.append(_vcpu_run(code))
+            bare_runs.append(_bare_run(code))
+        instructions = vcpu_runs[0][1]
+        vcpu_s, bare_s = min(s for s, _ in vcpu_runs), min(bare_runs)
         vcpu_mips, bare_mips = instructions / vcpu_s / 1e6, instructions / bare_s / 1e6
         out[name] = {"instructions": instructions, "vcpu_s": vcpu_s, "bare_s": bare_s, "vcpu_mips": vcpu_mips,
                      "bare_mips": bare_mips, "ratio": vcpu_mips / bare_mips, "target": TARGETS.get(name)}

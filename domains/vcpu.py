@@ -135,7 +135,8 @@ class InsnCounter:
 
     def __init__(self) -> None:
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
-        self._cache: dict[tuple[int, bytes], int] = {}  # the blocks C cannot read the bytes of, and disasm users
+        # C asks again only for a block whose bytes it cannot read (it stores the rest): those are cached here
+        self._cache: dict[tuple[int, bytes], int] = {}
         self._md_detail: capstone.Cs | None = None
         self.table = CountTable()
 
