@@ -1,10 +1,13 @@
 """One guest vCPU: its own Unicorn instance (so its own TLB) over the domain's shared RAM.
 
 Virtual time advances with executed instructions. Unicorn cannot report how many instructions ran before an
-``emu_stop``, so a block hook counts each translated block's instructions (disassembled once with capstone and
-cached by address and bytes) before the block runs. A block hook that stops emulation prevents that block from
-running, so a slice ends at the first block boundary at or after the window end: deterministic, since block
-boundaries depend only on the code.
+``emu_stop``, so a block hook counts each translated block's instructions before the block runs. A block hook that
+stops emulation prevents that block from running, so a slice ends at the first block boundary at or after the
+window end: deterministic, since block boundaries depend only on the code. The hook is C (``domains.blockhook``):
+it finds the block's bytes through this vCPU's page tables, looks their count up in a table shared by the domain's
+vCPUs (keyed by address, size and the exact bytes), and calls back into Python only for a block it has not seen
+with those bytes (``InsnCounter`` disassembles it once with capstone) or whose bytes it cannot read. The clock and
+the instruction count live in the hook's C state; ``clock_ps`` and ``instructions`` are properties over it.
 
 Memory: the domain's RAM is mapped at physical address 0 in every instance, the local APIC's MMIO page at physical
 0xFEE00000 and the VMI ROM (when there is one) at physical 0xFFFF0000. The vCPU runs with paging on (CR0.PG, and
@@ -16,8 +19,10 @@ vCPU's current CR3. A page fault stops the vCPU with a "page-fault" fault naming
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import heapq
+import mmap
 import struct
 from collections.abc import Callable
 
@@ -25,7 +30,6 @@ import attrs
 import capstone
 from unicorn import (
     UC_ARCH_X86,
-    UC_HOOK_BLOCK,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
@@ -41,6 +45,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from domains import events
+from domains.blockhook import BlockHook, CountTable
 from domains.memory import GuestRam
 from domains.paging import read_virt, translate, write_virt
 from pvcluster.abi.platform import (
@@ -63,8 +68,6 @@ _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns e
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 PAGE_FAULT_VECTOR = 14
 _PAGE = 0x1000
-_MOV_TO_CR = b"\x0f\x22"  # the opcode of `mov crN, r32`
-_GROUP7 = b"\x0f\x01"  # the opcode of invlpg (and lgdt, lidt, ...)
 # Instructions that write memory without naming it as an operand (the stack).
 _IMPLICIT_WRITERS = ("push", "call", "enter")
 EFLAGS_IF, EFLAGS_TF = 0x200, 0x100
@@ -127,12 +130,15 @@ class Fault:
 
 
 class InsnCounter:
-    """Instruction counts of translated blocks, shared by the vCPUs of one domain."""
+    """Instruction counts of translated blocks, shared by the vCPUs of one domain: the C hook's table of the
+    blocks seen (``table``), and capstone for the blocks it has not seen."""
 
     def __init__(self) -> None:
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+        # C asks again only for a block whose bytes it cannot read (it stores the rest): those are cached here
         self._cache: dict[tuple[int, bytes], int] = {}
         self._md_detail: capstone.Cs | None = None
+        self.table = CountTable()
 
     def count(self, addr: int, code: bytes) -> int:
         key = (addr, code)
@@ -167,11 +173,8 @@ class Vcpu:
         self.vid = vid
         self.ram = ram
         self.counter = counter
-        self.ps_per_instr = ps_per_instr
         self.state = VcpuState.DOWN
         self.initialised = False
-        self.clock_ps = 0
-        self.instructions = 0
         self.trap: Trap | None = None
         self.fault: Fault | None = None
         self._end_ps = 0
@@ -182,15 +185,13 @@ class Vcpu:
         # emulation stops, and the silent #PF it takes there turns the guest's next real #PF into a #DF.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
-        # The block hook's view of code translations, the way the CPU's TLB holds them: CR3 as last read (None:
-        # read it again) and va page -> physical page. Both are forgotten whenever the CPU's own translations may
-        # change: at the start of emulation, on set_cr3 and flush_tlb, and after a block that holds the bytes
-        # of `mov crN, r32` or of invlpg (each ends its block, so the next block is the first to run after it).
-        # Reading a register through the Python binding, or walking the tables, would cost more than the rest
-        # of the hook on every block.
-        self._fetch_cr3: int | None = None
-        self._code_tlb: dict[int, int] = {}
-        self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        # Virtual time: the C hook's state holds the clock relative to _base_ps (so C's 64 bits never overflow
+        # whatever Python sets it to), the slice end on the same base, and the instruction count.
+        self._hook = BlockHook(self.uc, X.UC_X86_REG_CR3, ram.host_addr, ram.size, counter.table, self._count_block)
+        self._st = self._hook.state
+        self._base_ps = 0
+        self.ps_per_instr = ps_per_instr
+        self._rom: tuple[mmap.mmap, ctypes.c_char] | None = None
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
@@ -218,18 +219,19 @@ class Vcpu:
 
     def map_rom(self, base: int, image: bytes) -> None:
         """A read-only, executable page the hypervisor supplies (the VMI ROM) at physical ``base``, which the
-        builder's page tables map read-only at the same virtual address; a guest write to it faults."""
-        self.uc.mem_map(base, len(image), UC_PROT_READ | UC_PROT_EXEC)
-        self.uc.mem_write(base, image)
+        builder's page tables map read-only at the same virtual address; a guest write to it faults. Its memory
+        is ours (``mem_map_ptr``), so the block hook reads the very bytes the CPU executes."""
+        buf = mmap.mmap(-1, len(image))
+        buf[:] = image
+        anchor = ctypes.c_char.from_buffer(buf)
+        self.uc.mem_map_ptr(base, len(image), UC_PROT_READ | UC_PROT_EXEC, ctypes.addressof(anchor))
+        self._rom = (buf, anchor)  # alive as long as Unicorn maps it
+        self._hook.map_rom(ctypes.addressof(anchor), base, len(image))
 
     def set_cr3(self, value: int) -> None:
         """Load CR3 (which, as on the CPU, drops this vCPU's TLB)."""
         self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
-        self._forget_translations()
-
-    def _forget_translations(self) -> None:
-        self._fetch_cr3 = None
-        self._code_tlb.clear()
+        self._st.cr3_known = 0  # the block hook's memo of it
 
     @property
     def cr3(self) -> int:
@@ -264,7 +266,6 @@ class Vcpu:
     def flush_tlb(self) -> None:
         """Drop this vCPU's cached translations (Unicorn has no single-page flush from the host side)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self._forget_translations()
         self.flushes += 1
 
     # -- the local APIC (trapped MMIO) and interrupt delivery -----------------------------------------------
@@ -359,6 +360,32 @@ class Vcpu:
         return 0xFFFFFFFF  # no device: the bus floats high
 
     @property
+    def clock_ps(self) -> int:
+        """Virtual time in picoseconds: the base Python last set plus what the C hook has counted since."""
+        return self._base_ps + self._st.clock_ps
+
+    @clock_ps.setter
+    def clock_ps(self, value: int) -> None:
+        self._base_ps = value
+        self._st.clock_ps = 0
+
+    @property
+    def instructions(self) -> int:
+        return int(self._st.instructions)
+
+    @instructions.setter
+    def instructions(self, value: int) -> None:
+        self._st.instructions = value
+
+    @property
+    def ps_per_instr(self) -> int:
+        return int(self._st.ps_per_instr)
+
+    @ps_per_instr.setter
+    def ps_per_instr(self, value: int) -> None:
+        self._st.ps_per_instr = value
+
+    @property
     def clock_ns(self) -> int:
         return self.clock_ps // 1000
 
@@ -375,30 +402,12 @@ class Vcpu:
 
     # -- hooks: keep them short, they run inside emu_start ---------------------------------------------
 
-    def _on_block(self, uc: Uc, addr: int, size: int, _: object) -> None:
-        if self.clock_ps >= self._end_ps:
-            uc.emu_stop()
-            return
-        # The block's bytes, found the way the CPU just fetched them: through this vCPU's page tables.
-        frame = self._code_tlb.get(addr >> 12)
-        if frame is None:
-            cr3 = self._fetch_cr3
-            if cr3 is None:
-                cr3 = self._fetch_cr3 = int(uc.reg_read(X.UC_X86_REG_CR3))
-            pa = translate(self.ram, cr3, addr, False)
-            if pa is not None:
-                frame = self._code_tlb[addr >> 12] = pa & ~(_PAGE - 1)
-        offset = addr & (_PAGE - 1)
-        if frame is not None and offset + size <= _PAGE and frame + _PAGE <= self.ram.size:
-            code = self.ram.buf[frame + offset : frame + offset + size]
-        else:  # the block crosses a page, or it is in the ROM
+    def _count_block(self, addr: int, size: int, code: bytes | None) -> int:
+        """The C hook's miss: a block it has not seen with these bytes (``code``), or whose bytes it could not
+        read (None: read them here, through the RAM or the ROM the way the CPU fetched them)."""
+        if code is None:
             code = self.fetch(addr, size)
-        # (0x0F in code: a quick test first; the bytes may also be in an operand, which costs a harmless refill)
-        if 0x0F in code and (_MOV_TO_CR in code or _GROUP7 in code):
-            self._forget_translations()
-        n = self.counter.count(addr, code)
-        self.instructions += n
-        self.clock_ps += n * self.ps_per_instr
+        return self.counter.count(addr, code)
 
     def _on_interrupt(self, uc: Uc, intno: int, _: object) -> None:
         eip = int(uc.reg_read(X.UC_X86_REG_EIP))
@@ -458,9 +467,10 @@ class Vcpu:
     def _slice(self) -> None:
         while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
             eip = self.reg("eip")
-            self._forget_translations()
+            self._hook.start(self._end_ps - self._base_ps)
             try:
                 self.uc.emu_start(eip, _STOP_ADDR)
+                self._hook.raise_error()
             except UcError as exc:
                 if self.fault is None:
                     self._set_fault("cpu", str(exc), self.reg("eip"))
