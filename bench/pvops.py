@@ -72,13 +72,17 @@ def op_costs() -> dict[tuple[str, str], tuple[float, float]]:
 
 
 def main() -> None:
-    pairs = irq_pairs()
+    render(irq_pairs(), op_costs())
+
+
+def render(pairs: dict[tuple[str, bool], tuple[float, float]],
+           costs: dict[tuple[str, str], tuple[float, float]]) -> None:
+    """The tables of ``irq_pairs()`` and ``op_costs()``, on stdout."""
     print("guest instructions (virtual ns) per irq_disable + irq_enable pair, from one run")
     print(f"  {'backend':<8} {'patched':>16} {'unpatched':>16} {'unpatched/patched':>18}")
     for b in BACKENDS:
         (pi, pv), (ui, uv) = pairs[(b, True)], pairs[(b, False)]
         print(f"  {b:<8} {pi:8.1f} ({pv:5.1f}) {ui:8.1f} ({uv:5.1f}) {ui / pi if pi else float('inf'):17.2f}x")
-    costs = op_costs()
     print(f"\ncost per op through the pv_ops table, beyond an empty op's call/ret ({OP_ROUNDS} calls each)")
     print(f"  {'op':<18}" + "".join(f"{b:>22}" for b in BACKENDS))
     for op in BENCH_OPS:

@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 
 from domains.elf_load import GuestImage, ImageError, parse_guest_image
-from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, build_kernel
+from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kernel
 from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
 from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, StartInfo
@@ -63,7 +63,7 @@ def _page_up(x: int) -> int:
 def load_kernel_bytes(kernel: str) -> bytes:
     if kernel in BUILTIN_KERNELS:
         try:
-            return build_kernel(kernel)
+            return cached_kernel(kernel)  # the toolstack built it before the domains started: no keystone here
         except KernelBuildError as exc:
             raise ImageError("bad-builtin", str(exc)) from None
     try:

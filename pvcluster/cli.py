@@ -22,7 +22,7 @@ from pvcluster.control import ControlClient, ControlError
 from pvcluster.rundiff import first_divergence, format_divergence
 from pvcluster.runrecord import ReplayError, load_replay, replay_dir
 from pvcluster.spec import SpecError, load_spec
-from pvcluster.summary import hypercall_stats, render
+from pvcluster.summary import hypercall_stats, render, run_report
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -66,6 +66,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                             replayed_from=source)
     if args.detach:
         say(f"cluster running in {cluster.run_dir}; `pvcluster list`, `pvcluster down` to stop")
+        if args.json:
+            print(json.dumps({"run_dir": str(cluster.run_dir), "detached": True}))
         return 0
     last: dict[int, str] = {}
 
@@ -80,11 +82,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         if final["idle"] and not all(d["state"] in ("dead", "crashed") for d in final["domains"]):
             if not args.quiet:
                 err.print("[dim]pvcluster:[/] [yellow]the cluster is idle: no vCPU can run and no event is pending[/]")
-        if not args.quiet:
-            render(final, cluster.run_dir, cluster.wall_s, out)
-        if args.json:
-            print(json.dumps(final))
         ok = all(d["state"] == "dead" for d in final["domains"])
+        if not args.quiet:
+            # with --json, stdout carries the one JSON document and nothing else
+            render(final, cluster.run_dir, cluster.wall_s, err if args.json else out)
+        if args.json:
+            print(json.dumps(run_report(final, cluster.run_dir, cluster.wall_s, ok)))
     except KeyboardInterrupt:
         say("interrupted: bringing the cluster down")
         ok = False
@@ -274,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="leave the cluster running and return at once")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many wall seconds (600)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary table")
-    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document on stdout: the final status (every domain's state, vt_ns), "
+                   "windows, wall_run_s (wall seconds from the first window to the last, start-up excluded), "
+                   "wall_s, run_dir and ok; progress and the summary table go to stderr")
     p.set_defaults(fn=cmd_up)
 
     p = sub.add_parser("list", parents=[after], help="domains, their states and vCPUs")

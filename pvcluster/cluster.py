@@ -81,6 +81,7 @@ class Cluster:
             runrecord.write_run_record(run_dir, spec, replayed_from)
         except OSError as exc:
             raise ClusterError(f"cannot record the run in {run_dir}: {exc}") from None
+        prebuild_kernels(spec, say)
         say(f"starting the hypervisor in {run_dir}")
         argv = launch.python_module_argv(
             "hypervisor", "--spec-json", str(run_dir / "spec.json"), "--run-dir", str(run_dir)
@@ -228,6 +229,23 @@ class Cluster:
             if d["name"] == dom:
                 return int(d["domid"])
         raise ClusterError(f"no domain named {dom!r}")
+
+
+def prebuild_kernels(spec: ClusterSpec, say: Callable[[str], None]) -> None:
+    """Put the spec's built-in kernels in the on-disk kernel cache, so that the domain processes, which start all at
+    once, find them there and never load keystone."""
+    # Imported here: the verbs that only talk to a running cluster need none of it.
+    from domains.kernel.build import KernelBuildError, cached_kernel, cached_kernel_path
+
+    for name in sorted({d.kernel for d in spec.domains if d.builtin_kernel}):
+        path = cached_kernel_path(name)
+        if path is not None and path.exists():
+            continue
+        say(f"assembling the built-in kernel {name}")
+        try:
+            cached_kernel(name)
+        except KernelBuildError:
+            pass  # each domain fails to build it again and reports the error as its own ("bad-builtin")
 
 
 def _domain_dict(dom: DomainSpec) -> dict[str, Any]:

@@ -31,6 +31,17 @@ def hypercall_stats(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def run_report(status: dict[str, Any], run_dir: Path, wall_s: float, ok: bool) -> dict[str, Any]:
+    """What `pvcluster up --json` prints: the final status with the run's measures under plain names."""
+    return {
+        **status,
+        "windows": status["window"],  # steps run, as the summary's "windows"
+        "wall_s": wall_s,  # since the hypervisor came up, building included; wall_run_s (in status): the windows alone
+        "run_dir": str(run_dir),
+        "ok": ok,
+    }
+
+
 def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Console) -> None:
     table = Table(title="pvcluster run summary", title_justify="left")
     for col in ("dom", "name", "state", "reason", "vcpus", "hypercalls", "instructions", "virtual time"):

@@ -204,3 +204,17 @@ def test_claim_refuses_another_users_directory(run_dir: Path) -> None:
     with pytest.raises(ClusterError, match="belongs to uid 65534"):
         claim_run_dir(rd, "c")
     assert not any(rd.iterdir())
+
+
+@pytest.mark.slow
+def test_up_json_prints_one_document_with_the_run_measures(run_dir: Path) -> None:
+    """Not --quiet: the progress and the summary table are printed too, and must all go to stderr."""
+    spec = run_dir / "quick.toml"
+    spec.write_text(QUICK_SPEC)
+    up = run_cli("up", str(spec), "--run-dir", str(run_dir / "rd"), "--json", "--timeout", "60")
+    assert up.returncode == 0, up.stderr
+    doc = json.loads(up.stdout)  # the whole of stdout: one document, nothing around it
+    assert {"vt_ns", "windows", "wall_run_s", "wall_s", "domains", "run_dir", "ok"} <= doc.keys()
+    assert doc["vt_ns"] > 0 and doc["windows"] > 0 and doc["wall_run_s"] > 0 and doc["ok"] is True
+    assert [d["state"] for d in doc["domains"]] == ["dead"]
+    assert "pvcluster run summary" in up.stderr

@@ -119,8 +119,8 @@ def test_cli_up_runs_default_and_prints_summary(run_dir: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "pvcluster run summary" in proc.stdout
-    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "pvcluster run summary" in proc.stderr  # --json: stdout holds the JSON document alone
+    final = json.loads(proc.stdout)
     assert [d["state"] for d in final["domains"]] == ["dead", "dead"]
     assert (
         not (run_dir / "cli" / "hypervisor.json").exists() or "pid" in (run_dir / "cli" / "hypervisor.json").read_text()

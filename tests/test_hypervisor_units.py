@@ -120,3 +120,14 @@ def test_a_second_domain_with_another_name_gets_its_own_state() -> None:
     gamma = hv.create_domain(attrs.evolve(hv.spec.domains[0], name="gamma"))
     assert gamma.domid == 2 and gamma.evtchn is not alpha.evtchn and gamma.frames is not alpha.frames
     assert all(v.domid == 2 for v in gamma.vcpus) and gamma.trace is not alpha.trace
+
+
+def test_the_run_wall_time_spans_the_windows_only() -> None:
+    hv = core()
+    assert hv.status()["wall_run_s"] == 0.0  # no window yet: start-up is not the run
+    wall = hv.run_wall
+    wall.note(closed=False, opened=True)
+    wall.note(closed=True, opened=False)  # the last window closed: the span stops growing
+    done = wall.seconds(window_open=False)
+    assert done >= 0 and wall.seconds(window_open=False) == done
+    assert wall.seconds(window_open=True) >= done  # a status read while a window runs counts up to now

@@ -4,6 +4,9 @@ simulation core that knows nothing of trio, ZeroMQ or sockets."""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,9 @@ PACKAGES = ("pvcluster", "hypervisor", "domains")
 TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvcluster.summary", "pvcluster.analysis",
              "pvcluster.check", "pvcluster.rundiff", "pvcluster.runrecord", "pvcluster.tracequery",
              "pvcluster.pytest_plugin")
+# What a domain process must not load: the assembler (the toolstack puts the built-in kernel in the on-disk cache
+# before the domains start), the terminal UI and the toolstack. Every domain process pays for each import again.
+DOMAIN_PROCESS_FORBIDDEN = ("keystone", "rich", *TOOLSTACK)
 # The simulation core: everything in hypervisor/ but the transport shell and the process entry point.
 SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/__main__.py")
 _MUTATING = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
@@ -124,3 +130,23 @@ def test_the_simulation_core_is_trio_free() -> None:
             if bad:
                 offenders[rel] = bad
     assert offenders == {}
+
+
+def _modules_loaded_by(*modules: str) -> list[str]:
+    """The names in sys.modules of a fresh interpreter after it imports ``modules`` (and nothing else)."""
+    code = f"import json, sys\nfor m in {list(modules)!r}:\n    __import__(m)\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("domains.runtime", DOMAIN_PROCESS_FORBIDDEN),
+    # The entry point adds the trace set-up, whose structlog loads rich (structlog.dev's pretty tracebacks) when rich
+    # is installed, as the toolstack needs it to be: that one is structlog's, not ours.
+    ("domains.__main__", tuple(f for f in DOMAIN_PROCESS_FORBIDDEN if f != "rich")),
+])
+def test_a_domain_process_imports_only_what_it_runs(module: str, forbidden: tuple[str, ...]) -> None:
+    loaded = _modules_loaded_by(module)
+    assert module in loaded
+    assert sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)) == []

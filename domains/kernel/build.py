@@ -1,18 +1,31 @@
-"""Assemble the built-in guest kernel with keystone and pack it as an ELF32 Xen guest image."""
+"""Assemble the built-in guest kernel with keystone and pack it as an ELF32 Xen guest image.
+
+keystone's library costs every process that loads it several MB of memory (and the assembly a tenth of a second),
+so a domain process does neither: the image is cached on disk (``cached_kernel``), keyed by everything that goes
+into its bytes, and the toolstack builds it before it starts the hypervisor. keystone is imported only inside
+``assemble``, on a cache miss.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import re
+import tempfile
 from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keystone
-
+from domains import elf_pack
 from domains.elf_pack import Segment, pack_elf32
 from pvcluster.abi.asm import INCLUDE_NAME, include_text
 from pvcluster.abi.platform import VIRT_BASE
 from pvcluster.abi.pvops import PV_OPS
 from pvcluster.abi.xen import HYPERCALL_STUB_SIZE, PAGE_SIZE, Hypercall, XenElfNote
+
+if TYPE_CHECKING:
+    import keystone
 
 BUILTIN_KERNELS = ("pvkern",)
 _STUBS = PAGE_SIZE // HYPERCALL_STUB_SIZE
@@ -200,6 +213,8 @@ def preprocess(source: str) -> str:
 
 def _locate_error(ks: keystone.Ks, source: str, base: int, errno: int) -> str:
     """keystone reports no line numbers: find the shortest prefix of the source that fails the same way."""
+    import keystone
+
     lines = source.splitlines()
 
     def fails(n: int) -> bool:
@@ -221,6 +236,8 @@ def _locate_error(ks: keystone.Ks, source: str, base: int, errno: int) -> str:
 
 def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     """Assemble ``source`` at ``base``; return the bytes and the addresses of the symbols the loader needs."""
+    import keystone  # here only: a process that finds the image in the cache never loads keystone's library
+
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32)
     symbols: dict[str, int] = {}
     wanted = (*ENTRY_SYMBOLS, "hypercall_page", "pv_patch_sites", "pv_patch_sites_end")
@@ -270,3 +287,88 @@ def build_kernel(name: str = "pvkern") -> bytes:
         notes=notes,
         symbols=symbols,
     )
+
+
+# -- the on-disk cache -------------------------------------------------------------------------------------------
+
+# Where the cache lives when set; otherwise $XDG_CACHE_HOME/pvcluster/kernels or ~/.cache/pvcluster/kernels.
+CACHE_DIR_ENV = "PVCLUSTER_CACHE_DIR"
+
+
+def _keystone_version() -> str:
+    """keystone's version from its package metadata: reading it does not load the library."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("keystone-engine")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=8)
+def kernel_cache_key(name: str) -> str:
+    """sha256 of everything the image's bytes depend on: the kernel's sources, the generated ABI include, the
+    code that assembles and packs it (this file and elf_pack.py: a change to either changes the bytes), the
+    Python numbers it uses directly, and keystone's version."""
+    h = hashlib.sha256()
+    parts = (
+        kernel_source(name),
+        include_text(),
+        Path(__file__).read_text(encoding="utf-8"),
+        Path(elf_pack.__file__).read_text(encoding="utf-8"),
+        repr((VIRT_BASE, PAGE_SIZE, HYPERCALL_STUB_SIZE, PV_OPS, sorted((int(c), c.name) for c in Hypercall))),
+        _keystone_version(),
+    )
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def kernel_cache_dir() -> Path | None:
+    """The directory of cached images, or None when there is no home to put it in."""
+    if env := os.environ.get(CACHE_DIR_ENV):
+        return Path(env)
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "pvcluster" / "kernels"
+    try:
+        return Path.home() / ".cache" / "pvcluster" / "kernels"
+    except RuntimeError:
+        return None
+
+
+def cached_kernel_path(name: str, cache_dir: Path | None = None) -> Path | None:
+    where = cache_dir or kernel_cache_dir()
+    return None if where is None else where / f"{name}-{kernel_cache_key(name)[:32]}.elf"
+
+
+def cached_kernel(name: str = "pvkern", cache_dir: Path | None = None) -> bytes:
+    """``build_kernel(name)``, from the on-disk cache when an image with the same key is there; otherwise built
+    and stored. A cache that cannot be read or written only costs the build."""
+    path = cached_kernel_path(name, cache_dir)
+    if path is not None:
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+    image = build_kernel(name)
+    if path is not None:
+        _store(path, image)
+    return image
+
+
+def _store(path: Path, image: bytes) -> None:
+    """Write ``image`` to ``path`` atomically: several domain processes may miss the cache at once, and each must
+    read either nothing or a whole image (the images they write are identical, so the last rename wins)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(image)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass  # no cache this time: the caller has the image
