@@ -4,6 +4,8 @@ simulation core that knows nothing of trio, ZeroMQ or sockets."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +126,12 @@ def test_the_simulation_core_is_trio_free() -> None:
             if bad:
                 offenders[rel] = bad
     assert offenders == {}
+
+
+def test_the_domain_process_runs_without_trio() -> None:
+    """A domain process is a blocking ZeroMQ loop: nothing ``python -m domains`` imports brings in trio (its import
+    costs start-up time, and its machinery every message)."""
+    probe = ("import sys, domains.runtime, domains.__main__; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'trio'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
