@@ -7,8 +7,9 @@ processes the core wants ended, runs the window loop (``core.step`` out, reports
 Wall-clock time judges only liveness: a domain that stays silent for ``hypervisor.unresponsive_s`` seconds of the
 hypervisor's own running time while a window waits for it is crashed. Time the hypervisor process itself was not
 running (stopped, or starved) is not counted against anyone: the silence clock advances at most a tick per tick.
-One long-lived task (``liveness_watch``) keeps that clock, so waiting for a window's reports sets up no timer: the
-per-window path is a send per participant and a wait on an event that the bus reader sets.
+One long-lived task (``liveness_watch``) keeps that clock, so waiting for a window's reports sets up no timer, and
+the bus reader steps the clock itself when a report completes a window (``advance``): the per-window path is one
+wake-up of one task, a receive, the core's work and a send per participant.
 
 The trace is buffered (pvcluster.trace.TraceFile) and flushed at each window step, on every liveness tick, before
 a control reply or a rejected frame's Error goes out (whoever got the answer can read the event behind it), and on
@@ -72,7 +73,7 @@ class HypervisorProcess:
         self.control: TrioSocket | None = None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.changed = trio.Event()
-        self.reports_in = trio.Event()
+        self._advancing = False  # advance() is running (it may wait on a full send queue)
         self._send_seq = 0
         self.nursery: trio.Nursery | None = None
         # The open window's silence, in seconds of this process's running time, and when it started counting.
@@ -80,9 +81,10 @@ class HypervisorProcess:
         self._silence_from = time.monotonic()
 
     def poke(self) -> None:
+        """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
+        the window loop looks again whether the clock can step."""
         self.changed.set()
         self.changed = trio.Event()
-        self.reports_in.set()
 
     # -- sockets ---------------------------------------------------------------------------------------------
 
@@ -145,6 +147,11 @@ class HypervisorProcess:
             os.kill(proc.pid, signal.SIGCONT)
 
     async def flush(self) -> None:
+        """Carry out what the core asked for, and have the window loop look at the new state."""
+        await self.carry_out()
+        self.poke()
+
+    async def carry_out(self) -> None:
         """Carry out what the core asked for: messages to domain processes, processes to end or signal."""
         core = self.core
         while core.outbox or core.to_kill or core.signals:
@@ -162,7 +169,6 @@ class HypervisorProcess:
                 proc = self.procs.get(dom.domid)
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
-        self.poke()
 
     async def _reject(self, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
         self.log.warning(f"bus.{kind}", vt_ns=self.core.clock.now_ns, detail=detail, ref_seq=seq, **fields)
@@ -176,7 +182,8 @@ class HypervisorProcess:
         while True:
             frames = await self.bus.recv_multipart()
             await self.on_frames(frames)
-            await self.flush()
+            await self.carry_out()
+            await self.advance()
 
     async def on_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -211,33 +218,44 @@ class HypervisorProcess:
     # -- the window loop ---------------------------------------------------------------------------------------
 
     async def window_loop(self) -> None:
-        core = self.core
+        """Steps the clock after any change that did not come in on the bus (the bus reader steps it itself)."""
         while True:
-            windows = core.step()
-            await self.flush()
-            if not windows:
-                self.flush_trace()
-                await self.changed.wait()
-                continue
-            self._silence, self._silence_from = 0.0, time.monotonic()
-            for domid, window in windows.items():
-                dom = core.domains.get(domid)
-                if dom is None:
-                    continue
-                try:
-                    await self.send(dom.identity, window)
-                except codec.EncodeError as exc:
-                    core.crash(dom, f"hypervisor could not encode its window: {exc}", exc=exc)
-            await self.flush()
-            self.flush_trace()
-            await self._wait_for_reports()
+            changed = self.changed  # a poke while advance() runs is then not lost
+            await self.advance()
+            await changed.wait()
 
-    async def _wait_for_reports(self) -> None:
-        """Until every participant of the open window has reported or left (``liveness_watch`` crashes one that
-        stays silent). The bus reader sets ``reports_in`` after every frame."""
-        while self.core.clock.awaiting:
-            self.reports_in = trio.Event()
-            await self.reports_in.wait()
+    async def advance(self) -> None:
+        """Step the clock as far as it can go now: close the open window once every participant has reported or
+        left, open the next and send its windows, until a window waits for reports or nothing can run (the cluster
+        is idle, or a domain is still building).
+
+        The bus reader calls this after every frame: the report that completes a window steps the clock right
+        there, with no switch to another task on the per-window path. The window loop calls it after any other
+        change. One call runs at a time; one that finds another under way leaves the work to it (that one looks
+        at the state again before it returns, and nothing in between yields)."""
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            core = self.core
+            while not core.clock.awaiting:
+                windows = core.step()
+                await self.carry_out()
+                self.flush_trace()  # every step's events are on disk before its windows go out
+                if not windows:
+                    return
+                self._silence, self._silence_from = 0.0, time.monotonic()
+                for domid, window in windows.items():
+                    dom = core.domains.get(domid)
+                    if dom is None:
+                        continue
+                    try:
+                        await self.send(dom.identity, window)
+                    except codec.EncodeError as exc:
+                        core.crash(dom, f"hypervisor could not encode its window: {exc}", exc=exc)
+                await self.carry_out()
+        finally:
+            self._advancing = False
 
     async def liveness_watch(self) -> None:
         """Every TICK_S: flush the trace (a live run's readers see each event within a tick), and judge silence.
