@@ -5,10 +5,12 @@ changed, and any operation on the socket (a send, a receive, reading ``ZMQ_EVENT
 
 * ``recv_multipart`` first tries a non-blocking receive and parks on ``trio.lowlevel.wait_readable(fd)`` only when
   it found nothing: a failed receive has just drained the edge, so the next frame to arrive raises a new one.
-* Any other operation that may consume the edge (a send, ``has_pending``) then reads ``ZMQ_EVENTS``; when a frame
-  is pending and the reader is parked, the reader is woken with ``trio.lowlevel.notify_closing(fd)``: trio's own
-  way to wake a task parked on a descriptor, without the cancel scope per wait that waking by cancellation needs
-  (the reader takes the resulting ClosedResourceError as "look again" unless the socket really is closed).
+* A send made while the reader is parked may consume the edge, so it then reads ``ZMQ_EVENTS`` (``has_pending``,
+  which any task may also call: it is the same read). When a frame is pending and the reader is parked, the reader
+  is woken with ``trio.lowlevel.notify_closing(fd)``, trio's own way to wake a task parked on a descriptor: no
+  cancel scope per wait, as waking by cancellation would need. The reader takes the ClosedResourceError it gets
+  as "look again", unless the socket really is closed. A reader that is not parked receives before it parks, so a
+  send made then (the bus reader's own replies) needs no check at all.
 * ``safety_poll``, one long-lived task, does the same check every ``SAFETY_POLL_S``: a last resort that costs
   nothing per message.
 
@@ -91,9 +93,14 @@ class TrioSocket:
             except zmq.Again:
                 pass
             else:
-                self.has_pending()
+                self._after_send()
                 return
         await self._send_slow(frames)
+
+    def _after_send(self) -> None:
+        # A reader that is not parked receives before it parks, so only a parked one can have lost its edge.
+        if self._parked:
+            self.has_pending()
 
     async def _send_slow(self, frames: list[bytes]) -> None:
         async with self._send_lock:
@@ -105,7 +112,7 @@ class TrioSocket:
                     # Only one task may park on the descriptor (the reader), so a writer backs off and retries.
                     await trio.sleep(_SEND_RETRY_S)
                 finally:
-                    self.has_pending()
+                    self._after_send()
 
     def close(self) -> None:
         self._closed = True
