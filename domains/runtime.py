@@ -2,15 +2,21 @@
 
 In virtual-time mode the vCPUs of a domain run one after another in id order, each up to the window's end, so
 their interleaving over the shared RAM depends only on virtual time, never on host thread timing.
+
+The process answers one message at a time and never has two things to wait for, so it runs no event loop: a plain
+blocking ZeroMQ DEALER receives, handles and replies (the least a round trip can cost). Its only other inputs are
+signals, handled by the ``signal`` module between two bytecodes, even inside a blocking receive (pyzmq runs
+handlers when the wait is interrupted): the hypervisor's death (``on_hypervisor_gone``), termination and Ctrl-C
+(domains/__main__.py). Each flushes the trace and ends the process at once.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-import trio
 import zmq
 
 from domains import effects
@@ -41,26 +47,33 @@ from pvcluster.bus.messages import (
     Window,
     WindowDone,
 )
-from pvcluster.bus.zsock import TrioSocket
 from pvcluster.designs import mode_of
-from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
 
 # How often a domain process waiting for the hypervisor checks that it still exists (wall clock; nothing simulated
 # depends on it).
 PARENT_CHECK_S = 30.0
+# How long closing the socket may wait for queued frames to reach a live hypervisor.
+LINGER_MS = 2000
 EXIT_HYPERVISOR_GONE = 5
 # Deliveries that wake a sleeping vCPU at their arrival (a delayed flush, a speed or clock change do not; a poll
 # timeout does, but only by ending the poll).
 _WAKING = (SetPending, Unmask, VcpuUp)
 
 
+def _no_flush() -> None:
+    pass
+
+
 class DomainProcess:
-    def __init__(self, endpoint: str, identity: bytes, domid: int, name: str, log: Any) -> None:
+    def __init__(self, endpoint: str, identity: bytes, domid: int, name: str, log: Any,
+                 flush_trace: Callable[[], None] = _no_flush, exit_now: Callable[[int], None] = os._exit) -> None:
         self.endpoint = endpoint
         self.identity = identity
         self.domid = domid
         self.name = name
         self.log = log.bind(dom=domid)  # every event of this process is about this domain
+        self.flush_trace = flush_trace  # writes out the buffered trace (pvcluster.trace.TraceFile.flush)
+        self.exit_now = exit_now  # flushes the trace and ends the process (TraceFile.flush_and_exit)
         self.ctx = zmq.Context()
         self.ram: GuestRam | None = None
         self.boot: BootState | None = None
@@ -92,51 +105,57 @@ class DomainProcess:
         self.log.info(event, **fields)
 
 
-    async def _send(self, sock: TrioSocket, body: Any) -> None:
+    def _send(self, sock: zmq.Socket, body: Any) -> None:
+        """Send one message. The trace is flushed first: whatever the hypervisor learns from this process, its
+        trace already shows (a process killed outright leaves a trace that ends at its last report)."""
+        self.flush_trace()
         self._seq += 1
-        await sock.send_multipart([codec.encode(body, seq=self._seq, vt_ns=self.vt_ns)])
+        sock.send(codec.encode(body, seq=self._seq, vt_ns=self.vt_ns))
 
-    async def run(self) -> int:
-        raw = self.ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.IDENTITY, self.identity)
-        raw.setsockopt(zmq.LINGER, 2000)
-        raw.connect(self.endpoint)
-        sock = TrioSocket(raw)
+    def run(self) -> int:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        # A blocking receive that gives up after PARENT_CHECK_S: the same wait as a zmq_poll with that timeout,
+        # without building a poll set for every message.
+        sock.setsockopt(zmq.RCVTIMEO, int(PARENT_CHECK_S * 1000))
+        sock.connect(self.endpoint)
         code = EXIT_HYPERVISOR_GONE
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._watch_hypervisor, nursery.cancel_scope)
-                code = await self._serve(sock)
-                nursery.cancel_scope.cancel()
+            code = self._serve(sock)
         finally:
-            raw.setsockopt(zmq.LINGER, 0 if code == EXIT_HYPERVISOR_GONE else 2000)
+            sock.setsockopt(zmq.LINGER, 0 if code == EXIT_HYPERVISOR_GONE else LINGER_MS)
             sock.close()
             self.ctx.term()
+            self.flush_trace()
         return code
 
-    async def _watch_hypervisor(self, scope: trio.CancelScope,
-                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The launcher has the kernel send HYPERVISOR_GONE_SIGNAL when the hypervisor process dies: say so in the
-        trace and on stderr, and end the process (its trace is flushed line by line) with EXIT_HYPERVISOR_GONE."""
-        with trio.open_signal_receiver(HYPERVISOR_GONE_SIGNAL) as signals:
-            task_status.started()
-            async for _ in signals:
-                self._say_hypervisor_gone()
-                scope.cancel()
-                return
+    def on_hypervisor_gone(self, signum: int, _frame: object) -> None:
+        """HYPERVISOR_GONE_SIGNAL's handler: the launcher has the kernel send it when the hypervisor process dies.
+        Say so in the trace and on stderr, and end the process with EXIT_HYPERVISOR_GONE (nobody is left to hear
+        from it)."""
+        self._say_hypervisor_gone()
+        self.exit_now(EXIT_HYPERVISOR_GONE)
 
     def _say_hypervisor_gone(self) -> None:
         self.trace("domain.hypervisor_gone", hypervisor_pid=self.parent)
         print(f"domain {self.domid} ({self.name}): the hypervisor (pid {self.parent}) is gone; trace flushed, exiting",
               file=sys.stderr, flush=True)
 
-    async def _serve(self, sock: TrioSocket) -> int:
+    def _receive(self, sock: zmq.Socket) -> bytes | None:
+        """The next frame, or None after PARENT_CHECK_S of silence."""
+        try:
+            frames = sock.recv_multipart()
+        except zmq.Again:
+            return None
+        return frames[-1]  # type: ignore[no-any-return]
+
+    def _serve(self, sock: zmq.Socket) -> int:
         """Hello, then answer the hypervisor until it says stop; returns the exit code."""
-        await self._send(sock, Hello(pid=os.getpid()))
+        self._send(sock, Hello(pid=os.getpid()))
         while True:
-            with trio.move_on_after(PARENT_CHECK_S) as timeout:
-                frames = await sock.recv_multipart()
-            if timeout.cancelled_caught:
+            frame = self._receive(sock)
+            if frame is None:
                 # Silence alone judges nobody: the hypervisor may be waiting, lock-stepped, for a domain that is
                 # stopped or slow. Only a hypervisor that is gone ends this process (the death signal is the quick
                 # way to learn it; this is the fallback).
@@ -145,12 +164,10 @@ class DomainProcess:
                     return EXIT_HYPERVISOR_GONE
                 continue
             try:
-                env = codec.decode(frames[-1])
+                env = codec.decode(frame)
             except codec.FrameError as exc:
                 self.trace(f"bus.{exc.kind}", detail=exc.detail)
-                await self._send(
-                    sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1)
-                )
+                self._send(sock, Error(exc.kind, exc.detail, exc.seq if exc.seq is not None else -1))
                 continue
             body = env.body
             if isinstance(body, Build):
@@ -158,11 +175,11 @@ class DomainProcess:
                 # what the hypervisor did for other domains meanwhile
                 self.vt_ns = max(self.vt_ns, env.vt_ns)
             if isinstance(body, Build) and self.ram is None:
-                await self._send(sock, self._build(body))
+                self._send(sock, self._build(body))
                 if self.ram is None:
                     return 3
             elif isinstance(body, Window) and self.ram is not None:
-                await self._send(sock, self._window(body))
+                self._send(sock, self._window(body))
             elif isinstance(body, Stop):
                 self.trace("domain.stop", reason=body.reason)
                 return self.exit_code
@@ -171,7 +188,7 @@ class DomainProcess:
             else:
                 detail = f"{type(body).__name__} is not expected now"
                 self.trace("bus.unexpected", detail=detail)
-                await self._send(sock, Error("unexpected", detail, env.seq))
+                self._send(sock, Error("unexpected", detail, env.seq))
 
     # -- build ---------------------------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -34,21 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"hypervisor: bad replay file: {exc}", file=sys.stderr)
         return 2
-    log = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
-    hv = HypervisorProcess(spec, args.run_dir, log, replay)
+    log, sink = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
+    # Ctrl-C lands between two bytecodes of unprotected code; inside a flush it could drop the lines being
+    # written. Under KI protection trio delivers it at the next checkpoint instead.
+    trio.lowlevel.enable_ki_protection(trace.TraceFile.flush)
+    hv = HypervisorProcess(spec, args.run_dir, log, replay, flush_trace=sink.flush)
 
     def on_term(signum: int, _frame: object) -> None:
         # The toolstack died or gave up on a clean `down`: take the domain processes down at once. Doing it
         # here, not by raising into trio, cannot be lost in whatever the event loop was doing.
         hv.kill_all()
         (args.run_dir / "hypervisor.json").unlink(missing_ok=True)
-        os._exit(128 + signum)
+        sink.flush_and_exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
     try:
         trio.run(hv.run)
     except KeyboardInterrupt:
         return 130
+    finally:
+        sink.flush()  # a crash too: everything traced before it is on disk
     return 0
 
 

@@ -63,6 +63,7 @@ class ControlServer:
             # DEALER peers send [payload]; REQ peers send ["", payload]
             envelope, payload = (frames[1:-1], frames[-1]) if len(frames) >= 2 else ([], b"")
             reply, done = await self._handle(payload)
+            self.hvp.flush_trace()  # a client that got its answer can read every event that led to it
             self._seq += 1
             try:
                 frame = codec.encode(reply, seq=self._seq, vt_ns=self.core.clock.now_ns)

@@ -7,6 +7,13 @@ processes the core wants ended, runs the window loop (``core.step`` out, reports
 Wall-clock time judges only liveness: a domain that stays silent for ``hypervisor.unresponsive_s`` seconds of the
 hypervisor's own running time while a window waits for it is crashed. Time the hypervisor process itself was not
 running (stopped, or starved) is not counted against anyone: the silence clock advances at most a tick per tick.
+One long-lived task (``liveness_watch``) keeps that clock, so waiting for a window's reports sets up no timer, and
+the bus reader steps the clock itself when a report completes a window (``advance``): the per-window path is one
+wake-up of one task, a receive, the core's work and a send per participant.
+
+The trace is buffered (pvcluster.trace.TraceFile) and flushed at each window step, on every liveness tick, before
+a control reply or a rejected frame's Error goes out (whoever got the answer can read the event behind it), and on
+every way out.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +50,17 @@ TICK_S = 0.25
 MAX_TICK_CHARGE_S = 2 * TICK_S
 
 
+def _no_flush() -> None:
+    pass
+
+
 class HypervisorProcess:
-    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None,
+                 flush_trace: Callable[[], None] = _no_flush) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.log = log
+        self.flush_trace = flush_trace  # writes out the buffered trace (pvcluster.trace.TraceFile.flush)
         self.core = Hypervisor(spec, log)
         for record in replay or []:
             self.core.faults.replay(record)
@@ -59,14 +73,18 @@ class HypervisorProcess:
         self.control: TrioSocket | None = None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.changed = trio.Event()
-        self.reports_in = trio.Event()
+        self._advancing = False  # advance() is running (it may wait on a full send queue)
         self._send_seq = 0
         self.nursery: trio.Nursery | None = None
+        # The open window's silence, in seconds of this process's running time, and when it started counting.
+        self._silence = 0.0
+        self._silence_from = time.monotonic()
 
     def poke(self) -> None:
+        """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
+        the window loop looks again whether the clock can step."""
         self.changed.set()
         self.changed = trio.Event()
-        self.reports_in.set()
 
     # -- sockets ---------------------------------------------------------------------------------------------
 
@@ -129,6 +147,11 @@ class HypervisorProcess:
             os.kill(proc.pid, signal.SIGCONT)
 
     async def flush(self) -> None:
+        """Carry out what the core asked for, and have the window loop look at the new state."""
+        await self.carry_out()
+        self.poke()
+
+    async def carry_out(self) -> None:
         """Carry out what the core asked for: messages to domain processes, processes to end or signal."""
         core = self.core
         while core.outbox or core.to_kill or core.signals:
@@ -146,10 +169,10 @@ class HypervisorProcess:
                 proc = self.procs.get(dom.domid)
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
-        self.poke()
 
     async def _reject(self, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
         self.log.warning(f"bus.{kind}", vt_ns=self.core.clock.now_ns, detail=detail, ref_seq=seq, **fields)
+        self.flush_trace()  # the peer told of its bad frame finds the event in the trace
         await self.send(identity, Error(kind=kind, detail=detail, ref_seq=seq))
 
     # -- the domain bus --------------------------------------------------------------------------------------
@@ -159,7 +182,8 @@ class HypervisorProcess:
         while True:
             frames = await self.bus.recv_multipart()
             await self.on_frames(frames)
-            await self.flush()
+            await self.carry_out()
+            await self.advance()
 
     async def on_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -189,67 +213,90 @@ class HypervisorProcess:
     def bus_has_pending(self) -> bool:
         """Whether frames wait to be read: then nobody may be judged silent yet."""
         assert self.bus is not None
-        return bool(int(self.bus.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)  # type: ignore[arg-type]
+        return self.bus.has_pending()
 
     # -- the window loop ---------------------------------------------------------------------------------------
 
     async def window_loop(self) -> None:
-        core = self.core
+        """Steps the clock after any change that did not come in on the bus (the bus reader steps it itself)."""
         while True:
-            windows = core.step()
-            await self.flush()
-            if not windows:
-                await self.changed.wait()
-                continue
-            for domid, window in windows.items():
-                dom = core.domains.get(domid)
-                if dom is None:
-                    continue
-                try:
-                    await self.send(dom.identity, window)
-                except codec.EncodeError as exc:
-                    core.crash(dom, f"hypervisor could not encode its window: {exc}", exc=exc)
-            await self.flush()
-            await self._wait_for_reports()
+            changed = self.changed  # a poke while advance() runs is then not lost
+            await self.advance()
+            await changed.wait()
 
-    async def build_watch(self) -> None:
-        """A domain in BUILDING holds every window back (building takes no virtual time), so one whose process has
-        not built its guest after BUILD_TIMEOUT_S of this process's running time is crashed."""
-        waited: dict[int, float] = {}
+    async def advance(self) -> None:
+        """Step the clock as far as it can go now: close the open window once every participant has reported or
+        left, open the next and send its windows, until a window waits for reports or nothing can run (the cluster
+        is idle, or a domain is still building).
+
+        The bus reader calls this after every frame: the report that completes a window steps the clock right
+        there, with no switch to another task on the per-window path. The window loop calls it after any other
+        change. One call runs at a time; one that finds another under way leaves the work to it (that one looks
+        at the state again before it returns, and nothing in between yields)."""
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            core = self.core
+            while not core.clock.awaiting:
+                windows = core.step()
+                await self.carry_out()
+                self.flush_trace()  # every step's events are on disk before its windows go out
+                if not windows:
+                    return
+                self._silence, self._silence_from = 0.0, time.monotonic()
+                for domid, window in windows.items():
+                    dom = core.domains.get(domid)
+                    if dom is None:
+                        continue
+                    try:
+                        await self.send(dom.identity, window)
+                    except codec.EncodeError as exc:
+                        core.crash(dom, f"hypervisor could not encode its window: {exc}", exc=exc)
+                await self.carry_out()
+        finally:
+            self._advancing = False
+
+    async def liveness_watch(self) -> None:
+        """Every TICK_S: flush the trace (a live run's readers see each event within a tick), and judge silence.
+        Each tick charges at most MAX_TICK_CHARGE_S, so time this process did not run is nobody's silence."""
+        building: dict[int, float] = {}
         last = time.monotonic()
         while True:
             await trio.sleep(TICK_S)
             now = time.monotonic()
-            charge, last = min(now - last, MAX_TICK_CHARGE_S), now
-            building = [d for d in self.core.domains if d.state is DomainState.BUILDING]
-            waited = {d.domid: waited.get(d.domid, 0.0) + charge for d in building}
-            late = [d for d in building if waited[d.domid] >= BUILD_TIMEOUT_S]
-            if late and not self.bus_has_pending():
-                for dom in late:
-                    self.core.crash(dom, f"not built within {BUILD_TIMEOUT_S:g} s of the hypervisor's running time")
-                await self.flush()
+            charge, last_tick, last = min(now - last, MAX_TICK_CHARGE_S), last, now
+            self.flush_trace()
+            building = await self._judge_builds(building, charge)
+            if self.core.clock.awaiting:
+                self._silence += min(now - max(last_tick, self._silence_from), MAX_TICK_CHARGE_S)
+                await self._judge_silence()
 
-    async def _wait_for_reports(self) -> None:
-        """Until every participant of the open window has reported or left; a participant silent for
-        ``unresponsive_s`` of this process's own running time is crashed."""
-        core = self.core
-        silence = 0.0
-        last = time.monotonic()
-        while core.clock.awaiting:
-            self.reports_in = trio.Event()
-            with trio.move_on_after(TICK_S):
-                await self.reports_in.wait()
-            now = time.monotonic()
-            silence += min(now - last, MAX_TICK_CHARGE_S)
-            last = now
-            if silence < self.unresponsive_s or self.bus_has_pending():
-                continue
-            for domid in sorted(core.clock.awaiting):
-                dom = core.domains.get(domid)
-                if dom is not None and dom.alive:
-                    core.crash(dom, f"no report for window {core.clock.index} within {self.unresponsive_s:g} s "
-                                    f"of the hypervisor's running time")
+    async def _judge_builds(self, waited: dict[int, float], charge: float) -> dict[int, float]:
+        """A domain in BUILDING holds every window back (building takes no virtual time), so one whose process has
+        not built its guest after BUILD_TIMEOUT_S of this process's running time is crashed. Returns the time each
+        building domain has waited so far."""
+        building = [d for d in self.core.domains if d.state is DomainState.BUILDING]
+        waited = {d.domid: waited.get(d.domid, 0.0) + charge for d in building}
+        late = [d for d in building if waited[d.domid] >= BUILD_TIMEOUT_S]
+        if late and not self.bus_has_pending():
+            for dom in late:
+                self.core.crash(dom, f"not built within {BUILD_TIMEOUT_S:g} s of the hypervisor's running time")
             await self.flush()
+        return waited
+
+    async def _judge_silence(self) -> None:
+        """Crash every participant the open window still waits for once it has been silent for ``unresponsive_s``
+        of this process's running time, unless its report is already waiting to be read."""
+        core = self.core
+        if self._silence < self.unresponsive_s or self.bus_has_pending():
+            return
+        for domid in sorted(core.clock.awaiting):
+            dom = core.domains.get(domid)
+            if dom is not None and dom.alive:
+                core.crash(dom, f"no report for window {core.clock.index} within {self.unresponsive_s:g} s "
+                                f"of the hypervisor's running time")
+        await self.flush()
 
     # -- domain processes ------------------------------------------------------------------------------------
 
@@ -309,10 +356,14 @@ class HypervisorProcess:
                 self.nursery = nursery
                 nursery.start_soon(self.bus_reader)
                 nursery.start_soon(self.window_loop)
-                nursery.start_soon(self.build_watch)
+                nursery.start_soon(self.liveness_watch)
+                for sock in (self.bus, self.control):
+                    assert sock is not None
+                    nursery.start_soon(sock.safety_poll)
                 await ControlServer(self).serve()
                 nursery.cancel_scope.cancel()
         finally:
+            self.flush_trace()
             self.kill_all()
             for sock in (self.bus, self.control):
                 if sock is not None:

@@ -1,6 +1,7 @@
 """Following a running cluster's traces: the events a test script waits for (``Cluster.wait_for``).
 
-Every process appends one JSON line per event and flushes it; a ``TraceCursor`` remembers how far each file was
+Every process appends one JSON line per event, written out at its flush points (``pvcluster.trace.TraceFile``: a
+domain at each report, the hypervisor at each step and on a timer); a ``TraceCursor`` remembers how far each file was
 read, so waiting costs one read of what is new, and a line still being written (no newline yet) is read next time.
 """
 
