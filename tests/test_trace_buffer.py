@@ -1,6 +1,7 @@
-"""Buffered traces (pvcluster/trace.py): lines wait in memory for a flush, the lines are structlog's lines, a signal
-handler that exits during a flush loses and doubles nothing, and a domain process killed by any of its signals
-leaves every event it traced on disk."""
+"""Buffered traces (pvcluster/trace.py) and the domain process's blocking loop (domains/runtime.py): lines wait in
+memory for a flush and are structlog's lines, a signal handler that exits during a flush loses and doubles
+nothing, a domain process ended by any of its signals leaves every event it traced on disk, and only a hypervisor
+that is gone, never silence alone, ends a domain process that hears nothing."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import zmq
+from helpers import RecordingLog
 
+from domains.runtime import EXIT_HYPERVISOR_GONE, DomainProcess
 from pvcluster import trace
 from pvcluster.bus import codec
-from pvcluster.bus.messages import Error, Hello
+from pvcluster.bus.messages import Error, Hello, Stop
 from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
 
 
@@ -145,3 +148,44 @@ def test_a_signalled_domain_process_leaves_every_event_on_disk(bus: tuple[zmq.So
         expected.append("domain.hypervisor_gone")
         assert proc.stderr is not None and b"is gone; trace flushed, exiting" in proc.stderr.read()
     assert events == expected
+
+
+class _Silent:
+    """A socket and its poll set: nothing to read for ``quiet`` polls, then a Stop."""
+
+    def __init__(self, quiet: int = 1_000_000) -> None:
+        self.sent: list[bytes] = []
+        self.quiet = quiet
+
+    def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+    def poll(self, timeout_ms: int) -> list[object]:
+        self.quiet -= 1
+        return [] if self.quiet >= 0 else [(self, zmq.POLLIN)]
+
+    def recv_multipart(self, flags: int = 0) -> list[bytes]:
+        return [codec.encode(Stop(reason="poweroff"), seq=1, vt_ns=0)]
+
+
+def _domain_process() -> tuple[DomainProcess, RecordingLog, list[int]]:
+    log = RecordingLog()
+    flushed: list[int] = []
+    return DomainProcess("inproc://unused", b"d1", 1, "t", log, flush_trace=lambda: flushed.append(1)), log, flushed
+
+
+def test_a_domain_process_whose_hypervisor_is_gone_without_a_signal_ends_after_a_silent_poll() -> None:
+    proc, log, flushed = _domain_process()
+    silent = _Silent()
+    proc.parent = -1  # not our parent any more: the hypervisor died and the process was adopted
+    assert proc._serve(silent, silent) == EXIT_HYPERVISOR_GONE  # type: ignore[arg-type]
+    assert isinstance(codec.decode(silent.sent[0]).body, Hello) and flushed  # said hello, trace flushed first
+    assert [e for e, _ in log.events] == ["domain.hypervisor_gone"]
+
+
+def test_silence_alone_does_not_end_a_domain_process() -> None:
+    proc, log, _ = _domain_process()
+    silent = _Silent(quiet=3)
+    proc.parent = os.getppid()  # the hypervisor is there, only slow (or waiting for another domain)
+    assert proc._serve(silent, silent) == 0  # type: ignore[arg-type]
+    assert [e for e, _ in log.events] == ["domain.stop"]
