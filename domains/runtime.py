@@ -4,7 +4,8 @@ In virtual-time mode the vCPUs of a domain run one after another in id order, ea
 their interleaving over the shared RAM depends only on virtual time, never on host thread timing.
 
 The process answers one message at a time and never has two things to wait for, so it runs no event loop: a plain
-blocking ZeroMQ DEALER receives, handles and replies (the least a round trip can cost). Its only other inputs are
+ZeroMQ DEALER polls (PARENT_CHECK_S at most, then it checks that the hypervisor still exists), receives, handles
+and replies, the least a round trip can cost. Its only other inputs are
 signals, handled by the ``signal`` module between two bytecodes, even inside a blocking receive (pyzmq runs
 handlers when the wait is interrupted): the hypervisor's death (``on_hypervisor_gone``), termination and Ctrl-C
 (domains/__main__.py). Each flushes the trace and ends the process at once.
@@ -116,13 +117,12 @@ class DomainProcess:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
-        # A blocking receive that gives up after PARENT_CHECK_S: the same wait as a zmq_poll with that timeout,
-        # without building a poll set for every message.
-        sock.setsockopt(zmq.RCVTIMEO, int(PARENT_CHECK_S * 1000))
         sock.connect(self.endpoint)
+        poller = zmq.Poller()  # one poll set for the process's life, not one per message
+        poller.register(sock, zmq.POLLIN)
         code = EXIT_HYPERVISOR_GONE
         try:
-            code = self._serve(sock)
+            code = self._serve(sock, poller)
         finally:
             sock.setsockopt(zmq.LINGER, 0 if code == EXIT_HYPERVISOR_GONE else LINGER_MS)
             sock.close()
@@ -142,19 +142,18 @@ class DomainProcess:
         print(f"domain {self.domid} ({self.name}): the hypervisor (pid {self.parent}) is gone; trace flushed, exiting",
               file=sys.stderr, flush=True)
 
-    def _receive(self, sock: zmq.Socket) -> bytes | None:
+    @staticmethod
+    def _receive(sock: zmq.Socket, poller: zmq.Poller) -> bytes | None:
         """The next frame, or None after PARENT_CHECK_S of silence."""
-        try:
-            frames = sock.recv_multipart()
-        except zmq.Again:
+        if not poller.poll(int(PARENT_CHECK_S * 1000)):
             return None
-        return frames[-1]  # type: ignore[no-any-return]
+        return sock.recv_multipart(zmq.NOBLOCK)[-1]  # type: ignore[no-any-return]
 
-    def _serve(self, sock: zmq.Socket) -> int:
+    def _serve(self, sock: zmq.Socket, poller: zmq.Poller) -> int:
         """Hello, then answer the hypervisor until it says stop; returns the exit code."""
         self._send(sock, Hello(pid=os.getpid()))
         while True:
-            frame = self._receive(sock)
+            frame = self._receive(sock, poller)
             if frame is None:
                 # Silence alone judges nobody: the hypervisor may be waiting, lock-stepped, for a domain that is
                 # stopped or slow. Only a hypervisor that is gone ends this process (the death signal is the quick

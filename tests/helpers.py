@@ -14,8 +14,9 @@ from elftools.elf.elffile import ELFFile
 
 
 class RecordingLog:
-    """Stands in for the structlog logger the hypervisor traces to, keeping every event for assertions. ``bind``
-    returns a logger that adds its context to every event and records into the same list, as structlog's does."""
+    """Stands in for the trace logger the hypervisor traces to (pvcluster.trace.TraceLogger), keeping every event for
+    assertions. ``bind`` returns a logger that adds its context to every event and records into the same list, as
+    the real one does."""
 
     def __init__(self, events: list[tuple[str, dict[str, Any]]] | None = None,
                  context: dict[str, Any] | None = None) -> None:

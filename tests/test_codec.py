@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -672,3 +673,35 @@ def test_fuzz_the_fast_path_accepts_only_what_the_reference_accepts(body: Any, d
     except Exception:
         return  # declined: decode asks the reference, whose verdict the other tests check
     assert _reference(type(body), fields) == ("ok", fast)
+
+
+@attrs.frozen
+class _Checked:
+    n: int = attrs.field(validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class _Hooked:
+    n: int
+
+    def __attrs_post_init__(self) -> None:
+        if self.n == 13:
+            raise ValueError("unlucky")
+
+
+@pytest.mark.parametrize("cls", [_Checked, _Hooked])
+def test_the_fast_path_builds_a_record_with_checks_of_its_own_through_its_init(cls: type) -> None:
+    # slot stores skip __init__, so they are only for records whose __init__ stores and nothing else
+    assert codec._slot_setters(cls, codec._fields(cls)) is None
+    assert codec._fast_decoder(cls)([5]) == cls(5)
+    with pytest.raises(ValueError):
+        codec._fast_decoder(cls)([-1 if cls is _Checked else 13])
+
+
+def test_records_built_by_slot_stores_are_the_records_init_builds() -> None:
+    assert all(codec._slot_setters(cls, codec._fields(cls)) is not None for cls in codec.message_types().values())
+    for body in ALL_SAMPLES:
+        decoded = decode(encode(body, seq=1, vt_ns=0)).body
+        assert decoded == body and repr(decoded) == repr(body)
+    effect = decode(encode(SAMPLES[Window][1], seq=1, vt_ns=0)).body.results[1].effects[2]
+    assert effect == VcpuUp(vcpu=1) and hash(effect) == hash(VcpuUp(vcpu=1))  # frozen records stay hashable

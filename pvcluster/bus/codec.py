@@ -9,10 +9,13 @@ and names exactly what is wrong; it is the reference. It costs a Python call and
 which made validation 96% of decoding, so every frame first goes through a fast path compiled once per annotation
 (``_fast_decoder``): one generated function per record class, with exact-type checks inline (msgpack only ever
 produces exact ``int``/``str``/``bytes``/... instances, for which ``type(v) is int`` and the reference's
-"an int but not a bool" agree). The fast path only ever accepts what the reference accepts; whenever it declines,
-for any reason, the reference runs on the same value and either accepts it or raises the precise error, so a
-rejected frame always gets the reference's error kind and detail. Encoding has the same shape: a generated
-encoder per record class, and the reflective ``_to_wire`` whenever it declines or msgpack refuses its output.
+"an int but not a bool" agree), and, once the values are checked, the record built by storing its slots directly
+when its ``__init__`` would do nothing else (building the records had become most of what decoding cost).
+
+The fast path only ever accepts what the reference accepts; whenever it declines, for any reason, the reference
+runs on the same value and either accepts it or raises the precise error, so a rejected frame always gets the
+reference's error kind and detail. Encoding has the same shape: a generated encoder per record class, and the
+reflective ``_to_wire`` whenever it declines or msgpack refuses its output.
 """
 
 from __future__ import annotations
@@ -407,8 +410,35 @@ def _fast_record(tp: type, depth: int) -> _Fast:
     lines = ["def decode(v):", f"    if type(v) is not list or len(v) != {n}: raise _Miss"]
     if checks:
         lines.append(f"    if {' or '.join(checks)}: raise _Miss")
-    lines.append(f"    return cls({', '.join(args)})")
+    setters = _slot_setters(tp, fields)
+    if setters is None:
+        lines.append(f"    return cls({', '.join(args)})")
+    else:
+        env["new"] = object.__new__
+        lines.append("    o = new(cls)")
+        for i, setter in enumerate(setters):
+            env[f"s{i}"] = setter
+            lines.append(f"    s{i}(o, {args[i]})")
+        lines.append("    return o")
     return _compile("decode", lines, env)
+
+
+def _slot_setters(tp: type, fields: tuple[Any, ...]) -> list[Any] | None:
+    """For a slotted attrs class whose ``__init__`` does nothing but store its arguments (no validators,
+    converters or init hooks, no extra slots): each field's slot setter, which stores exactly what ``__init__``
+    would, without the frozen class's per-attribute indirection. None for any other class."""
+    slots = tp.__dict__.get("__slots__")
+    names = [f.name for f in fields]
+    if slots is None or set(slots) - {"__weakref__"} != set(names):
+        return None
+    if any(f.validator is not None or f.converter is not None or not f.init or f.kw_only for f in fields):
+        return None
+    if any(hasattr(tp, hook) for hook in ("__attrs_pre_init__", "__attrs_post_init__", "__attrs_init__")):
+        return None
+    descriptors = [tp.__dict__.get(name) for name in names]
+    if not all(isinstance(d, types.MemberDescriptorType) for d in descriptors):
+        return None
+    return [d.__set__ for d in descriptors]  # type: ignore[union-attr]
 
 
 @functools.cache
