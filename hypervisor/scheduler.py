@@ -57,17 +57,18 @@ def partitions(domains: Sequence[Domain]) -> list[Partition]:
             p = parent[p]
         return p
 
+    cpus = {d.domid: _cpus(d) for d in domains}
     for d in domains:
-        cpus = _cpus(d)
-        for p in cpus[1:]:
-            parent[find(p)] = find(cpus[0])
+        mine = cpus[d.domid]
+        for p in mine[1:]:
+            parent[find(p)] = find(mine[0])
     groups: dict[int, list[Domain]] = {}
     for d in domains:
-        if _cpus(d):
-            groups.setdefault(find(_cpus(d)[0]), []).append(d)
+        if cpus[d.domid]:
+            groups.setdefault(find(cpus[d.domid][0]), []).append(d)
     out = []
     for members in groups.values():
-        pcpus = sorted({p for d in members for p in _cpus(d)})
+        pcpus = sorted({p for d in members for p in cpus[d.domid]})
         out.append(Partition(tuple(members), tuple(pcpus)))
     return sorted(out, key=lambda part: part.domains[0].domid)
 
