@@ -11,8 +11,9 @@ Sections (in this order; --only picks some):
   multicall  page-table updates one hypercall each against batched in multicalls
 
 Wall-clock figures are this machine's (recorded at the top); every cluster's wall time is that of its windows
-(start-up excluded). Memory is the peak over 0.2 s samples of the sum of VmRSS over `pvcluster up` and every process
-under it (a shared page counts in every process that maps it; PSS, which divides it among them, is shown beside).
+(start-up excluded). Memory is the peak over 0.2 s samples of the sum of VmRSS: "cluster RSS" over the hypervisor
+and its domain processes (the simulated machine, which the memory target is about), "RSS sum" with `pvcluster up`
+too (a shared page counts in every process that maps it; PSS, which divides it among them, is shown beside).
 """
 
 from __future__ import annotations

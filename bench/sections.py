@@ -154,14 +154,15 @@ def ping(opts: Options, say: Say) -> Section:
 # -- (d) slowdown and (e) scaling -------------------------------------------------------------------------------------
 
 SLOWDOWN_TITLE = "slowdown of the default cluster (wall seconds per virtual second)"
-_RUN_HEADERS = ["wall run s", "wall s", "virtual ms", "windows", "slowdown", "RSS sum MiB", "PSS sum MiB",
-                "largest domain MiB", "hypervisor MiB"]
+_RUN_HEADERS = ["wall run s", "wall s", "virtual ms", "windows", "slowdown", "cluster RSS MiB", "RSS sum MiB",
+                "PSS sum MiB", "largest domain MiB", "hypervisor MiB"]
 
 
 def _run_cells(run: clusterrun.UpRun) -> list[str]:
     by_role = run.memory.peak_by_role()
     return [f"{run.wall_run_s:.2f}", f"{run.wall_s:.1f}", f"{run.vt_ns / 1e6:.3f}", f"{run.windows:,}",
-            f"{run.slowdown:,.0f}x", f"{run.memory.rss_kib / MIB:.0f}", f"{run.memory.pss_kib / MIB:.0f}",
+            f"{run.slowdown:,.0f}x", f"{run.memory.cluster_rss_kib / MIB:.0f}", f"{run.memory.rss_kib / MIB:.0f}",
+            f"{run.memory.pss_kib / MIB:.0f}",
             f"{by_role.get('domain', 0) / MIB:.0f}", f"{by_role.get('hypervisor', 0) / MIB:.0f}"]
 
 
@@ -209,8 +210,10 @@ def scale(opts: Options, say: Say) -> Section:
             section.rows.append([str(domains), str(vcpus), pcpus, *_run_cells(run)])
             section.data[key] = _run_data(run)
             goal = run if (domains, vcpus) == SCALE_GOAL else goal
-    measured = goal.memory.rss_kib / MIB if goal is not None else None
-    section.targets.append(Target(f"{SCALE_GOAL[0]} domains x {SCALE_GOAL[1]} vCPUs, peak RSS sum", measured, "MiB",
+    # The simulated machine is the hypervisor and its domain processes; `pvcluster up` is a client of it (the RSS sum
+    # with it is in the table beside).
+    measured = goal.memory.cluster_rss_kib / MIB if goal is not None else None
+    section.targets.append(Target(f"{SCALE_GOAL[0]} domains x {SCALE_GOAL[1]} vCPUs, cluster RSS", measured, "MiB",
                                   "<", SCALE_RSS_CEILING_KIB / MIB, "" if goal is not None else "not run"))
     return section
 
