@@ -113,6 +113,12 @@ class TraceFile:
         while view:
             view = view[os.write(self._fd, view):]
 
+    def close(self) -> None:
+        """Write what is buffered and let go of the file (a process's own trace is closed by its exit instead)."""
+        self.flush()
+        atexit.unregister(self.flush)
+        os.close(self._fd)
+
     def flush_and_exit(self, code: int) -> None:
         """For signal handlers: write everything, then end the process at once with ``code``. Returns only when
         the handler interrupted a flush, which then exits as soon as it has written everything."""

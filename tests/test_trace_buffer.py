@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -30,8 +31,26 @@ def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_events_wait_for_a_flush(tmp_path: Path) -> None:
-    log, sink = trace.configure(tmp_path / "t.jsonl", "dom1")
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path, str], tuple[trace.TraceLogger,
+                                                                                      trace.TraceFile]]]:
+    """trace.configure, with every file it opened closed afterwards (and its exit-time flush withdrawn)."""
+    sinks: list[trace.TraceFile] = []
+
+    def opened(path: Path, proc: str) -> tuple[trace.TraceLogger, trace.TraceFile]:
+        log, sink = trace.configure(path, proc)
+        sinks.append(sink)
+        return log, sink
+
+    yield opened
+    monkeypatch.undo()  # the real os._exit back before a sink that was asked to exit is closed
+    for sink in sinks:
+        sink._exit_code = None
+        sink.close()
+
+
+def test_events_wait_for_a_flush(tmp_path: Path, configure: Any) -> None:
+    log, sink = configure(tmp_path / "t.jsonl", "dom1")
     log.bind(dom=1).info("a", vt_ns=5)
     assert (tmp_path / "t.jsonl").read_text() == ""
     sink.flush()
@@ -41,9 +60,9 @@ def test_events_wait_for_a_flush(tmp_path: Path) -> None:
     assert event["event"] == "a" and event["level"] == "info" and event["proc"] == "dom1"
 
 
-def test_a_full_buffer_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_buffer_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configure: Any) -> None:
     monkeypatch.setattr(trace.TraceFile, "MAX_BUFFERED", 3)
-    log, _ = trace.configure(tmp_path / "t.jsonl", "hypervisor")
+    log, _ = configure(tmp_path / "t.jsonl", "hypervisor")
     for i in range(7):
         log.warning("e", i=i)
     assert [e["i"] for e in _lines(tmp_path / "t.jsonl")] == list(range(6))
@@ -53,7 +72,8 @@ class _Exited(Exception):
     pass
 
 
-def test_an_exit_asked_for_during_a_flush_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_exit_asked_for_during_a_flush_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       configure: Any) -> None:
     """A signal handler runs between two bytecodes of whatever it interrupted, a flush included: its own event and
     everything buffered are written once each, and the process ends only then."""
     codes: list[int] = []
@@ -63,7 +83,7 @@ def test_an_exit_asked_for_during_a_flush_waits_for_it(tmp_path: Path, monkeypat
         raise _Exited
 
     monkeypatch.setattr(trace.os, "_exit", fake_exit)
-    log, sink = trace.configure(tmp_path / "t.jsonl", "dom1")
+    log, sink = configure(tmp_path / "t.jsonl", "dom1")
     write = sink._write
     interrupted = False
 
