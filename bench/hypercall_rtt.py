@@ -20,10 +20,12 @@ two calls.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +65,28 @@ def _echo(endpoint: str, rounds: int) -> None:
     ctx.term()
 
 
-def zmq_pingpong_us(rounds: int = ROUNDS) -> float:
-    """Mean wall microseconds of one blocking ROUTER -> DEALER -> ROUTER round trip between two processes."""
+@contextlib.contextmanager
+def _router_with_peer(target: Callable[[str, int], None], rounds: int) -> Iterator[zmq.Socket[bytes]]:
+    """A bound ROUTER socket and a spawned process running ``target(endpoint, rounds)`` against it; the process is
+    joined and the socket closed on the way out."""
     with tempfile.TemporaryDirectory(prefix="pvb-") as d:
         ctx = zmq.Context()
         r = ctx.socket(zmq.ROUTER)
-        endpoint = f"ipc://{d}/pp.sock"
+        endpoint = f"ipc://{d}/peer.sock"
         r.bind(endpoint)
-        proc = mp.get_context("spawn").Process(target=_echo, args=(endpoint, rounds))
+        proc = mp.get_context("spawn").Process(target=target, args=(endpoint, rounds))
         proc.start()
+        try:
+            yield r
+        finally:
+            proc.join()
+            r.close()
+            ctx.term()
+
+
+def zmq_pingpong_us(rounds: int = ROUNDS) -> float:
+    """Mean wall microseconds of one blocking ROUTER -> DEALER -> ROUTER round trip between two processes."""
+    with _router_with_peer(_echo, rounds) as r:
         ident, _ = r.recv_multipart()
         payload = b"x" * 64
         t0 = time.perf_counter()
@@ -79,9 +94,6 @@ def zmq_pingpong_us(rounds: int = ROUNDS) -> float:
             r.send_multipart([ident, payload])
             r.recv_multipart()
         dt = time.perf_counter() - t0
-        proc.join()
-        r.close()
-        ctx.term()
     return dt / rounds * 1e6
 
 
@@ -127,17 +139,8 @@ async def _bus_hypervisor(sock: zmq.Socket, rounds: int) -> float:
 
 def bus_pingpong_us(rounds: int = ROUNDS) -> float:
     """Mean wall microseconds of one round trip on the bus path, simulation left out."""
-    with tempfile.TemporaryDirectory(prefix="pvb-") as d:
-        ctx = zmq.Context()
-        r = ctx.socket(zmq.ROUTER)
-        endpoint = f"ipc://{d}/bus.sock"
-        r.bind(endpoint)
-        proc = mp.get_context("spawn").Process(target=_bus_domain, args=(endpoint, rounds))
-        proc.start()
+    with _router_with_peer(_bus_domain, rounds) as r:
         dt = trio.run(_bus_hypervisor, r, rounds)
-        proc.join()
-        r.close()
-        ctx.term()
     return dt / rounds * 1e6
 
 
