@@ -101,7 +101,7 @@ def rtt(opts: Options, say: Say) -> Section:
 # -- (c) ping-pong ---------------------------------------------------------------------------------------------------
 
 PING_TITLE = "interdomain event-channel ping-pong (two 1-vCPU xen domains, 2 pCPUs)"
-# /work/baseline/ping.toml and tests/test_evtchn_e2e.py: the server binds port 2, the client's peer port.
+# As tests/test_evtchn_e2e.py's: the server binds port 2, the client's peer port.
 PING_SPEC = """
 [cluster]
 name = "benchping"

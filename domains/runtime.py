@@ -49,6 +49,7 @@ from pvcluster.bus.messages import (
     WindowDone,
 )
 from pvcluster.designs import mode_of
+from pvcluster.trace import no_flush as trace_no_flush
 
 # How often a domain process waiting for the hypervisor checks that it still exists (wall clock; nothing simulated
 # depends on it).
@@ -61,13 +62,9 @@ EXIT_HYPERVISOR_GONE = 5
 _WAKING = (SetPending, Unmask, VcpuUp)
 
 
-def _no_flush() -> None:
-    pass
-
-
 class DomainProcess:
     def __init__(self, endpoint: str, identity: bytes, domid: int, name: str, log: Any,
-                 flush_trace: Callable[[], None] = _no_flush, exit_now: Callable[[int], None] = os._exit) -> None:
+                 flush_trace: Callable[[], None] = trace_no_flush, exit_now: Callable[[int], None] = os._exit) -> None:
         self.endpoint = endpoint
         self.identity = identity
         self.domid = domid

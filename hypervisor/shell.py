@@ -40,6 +40,7 @@ from pvcluster.bus.endpoints import Endpoints
 from pvcluster.bus.messages import Error
 from pvcluster.bus.zsock import TrioSocket
 from pvcluster.spec import ClusterSpec, DomainSpec
+from pvcluster.trace import no_flush as trace_no_flush
 
 STOP_GRACE_S = 5.0
 # A domain process that has not built its guest after this much of the hypervisor's running time is crashed.
@@ -50,13 +51,10 @@ TICK_S = 0.25
 MAX_TICK_CHARGE_S = 2 * TICK_S
 
 
-def _no_flush() -> None:
-    pass
-
 
 class HypervisorProcess:
     def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None,
-                 flush_trace: Callable[[], None] = _no_flush) -> None:
+                 flush_trace: Callable[[], None] = trace_no_flush) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.log = log

@@ -127,6 +127,10 @@ class TraceFile:
             self.flush()
 
 
+def no_flush() -> None:
+    """The trace flush of a process whose logger writes to no file (an in-process test's): nothing to write."""
+
+
 def configure(path: Path, proc: str) -> tuple[TraceLogger, TraceFile]:
     """The process's logger, writing to ``path``, and the file behind it (whose ``flush`` the process calls)."""
     path.parent.mkdir(parents=True, exist_ok=True)
