@@ -206,6 +206,7 @@ class DomainProcess:
         for vcpu in self.vcpus:
             vcpu.ipi_sink = self._route_ipi
             vcpu.mark_sink = self._mark
+            vcpu.irq_sink = self._irq_entered
         if req.rom:
             for vcpu in self.vcpus:
                 vcpu.map_rom(VMI_ROM_BASE, req.rom)
@@ -272,6 +273,10 @@ class DomainProcess:
         for target in targets:
             self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns))
             self.trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
+
+    def _irq_entered(self, vcpu: int, vector: int | None, vt_ns: int) -> None:
+        """The trace analysis times IPI and event delivery by this (``vector`` None: an event upcall)."""
+        self.trace("irq.enter", vt_ns=vt_ns, vcpu=vcpu, vector=vector)
 
     def _mark(self, vcpu: int, value: int, vt_ns: int) -> None:
         code, rnd = value & MARK_CODE_MASK, value >> MARK_DETAIL_SHIFT

@@ -198,6 +198,8 @@ class Vcpu:
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         # (vcpu, value, virtual time): what the guest writes to the trace-mark port
         self.mark_sink: Callable[[int, int, int], None] | None = None
+        # (vcpu, vector or None for an event upcall, virtual time): each interrupt this vCPU takes
+        self.irq_sink: Callable[[int, int | None, int], None] | None = None
         self.flushes = 0
         # interrupts posted to this vCPU: (virtual time, sender, sequence, vector), taken in that order
         self.pending_irqs: list[tuple[int, int, int, int]] = []
@@ -327,13 +329,15 @@ class Vcpu:
                 self._set_fault("trap", f"interrupt vector {vector:#x} has no present IDT gate", self.reg("eip"))
                 self.state = VcpuState.CRASHED
                 return
-            self._enter(target, clear_if=True)
+            if self._enter(target, clear_if=True) and self.irq_sink is not None:
+                self.irq_sink(self.vid, vector, self.clock_ns)
             return
         if (self.upcall_eip is not None and events.upcall_pending(self.ram, self.vid)
                 and not events.upcall_masked(self.ram, self.vid)):
             # Xen masks further upcalls on entry; the guest's handler unmasks before it returns
             events.set_upcall_mask(self.ram, self.vid, True)
-            self._enter(self.upcall_eip, clear_if=False)
+            if self._enter(self.upcall_eip, clear_if=False) and self.irq_sink is not None:
+                self.irq_sink(self.vid, None, self.clock_ns)
 
     def _wake(self, end_ps: int) -> None:
         """A halted vCPU resumes on an interrupt it can take; one blocked in SCHEDOP_block on an event."""

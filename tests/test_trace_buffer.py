@@ -1,4 +1,4 @@
-"""Buffered traces (pvcluster/trace.py) and the domain process's blocking loop (domains/runtime.py): lines wait in
+"""Buffered traces (pvcluster/trace/log.py) and the domain process's blocking loop (domains/runtime.py): lines wait in
 memory for a flush and are structlog's lines, a signal handler that exits during a flush loses and doubles
 nothing, a domain process ended by any of its signals leaves every event it traced on disk, and only a hypervisor
 that is gone, never silence alone, ends a domain process that hears nothing."""

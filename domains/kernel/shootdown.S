@@ -190,7 +190,7 @@ cr3_body:
     call this_cpu
     lock inc dword ptr [flush_count + eax*4]
     mov dword ptr [flush_request + eax*4], 0
-    ret
+    jmp flush_ack_mark               # smp.S
 
 cr3_interrupt:
     pushad

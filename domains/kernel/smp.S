@@ -59,6 +59,15 @@ flush_body:
     call this_cpu
     lock inc dword ptr [flush_count + eax*4]
     mov dword ptr [flush_request + eax*4], 0
+    jmp flush_ack_mark
+
+# flush_ack_mark(): the guest mark the trace analysis times a target's handler by (it ends at this acknowledgement)
+flush_ack_mark:
+    push edx
+    mov eax, MARK_FLUSH_ACK
+    mov edx, MARK_PORT
+    out dx, eax                      # mark: this target flushed and acknowledged
+    pop edx
     ret
 
 # native flush_tlb_others(eax = vCPU bitmap pointer, edx = va or -1): an IPI to each target, then wait until

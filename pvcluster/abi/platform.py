@@ -33,6 +33,7 @@ class Mark(enum.IntEnum):
     SHOOTDOWN_REQUEST = 1  # workload=shootdown: the initiator asks the others to flush (detail: round)
     SHOOTDOWN_DONE = 2  # flush_tlb_others returned (detail: round)
     SHOOTDOWN_STALE = 3  # a vCPU read a stale translation (detail: round)
+    FLUSH_ACK = 4  # a shootdown target's flush handler acknowledged (after its flush; no detail)
     MCBENCH_START = 0x41  # workload=mcbench: before the first update (detail: batch size)
     MCBENCH_END = 0x42  # after the last update (detail: updates)
     MCBENCH_FAIL = 0x43  # a check failed (detail: failures)

@@ -17,6 +17,10 @@ from typing import Any
 
 WALL_FIELDS = frozenset({"wall_ns", "pid"})
 
+# The trace-event schema (docs/trace.md). Each file's first line is a ``trace.start`` event carrying it; a file
+# without one predates the field (version 1: no ``irq.enter`` events, no FLUSH_ACK guest marks).
+SCHEMA_VERSION = 2
+
 
 # One encoder for the process: json.dumps with any option builds a new one per call.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=repr).encode
@@ -135,7 +139,9 @@ def configure(path: Path, proc: str) -> tuple[TraceLogger, TraceFile]:
     """The process's logger, writing to ``path``, and the file behind it (whose ``flush`` the process calls)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = TraceFile(path)
-    return TraceLogger(sink, {"proc": proc}), sink
+    logger = TraceLogger(sink, {"proc": proc})
+    logger.info("trace.start", schema=SCHEMA_VERSION)
+    return logger, sink
 
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:
