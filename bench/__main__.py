@@ -9,6 +9,10 @@ Sections (in this order; --only picks some):
   scale      1..16 domains x 2 and 4 vCPUs of the shootdown workload: wall and virtual time, windows, peak memory
   pvops      guest cost of each paravirt op, with and without call-site patching (virtual)
   multicall  page-table updates one hypercall each against batched in multicalls
+  trace      `pvcluster trace --json` on synthetic runs of 100k, 300k and 1M events: events/s, peak RSS
+             (bench/trace_analysis.py; --quick: 100k only)
+  overcommit native IPIs against pv flushes at 1:1, 2:1 and 3:1 overcommit, beside KVM's published pv TLB flush
+             gains (bench/overcommit.py; --quick: 1:1 and 2:1)
 
 Wall-clock figures are this machine's (recorded at the top); every cluster's wall time is that of its windows
 (start-up excluded). Memory is the peak over 0.2 s samples of the sum of VmRSS: "cluster RSS" over the hypervisor

@@ -252,6 +252,18 @@ def multicall(opts: Options, say: Say) -> Section:
                                    mod.MIN_WALL_RATIO)])
 
 
+def trace(opts: Options, say: Say) -> Section:
+    from bench import trace_analysis
+
+    return trace_analysis.section(opts, say)
+
+
+def overcommit(opts: Options, say: Say) -> Section:
+    from bench import overcommit as mod
+
+    return mod.section(opts, say)
+
+
 # In suite order: `--only` picks from these.
 SECTIONS = {"mips": mips, "rtt": rtt, "ping": ping, "slowdown": slowdown, "scale": scale, "pvops": pvops,
-            "multicall": multicall}
+            "multicall": multicall, "trace": trace, "overcommit": overcommit}
