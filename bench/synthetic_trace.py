@@ -210,12 +210,13 @@ def build(template_run: Path, out_dir: Path, events: int) -> int:
     return tile(template, out_dir, template.copies_for(events))
 
 
-def record_template(run_dir: Path, *, timeout_s: float = 600.0) -> Path:
-    """Run the template cluster to its end in ``run_dir`` (a short path: ipc sockets live there) and return it."""
+def record_template(run_dir: Path, *, timeout_s: float = 600.0, spec: str = TEMPLATE_SPEC) -> Path:
+    """Run the template cluster (``spec``, a spec TOML's text) to its end in ``run_dir`` (a short path: ipc sockets
+    live there) and return it."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="synth-", delete=False) as f:
-        f.write(TEMPLATE_SPEC)
+        f.write(spec)
     try:
         argv = [sys.executable, "-m", "pvcluster.cli", "up", f.name, "--json", "--quiet", "--run-dir", str(run_dir),
                 "--timeout", str(timeout_s)]
