@@ -21,6 +21,7 @@ class ChildRun:
     stdout: str
     wall_s: float  # fork to exit
     maxrss_kib: int  # ru_maxrss of this child alone (KiB on Linux)
+    cpu_s: float  # its user + system CPU time: what the wall time would be on an idle machine, less I/O waits
 
 
 def run(argv: Sequence[str], *, timeout_s: float) -> ChildRun:
@@ -45,4 +46,4 @@ def run(argv: Sequence[str], *, timeout_s: float) -> ChildRun:
         raise ChildFailed(f"`{' '.join(argv)}` did not finish within {timeout_s:.0f} s")
     if proc.returncode != 0:
         raise ChildFailed(f"`{' '.join(argv)}` exited {proc.returncode}:\n{stderr[-2000:]}")
-    return ChildRun(stdout, wall_s, usage.ru_maxrss)
+    return ChildRun(stdout, wall_s, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)

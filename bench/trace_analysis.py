@@ -32,7 +32,7 @@ GOAL_EVENTS, GOAL_WALL_S, GOAL_RSS_MB = 1_000_000, 10.0, 200.0
 # interpreter and its imports, ~30-40 MB, are most of a streaming pass's peak; what grows is per-shootdown data).
 FLAT_RATIO = 1.25
 TITLE = "trace analysis: `pvcluster trace --json` on synthetic runs (tiled from one real run), in a fresh process"
-HEADERS = ["run", "events", "wall s", "events/s", "peak RSS MB", "shootdowns", "counts"]
+HEADERS = ["run", "events", "wall s", "CPU s", "events/s", "peak RSS MB", "shootdowns", "counts"]
 
 
 @attrs.frozen
@@ -43,6 +43,7 @@ class Analysed:
     wall_s: float
     maxrss_kib: int
     doc: dict[str, Any]  # what `pvcluster trace --json` printed
+    cpu_s: float = 0.0  # the child's user + system time
 
     @property
     def events_per_s(self) -> float:
@@ -61,7 +62,7 @@ def analyse(run_dir: Path, events: int, *, timeout_s: float) -> Analysed:
     """`pvcluster trace --run-dir RUN_DIR --json` in a fresh interpreter (this one's: the project's venv)."""
     argv = [sys.executable, "-m", "pvcluster.cli", "trace", "--run-dir", str(run_dir), "--json"]
     child = childrun.run(argv, timeout_s=timeout_s)
-    return Analysed(events, child.wall_s, child.maxrss_kib, json.loads(child.stdout))
+    return Analysed(events, child.wall_s, child.maxrss_kib, json.loads(child.stdout), child.cpu_s)
 
 
 def count_events(run_dir: Path) -> int:
@@ -74,13 +75,22 @@ def count_events(run_dir: Path) -> int:
 
 
 def _row(label: str, a: Analysed, check: str) -> list[str]:
-    return [label, f"{a.events:,}", f"{a.wall_s:.2f}", f"{a.events_per_s:,.0f}", f"{a.rss_mb:.1f}",
+    return [label, f"{a.events:,}", f"{a.wall_s:.2f}", f"{a.cpu_s:.2f}", f"{a.events_per_s:,.0f}", f"{a.rss_mb:.1f}",
             f"{sum(a.shootdowns_by_mode().values()):,}", check]
 
 
 def _data(a: Analysed, **extra: Any) -> dict[str, Any]:
-    return {"events": a.events, "wall_s": a.wall_s, "events_per_s": a.events_per_s, "maxrss_kib": a.maxrss_kib,
-            "rss_mb": a.rss_mb, "shootdowns": a.shootdowns_by_mode(), "trace": a.doc.get("trace"), **extra}
+    return {"events": a.events, "wall_s": a.wall_s, "cpu_s": a.cpu_s, "events_per_s": a.events_per_s,
+            "maxrss_kib": a.maxrss_kib, "rss_mb": a.rss_mb, "shootdowns": a.shootdowns_by_mode(),
+            "trace": a.doc.get("trace"), **extra}
+
+
+def _load() -> float:
+    """The 1-minute load average (0 where there is none): a busy machine stretches wall times, not CPU times."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def _label(size: int) -> str:
@@ -93,6 +103,7 @@ def measure(sizes: Sequence[int], *, timeout_s: float, say: Say, work_dir: Path 
     section = Section("trace", TITLE, headers=HEADERS)
     base = work_dir or Path(os.environ.get("PVC_TEST_TMP", "/tmp"))
     results: dict[int, Analysed] = {}
+    busiest = 0.0
     with tempfile.TemporaryDirectory(prefix="pvt-", dir=base) as tmp:
         say("trace: recording the template run")
         template_dir = synthetic_trace.record_template(Path(tmp) / "tmpl", timeout_s=timeout_s)
@@ -110,14 +121,22 @@ def measure(sizes: Sequence[int], *, timeout_s: float, say: Say, work_dir: Path 
             written = synthetic_trace.tile(template, out, copies)
             generate_s = time.perf_counter() - start
             say(f"trace: analysing {written:,} events")
+            load = _load()
             a = analyse(out, written, timeout_s=timeout_s)
+            load = max(load, _load())
             shutil.rmtree(out)
             # Every copy repeats the template's shootdowns, so the analysis must find exactly copies x as many.
             want = {mode: n * copies for mode, n in real.shootdowns_by_mode().items()}
             check = "ok" if a.shootdowns_by_mode() == want else f"expected {want}"
             section.rows.append(_row(_label(size), a, check))
-            section.data[str(size)] = _data(a, copies=copies, generate_s=generate_s, counts_ok=check == "ok")
+            section.data[str(size)] = _data(a, copies=copies, generate_s=generate_s, counts_ok=check == "ok",
+                                            load_average=load)
             results[size] = a
+            busiest = max(busiest, load)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if busiest > cores:
+        section.note = (f"the machine was busy (1-minute load average up to {busiest:.1f} on {cores} usable cores): "
+                        "wall times include waiting for a CPU; CPU s is the analysis child's own time")
     section.targets = targets(results)
     return section
 
