@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +89,39 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# A value a copy changes, in the template's serialised line: a string JSON writes as "\u0000<n>\u0000".
+_SLOT = "\x00{}\x00"
+_SLOT_TEXT = re.compile(r'"\\u0000(\d+)\\u0000"')
+
+
 @attrs.frozen
 class _Line:
-    """One template event and what a copy changes in it (worked out once, applied per copy)."""
+    """One template event, serialised once with a slot for every value a copy changes, so a copy is a string join
+    rather than a dict copy and a JSON encoding (the tiling is then I/O bound)."""
 
     event: dict[str, Any]
+    text: str  # the event as written (copy 0)
+    parts: tuple[str, ...]  # the serialised line around its slots: len(slots) + 1 pieces
+    slots: tuple[tuple[str, Any], ...]  # ("vt" | "id" | "wall", int) or ("span", (prefix, number)), in line order
     vt_keys: tuple[str, ...]
     id_keys: tuple[str, ...]
     span: tuple[str, int] | None  # (prefix, number) of a numbered string span
     where: str  # "first", "last" or "every" copy
+
+    def render(self, dv: int, dw: int, di: int) -> str:
+        """This event moved on by ``dv`` virtual ns and ``dw`` wall ns, its ids by ``di``."""
+        out = [self.parts[0]]
+        for (kind, base), part in zip(self.slots, self.parts[1:], strict=True):
+            if kind == "vt":
+                out.append(str(base + dv))
+            elif kind == "id":
+                out.append(str(base + di))
+            elif kind == "wall":
+                out.append(str(base + dw))
+            else:
+                out.append(json.dumps(f"{base[0]}{base[1] + di}"))
+            out.append(part)
+        return "".join(out)
 
 
 def _plan(event: dict[str, Any]) -> _Line:
@@ -109,7 +132,18 @@ def _plan(event: dict[str, Any]) -> _Line:
         span = (m.group(1), int(m.group(2)))
     name = event.get("event")
     where = "first" if name in FIRST_ONLY else "last" if name in LAST_ONLY else "every"
-    return _Line(event, vt, ids, span, where)
+    kinds: dict[str, tuple[str, Any]] = {k: ("vt", event[k]) for k in vt}
+    kinds.update({k: ("id", event[k]) for k in ids})
+    if _is_int(event.get("wall_ns")):
+        kinds["wall_ns"] = ("wall", event["wall_ns"])
+    if span is not None:
+        kinds["span"] = ("span", span)
+    order = list(kinds)
+    slotted = {k: (_SLOT.format(order.index(k)) if k in kinds else v) for k, v in event.items()}
+    pieces = _SLOT_TEXT.split(json.dumps(slotted))  # text, slot number, text, slot number, ..., text
+    parts, numbers = tuple(pieces[0::2]), [int(n) for n in pieces[1::2]]
+    slots = tuple(kinds[order[n]] for n in numbers)
+    return _Line(event, json.dumps(event), parts, slots, vt, ids, span, where)
 
 
 @attrs.frozen
@@ -161,25 +195,15 @@ class Template:
         return self.once + copies * self.per_copy
 
 
-def _copy_events(lines: tuple[_Line, ...], k: int, last: bool, t: Template) -> Iterator[dict[str, Any]]:
-    """Copy ``k`` of one file's events, shifted."""
+def _copy_lines(lines: tuple[_Line, ...], k: int, last: bool, t: Template) -> list[str]:
+    """Copy ``k`` of one file's events, shifted, as JSON lines (without their newlines)."""
     dv, dw, di = k * t.span_ns, k * t.wall_span_ns, k * t.id_stride
+    out = []
     for line in lines:
         if (line.where == "first" and k) or (line.where == "last" and not last):
             continue
-        if k == 0:
-            yield line.event
-            continue
-        out = dict(line.event)
-        for key in line.vt_keys:
-            out[key] += dv
-        for key in line.id_keys:
-            out[key] += di
-        if line.span is not None:
-            out["span"] = f"{line.span[0]}{line.span[1] + di}"
-        if _is_int(out.get("wall_ns")):
-            out["wall_ns"] += dw
-        yield out
+        out.append(line.text if k == 0 else line.render(dv, dw, di))
+    return out
 
 
 def tile(template: Template, out_dir: Path, copies: int) -> int:
@@ -194,11 +218,10 @@ def tile(template: Template, out_dir: Path, copies: int) -> int:
         if (template.run_dir / name).exists():
             shutil.copyfile(template.run_dir / name, out_dir / name)
     written = 0
-    dumps = json.dumps
     for name, lines in template.files.items():
         with open(trace_dir / name, "w", encoding="utf-8") as f:
             for k in range(copies):
-                chunk = [dumps(e) for e in _copy_events(lines, k, k == copies - 1, template)]
+                chunk = _copy_lines(lines, k, k == copies - 1, template)
                 f.write("\n".join(chunk) + "\n" if chunk else "")
                 written += len(chunk)
     return written
