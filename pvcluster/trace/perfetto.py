@@ -57,6 +57,8 @@ KINDS = ("hypercalls", "shootdowns", "events")
 # How far behind the records the reorder heap is drained: the reader's merge may deliver an event up to its slack
 # late, and a vCPU's first run-state change reaches back to the state before it.
 LAG_NS = 100_000
+# IPIs per (vCPU, vector) awaiting the interrupt they raise; older ones are left without an arrow beyond this
+MAX_WAITING = 64
 
 
 def _protos() -> tuple[Any, Any]:
@@ -410,7 +412,10 @@ class _Exporter:
         if r.dom is None or r.vcpu is None:
             return
         fid = self.flow()
-        self.ipis.setdefault((r.dom, r.dest, r.vector), []).append(fid)
+        waiting = self.ipis.setdefault((r.dom, r.dest, r.vector), [])
+        waiting.append(fid)
+        if len(waiting) > MAX_WAITING:  # a trace without irq.enter (schema 1): keep memory flat
+            del waiting[0]
         self.w.instant(r.vt_ns, self.t.vcpu(r.dom, r.vcpu, "events"), f"ipi {r.vector:#x} -> vcpu{r.dest}",
                        flows=[fid], args={"dest": r.dest, "vector": r.vector, "target_running": r.target_running})
 
