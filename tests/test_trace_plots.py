@@ -94,9 +94,16 @@ def test_plots_from_a_hand_made_analysis_are_pngs_and_deterministic(tmp_path: Pa
 
 
 @needs_matplotlib
-def test_a_run_without_shootdowns_still_gets_every_figure(tmp_path: Path) -> None:
-    analysis = SimpleNamespace(shootdowns=[], slowest=[], latencies={}, by_targets={}, breakdown_ns={}, end_vt_ns=0)
-    paths = write_plots(_FakeRun([]), analysis, tmp_path)  # type: ignore[arg-type]
+@pytest.mark.parametrize("keep", ["nothing", "no slowest"])
+def test_every_figure_is_written_even_with_nothing_to_draw(tmp_path: Path, keep: str) -> None:
+    """A run without shootdowns, or an analysis that kept no slowest one (--slowest 0): four PNGs all the same."""
+    if keep == "nothing":
+        run, analysis = _FakeRun([]), SimpleNamespace(shootdowns=[], slowest=[], latencies={}, by_targets={},
+                                                      breakdown_ns={}, end_vt_ns=0)
+    else:
+        run, analysis = _fake()
+        analysis.slowest = []
+    paths = write_plots(run, analysis, tmp_path)  # type: ignore[arg-type]
     assert [p.name for p in paths] == list(FILES)
     for p in paths:
         _png_size(p)

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pvcluster.trace.records import RunState
+from pvcluster.trace.shootdowns import COMPONENTS, Shootdown
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
-    from pvcluster.trace.analyse import Analysis, Shootdown
+    from pvcluster.trace.analyse import Analysis
     from pvcluster.trace.run import Run
 
 __all__ = ["FILES", "write_plots"]
@@ -42,7 +44,7 @@ _INSTALL_HINT = "plotting needs matplotlib: pip install 'pvcluster[plot]'"
 
 
 def write_plots(run: Run, analysis: Analysis, out_dir: Path) -> list[Path]:
-    """Write every figure the analysis has data for into ``out_dir`` (created if missing); the paths written.
+    """Write the four figures (``FILES``) into ``out_dir`` (created if missing); the paths written.
 
     ``analysis`` must come from ``run`` (the timeline re-reads the run's run states around the slowest shootdown).
     A figure with nothing to show (a run without shootdowns) is still written, saying so, so a script that expects
@@ -54,15 +56,15 @@ def write_plots(run: Run, analysis: Analysis, out_dir: Path) -> list[Path]:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise RuntimeError(_INSTALL_HINT) from exc
-    from pvcluster.trace.analyse import COMPONENTS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colours = _mode_colours(analysis.latencies)
+    latencies = analysis.latencies  # a property that copies: read it once
+    colours = _mode_colours(latencies)
     drawers = {
-        "latency_cdf.png": lambda fig: _latency_cdf(fig, analysis.latencies, colours),
+        "latency_cdf.png": lambda fig: _latency_cdf(fig, latencies, colours),
         "latency_vs_targets.png": lambda fig: _latency_vs_targets(fig, analysis.by_targets, colours),
-        "breakdown.png": lambda fig: _breakdown(fig, analysis.breakdown_ns, analysis.latencies, COMPONENTS),
+        "breakdown.png": lambda fig: _breakdown(fig, analysis.breakdown_ns, latencies, COMPONENTS),
         "slowest_timeline.png": lambda fig: _slowest_timeline(fig, run, analysis),
     }
     written: list[Path] = []
@@ -102,6 +104,7 @@ def _log_axis(ax: Axes, which: str) -> None:
     also the slowest text matplotlib lays out)."""
     from matplotlib.ticker import LogFormatter
 
+    axis: Axis
     if which == "x":
         ax.set_xscale("log")
         axis = ax.xaxis
@@ -144,7 +147,7 @@ def _latency_cdf(fig: Figure, latencies: Mapping[str, Sequence[int]], colours: M
     ax.set_ylabel("fraction of shootdowns ≤ latency")
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
 
 
 # -- 2. latency vs targets -----------------------------------------------------------------------------------------
@@ -246,8 +249,8 @@ def _state_intervals(run: Run, sd: Shootdown, lo: int, hi: int) -> dict[int, lis
         prev = last.get(rec.vcpu)
         if prev is not None:
             t = max(t, prev[0])  # a record the merge delivered late must not draw a bar backwards
-        if prev is not None and t > prev[0]:
-            out.setdefault(rec.vcpu, []).append((prev[0], t, prev[1]))
+            if t > prev[0]:
+                out.setdefault(rec.vcpu, []).append((prev[0], t, prev[1]))
         last[rec.vcpu] = (t, rec.state)
     for vcpu, (since, state) in last.items():
         if since < hi:
@@ -265,7 +268,9 @@ def _slowest_timeline(fig: Figure, run: Run, analysis: Analysis) -> None:
     ax = fig.add_subplot()
     if not analysis.slowest:
         ax.set_title("Slowest shootdown: run-state timeline")
-        _empty(ax, "no shootdowns in this run")
+        # an analysis asked to keep no slowest shootdown (--slowest 0) has none to draw, though the run had some
+        _empty(ax, "no slowest shootdown in this analysis (analyse with slowest >= 1)" if any(
+            analysis.latencies.values()) else "no shootdowns in this run")
         return
     sd = analysis.slowest[0]
     span = max(sd.end_ns - sd.start_ns, 1)
@@ -278,14 +283,13 @@ def _slowest_timeline(fig: Figure, run: Run, analysis: Analysis) -> None:
     def rel(ns: float) -> float:  # the axis: virtual µs since the request, so the numbers stay short
         return _us(ns - sd.start_ns)
 
-    seen_states: list[str] = []
+    seen_states: set[str] = set()
     for vcpu, spans in sorted(intervals.items()):
         for start, end, state in spans:
             colour = _STATE_COLOURS.get(state, "#9467bd")
             ax.broken_barh([(rel(start), _us(end - start))], (row[vcpu] - 0.35, 0.7), facecolors=colour,
                            edgecolor="none")
-            if state not in seen_states:
-                seen_states.append(state)
+            seen_states.add(state)
     ax.axvspan(0.0, rel(sd.end_ns), color="0.2", alpha=0.08, zorder=0)
     ax.axvline(0.0, color="0.2", linestyle="--", linewidth=1)
     ax.axvline(rel(sd.end_ns), color="0.2", linestyle="--", linewidth=1)
@@ -303,7 +307,8 @@ def _slowest_timeline(fig: Figure, run: Run, analysis: Analysis) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles: list[Any] = [Patch(color=_STATE_COLOURS.get(s, "#9467bd"), label=s) for s in seen_states]
+    states = [s for s in _STATE_COLOURS if s in seen_states] + sorted(seen_states - set(_STATE_COLOURS))
+    handles: list[Any] = [Patch(color=_STATE_COLOURS.get(s, "#9467bd"), label=s) for s in states]
     handles += [Line2D([], [], color="#d62728", marker="o", markersize=5, label="send (initiator → target)"),
                 Line2D([], [], color="black", marker="X", linestyle="none", markersize=7, label="target's TLB flushed"),
                 Patch(color="0.2", alpha=0.15, label="shootdown (request → done)")]
