@@ -155,7 +155,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 compare.render(doc, out)
             return 0
         run = load(_run_dir(args))
-        analysis = run.analyse(slowest=args.slowest)
+        # the plots' timeline is drawn around the slowest shootdown
+        analysis = run.analyse(slowest=max(args.slowest, 1) if args.plot else args.slowest)
         doc = analysis.to_json()
         bad = sum(doc["trace"]["corrupt_lines"].values()) + len(doc["trace"]["torn_files"])
         if bad and not doc["trace"]["events"]:  # torn lines are skipped, but a run with nothing else is no run

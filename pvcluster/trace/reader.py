@@ -60,8 +60,8 @@ class ReadStats:
     schema: dict[str, int] = attrs.Factory(dict)  # file -> schema version of its trace.start (1 when missing)
 
     def to_json(self) -> dict[str, Any]:
-        return {"files": self.files, "events": self.events, "skipped": self.skipped, "corrupt_lines": self.corrupt, "torn_files": self.torn,
-                "late_events": self.late, "schema": self.schema}
+        return {"files": self.files, "events": self.events, "skipped": self.skipped, "corrupt_lines": self.corrupt,
+                "torn_files": self.torn, "late_events": self.late, "schema": self.schema}
 
 
 def trace_files(trace_dir: Path) -> list[Path]:
@@ -149,6 +149,11 @@ class _FileStream:
         self.buffer = keep
         return out
 
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
     @property
     def done(self) -> bool:
         return self.fh is None and not self.buffer
@@ -165,6 +170,15 @@ def merged(trace_dir: Path, stats: ReadStats | None = None, slack_ns: int = 100_
     for rank, path in enumerate(trace_files(trace_dir)):
         stats.files.append(path.name)
         streams.append(_FileStream(path, rank, stats, wanted))
+    try:
+        yield from _epochs(streams, stats, slack_ns)
+    finally:  # a consumer that stops early (a plot's time window) leaves no file open
+        for s in streams:
+            s.close()
+
+
+def _epochs(streams: list[_FileStream], stats: ReadStats, slack_ns: int) -> Iterator[dict[str, Any]]:
+    """The merge proper: one sorted epoch of virtual time after another (see the module docstring)."""
     horizon, step, last_ns = 0, 100_000, -1
     while streams:
         end = horizon + step
