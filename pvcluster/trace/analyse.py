@@ -212,6 +212,11 @@ class Analyser:
             "domain.shutdown": self._domain_end, "domain.crash": self._domain_end,
         }
 
+    @property
+    def events(self) -> frozenset[str]:
+        """The event names the pass reads (the reader leaves every other line unparsed)."""
+        return frozenset(self._handlers)
+
     def run(self, events: Iterator[dict[str, Any]]) -> Analysis:
         handlers, end = self._handlers, 0
         for e in events:
