@@ -89,6 +89,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# As pvcluster.trace.log writes events (compact separators): the reader's fast path looks for '"event":"'.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 # A value a copy changes, in the template's serialised line: a string JSON writes as "\u0000<n>\u0000".
 _SLOT = "\x00{}\x00"
 _SLOT_TEXT = re.compile(r'"\\u0000(\d+)\\u0000"')
@@ -100,7 +102,7 @@ class _Line:
     rather than a dict copy and a JSON encoding (the tiling is then I/O bound)."""
 
     event: dict[str, Any]
-    text: str  # the event as written (copy 0)
+    text: str  # the template's own line (copy 0 is the template, byte for byte)
     parts: tuple[str, ...]  # the serialised line around its slots: len(slots) + 1 pieces
     slots: tuple[tuple[str, Any], ...]  # ("vt" | "id" | "wall", int) or ("span", (prefix, number)), in line order
     vt_keys: tuple[str, ...]
@@ -119,12 +121,13 @@ class _Line:
             elif kind == "wall":
                 out.append(str(base + dw))
             else:
-                out.append(json.dumps(f"{base[0]}{base[1] + di}"))
+                out.append(_encode(f"{base[0]}{base[1] + di}"))
             out.append(part)
         return "".join(out)
 
 
-def _plan(event: dict[str, Any]) -> _Line:
+def _plan(text: str, event: dict[str, Any]) -> _Line:
+    """``event`` (parsed from the line ``text``) and what a copy changes in it."""
     vt = tuple(k for k, v in event.items() if _is_vt_key(k) and _is_int(v))
     ids = tuple(k for k, v in event.items() if k in ID_KEYS and _is_int(v))
     span = None
@@ -140,10 +143,10 @@ def _plan(event: dict[str, Any]) -> _Line:
         kinds["span"] = ("span", span)
     order = list(kinds)
     slotted = {k: (_SLOT.format(order.index(k)) if k in kinds else v) for k, v in event.items()}
-    pieces = _SLOT_TEXT.split(json.dumps(slotted))  # text, slot number, text, slot number, ..., text
+    pieces = _SLOT_TEXT.split(_encode(slotted))  # text, slot number, text, slot number, ..., text
     parts, numbers = tuple(pieces[0::2]), [int(n) for n in pieces[1::2]]
     slots = tuple(kinds[order[n]] for n in numbers)
-    return _Line(event, json.dumps(event), parts, slots, vt, ids, span, where)
+    return _Line(event, text, parts, slots, vt, ids, span, where)
 
 
 @attrs.frozen
@@ -171,7 +174,9 @@ class Template:
                         event = json.loads(text)
                     except json.JSONDecodeError:  # a torn last line: the tiled trace is clean
                         continue
-                    line = _plan(event)
+                    if not isinstance(event, dict):
+                        continue
+                    line = _plan(text.rstrip("\n"), event)
                     lines.append(line)
                     max_vt = max([max_vt, *(event[k] for k in line.vt_keys)])
                     max_id = max([max_id, *(event[k] for k in line.id_keys), line.span[1] if line.span else 0])
