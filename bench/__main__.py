@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", type=_names, metavar="SECTIONS",
                     help=f"comma-separated sections to run (default: all): {','.join(sections.SECTIONS)}")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes to iterate with: 1,000 ping-pongs, scale 1,2,4 domains x 2 vCPUs (explicit "
+                    help="smaller sizes to iterate with: 1,000 ping-pongs, scale 1,2,4 domains x 2 vCPUs, trace 100k "
+                    "events only, overcommit 1:1 and 2:1 (explicit "
                     "--ping-rounds / --scale-* still win); targets measured at full size only are then '-'")
     ap.add_argument("--ping-rounds", type=int, metavar="N", help="ping-pong round trips (default 10000)")
     ap.add_argument("--scale-domains", type=_sizes, metavar="N,N,...", help="domain counts (default 1,2,4,8,16)")
