@@ -30,15 +30,17 @@ def _stdlib_decode(line: bytes) -> Any:
 
 
 try:  # orjson parses trace lines several times faster; the standard library does the same job without it
-    import orjson
-
-    def _decode(line: bytes) -> Any:
-        try:
-            return orjson.loads(line)
-        except orjson.JSONDecodeError:  # what orjson refuses and json takes: integers past 64 bits
-            return _stdlib_decode(line)
+    from orjson import loads as _fast_decode
 except ImportError:  # pragma: no cover - orjson is a dependency, but a plain checkout may lack it
-    _decode = _stdlib_decode
+    _fast_decode = _stdlib_decode  # type: ignore[assignment]
+
+
+def _decode(line: bytes) -> Any:
+    try:
+        return _fast_decode(line)
+    except ValueError:  # what orjson refuses and json takes (integers past 64 bits), or a line that is not JSON
+        return _stdlib_decode(line)
+
 
 # The writer (pvcluster.trace.log) puts "event" after every field, so its last occurrence on a line is the event's
 # own name (inside a JSON string a quote is always escaped, so the pattern cannot come from a value).
@@ -57,6 +59,7 @@ class ReadStats:
     corrupt: dict[str, int] = attrs.Factory(dict)  # file -> lines that were not a JSON trace event
     torn: list[str] = attrs.Factory(list)  # files whose last line was cut short
     late: int = 0  # events stamped before an epoch already handed on (delivered out of order)
+    end_ns: int = 0  # the latest virtual time read
     schema: dict[str, int] = attrs.Factory(dict)  # file -> schema version of its trace.start (1 when missing)
 
     def to_json(self) -> dict[str, Any]:
@@ -101,19 +104,22 @@ class _FileStream:
             if wanted is not None:
                 at = line.rfind(_EVENT_KEY)
                 if at >= 0:
-                    at += len(_EVENT_KEY)
+                    at += 9  # len(_EVENT_KEY)
                     if line[at:line.find(b'"', at)] not in wanted:
                         skipped += 1
                         continue
             try:
-                event = _decode(line)
-            except ValueError:  # JSONDecodeError, orjson.JSONDecodeError and UnicodeDecodeError alike
+                event = _fast_decode(line)
+            except ValueError:  # not JSON, not UTF-8, or what only the standard library takes
+                try:
+                    event = _stdlib_decode(line)
+                except ValueError:
+                    self._bad(line)
+                    continue
+            if type(event) is not dict or "event" not in event:
                 self._bad(line)
                 continue
-            if not isinstance(event, dict) or "event" not in event:
-                self._bad(line)
-                continue
-            if wanted is not None and at < 0 and str(event["event"]).encode() not in wanted:
+            if at < 0 and wanted is not None and str(event["event"]).encode() not in wanted:
                 skipped += 1  # a line written some other way (spaces after the colons): filtered once parsed
                 continue
             vt = event.get("vt_ns")
@@ -164,6 +170,14 @@ def merged(trace_dir: Path, stats: ReadStats | None = None, slack_ns: int = 100_
     """Every event of every file in ``trace_dir``, in virtual-time order (ties: hypervisor, then domains by id, then
     file order), in one pass. ``stats`` (if given) is filled in as the pass goes. ``events``: only these event names
     (the others are recognised by their name and never parsed, which is most of the time saved)."""
+    for batch in merged_batches(trace_dir, stats, slack_ns, events):
+        yield from batch
+
+
+def merged_batches(trace_dir: Path, stats: ReadStats | None = None, slack_ns: int = 100_000,
+                   events: Collection[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """``merged``, one epoch at a time: lists of events, each in order and after the one before (a consumer that
+    loops over each list itself saves a generator step per event)."""
     stats = stats if stats is not None else ReadStats()
     wanted = None if events is None else frozenset(e.encode() for e in {*events, "trace.start"})
     streams = []
@@ -177,7 +191,7 @@ def merged(trace_dir: Path, stats: ReadStats | None = None, slack_ns: int = 100_
             s.close()
 
 
-def _epochs(streams: list[_FileStream], stats: ReadStats, slack_ns: int) -> Iterator[dict[str, Any]]:
+def _epochs(streams: list[_FileStream], stats: ReadStats, slack_ns: int) -> Iterator[list[dict[str, Any]]]:
     """The merge proper: one sorted epoch of virtual time after another (see the module docstring)."""
     horizon, step, last_ns = 0, 100_000, -1
     while streams:
@@ -191,13 +205,13 @@ def _epochs(streams: list[_FileStream], stats: ReadStats, slack_ns: int) -> Iter
                 batch += s.buffer
                 s.buffer = []
         batch.sort()  # (vt, rank, seq) is unique, so the event dicts themselves are never compared
-        if batch and batch[0][0] < last_ns:
-            stats.late += sum(1 for item in batch if item[0] < last_ns)
-        stats.events += len(batch)
-        for item in batch:
-            yield item[3]
         if batch:
+            if batch[0][0] < last_ns:
+                stats.late += sum(1 for item in batch if item[0] < last_ns)
             last_ns = max(last_ns, batch[-1][0])
+            stats.events += len(batch)
+            stats.end_ns = max(stats.end_ns, last_ns)
+            yield [item[3] for item in batch]
         streams = [s for s in streams if not s.done]
         horizon = end
         # aim each epoch at about _EPOCH_TARGET events (a sparse stretch of virtual time takes bigger steps)
@@ -205,4 +219,3 @@ def _epochs(streams: list[_FileStream], stats: ReadStats, slack_ns: int) -> Iter
             step *= 2
         elif len(batch) > _EPOCH_TARGET * 2:
             step = max(1_000, step // 2)
-

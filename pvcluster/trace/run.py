@@ -13,7 +13,7 @@ import attrs
 
 from pvcluster.designs import mode_of
 from pvcluster.trace.analyse import Analyser, Analysis
-from pvcluster.trace.reader import ReadStats, merged, trace_files
+from pvcluster.trace.reader import ReadStats, merged, merged_batches, trace_files
 from pvcluster.trace.records import Record, to_record
 
 
@@ -39,7 +39,7 @@ class Run:
         """Every table, in one pass. ``keep_shootdowns`` keeps each ``Shootdown`` record (memory per shootdown)."""
         stats = ReadStats()
         analyser = Analyser(self.designs, stats, slowest=slowest, keep_shootdowns=keep_shootdowns)
-        return analyser.run(self.events(stats, analyser.events))
+        return analyser.run(merged_batches(self.path / "trace", stats, events=analyser.events))
 
 
 def load(path: str | Path) -> Run:
