@@ -35,6 +35,16 @@ def percentile(sorted_values: Any, p: float) -> int:
     return int(sorted_values[rank])
 
 
+def _at_rank(counts: dict[int, int], rank: int) -> int:
+    """The value at ``rank`` (0-based) of the multiset ``counts`` (value -> how many times)."""
+    seen = 0
+    for value, n in sorted(counts.items()):
+        seen += n
+        if seen > rank:
+            return value
+    return 0
+
+
 def latency_row(values: Iterable[int]) -> dict[str, Any]:
     """Count and p50/p90/p99/p99.9/max in virtual µs."""
     lat = sorted(values)
@@ -90,7 +100,9 @@ class Analysis:
     modes: dict[str, _ModeStats] = attrs.Factory(dict)
     by_targets: dict[tuple[str, int], array] = attrs.Factory(dict)
     by_preempted: dict[tuple[str, int], array] = attrs.Factory(dict)
-    hypercalls: dict[int, tuple[str, array]] = attrs.Factory(dict)
+    # nr -> (name, virtual cost -> count): costs repeat (a cost model has few distinct values), so a histogram keeps
+    # exact percentiles in memory that does not grow with the run
+    hypercalls: dict[int, tuple[str, dict[int, int]]] = attrs.Factory(dict)
     multicall_sizes: dict[str, int] = attrs.Factory(dict)
     event_delivery: array = attrs.Factory(lambda: array("q"))
     events_sent: int = 0
@@ -171,23 +183,30 @@ class Analysis:
     def hypercall_summary(self) -> dict[str, Any]:
         """``trace --json``'s ``hypercalls`` as it always was: counts by name and the virtual cost's p50/p99."""
         by_name: dict[str, int] = {}
-        costs: list[int] = []
-        for name, values in self.hypercalls.values():
-            by_name[name] = by_name.get(name, 0) + len(values)
-            costs += values
-        costs.sort()
-        def pct(p: float) -> int:
-            return costs[min(len(costs) - 1, int(p * len(costs)))] if costs else 0
-        return {"by_name": dict(sorted(by_name.items())), "count": len(costs), "p50_ns": pct(0.5), "p99_ns": pct(0.99)}
+        costs: dict[int, int] = {}
+        for name, hist in self.hypercalls.values():
+            by_name[name] = by_name.get(name, 0) + sum(hist.values())
+            for cost, n in hist.items():
+                costs[cost] = costs.get(cost, 0) + n
+        count = sum(by_name.values())
+
+        def pct(p: float) -> int:  # the rank this key always used
+            return _at_rank(costs, min(count - 1, int(p * count))) if count else 0
+
+        return {"by_name": dict(sorted(by_name.items())), "count": count, "p50_ns": pct(0.5), "p99_ns": pct(0.99)}
 
     def hypercall_rows(self) -> list[dict[str, Any]]:
         rows = []
-        for nr, (name, costs) in sorted(self.hypercalls.items()):
-            ordered = sorted(costs)
-            total = sum(ordered)
-            rows.append({"nr": nr, "name": name, "count": len(ordered), "cost_total_us": total / 1000,
-                         "cost_mean_ns": total / len(ordered), "cost_p50_ns": percentile(ordered, 50),
-                         "cost_p99_ns": percentile(ordered, 99), "cost_max_ns": ordered[-1]})
+        for nr, (name, hist) in sorted(self.hypercalls.items()):
+            n = sum(hist.values())
+            total = sum(cost * k for cost, k in hist.items())
+
+            def pct(p: float, hist: dict[int, int] = hist, n: int = n) -> int:
+                return _at_rank(hist, max(0, min(n - 1, int(round(p / 100 * n + 0.5)) - 1)))
+
+            rows.append({"nr": nr, "name": name, "count": n, "cost_total_us": total / 1000,
+                         "cost_mean_ns": total / n, "cost_p50_ns": pct(50), "cost_p99_ns": pct(99),
+                         "cost_max_ns": max(hist)})
         return rows
 
 
@@ -257,8 +276,9 @@ class Analyser:
         nr, vt = e["nr"], e["vt_ns"]
         entry = self.result.hypercalls.get(nr)
         if entry is None:
-            entry = self.result.hypercalls[nr] = (e["name"], array("q"))
-        entry[1].append(e["done_vt_ns"] - vt)
+            entry = self.result.hypercalls[nr] = (e["name"], {})
+        hist, cost = entry[1], e["done_vt_ns"] - vt
+        hist[cost] = hist.get(cost, 0) + 1
         d = self.doms.get(e.get("dom", -1))
         o = d.open if d is not None else None
         if o is not None and e["vcpu"] == o.initiator:

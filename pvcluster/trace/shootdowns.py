@@ -19,6 +19,7 @@ of it to one component (``COMPONENTS``), so a shootdown's breakdown sums exactly
 from __future__ import annotations
 
 import bisect
+from array import array
 from typing import Any
 
 import attrs
@@ -78,12 +79,12 @@ class RunStates:
     flat however long the run.
     """
 
-    KEEP = 4096
+    KEEP = 1024
     __slots__ = ("times", "states")
 
     def __init__(self) -> None:
-        self.times: list[int] = []
-        self.states: list[str] = []
+        self.times = array("q")  # 8 bytes a change, not an int object
+        self.states: list[str] = []  # the interned state names
 
     def change(self, vt_ns: int, state: str) -> None:
         if len(self.times) >= 2 * self.KEEP:
