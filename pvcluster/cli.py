@@ -15,14 +15,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from pvcluster import faults
-from pvcluster.analysis import latency_table, shootdowns, stale_reads
 from pvcluster.check import check_run, format_report
 from pvcluster.cluster import Cluster, ClusterError
 from pvcluster.control import ControlClient, ControlError
 from pvcluster.rundiff import first_divergence, format_divergence
 from pvcluster.runrecord import ReplayError, load_replay, replay_dir
 from pvcluster.spec import SpecError, load_spec
-from pvcluster.summary import hypercall_stats, render, run_report
+from pvcluster.summary import render, run_report
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -141,29 +140,51 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Merge a run's trace files and report shootdown latency (works on a finished run too)."""
-    run_dir = _run_dir(args)
-    if not (run_dir / "trace" / "hypervisor.jsonl").exists():
-        _error(f"no traces in {run_dir / 'trace'}")
-        return 1
+    """Analyse a run's traces (running or finished): every table, or a comparison of two runs, plots, Perfetto."""
+    from pvcluster.trace import compare, render
+    from pvcluster.trace.run import RunError, load
+
     try:
-        rows = latency_table(shootdowns(run_dir))
-        stale = stale_reads(run_dir)
-        hypercalls = hypercall_stats(run_dir)
-    except (OSError, ValueError) as exc:  # a missing spec.json, a truncated or foreign trace file
-        _error(f"cannot read the run in {run_dir}: {exc}")
+        if args.compare:
+            a, b = (Path(p).absolute() for p in args.compare)
+            doc = compare.compare(load(a).analyse(slowest=0).to_json(), load(b).analyse(slowest=0).to_json(),
+                                  str(a), str(b))
+            if args.json:
+                print(json.dumps(doc))
+            else:
+                compare.render(doc, out)
+            return 0
+        run = load(_run_dir(args))
+        analysis = run.analyse(slowest=args.slowest)
+        doc = analysis.to_json()
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            render.render(doc, out)
+        for path in _trace_outputs(args, run, analysis):
+            err.print(f"wrote {escape(str(path))}")
+    except (OSError, RunError) as exc:
+        _error(f"cannot analyse the run: {exc}")
         return 1
-    if args.json:
-        print(json.dumps({"shootdowns": rows, "stale_reads": stale, "hypercalls": hypercalls}))
-        return 0
-    if not rows:
-        out.print("no shootdowns in this run")
-    for r in rows:
-        out.print(f"{r['mode']:<16} n={r['shootdowns']:<4} p50 {r['p50_us']:9.3f} us  p90 {r['p90_us']:9.3f} us  "
-                  f"p99 {r['p99_us']:9.3f} us  max {r['max_us']:9.3f} us  "
-                  f"messages {r['messages_per_shootdown']:.2f}  preempted {r['preempted_targets']:.2f}")
-    out.print(f"stale reads: {stale}")
+    except RuntimeError as exc:  # an optional extra (matplotlib, perfetto) that is not installed
+        _error(str(exc))
+        return 1
     return 0
+
+
+def _trace_outputs(args: argparse.Namespace, run: Any, analysis: Any) -> list[Path]:
+    """The files --plot and --perfetto ask for (each needs an optional extra, imported only then)."""
+    written: list[Path] = []
+    if args.plot:
+        from pvcluster.trace.plots import write_plots
+
+        written += write_plots(run, analysis, Path(args.plot))
+    if args.perfetto:
+        from pvcluster.trace.perfetto import write_perfetto
+
+        write_perfetto(run, Path(args.perfetto))
+        written.append(Path(args.perfetto))
+    return written
 
 
 def _param(text: str) -> tuple[str, int]:
@@ -323,10 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_pause)
 
     p = sub.add_parser(
-        "trace", parents=[after], help="shootdown latency by design from a run's traces (running or finished)"
+        "trace", parents=[after], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="analyse a run's traces: shootdown latency and where it went, hypercalls, run states, faults",
+        description="Analyse a run's traces (running or finished) in one streaming pass: shootdown latency by "
+        "design, by number of targets and of preempted targets; the breakdown of each shootdown's latency along its "
+        "critical path (initiator, initiator_preempted, hypercall, wait_pcpu, delivery, handler, ack; they sum to "
+        "the latency); the slowest shootdowns with their vCPUs' run states; hypercalls by number; multicall batch "
+        "sizes; event-channel delivery and ping round trips; stale reads; faults; per-vCPU run-state totals. Only "
+        "the run directory's spec.json and trace/*.jsonl are read; torn or corrupt lines are counted and skipped. "
+        "docs/trace.md describes the events and the JSON document.",
+        epilog="examples:\n  pvcluster trace --run-dir RUN            tables\n"
+        "  pvcluster trace --run-dir RUN --json     one JSON document (shootdowns, breakdown, slowest, ...)\n"
+        "  pvcluster trace --compare RUN_A RUN_B    side by side, B/A ratios and B-A deltas\n"
+        "  pvcluster trace --run-dir RUN --plot figures/ --perfetto run.pftrace",
     )
     common(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of tables")
+    p.add_argument("--slowest", type=int, default=10, metavar="N",
+                   help="list the N slowest shootdowns with their breakdown (default 10; 0: none)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two run directories instead (ratios B/A, deltas B-A)")
+    p.add_argument("--plot", metavar="DIR", help="also write PNG figures to DIR (needs the 'plot' extra: matplotlib)")
+    p.add_argument("--perfetto", metavar="FILE",
+                   help="also write a Perfetto trace to FILE for ui.perfetto.dev (needs the 'perfetto' extra)")
     p.set_defaults(fn=cmd_trace)
 
     p = sub.add_parser(

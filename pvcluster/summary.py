@@ -9,26 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pvcluster.analysis import latency_table, shootdowns, stale_reads
-from pvcluster.trace import read_events
-
-
-def hypercall_stats(run_dir: Path) -> dict[str, Any]:
-    """Counts by hypercall name and the virtual cost (trap to result) from the hypervisor trace."""
-    by_name: dict[str, int] = {}
-    costs: list[int] = []
-    for ev in read_events(run_dir / "trace" / "hypervisor.jsonl"):
-        if ev["event"] == "hypercall":
-            by_name[ev["name"]] = by_name.get(ev["name"], 0) + 1
-            costs.append(ev["done_vt_ns"] - ev["vt_ns"])
-    costs.sort()
-    pct = (lambda p: costs[min(len(costs) - 1, int(p * len(costs)))]) if costs else (lambda p: 0)
-    return {
-        "by_name": dict(sorted(by_name.items())),
-        "count": len(costs),
-        "p50_ns": pct(0.5),
-        "p99_ns": pct(0.99),
-    }
+from pvcluster.trace.render import breakdown_table, shootdown_table
+from pvcluster.trace.run import load
 
 
 def run_report(status: dict[str, Any], run_dir: Path, wall_s: float, ok: bool) -> dict[str, Any]:
@@ -61,7 +43,8 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
             f"{(end - d['started_vt_ns']) / 1000:.3f} us",
         )
     console.print(table)
-    stats = hypercall_stats(run_dir)
+    doc = load(run_dir).analyse(slowest=0).to_json()
+    stats = doc["hypercalls"]
     names = ", ".join(f"{k} {v}" for k, v in stats["by_name"].items())
     console.print(
         f"hypercalls: {stats['count']} ({names}); virtual cost p50 {stats['p50_ns']} ns, p99 {stats['p99_ns']} ns"
@@ -69,19 +52,12 @@ def render(status: dict[str, Any], run_dir: Path, wall_s: float, console: Consol
     console.print(
         f"windows: {status['window']}, virtual time {status['vt_ns'] / 1000:.3f} us, wall time {wall_s:.2f} s"
     )
-    rows = latency_table(shootdowns(run_dir))
-    if rows:
-        sd = Table(title="TLB shootdown latency (virtual µs, from request to the last target's flush)",
-                   title_justify="left")
-        for col in ("design", "shootdowns", "p50", "p90", "p99", "max", "messages", "preempted targets"):
-            sd.add_column(col, justify="left" if col == "design" else "right")
-        for r in rows:
-            sd.add_row(r["mode"], str(r["shootdowns"]), f"{r['p50_us']:.3f}", f"{r['p90_us']:.3f}",
-                       f"{r['p99_us']:.3f}", f"{r['max_us']:.3f}", f"{r['messages_per_shootdown']:.2f}",
-                       f"{r['preempted_targets']:.2f}")
-        console.print(sd)
-        stale = stale_reads(run_dir)
+    if doc["shootdowns"]:
+        console.print(shootdown_table(doc["shootdowns"]))
+        console.print(breakdown_table(doc["breakdown"]))
+        stale = doc["stale_reads"]
         console.print(f"stale TLB reads detected: {stale}" + ("  [red](a flush was missed)[/]" if stale else ""))
+        console.print("more: pvcluster trace (slowest shootdowns, hypercalls, run states; --plot, --perfetto)")
     else:
         console.print("TLB shootdowns: none in this run (the guests' workload=shootdown measures them)")
     console.print(f"traces: {run_dir / 'trace'}", markup=False)

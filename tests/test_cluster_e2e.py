@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from pvcluster.analysis import latency_table, shootdowns
 from pvcluster.cluster import Cluster
 from pvcluster.spec import load_spec, parse_spec
-from pvcluster.trace import read_events, virtual_view
+from pvcluster.trace import load, read_events, virtual_view
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -64,10 +63,10 @@ def test_same_seed_same_hypercall_stream_other_seed_differs(run_dir: Path) -> No
         spec = parse_spec(text.replace("seed = 1", f"seed = {seed}"))
         _run(spec, run_dir / str(i))
         streams.append(_hypercall_stream(run_dir / str(i)))
-        tables.append(latency_table(shootdowns(run_dir / str(i))))
+        tables.append(load(run_dir / str(i)).analyse().to_json())
     assert streams[0] == streams[1]
-    # the summary table `pvcluster up` prints: same seed, same latencies
-    assert tables[0] == tables[1] and len(tables[0]) == 2
+    # every table `pvcluster trace` prints: same seed, same numbers
+    assert tables[0] == tables[1] and len(tables[0]["shootdowns"]) == 2
     assert len(streams[0]) > 20
     assert streams[0] != streams[2]
 

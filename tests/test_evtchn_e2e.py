@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from pvcluster.analysis import shootdowns, stale_reads
 from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
-from pvcluster.trace import read_events
+from pvcluster.trace import load, read_events
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -99,7 +98,8 @@ def test_ping_pong_traces_show_every_event_exactly_once(ping: dict[str, Any]) ->
     starts = {m["round"]: m for m in marks if m["code"] == SENT}
     rtt = sorted(m["vt_ns"] - starts[m["round"]]["vt_ns"] for m in marks if m["code"] == ECHO)
     wall = sorted(m["wall_ns"] - starts[m["round"]]["wall_ns"] for m in marks if m["code"] == ECHO)
-    assert stale_reads(ping["run_dir"]) == 0 and shootdowns(ping["run_dir"]) == []  # not mistaken for shootdowns
+    doc = load(ping["run_dir"]).analyse().to_json()
+    assert doc["stale_reads"] == 0 and doc["shootdowns"] == []  # not mistaken for shootdowns
     assert rtt[0] >= 2 * 10_000  # two link latencies (cost.link_ns) at least
     p50, p99 = rtt[len(rtt) // 2], rtt[int(len(rtt) * 0.99)]
     print(f"\nevent-channel round trip over {ROUNDS}: virtual p50 {p50 / 1000:.3f} us, p99 {p99 / 1000:.3f} us; "

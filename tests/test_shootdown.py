@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from pvcluster.analysis import latency_table, shootdowns, stale_reads
 from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
-from pvcluster.trace import read_events
+from pvcluster.trace import load, read_events
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -44,7 +43,7 @@ def run() -> Iterator[dict[str, Any]]:
             final = cluster.wait(timeout_s=240)
             consoles = {x["name"]: cluster.client.call("console", dom=x["domid"]) for x in final["domains"]}
         yield {"final": {x["name"]: x for x in final["domains"]}, "consoles": consoles, "run_dir": run_dir,
-               "shootdowns": shootdowns(run_dir)}
+               "analysis": load(run_dir).analyse(keep_shootdowns=True)}
 
 
 @pytest.mark.parametrize("name", ["nat", "pv", "cr3n", "cr3x", "rom"])
@@ -52,7 +51,7 @@ def test_each_design_completes_with_zero_stale_reads(run: dict[str, Any], name: 
     dom = run["final"][name]
     assert (dom["state"], dom["shutdown_reason"]) == ("dead", "poweroff"), dom
     assert "pvkern: shootdown rounds 40, stale reads 0" in run["consoles"][name]
-    assert len([s for s in run["shootdowns"] if s.dom == dom["domid"]]) == 40
+    assert len([s for s in run["analysis"].shootdowns if s.dom == dom["domid"]]) == 40
 
 
 def test_a_skipped_flush_is_caught_by_the_checker(run: dict[str, Any]) -> None:
@@ -63,11 +62,11 @@ def test_a_skipped_flush_is_caught_by_the_checker(run: dict[str, Any]) -> None:
     assert not summary.endswith("stale reads 0")
     events = list(read_events(run["run_dir"] / "trace" / "hypervisor.jsonl"))
     assert any(e["event"] == "fault.skip_flush" and e["dom"] == dom["domid"] for e in events)
-    assert stale_reads(run["run_dir"]) > 0
+    assert run["analysis"].to_json()["stale_reads"] > 0
 
 
 def test_pv_tail_latency_is_far_below_native_under_overcommit(run: dict[str, Any]) -> None:
-    rows = {r["mode"]: r for r in latency_table(run["shootdowns"])}
+    rows = {r["mode"]: r for r in run["analysis"].shootdown_rows()}
     native, pv = rows["native"], rows["pv"]
     assert pv["p99_us"] * 3 <= native["p99_us"], rows
     # why: native waits for targets that hold no pCPU; pv completes in the hypercall

@@ -21,14 +21,25 @@ import zmq
 from helpers import RecordingLog
 
 from domains.runtime import EXIT_HYPERVISOR_GONE, DomainProcess
-from pvcluster import trace
 from pvcluster.bus import codec
 from pvcluster.bus.messages import Error, Hello, Stop
 from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
+from pvcluster.trace import log as trace
 
 
 def _lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The events written, after the file's trace.start header (checked on its own below)."""
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert events[0]["event"] == "trace.start"
+    return events[1:]
+
+
+def test_each_file_starts_with_the_schema_version(tmp_path: Path, configure: Any) -> None:
+    log, sink = configure(tmp_path / "t.jsonl", "dom1")
+    log.info("a", vt_ns=1)
+    sink.flush()
+    first = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "trace.start" and first["schema"] == trace.SCHEMA_VERSION and first["proc"] == "dom1"
 
 
 @pytest.fixture
@@ -65,7 +76,8 @@ def test_a_full_buffer_is_written_at_once(tmp_path: Path, monkeypatch: pytest.Mo
     log, _ = configure(tmp_path / "t.jsonl", "hypervisor")
     for i in range(7):
         log.warning("e", i=i)
-    assert [e["i"] for e in _lines(tmp_path / "t.jsonl")] == list(range(6))
+    # the trace.start header was the first buffered line: 8 lines, two full buffers written
+    assert [e["i"] for e in _lines(tmp_path / "t.jsonl")] == list(range(5))
 
 
 class _Exited(Exception):

@@ -40,7 +40,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "SCHEMA_VERSION", "WALL_FIELDS", "TraceFile", "TraceLogger", "configure", "no_flush", "read_events", "virtual_view", *_LAZY,
+    "SCHEMA_VERSION", "WALL_FIELDS", "TraceFile", "TraceLogger", "configure", "no_flush", "read_events",
+    "virtual_view", *_LAZY,
 ]
 
 

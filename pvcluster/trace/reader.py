@@ -109,7 +109,8 @@ class _FileStream:
 
     def take_before(self, end_ns: int) -> list[tuple[int, int, int, dict[str, Any]]]:
         """Remove and return the buffered events stamped before ``end_ns``."""
-        keep, out = [], []
+        keep: list[tuple[int, int, int, dict[str, Any]]] = []
+        out: list[tuple[int, int, int, dict[str, Any]]] = []
         for item in self.buffer:
             (out if item[0] < end_ns else keep).append(item)
         self.buffer = keep
