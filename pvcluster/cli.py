@@ -155,8 +155,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 compare.render(doc, out)
             return 0
         run = load(_run_dir(args))
-        analysis = run.analyse(slowest=args.slowest)
+        # the plots' timeline is drawn around the slowest shootdown
+        analysis = run.analyse(slowest=max(args.slowest, 1) if args.plot else args.slowest)
         doc = analysis.to_json()
+        bad = sum(doc["trace"]["corrupt_lines"].values()) + len(doc["trace"]["torn_files"])
+        if bad and not doc["trace"]["events"]:  # torn lines are skipped, but a run with nothing else is no run
+            _error(f"cannot analyse the run in {run.path}: none of its trace lines is a trace event ({bad} bad)")
+            return 1
         if args.json:
             print(json.dumps(doc))
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -212,20 +212,25 @@ class Analyser:
             "domain.shutdown": self._domain_end, "domain.crash": self._domain_end,
         }
 
-    def run(self, events: Iterator[dict[str, Any]]) -> Analysis:
-        handlers, end = self._handlers, 0
-        for e in events:
-            vt = e.get("vt_ns")
-            if type(vt) is int and vt > end:
-                end = vt
-            handler = handlers.get(e["event"])
-            if handler is not None:
-                try:
-                    handler(e)
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    # a line that parsed but lacks a field its event needs: counted, never fatal
-                    self.result.stats.corrupt["(fields)"] = self.result.stats.corrupt.get("(fields)", 0) + 1
-        return self.finish(end)
+    @property
+    def events(self) -> frozenset[str]:
+        """The event names the pass reads (the reader leaves every other line unparsed)."""
+        return frozenset(self._handlers)
+
+    def run(self, batches: Iterable[list[dict[str, Any]]]) -> Analysis:
+        """Feed every event (in virtual-time order, a batch at a time), then finish."""
+        handlers = self._handlers
+        for batch in batches:
+            for e in batch:
+                handler = handlers.get(e["event"])
+                if handler is not None:
+                    try:
+                        handler(e)
+                    except (KeyError, TypeError, ValueError, AttributeError):
+                        # a line that parsed but lacks a field its event needs: counted, never fatal
+                        corrupt = self.result.stats.corrupt
+                        corrupt["(fields)"] = corrupt.get("(fields)", 0) + 1
+        return self.finish(self.result.stats.end_ns)
 
     def _dom(self, domid: int) -> _Domain:
         d = self.doms.get(domid)

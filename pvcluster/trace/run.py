@@ -6,14 +6,14 @@ Nothing else in the directory is needed, so a run copied off another machine ana
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import attrs
 
 from pvcluster.designs import mode_of
 from pvcluster.trace.analyse import Analyser, Analysis
-from pvcluster.trace.reader import ReadStats, merged, trace_files
+from pvcluster.trace.reader import ReadStats, merged, merged_batches, trace_files
 from pvcluster.trace.records import Record, to_record
 
 
@@ -26,9 +26,10 @@ class Run:
     path: Path
     designs: dict[int, tuple[str, str]]  # domid -> (name, shootdown design)
 
-    def events(self, stats: ReadStats | None = None) -> Iterator[dict]:
-        """Every trace event as its JSON object, merged by virtual time (one streaming pass)."""
-        return merged(self.path / "trace", stats)
+    def events(self, stats: ReadStats | None = None, names: Collection[str] | None = None) -> Iterator[dict]:
+        """Every trace event (or those named in ``names``) as its JSON object, merged by virtual time (one streaming
+        pass)."""
+        return merged(self.path / "trace", stats, events=names)
 
     def records(self, stats: ReadStats | None = None) -> Iterator[Record]:
         """Every trace event as a typed record (``pvcluster.trace.records``), merged by virtual time."""
@@ -37,7 +38,8 @@ class Run:
     def analyse(self, *, slowest: int = 10, keep_shootdowns: bool = False) -> Analysis:
         """Every table, in one pass. ``keep_shootdowns`` keeps each ``Shootdown`` record (memory per shootdown)."""
         stats = ReadStats()
-        return Analyser(self.designs, stats, slowest=slowest, keep_shootdowns=keep_shootdowns).run(self.events(stats))
+        analyser = Analyser(self.designs, stats, slowest=slowest, keep_shootdowns=keep_shootdowns)
+        return analyser.run(merged_batches(self.path / "trace", stats, events=analyser.events))
 
 
 def load(path: str | Path) -> Run:
