@@ -268,6 +268,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if div is None else 1
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of a running cluster (``pvcluster/top.py``); with --once, one frame."""
+    from pvcluster import top
+
+    if args.json and not args.once:
+        _error("--json needs --once: the live view is for a terminal")
+        return 2
+    if not args.interval > 0:
+        _error(f"--interval must be more than 0 seconds, got {args.interval}")
+        return 2
+    return top.run(_run_dir(args), interval=args.interval, once=args.once, as_json=args.json, console=out)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
@@ -403,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", metavar="RUN_B")
     p.add_argument("--strict", action="store_true", help="a trace that ends early is a divergence too")
     p.set_defaults(fn=cmd_diff)
+
+    from pvcluster import top  # here, not at the top of the file: one block to merge
+
+    p = sub.add_parser("top", parents=[after], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="a live view of a running cluster: domains, vCPU run states, rates, faults",
+                       description=top.DESCRIPTION, epilog=top.COLUMNS)
+    common(p)
+    p.add_argument("--interval", type=float, default=0.5, metavar="S", help="seconds between refreshes (0.5)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
+    p.add_argument("--json", action="store_true", help="with --once: the frame's data as one JSON document")
+    p.set_defaults(fn=cmd_top)
 
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
