@@ -17,7 +17,7 @@ PACKAGES = ("pvcluster", "hypervisor", "domains")
 # Toolstack modules: the CLI and what only it uses. Neither process may import them.
 TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvcluster.summary", "pvcluster.trace.analyse",
              "pvcluster.trace.run", "pvcluster.trace.render", "pvcluster.trace.compare", "pvcluster.trace.plots",
-             "pvcluster.trace.perfetto",
+             "pvcluster.trace.perfetto", "pvcluster.top",
              "pvcluster.check", "pvcluster.rundiff", "pvcluster.runrecord", "pvcluster.tracequery",
              "pvcluster.pytest_plugin")
 # What a domain process must not load: the assembler (the toolstack puts the built-in kernel in the on-disk cache
