@@ -63,7 +63,9 @@ def test_same_seed_same_hypercall_stream_other_seed_differs(run_dir: Path) -> No
         spec = parse_spec(text.replace("seed = 1", f"seed = {seed}"))
         _run(spec, run_dir / str(i))
         streams.append(_hypercall_stream(run_dir / str(i)))
-        tables.append(load(run_dir / str(i)).analyse().to_json())
+        doc = load(run_dir / str(i)).analyse().to_json()
+        del doc["trace"]  # what the reader read: it counts control requests, which come as often as the client polls
+        tables.append(doc)
     assert streams[0] == streams[1]
     # every table `pvcluster trace` prints: same seed, same numbers
     assert tables[0] == tables[1] and len(tables[0]["shootdowns"]) == 2
