@@ -13,6 +13,9 @@ Sections (in this order; --only picks some):
              (bench/trace_analysis.py; --quick: 100k only)
   overcommit native IPIs against pv flushes at 1:1, 2:1 and 3:1 overcommit, beside KVM's published pv TLB flush
              gains (bench/overcommit.py; --quick: 1:1 and 2:1)
+  calibration the default cost model's primitives (flushes, IPI, shootdowns of 1/2/4/8 targets, hypercall and
+             event-channel round trips) beside the published figures they approximate (bench/calibration.py;
+             --quick: 1 and 2 targets)
 
 Wall-clock figures are this machine's (recorded at the top); every cluster's wall time is that of its windows
 (start-up excluded). Memory is the peak over 0.2 s samples of the sum of VmRSS: "cluster RSS" over the hypervisor
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated sections to run (default: all): {','.join(sections.SECTIONS)}")
     ap.add_argument("--quick", action="store_true",
                     help="smaller sizes to iterate with: 1,000 ping-pongs, scale 1,2,4 domains x 2 vCPUs, trace 100k "
-                    "events only, overcommit 1:1 and 2:1 (explicit "
+                    "events only, overcommit 1:1 and 2:1, calibration 1 and 2 targets (explicit "
                     "--ping-rounds / --scale-* still win); targets measured at full size only are then '-'")
     ap.add_argument("--ping-rounds", type=int, metavar="N", help="ping-pong round trips (default 10000)")
     ap.add_argument("--scale-domains", type=_sizes, metavar="N,N,...", help="domain counts (default 1,2,4,8,16)")

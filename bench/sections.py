@@ -264,6 +264,12 @@ def overcommit(opts: Options, say: Say) -> Section:
     return mod.section(opts, say)
 
 
+def calibration(opts: Options, say: Say) -> Section:
+    from bench import calibration as mod
+
+    return mod.section(opts, say)
+
+
 # In suite order: `--only` picks from these.
 SECTIONS = {"mips": mips, "rtt": rtt, "ping": ping, "slowdown": slowdown, "scale": scale, "pvops": pvops,
-            "multicall": multicall, "trace": trace, "overcommit": overcommit}
+            "multicall": multicall, "trace": trace, "overcommit": overcommit, "calibration": calibration}

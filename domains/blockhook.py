@@ -79,6 +79,8 @@ class PvVcpu(ctypes.Structure):
         ("failed", ctypes.c_uint64),
         ("cr3", ctypes.c_uint64),
         ("cr3_known", ctypes.c_uint64),
+        ("block_addr", ctypes.c_uint64),
+        ("block_ps", ctypes.c_uint64),
         ("recent", ctypes.c_void_p * RECENT),
     ]
 

@@ -85,6 +85,8 @@ class DomainProcess:
         self._seen_ns = 0
         self.exit_code = 0
         self._ipis: list[Ipi] = []
+        # the window being run: which vCPUs hold a pCPU, where it ends, what an IPI takes (see _route_ipi)
+        self._local: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self._span_start: dict[int, int] = {}
         self._shootdown_mode = ""
         self.parent = os.getppid()  # the hypervisor, which launched this process
@@ -198,12 +200,13 @@ class DomainProcess:
             )
         self.ram, self.boot = ram, boot
         self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
-        counter = InsnCounter()
+        counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
         # may name other ones (the hypervisor then sends set_cr3).
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3) for v in range(req.vcpus)]
         for vcpu in self.vcpus:
+            vcpu.irq_entry_ps, vcpu.mmio_ps = req.irq_entry_ns * 1000, req.mmio_ns * 1000
             vcpu.ipi_sink = self._route_ipi
             vcpu.mark_sink = self._mark
             vcpu.irq_sink = self._irq_entered
@@ -268,10 +271,17 @@ class DomainProcess:
             vcpu.complete_trap(res.value, res.vt_ns)
 
     def _route_ipi(self, src: int, dest: int, vector: int, vt_ns: int) -> None:
-        """The APIC bus leads to the hypervisor: it delivers each IPI when its target next holds a pCPU."""
+        """The APIC bus leads to the hypervisor, which delivers each IPI when its target next holds a pCPU. A target
+        that holds one in this window, and that the IPI reaches before the window ends, this process interrupts
+        itself at the IPI's arrival (the vCPUs take turns in steps no longer than an IPI takes, so the target has not
+        run past it by more than one translated block); the report still tells the hypervisor."""
+        running, end_ns, ipi_ns = self._local
         targets = [v.vid for v in self.vcpus if v.vid != src] if dest == -1 else [dest]
         for target in targets:
-            self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns))
+            local = target in running and vt_ns + ipi_ns < end_ns
+            if local:
+                self.vcpus[target].post_irq(vt_ns + ipi_ns, src, vector)
+            self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns, local=local))
             self.trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
     def _irq_entered(self, vcpu: int, vector: int | None, vt_ns: int) -> None:
@@ -372,7 +382,10 @@ class DomainProcess:
             running.append(vcpu)
         reqs: list[HypercallReq] = []
         faults: list[VcpuFault] = []
-        for until in sorted({d.vt_ns for d in later if d.vt_ns < window.end_ns} | {window.end_ns}):
+        steps = set(range(window.start_ns + window.step_ns, window.end_ns, window.step_ns)) if window.step_ns else set()
+        self._local = (frozenset(v.vid for v in running) if window.step_ns else frozenset(), window.end_ns,
+                       window.ipi_ns)
+        for until in sorted({d.vt_ns for d in later if d.vt_ns < window.end_ns} | steps | {window.end_ns}):
             for vcpu in running:
                 vcpu.run(until)
                 self._collect(vcpu, reqs, faults)
@@ -382,6 +395,7 @@ class DomainProcess:
         for vcpu in running:  # one woken by a delivery at the window's very end is running when it ends
             vcpu.run(window.end_ns)
             self._collect(vcpu, reqs, faults)
+        self._local = (frozenset(), 0, 0)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
         return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis)

@@ -46,6 +46,7 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from domains import events
 from domains.blockhook import BlockHook, CountTable
+from domains.insn_cost import BlockPricer
 from domains.memory import GuestRam
 from domains.paging import read_virt, translate, write_virt
 from pvcluster.abi.platform import (
@@ -60,6 +61,7 @@ from pvcluster.abi.platform import (
     MARK_PORT,
 )
 from pvcluster.abi.xen import HYPERCALL_VECTOR
+from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
 _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
 # The platform's ports (pvcluster/abi/platform.py): `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns
@@ -130,21 +132,23 @@ class Fault:
 
 
 class InsnCounter:
-    """Instruction counts of translated blocks, shared by the vCPUs of one domain: the C hook's table of the
-    blocks seen (``table``), and capstone for the blocks it has not seen."""
+    """Instruction counts and costs of translated blocks, shared by the vCPUs of one domain: the C hook's table of
+    the blocks seen (``table``), and capstone (``domains/insn_cost.py``) for the blocks it has not seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, insn_ps: tuple[int, ...] | None = None) -> None:
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+        self.pricer = BlockPricer(insn_ps)
         # C asks again only for a block whose bytes it cannot read (it stores the rest): those are cached here
         self._cache: dict[tuple[int, bytes], int] = {}
         self._md_detail: capstone.Cs | None = None
         self.table = CountTable()
 
     def count(self, addr: int, code: bytes) -> int:
+        """What the C hook keeps for the block: its instruction count and cost, packed (``BlockPricer.packed``)."""
         key = (addr, code)
         n = self._cache.get(key)
         if n is None:
-            n = sum(1 for _ in self._md.disasm_lite(code, addr)) or 1
+            n = self.pricer.packed(addr, code)
             self._cache[key] = n
         return n
 
@@ -191,6 +195,9 @@ class Vcpu:
         self._st = self._hook.state
         self._base_ps = 0
         self.ps_per_instr = ps_per_instr
+        # costs outside instruction classes, in ps (the domain process sets them from the spec's cost model)
+        self.irq_entry_ps = 0
+        self.mmio_ps = 0
         self._rom: tuple[mmap.mmap, ctypes.c_char] | None = None
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
@@ -272,7 +279,13 @@ class Vcpu:
 
     # -- the local APIC (trapped MMIO) and interrupt delivery -----------------------------------------------
 
+    def _charge(self, ps: int) -> None:
+        """Virtual time an operation takes beyond its instruction's class (scaled like the classes). Called from
+        inside emulation too, so it moves the hook's clock on its own base (the slice end is on that base)."""
+        self._st.clock_ps = max(0, self._st.clock_ps + ps * self.ps_per_instr // 1000)
+
     def _apic_read(self, uc: Uc, offset: int, size: int, _: object) -> int:
+        self._charge(self.mmio_ps)  # a trapped MMIO access
         if offset == APIC_ID:
             return self.vid << APIC_ID_SHIFT
         if offset == APIC_ICR_HIGH:
@@ -280,6 +293,7 @@ class Vcpu:
         return 0
 
     def _apic_write(self, uc: Uc, offset: int, size: int, value: int, _: object) -> None:
+        self._charge(self.mmio_ps)  # a trapped MMIO access (an ICR write sends the IPI at the time it completes)
         if offset == APIC_ICR_HIGH:
             self._icr_high = value & 0xFFFFFFFF
         elif offset == APIC_ICR_LOW and self.ipi_sink is not None:
@@ -309,6 +323,7 @@ class Vcpu:
             return False
         self.set_regs({"esp": esp - 12, "eip": target,
                        "eflags": eflags & ~(EFLAGS_IF | EFLAGS_TF) if clear_if else eflags & ~EFLAGS_TF})
+        self._charge(self.irq_entry_ps)  # delivery through the gate (or Xen's bounce frame)
         return True
 
     def _idt_gate(self, vector: int) -> int | None:
@@ -329,15 +344,17 @@ class Vcpu:
                 self._set_fault("trap", f"interrupt vector {vector:#x} has no present IDT gate", self.reg("eip"))
                 self.state = VcpuState.CRASHED
                 return
+            taken = self.clock_ns  # the instant it is taken; the entry's own cost is the handler's
             if self._enter(target, clear_if=True) and self.irq_sink is not None:
-                self.irq_sink(self.vid, vector, self.clock_ns)
+                self.irq_sink(self.vid, vector, taken)
             return
         if (self.upcall_eip is not None and events.upcall_pending(self.ram, self.vid)
                 and not events.upcall_masked(self.ram, self.vid)):
             # Xen masks further upcalls on entry; the guest's handler unmasks before it returns
             events.set_upcall_mask(self.ram, self.vid, True)
+            taken = self.clock_ns
             if self._enter(self.upcall_eip, clear_if=False) and self.irq_sink is not None:
-                self.irq_sink(self.vid, None, self.clock_ns)
+                self.irq_sink(self.vid, None, taken)
 
     def _wake(self, end_ps: int) -> None:
         """A halted vCPU resumes on an interrupt it can take; one blocked in SCHEDOP_block on an event."""
@@ -354,13 +371,26 @@ class Vcpu:
             self.clock_ps = max(self.clock_ps, self.pending_irqs[0][0])
             self.state = VcpuState.RUNNING
 
+    def _instant_ns(self) -> int:
+        """Virtual time at the instruction now running: the hook charged its whole block before the block ran, so
+        this is the clock before the block plus the instructions before this one."""
+        start, eip = int(self._st.block_addr), self.reg("eip")
+        before = self.fetch(start, eip - start) if 0 < eip - start < 4096 else b""
+        cost = self.counter.pricer.price(start, before)[1] if before else 0
+        return (self._base_ps + int(self._st.block_ps) + cost * self.ps_per_instr // 1000) // 1000
+
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _: object) -> None:
-        if port == MARK_PORT and self.mark_sink is not None:
-            self.mark_sink(self.vid, value & 0xFFFFFFFF, self.clock_ns)
+        if port == MARK_PORT:
+            # measuring must not change what is measured: the mark's own port write costs nothing, and it is
+            # stamped at its own instant within the block
+            self._charge(-self.counter.pricer.insn_ps[InsnClass.IO])
+            if self.mark_sink is not None:
+                self.mark_sink(self.vid, value & 0xFFFFFFFF, self._instant_ns())
 
     def _on_in(self, uc: Uc, port: int, size: int, _: object) -> int:
-        if port == CLOCK_PORT:
-            return self.clock_ns & 0xFFFFFFFF
+        if port == CLOCK_PORT:  # the guest's cycle counter: priced as RDTSC, not as a trip to the LPC bus
+            self._charge(CLOCK_READ_PS - self.counter.pricer.insn_ps[InsnClass.IO])
+            return self._instant_ns() & 0xFFFFFFFF
         return 0xFFFFFFFF  # no device: the bus floats high
 
     @property

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
 
 _WAKING_EFFECTS = (SetPending, Unmask, VcpuUp)
+# The shortest lockstep a domain's running vCPUs take turns in (Window.step_ns): IPIs cheaper than this (ipi_ns
+# < 100) still land within 100 ns of their time, and a window is never cut into more than window_ns / 100 turns.
+MIN_STEP_NS = 100
 # Deliveries that wake their vCPU (a delayed flush, a speed or clock change do not)
 _WAKING_DELIVERIES = (SetPending, Unmask, VcpuUp, PollTimeout)
 
@@ -191,8 +194,10 @@ class Clock:
         if arrived:  # results the link held back, arriving in this window, in sending order
             dom.held_results = [r for r in dom.held_results if r.vt_ns >= end]
             results += sorted(arrived, key=lambda r: r.link_seq)
+        # two running vCPUs take turns in steps no longer than an IPI between them takes (the conservative lookahead)
+        step = min(max(self.hv.cost.ipi_ns, MIN_STEP_NS), self.window_ns) if len(run) > 1 else 0
         return Window(index=self.index, end_ns=end, start_ns=end - self.window_ns, results=results, run=run, irqs=irqs,
-                      events=dom.take_deliveries(end))
+                      events=dom.take_deliveries(end), step_ns=step, ipi_ns=self.hv.cost.ipi_ns)
 
     def _fire_timers(self, dom: Domain, end: int) -> None:
         """Timers due by the end of the window just opened become deliveries for their domains."""
@@ -271,9 +276,13 @@ class Clock:
                 dom.trace.warning("ipi.dropped", vt_ns=ipi.vt_ns, vcpu=ipi.src, dest=ipi.dest, vector=ipi.vector,
                                   why="no such vCPU")
                 continue
-            self.hv.send_ipi(dom, Ipi(ipi.src, ipi.dest, ipi.vector, ipi.vt_ns + self.hv.cost.ipi_ns))
+            if ipi.local and ipi.dest not in ran:  # only a target that held a pCPU can have been delivered to
+                raise ReportError(f"an IPI delivered locally to vCPU {ipi.dest}, which held no pCPU")
+            if not ipi.local:
+                self.hv.send_ipi(dom, Ipi(ipi.src, ipi.dest, ipi.vector, ipi.vt_ns + self.hv.cost.ipi_ns))
+            # a local one's target held a pCPU when it arrived (the report's state is the window's end)
             dom.trace.event("ipi", vt_ns=ipi.vt_ns, vcpu=ipi.src, dest=ipi.dest, vector=ipi.vector,
-                            target_running=dom.vcpus[ipi.dest].running)
+                            target_running=ipi.local or dom.vcpus[ipi.dest].running)
 
     def _apply_hypercalls(
         self, w: OpenWindow, reports: dict[int, WindowDone]

@@ -188,6 +188,9 @@ class Hypervisor:
             hypercall_page=self._page,
             ps_per_instr=self.cost.ps_per_instr,
             rom=vmi_rom() if s.backend == "vmi" else b"",
+            insn_ps=list(self.cost.insn_ps),
+            irq_entry_ns=self.cost.irq_entry_ns,
+            mmio_ns=self.cost.mmio_ns,
         )
 
     def _built(self, dom: Domain, res: BuildResult) -> None:

@@ -52,7 +52,7 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
     if call.continuation is not None:
         value = call.nr  # as Xen: EAX holds the hypercall number again when the vCPU re-executes the trap
         call.effects.append(RestartHypercall(vcpu=req.vcpu, nr=call.nr, args=call.continuation))
-    done_vt = req.vt_ns + hv.cost.hypercall_ns + _jitter(hv, dom)
+    done_vt = req.vt_ns + hv.cost.hypercall_ns + call.work_ns + _jitter(hv, dom)
     hv.hypercalls += 1
     dom.hypercalls += 1
     vcpu.hypercalls += 1

@@ -24,6 +24,7 @@ from typing import Any, Literal, cast, get_args
 
 import attrs
 
+from pvcluster import costs
 from pvcluster.abi.xen import MAX_GUEST_CMDLINE, MAX_LEGACY_VCPUS
 from pvcluster.faults import DEFAULT_RANDOM_KINDS, FaultError, FaultRequest, RandomFaults, request
 from pvcluster.faults import KINDS as FAULT_KINDS
@@ -68,6 +69,17 @@ MAX_VCPUS = MAX_LEGACY_VCPUS
 MAX_MEMORY_MIB = 256
 MIN_WINDOW_NS = 100
 MAX_PS_PER_INSTR = 1_000_000
+MAX_INSN_PS = 1_000_000_000  # one instruction class's cost: at most 1 ms of virtual time an instruction
+MAX_COST_NS = 1_000_000_000  # an operation's cost outside instruction classes: at most 1 s
+# [hypervisor.cost] keys priced outside instruction classes, with their defaults (pvcluster/costs.py says why)
+_DYNAMIC_COSTS = {
+    "irq_entry_ns": costs.IRQ_ENTRY_NS,
+    "mmio_ns": costs.MMIO_NS,
+    "multicall_entry_ns": costs.MULTICALL_ENTRY_NS,
+    "flush_local_ns": costs.FLUSH_LOCAL_NS,
+    "flush_page_ns": costs.FLUSH_PAGE_NS,
+    "flush_remote_ns": costs.FLUSH_REMOTE_NS,
+}
 # The control socket binds bus.port + 1 (pvcluster/bus/endpoints.py), and 65535 is the highest TCP port.
 MAX_PORT = 65534
 MAX_UNRESPONSIVE_S = 86400
@@ -119,11 +131,29 @@ class ClusterSection:
 
 @attrs.frozen
 class CostModel:
+    """``[hypervisor.cost]``: what each modelled operation costs in virtual time (``pvcluster/costs.py`` says where
+    each default's order of magnitude comes from)."""
+
     ps_per_instr: int
     hypercall_ns: int
     hypercall_jitter_ns: int
     link_ns: int
     ipi_ns: int = 1000
+    # ps per instruction of each class (InsnClass order) at ps_per_instr = 1000: ``[hypervisor.cost.insn]``
+    insn_ps: tuple[int, ...] = tuple(costs.INSN_PS[c] for c in costs.InsnClass)
+    irq_entry_ns: int = costs.IRQ_ENTRY_NS
+    mmio_ns: int = costs.MMIO_NS
+    multicall_entry_ns: int = costs.MULTICALL_ENTRY_NS
+    flush_local_ns: int = costs.FLUSH_LOCAL_NS
+    flush_page_ns: int = costs.FLUSH_PAGE_NS
+    flush_remote_ns: int = costs.FLUSH_REMOTE_NS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML layout: the instruction classes as the ``insn`` table, by name."""
+        out = attrs.asdict(self)
+        del out["insn_ps"]
+        out["insn"] = {c.name.lower(): ps for c, ps in zip(costs.InsnClass, self.insn_ps, strict=True)}
+        return out
 
 
 @attrs.frozen
@@ -221,7 +251,7 @@ class ClusterSpec:
         out = {
             "source": self.source,
             "cluster": attrs.asdict(self.cluster),
-            "hypervisor": attrs.asdict(self.hypervisor),
+            "hypervisor": {**attrs.asdict(self.hypervisor), "cost": self.hypervisor.cost.to_dict()},
             "bus": attrs.asdict(self.bus),
             "domain": [d.to_dict() for d in self.domains],
         }
@@ -564,7 +594,8 @@ class _Checker:
 
     def cost(self, raw: object) -> CostModel:
         path = "hypervisor.cost"
-        t = self.table(raw, path, ("ps_per_instr", "hypercall_ns", "hypercall_jitter_ns", "link_ns", "ipi_ns"))
+        t = self.table(raw, path, ("ps_per_instr", "hypercall_ns", "hypercall_jitter_ns", "link_ns", "ipi_ns",
+                                   *_DYNAMIC_COSTS, "insn"))
         ps = self.integer(t, path, "ps_per_instr", 1000, 1, MAX_PS_PER_INSTR)
         hc = self.integer(t, path, "hypercall_ns", 400, 0)
         jitter = self.integer(t, path, "hypercall_jitter_ns", 40, 0)
@@ -573,7 +604,13 @@ class _Checker:
         if self.ok(f"{path}.hypercall_ns", f"{path}.hypercall_jitter_ns") and jitter and jitter >= hc:
             self.error(f"{path}.hypercall_jitter_ns", f"must be less than hypercall_ns ({hc}), got {jitter}")
         ipi = self.integer(t, path, "ipi_ns", 1000, 0)
-        return CostModel(ps, hc, jitter, link, ipi)
+        dynamic = {k: self.integer(t, path, k, v, 0, MAX_COST_NS) for k, v in _DYNAMIC_COSTS.items()}
+        return CostModel(ps, hc, jitter, link, ipi, self.insn_costs(t.get("insn", {}), f"{path}.insn"), **dynamic)
+
+    def insn_costs(self, raw: object, path: str) -> tuple[int, ...]:
+        names = [c.name.lower() for c in costs.InsnClass]
+        t = self.table(raw, path, names)
+        return tuple(self.integer(t, path, c.name.lower(), costs.INSN_PS[c], 1, MAX_INSN_PS) for c in costs.InsnClass)
 
     def bus(self, raw: object) -> BusSection:
         path = "bus"

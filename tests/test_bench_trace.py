@@ -308,6 +308,8 @@ def test_overcommit_specs_put_k_domains_of_one_design_on_two_pcpus() -> None:
     assert spec["hypervisor"]["pcpus"] == 2
     assert [(d["vcpus"], d["backend"]) for d in spec["domain"]] == [(2, "xen")] * 3
     assert all("workload=shootdown" in d["cmdline"] for d in spec["domain"])
+    cr3 = tomllib.loads(overcommit.spec(1, "native", " tlbflush=cr3"))
+    assert cr3["domain"][0]["cmdline"] == "workload=shootdown shutdown=poweroff tlbflush=cr3"
 
 
 def test_overcommit_rows_take_per_vms_from_the_analysis_or_the_run_time() -> None:
@@ -323,4 +325,4 @@ def test_overcommit_rows_take_per_vms_from_the_analysis_or_the_run_time() -> Non
 def test_both_sections_are_registered_in_the_suite() -> None:
     from bench import sections
 
-    assert list(sections.SECTIONS)[-2:] == ["trace", "overcommit"]
+    assert list(sections.SECTIONS)[-3:] == ["trace", "overcommit", "calibration"]

@@ -320,17 +320,17 @@ def bad_field(body_code: int, fields: Any, seq: int = 77) -> FrameError:
 def test_str_where_int_expected_nested_in_a_list_of_hypercall_results() -> None:
     good = [0, 1, 100, 0, [], [], True, 0]
     bad = [1, 2, 200, "0xffffffea", [], [], True, 0]
-    err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], [], [], 20_000])
+    err = bad_field(code_of(Window), [3, 30_000, [good, bad], [], [], [], 20_000, 0, 0])
     assert err.detail == "Window.results[1].value: expected int, got str"
 
 
 def test_wrong_type_deep_inside_a_window() -> None:
     effect = [SetContext.TAG, [0, "not a record"]]
     result = [0, 1, 100, 0, [[0x1000, b"ab"]], [effect], True, 0]
-    err = bad_field(code_of(Window), [3, 30_000, [result], [], [], [], 20_000])
+    err = bad_field(code_of(Window), [3, 30_000, [result], [], [], [], 20_000, 0, 0])
     assert err.detail == "Window.results[0].effects[0]<SetContext>.regs: VcpuRegs needs 10 fields, got str"
     write = [0x1000, "ab"]  # str where bytes expected
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True, 0]], [], [], [], 20_000])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [write], [], True, 0]], [], [], [], 20_000, 0, 0])
     assert err.detail == "Window.results[0].writes[0].data: expected bytes, got str"
 
 
@@ -388,7 +388,7 @@ def test_none_where_a_required_str_is_expected() -> None:
 
 
 def test_list_where_a_list_is_expected_but_got_a_map() -> None:
-    err = bad_field(code_of(Window), [1, 10, {"0": []}, [], [], [], 0])
+    err = bad_field(code_of(Window), [1, 10, {"0": []}, [], [], [], 0, 0, 0])
     assert err.detail == "Window.results: expected a list, got dict"
 
 
@@ -411,13 +411,13 @@ def test_any_field_passes_through_but_the_frame_is_still_checked() -> None:
 def test_nested_record_values_are_checked_against_the_annotation(value: Any, got: str) -> None:
     regs = [0, 0, 0, 0, 0, 0, 0, 0x2000, value, 0x202]  # VcpuRegs: eax .. esp, eip, eflags, all int
     effect = [SetContext.TAG, [0, regs]]
-    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], [], 20_000])
+    err = bad_field(code_of(Window), [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], [], 20_000, 0, 0])
     assert err.detail == f"Window.results[0].effects[0]<SetContext>.regs.eip: expected int, got {got}"
 
 
 def test_list_items_inside_an_effect_are_checked() -> None:
     delivery = [125_000, [Poll.TAG, [0, [1, "2"]]], 0]
-    err = bad_field(code_of(Window), [3, 30_000, [], [], [], [delivery], 20_000])
+    err = bad_field(code_of(Window), [3, 30_000, [], [], [], [delivery], 20_000, 0, 0])
     assert err.detail == "Window.events[0].effect<Poll>.ports[1]: expected int, got str"
 
 
@@ -442,11 +442,11 @@ def test_an_effect_travels_as_its_tag_and_its_fields() -> None:
 
 
 def _in_a_result(effect: Any) -> Any:
-    return [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], [], 20_000]
+    return [3, 30_000, [[0, 1, 100, 0, [], [effect], True, 0]], [], [], [], 20_000, 0, 0]
 
 
 def _in_a_delivery(effect: Any) -> Any:
-    return [3, 30_000, [], [], [], [[125_000, effect, 0]], 20_000]
+    return [3, 30_000, [], [], [], [[125_000, effect, 0]], 20_000, 0, 0]
 
 
 @pytest.mark.parametrize("tag", [0, 19, 99, -1, 2**32], ids=repr)

@@ -24,6 +24,8 @@ from pvcluster.trace import read_events
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
+# Enough shootdown rounds that both shootdown domains outlive the last scheduled fault (2.05 ms).
+SD_ROUNDS = 300
 BASE = """
 [cluster]
 name = "{name}"
@@ -34,13 +36,13 @@ pcpus = 4
 name = "sdx"
 vcpus = 2
 backend = "xen"
-cmdline = "workload=shootdown shutdown=poweroff"
+cmdline = "workload=shootdown sdrounds={sd_rounds} shutdown=poweroff"
 cpus = [0, 1]
 [[domain]]
 name = "{second}"
 vcpus = 2
 backend = "{second_backend}"
-cmdline = "workload=shootdown shutdown=poweroff"
+cmdline = "workload=shootdown sdrounds={sd_rounds} shutdown=poweroff"
 cpus = [0, 1]
 [[domain]]
 name = "srv"
@@ -54,7 +56,7 @@ vcpus = 1
 backend = "xen"
 cmdline = "workload=pingclient peer=3 port=2 rounds={rounds} shutdown=poweroff"
 cpus = [2, 3]
-"""
+""".replace("{sd_rounds}", str(SD_ROUNDS))
 
 
 def _faults(*faults: dict[str, Any]) -> str:
@@ -237,7 +239,7 @@ def test_pause_with_a_duration_pauses_then_unpauses_and_the_shootdowns_complete(
     ends = [(e["vt_ns"], e["outcome"]) for e in benign.hv_events("sdn", "fault.end") if e["fid"] == f["fid"]]
     assert ends == [(580_000, "unpaused")]
     marks = benign.dom_events("sdn", "shootdown.span")
-    assert len(marks) == 40  # every shootdown completed despite the pause, the pin and the partition
+    assert len(marks) == SD_ROUNDS  # every shootdown completed despite the pause, the pin and the partition
 
 
 def test_unpause_ends_a_pause_without_a_duration_even_with_nothing_else_to_run(benign: Run) -> None:

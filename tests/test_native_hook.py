@@ -15,6 +15,7 @@ from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, pte_address
 from domains.vcpu import APIC_BASE, InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.vmi_rom import VMI_ROM_BASE
+from pvcluster.costs import InsnClass
 
 BASE = 0xC0000000
 CODE = BASE + 0x1000
@@ -23,11 +24,16 @@ _ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32)
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
 
 
+# These tests are about counting blocks, so every instruction class is priced alike (one ps_per_instr each);
+# tests/test_insn_cost.py checks the classes' prices.
+UNIFORM = tuple(1000 for _ in InsnClass)
+
+
 class SpyCounter(InsnCounter):
     """Records every block Python is asked to count: (address, bytes)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(UNIFORM)
         self.calls: list[tuple[int, bytes]] = []
 
     def count(self, addr: int, code: bytes) -> int:

@@ -9,7 +9,7 @@
 
 .include "abi.inc"
 
-.equ SD_ROUNDS, 40
+.equ SD_ROUNDS, 40                  # the default; sdrounds=N on the command line sets another (at least 1)
 .equ PTE_FLAGS, 0x63
 
 # shootdown_run() -> eax = number of stale reads seen by all vCPUs
@@ -17,6 +17,14 @@ shootdown_run:
     push ebx
     push esi
     push edi
+    mov edi, sd_key_rounds
+    mov eax, SD_ROUNDS
+    call evw_number                  # evtchn_work.S
+    test eax, eax
+    jnz .Lsd_rounds_set
+    inc eax
+.Lsd_rounds_set:
+    mov [sd_rounds], eax
     call sd_pte_address
     mov [sd_pte], eax
     mov dword ptr [sd_mask], 0
@@ -31,7 +39,7 @@ shootdown_run:
     mov dword ptr [sd_started], 1    # the targets start reading (their loop: shootdown_target)
     mov esi, 1
 .Lsd_round:
-    cmp esi, SD_ROUNDS
+    cmp esi, [sd_rounds]
     ja .Lsd_finished
     # wait until every target has checked the previous round, so each one has the old translation cached
     mov eax, [nr_vcpus]
@@ -81,7 +89,7 @@ shootdown_run:
 .Lsd_finished:
     mov eax, [nr_vcpus]              # wait for the last round's checks
     dec eax
-    imul eax, SD_ROUNDS
+    imul eax, [sd_rounds]
 .Lsd_wait_last:
     cmp [sd_acks], eax
     jae .Lsd_report
@@ -89,7 +97,7 @@ shootdown_run:
     jmp .Lsd_wait_last
 .Lsd_report:
     mov esi, msg_sd_done
-    mov eax, SD_ROUNDS
+    mov eax, [sd_rounds]
     mov ebx, [sd_stale]
     call print_two_nums
     mov eax, [sd_stale]
@@ -108,7 +116,7 @@ shootdown_target:
     mov eax, [sd_round]
     cmp eax, esi
     jne .Lsdt_check
-    cmp esi, SD_ROUNDS
+    cmp esi, [sd_rounds]
     jae .Lsdt_idle
 .Lsdt_pause:
     pause
@@ -207,6 +215,9 @@ sd_started: .long 0
 sd_acks: .long 0
 sd_stale: .long 0
 sd_cr3_mode: .long 0
+sd_rounds: .long SD_ROUNDS          # set by shootdown_run before the targets start (sd_started)
+sd_key_rounds: .asciz "sdrounds="
+.align 4
 workload_shootdown: .long 0
 sd_frames: .long sd_frame_b, sd_frame_a
 msg_sd_done: .asciz "pvkern: shootdown rounds #, stale reads #"

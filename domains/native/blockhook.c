@@ -1,8 +1,9 @@
 /* The vCPU block hook in C: virtual time per translated block, without Python on the common path.
  *
  * Unicorn calls pv_block_hook before each translated block runs. It stops emulation when the vCPU's clock has
- * reached the slice end (so that block does not run), and otherwise adds the block's instruction count times
- * the cost of one instruction. The count comes from a table keyed by (address, size) whose entries also hold the
+ * reached the slice end (so that block does not run), and otherwise adds the block's cost: the sum of its
+ * instructions' costs by class (pvcluster/costs.py) at ps_per_instr = 1000, scaled by the vCPU's ps_per_instr.
+ * Count and cost come from a table keyed by (address, size) whose entries also hold the
  * block's bytes: a block is known only if its bytes are the same as when it was counted, so code that changed
  * (pvops call-site patching, self-modifying code) is counted again. Comparing the bytes is exact, and cheaper than
  * hashing them on every block. The bytes are found the way the CPU fetched them: through the guest's page tables
@@ -37,14 +38,18 @@
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*emu_stop_fn)(void *uc);
-/* Count the block at addr: its size bytes, or NULL when this file could not read them. >= 1, or < 1 on error. */
+/* Count the block at addr: its size bytes, or NULL when this file could not read them. Returns the block's
+ * instruction count (1..65535) in the low 16 bits and its cost in ps at ps_per_instr = 1000 above them; < 1 on
+ * error. */
 typedef int64_t (*count_fn)(uint64_t addr, uint32_t size, const uint8_t *bytes);
+#define COUNT_BITS 16
+#define COUNT_MASK ((1 << COUNT_BITS) - 1)
 
 typedef struct entry {
     struct entry *next;
     uint64_t addr;
     uint32_t size;
-    uint32_t count;
+    int64_t packed; /* what count_fn returned: the instruction count and the cost */
     uint32_t writes_cr; /* the bytes hold the opcode of `mov crN, r32`: CR3 may differ after this block */
     uint8_t bytes[];
 } entry;
@@ -78,6 +83,8 @@ typedef struct {
     uint64_t failed;     /* the Python callback raised: emulation was stopped, Python re-raises */
     uint64_t cr3;        /* CR3 as last read, valid while cr3_known (see current_cr3) */
     uint64_t cr3_known;  /* Python clears it before emu_start and whenever it loads CR3 */
+    uint64_t block_addr; /* the block running now, and the clock before it was charged: Python prices an */
+    uint64_t block_ps;   /* instruction's own instant from them (a guest mark, a clock read) */
     entry *recent[RECENT]; /* the entries this vCPU last used, by address: a hit here skips the shared table */
 } pv_vcpu;
 
@@ -275,13 +282,13 @@ static entry *miss(pv_vcpu *s, uint64_t addr, uint32_t size, const piece *pieces
     }
     s->misses++;
     int64_t n = s->count(addr, size, e->bytes);
-    if (n < 1 || n > UINT32_MAX) {
+    if (n < 1 || (n & COUNT_MASK) == 0) {
         free(e);
         return NULL;
     }
     e->addr = addr;
     e->size = size;
-    e->count = (uint32_t)n;
+    e->packed = n;
     e->writes_cr = may_write_cr(e->bytes, size);
     if (t->used >= t->mask + 1)
         grow(t);
@@ -333,7 +340,7 @@ static int64_t block_count(pv_vcpu *s, void *uc, uint64_t addr, uint32_t size) {
     }
     if (e->writes_cr)
         s->cr3_known = 0;
-    return e->count;
+    return e->packed;
 }
 
 static uint64_t add_sat(uint64_t a, uint64_t b) { return a > CLOCK_MAX - b ? CLOCK_MAX : a + b; }
@@ -345,15 +352,21 @@ void pv_block_hook(void *uc, uint64_t addr, uint32_t size, void *user_data) {
         s->emu_stop(uc); /* from a block hook: this block does not run */
         return;
     }
-    int64_t n = block_count(s, uc, addr, size);
-    if (n < 1) {
+    int64_t packed = block_count(s, uc, addr, size);
+    if (packed < 1 || (packed & COUNT_MASK) == 0) {
         s->failed = 1;
         s->emu_stop(uc);
         return;
     }
-    uint64_t cost;
-    if (__builtin_mul_overflow((uint64_t)n, s->ps_per_instr, &cost))
-        cost = CLOCK_MAX;
-    s->instructions += (uint64_t)n;
+    uint64_t weight = (uint64_t)packed >> COUNT_BITS, cost = weight;
+    if (s->ps_per_instr != 1000) { /* a faster or slower CPU (the slow fault): every class scales alike */
+        if (__builtin_mul_overflow(weight, s->ps_per_instr, &cost))
+            cost = CLOCK_MAX;
+        else
+            cost /= 1000;
+    }
+    s->instructions += (uint64_t)(packed & COUNT_MASK);
+    s->block_addr = addr;
+    s->block_ps = s->clock_ps;
     s->clock_ps = add_sat(s->clock_ps, cost);
 }

@@ -42,6 +42,8 @@ class Call:
     # A continuation: the argument registers the vCPU re-executes this hypercall with (Xen's
     # hypercall_create_continuation), set when the call yielded part way through its work.
     continuation: list[int] | None = None
+    # Virtual ns the work itself takes beyond the trap and return (hypercall_ns): flushes, multicall entries.
+    work_ns: int = 0
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF if i < len(self.args) else 0

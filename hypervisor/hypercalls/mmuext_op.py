@@ -59,6 +59,7 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
             targets = named
         invlpg = cmd in (_C.INVLPG_LOCAL, _C.INVLPG_MULTI, _C.INVLPG_ALL)
         call.effects.extend(mm.flush_effects(targets, arg1 if invlpg else None))
+        call.work_ns += _flush_cost(call, targets, invlpg)
     elif cmd == _C.FLUSH_CACHE:
         # Xen: -EACCES unless cache_flush_permitted(), which needs I/O resources no domain is given here
         return mm.deny(call, Errno.EACCES, "cache-flush-not-permitted", index=i)
@@ -67,3 +68,12 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
         return mm.deny(call, Errno.ENOSYS, "unsupported-cmd", index=i, cmd=cmd)
     call.trace("mmuext", cmd=_C(cmd).name, arg1=arg1, targets=targets)
     return 0
+
+
+def _flush_cost(call: Call, targets: list[int], invlpg: bool) -> int:
+    """What the flush takes, as Xen's flush_area_mask does it: the flush itself, and when a target runs on another
+    pCPU an IPI to those pCPUs and the wait for their acknowledgements (a target without a pCPU is flushed before
+    it next runs, at no cost to the caller)."""
+    cost = call.hv.cost
+    remote = any(t != call.vcpu and call.dom.vcpus[t].running for t in targets)
+    return (cost.flush_page_ns if invlpg else cost.flush_local_ns) + (cost.flush_remote_ns if remote else 0)

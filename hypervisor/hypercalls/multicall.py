@@ -56,6 +56,7 @@ def handle(call: Call) -> int:
             if i and call.preempt_check():
                 call.restart([here, count - i])
                 break
+            call.work_ns += call.hv.cost.multicall_entry_ns  # decoding and dispatching the entry
             if not _run_entry(call, i, here, results):
                 break
     except _Stop as stop:
@@ -85,6 +86,7 @@ def _run_entry(call: Call, i: int, here: int, results: list[int]) -> bool:
         return _continue_at(call, i, here)
     call.effects.extend(sub.effects)
     call.remote.extend(sub.remote)
+    call.work_ns += sub.work_ns
     results.append(as_signed(value))
     try:
         if sub.continuation is not None:

@@ -47,6 +47,11 @@ class Build:
     # The 32-bit ident written at the start of start_info in place of the hypervisor's own: the builder fault
     # "ident=0x..." (hypervisor/faults.py), which no backend recognises. None: the hypervisor's.
     start_info_ident: int | None = None
+    # the cost model's prices the domain process charges (pvcluster/costs.py): ps per instruction by class at
+    # ps_per_instr = 1000 (InsnClass order; empty: the defaults), an interrupt's entry, a trapped MMIO access
+    insn_ps: list[int] = attrs.Factory(list)
+    irq_entry_ns: int = 0
+    mmio_ns: int = 0
 
 
 @attrs.frozen
@@ -139,6 +144,8 @@ class Ipi:
     vector: int
     vt_ns: int
     seq: int = 0  # its sequence number on the hypervisor-domain link (0 from a domain): the domain drops a duplicate
+    # (in a report) the domain delivered it itself: its target held a pCPU in the window and it arrived inside it
+    local: bool = False
 
 
 @attrs.frozen
@@ -155,6 +162,11 @@ class Window:
     # where the window starts: a vCPU given a pCPU runs from here at the earliest (after a pause, say, its own clock
     # is still where it stopped)
     start_ns: int = 0
+    # Lockstep within the domain: its running vCPUs take turns in steps of step_ns (0: each runs the window through
+    # at once), so one sees what another did no later than a step after; an IPI between two of them arrives ipi_ns
+    # after it was sent and the domain delivers it itself.
+    step_ns: int = 0
+    ipi_ns: int = 0
 
 
 @attrs.frozen
