@@ -85,6 +85,8 @@ class DomainProcess:
         self._seen_ns = 0
         self.exit_code = 0
         self._ipis: list[Ipi] = []
+        # deliveries of a window cut short by a trap (see _window), applied in the sub-step that goes on from there
+        self._held: list[Delivery] = []
         # the window being run: which vCPUs hold a pCPU, where it ends, what an IPI takes (see _route_ipi)
         self._local: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self._span_start: dict[int, int] = {}
@@ -356,8 +358,9 @@ class DomainProcess:
         arrival: every vCPU that runs first runs up to that instant (to its first block boundary there), so no
         guest sees a pending bit before the event could have reached it."""
         assert self.ram is not None
-        later = [d for d in window.events if d.vt_ns > window.start_ns]
-        for act in window.events:
+        events, self._held = self._held + list(window.events), []
+        later = [d for d in events if d.vt_ns > window.start_ns]
+        for act in events:
             if act.vt_ns <= window.start_ns:
                 self._event(act)
         for res in window.results:
@@ -385,6 +388,7 @@ class DomainProcess:
         steps = set(range(window.start_ns + window.step_ns, window.end_ns, window.step_ns)) if window.step_ns else set()
         self._local = (frozenset(v.vid for v in running) if window.step_ns else frozenset(), window.end_ns,
                        window.ipi_ns)
+        stopped = False
         for until in sorted({d.vt_ns for d in later if d.vt_ns < window.end_ns} | steps | {window.end_ns}):
             for vcpu in running:
                 vcpu.run(until)
@@ -392,9 +396,17 @@ class DomainProcess:
             for act in later:
                 if act.vt_ns == until:
                     self._event(act)
-        for vcpu in running:  # one woken by a delivery at the window's very end is running when it ends
-            vcpu.run(window.end_ns)
-            self._collect(vcpu, reqs, faults)
+            if window.step_ns and reqs and until < window.end_ns:
+                # A vCPU trapped into the hypervisor: its answer lands a hypercall's time later, inside this window,
+                # and the others must not run on past it (it would resume in their past). Report now: the
+                # hypervisor answers, and the window goes on in a sub-step from here.
+                self._held = [d for d in later if d.vt_ns > until]
+                stopped = True
+                break
+        if not stopped:
+            for vcpu in running:  # one woken by a delivery at the window's very end is running when it ends
+                vcpu.run(window.end_ns)
+                self._collect(vcpu, reqs, faults)
         self._local = (frozenset(), 0, 0)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
