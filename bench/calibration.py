@@ -42,12 +42,17 @@ PUBLISHED = {
 }
 
 
+# design -> (backend, extra command line, the mode the analysis names it by)
+DESIGNS = {"native": ("native", "", "native"), "cr3": ("native", " tlbflush=cr3", "cr3 (native)"),
+           "pv": ("xen", "", "pv")}
+
+
 def _shootdown_spec(design: str, targets: int) -> str:
-    backend = {"native": "native", "pv": "xen"}[design]
+    backend, extra, _ = DESIGNS[design]
     vcpus = targets + 1
     return (f'[cluster]\nname = "cal{design}{targets}"\nseed = 1\n[hypervisor]\npcpus = {vcpus}\n'
             f'[[domain]]\nname = "d"\nvcpus = {vcpus}\nbackend = "{backend}"\n'
-            'cmdline = "workload=shootdown shutdown=poweroff"\n')
+            f'cmdline = "workload=shootdown shutdown=poweroff{extra}"\n')
 
 
 PING_SPEC = ('[cluster]\nname = "calping"\nseed = 1\n[hypervisor]\npcpus = 2\n'
@@ -70,12 +75,12 @@ def _analysed(spec: str, timeout_s: float) -> dict[str, Any]:
 
 def measure(targets: tuple[int, ...], *, timeout_s: float, say: Say) -> dict[str, Any]:
     out: dict[str, Any] = {"shootdown": {}}
-    for design in ("native", "pv"):
+    for design, (_, _, mode) in DESIGNS.items():
         for n in targets:
             say(f"calibration: {design} shootdown, {n} target{'s' if n > 1 else ''}, no overcommit")
             doc = _analysed(_shootdown_spec(design, n), timeout_s)
-            row = next(r for r in doc["shootdowns"] if r["mode"] == design)
-            bd = next(b for b in doc["breakdown"] if b["mode"] == design)["components_us"]
+            row = next(r for r in doc["shootdowns"] if r["mode"] == mode)
+            bd = next(b for b in doc["breakdown"] if b["mode"] == mode)["components_us"]
             out["shootdown"][f"{design}/{n}"] = {"p50_us": row["p50_us"], "p99_us": row["p99_us"], "breakdown": bd}
     say("calibration: interdomain ping-pong")
     ping = _analysed(PING_SPEC, timeout_s)
@@ -105,12 +110,12 @@ def section(opts: Options, say: Say) -> Section:
     row("local single-page flush (INVLPG)", f"{got['flush_page_ns']:.0f} ns")
     row("IPI delivery (send to handler)", f"{one['delivery']:.3f} us")
     row("IPI round trip (send to ack seen)", f"{one['delivery'] + one['handler'] + one['ack']:.3f} us")
-    for design in ("native", "pv"):
+    for design in DESIGNS:
         for n in targets:
             sd = got["shootdown"][f"{design}/{n}"]
             rows.append([f"remote shootdown, {design}, {n} target{'s' if n > 1 else ''}",
-                         f"p50 {sd['p50_us']:.3f} us", "a few us, growing with the targets"
-                         if design == "native" else "one hypercall plus one wait for the remote acks", "[2]"])
+                         f"p50 {sd['p50_us']:.3f} us", "one hypercall plus one wait for the remote acks"
+                         if design == "pv" else "a few us, growing with the targets", "[2]"])
     row("hypercall round trip", f"{got['hypercall_mean_ns']:.0f} ns")
     row("event-channel round trip (2 domains)", f"p50 {got['ping_rtt_p50_us']:.3f} us")
     note = "\n".join(f"{k} {v}" for k, v in SOURCES.items())
