@@ -74,7 +74,10 @@ def _clear_pending(proc: DomainProcess, e: ClearPending, vt_ns: int, caller: int
 
 
 def _flush(proc: DomainProcess, e: FlushTlb | Invlpg, vt_ns: int, caller: int) -> None:
-    _vcpu(proc, e).flush_tlb()  # Unicorn has no single-page flush from the host side
+    vcpu = _vcpu(proc, e)
+    vcpu.flush_tlb()  # Unicorn has no single-page flush from the host side
+    if isinstance(e, FlushTlb):  # a full flush: its refill (a single page's one walk is in INVLPG's price)
+        vcpu.refill_tlb()
 
 
 def _set_cr3(proc: DomainProcess, e: SetCr3, vt_ns: int, caller: int) -> None:

@@ -55,8 +55,9 @@ def classify(insn: capstone.CsInsn) -> InsnClass:
 class BlockPricer:
     """Instruction count and cost (ps at ps_per_instr = 1000) of a block's bytes; ``insn_ps`` in InsnClass order."""
 
-    def __init__(self, insn_ps: tuple[int, ...] | None = None) -> None:
+    def __init__(self, insn_ps: tuple[int, ...] | None = None, refill_ps: int = 0) -> None:
         self.insn_ps = tuple(insn_ps) if insn_ps is not None else tuple(INSN_PS[c] for c in InsnClass)
+        self.refill_ps = refill_ps  # a cr3 write's refill of the translations it dropped (TLB_REFILL_NS)
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
         self._md.detail = True
 
@@ -64,7 +65,8 @@ class BlockPricer:
         count, cost = 0, 0
         for insn in self._md.disasm(code, addr):
             count += 1
-            cost += self.insn_ps[classify(insn)]
+            cls = classify(insn)
+            cost += self.insn_ps[cls] + (self.refill_ps if cls is InsnClass.CR3_WRITE else 0)
         if not count:  # undecodable bytes: the CPU faults on them, one instruction's worth
             return 1, self.insn_ps[InsnClass.ALU]
         return count, cost

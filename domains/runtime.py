@@ -202,13 +202,14 @@ class DomainProcess:
             )
         self.ram, self.boot = ram, boot
         self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
-        counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None)
+        counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None, req.tlb_refill_ns * 1000)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
         # may name other ones (the hypervisor then sends set_cr3).
         self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3) for v in range(req.vcpus)]
         for vcpu in self.vcpus:
             vcpu.irq_entry_ps, vcpu.mmio_ps = req.irq_entry_ns * 1000, req.mmio_ns * 1000
+            vcpu.refill_ps = req.tlb_refill_ns * 1000
             vcpu.ipi_sink = self._route_ipi
             vcpu.mark_sink = self._mark
             vcpu.irq_sink = self._irq_entered

@@ -135,9 +135,9 @@ class InsnCounter:
     """Instruction counts and costs of translated blocks, shared by the vCPUs of one domain: the C hook's table of
     the blocks seen (``table``), and capstone (``domains/insn_cost.py``) for the blocks it has not seen."""
 
-    def __init__(self, insn_ps: tuple[int, ...] | None = None) -> None:
+    def __init__(self, insn_ps: tuple[int, ...] | None = None, refill_ps: int = 0) -> None:
         self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
-        self.pricer = BlockPricer(insn_ps)
+        self.pricer = BlockPricer(insn_ps, refill_ps)
         # C asks again only for a block whose bytes it cannot read (it stores the rest): those are cached here
         self._cache: dict[tuple[int, bytes], int] = {}
         self._md_detail: capstone.Cs | None = None
@@ -198,6 +198,7 @@ class Vcpu:
         # costs outside instruction classes, in ps (the domain process sets them from the spec's cost model)
         self.irq_entry_ps = 0
         self.mmio_ps = 0
+        self.refill_ps = 0  # after a full flush applied from outside (the hypervisor's)
         self._rom: tuple[mmap.mmap, ctypes.c_char] | None = None
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_MEM_INVALID | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_bad_access)
@@ -276,6 +277,10 @@ class Vcpu:
         """Drop this vCPU's cached translations (Unicorn has no single-page flush from the host side)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.flushes += 1
+
+    def refill_tlb(self) -> None:
+        """After a full flush the hypervisor applied: the translations it dropped are walked again."""
+        self._charge(self.refill_ps)
 
     # -- the local APIC (trapped MMIO) and interrupt delivery -----------------------------------------------
 

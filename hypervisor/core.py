@@ -191,6 +191,7 @@ class Hypervisor:
             insn_ps=list(self.cost.insn_ps),
             irq_entry_ns=self.cost.irq_entry_ns,
             mmio_ns=self.cost.mmio_ns,
+            tlb_refill_ns=self.cost.tlb_refill_ns,
         )
 
     def _built(self, dom: Domain, res: BuildResult) -> None:

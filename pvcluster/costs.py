@@ -39,7 +39,8 @@ INSN_PS: dict[InsnClass, int] = {
     InsnClass.RET: 2000,  # return stack buffer hit
     InsnClass.IRET: 40000,  # ~100 cycles: IRET reloads CS/EFLAGS (and SS:ESP) with its privilege checks
     InsnClass.SERIALISING: 60000,  # ~150 cycles: CPUID, descriptor-table loads, control-register writes
-    InsnClass.CR3_WRITE: 100000,  # "a full local flush ~100 cycles" plus the serialisation: ~250 cycles
+    InsnClass.CR3_WRITE: 100000,  # "a full local flush ~100 cycles" plus the serialisation: ~250 cycles (the
+    # refill of what it dropped is TLB_REFILL_NS, added to the instruction's price)
     InsnClass.INVLPG: 100000,  # "INVLPG a few hundred cycles": ~250 cycles
     InsnClass.CLI_STI: 4000,  # ~10 cycles (they serialise the interrupt flag, not the pipeline)
     InsnClass.PUSHF_POPF: 8000,  # POPF ~20 cycles: it may change IF, TF and IOPL
@@ -60,3 +61,7 @@ FLUSH_PAGE_NS = 100  # INVLPG on one pCPU: ~250 cycles
 # shootdown acknowledgement ~1000+ cycles" (Amit, "Optimizing the TLB Shootdown Algorithm with Page Access
 # Tracking", USENIX ATC 2017, measures a few µs for a full shootdown on modern parts).
 FLUSH_REMOTE_NS = 500
+# Refilling the translations a full TLB flush dropped, charged to the flushed vCPU (a guest's own cr3 write, or a
+# flush the hypervisor applied for it): a kernel loop touches a handful of pages again, a page walk of ~30 cycles
+# each (two levels, mostly cached): ~8 walks ~ 100 ns. A single-page INVLPG's one walk is in its class price.
+TLB_REFILL_NS = 100

@@ -79,6 +79,7 @@ _DYNAMIC_COSTS = {
     "flush_local_ns": costs.FLUSH_LOCAL_NS,
     "flush_page_ns": costs.FLUSH_PAGE_NS,
     "flush_remote_ns": costs.FLUSH_REMOTE_NS,
+    "tlb_refill_ns": costs.TLB_REFILL_NS,
 }
 # The control socket binds bus.port + 1 (pvcluster/bus/endpoints.py), and 65535 is the highest TCP port.
 MAX_PORT = 65534
@@ -147,6 +148,7 @@ class CostModel:
     flush_local_ns: int = costs.FLUSH_LOCAL_NS
     flush_page_ns: int = costs.FLUSH_PAGE_NS
     flush_remote_ns: int = costs.FLUSH_REMOTE_NS
+    tlb_refill_ns: int = costs.TLB_REFILL_NS
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML layout: the instruction classes as the ``insn`` table, by name."""

@@ -75,7 +75,8 @@ BENIGN = _faults(
     {"kind": "online", "target": "sdx.1", "at_ns": 1_400_000},
     {"kind": "pause", "target": "sdn", "at_ns": 500_000, "duration_ns": 80_000},
     {"kind": "pin", "target": "sdn.1", "at_ns": 1_000_000, "pcpu": 0, "duration_ns": 200_000},
-    {"kind": "partition", "target": "sdn", "at_ns": 1_500_000, "duration_ns": 100_000},
+    # on the xen domain: its hypercall answers cross the link every round (the native one's IPIs mostly do not)
+    {"kind": "partition", "target": "sdx", "at_ns": 1_500_000, "duration_ns": 100_000},
     {"kind": "pause", "target": "sdn", "at_ns": 2_000_000},
     {"kind": "unpause", "target": "sdn", "at_ns": 2_050_000},
     {"kind": "delay", "target": "cli", "at_ns": 300_000, "delay_ns": 20_000, "jitter_ns": 5000, "duration_ns": 200_000},
@@ -239,7 +240,7 @@ def test_pause_with_a_duration_pauses_then_unpauses_and_the_shootdowns_complete(
     ends = [(e["vt_ns"], e["outcome"]) for e in benign.hv_events("sdn", "fault.end") if e["fid"] == f["fid"]]
     assert ends == [(580_000, "unpaused")]
     marks = benign.dom_events("sdn", "shootdown.span")
-    assert len(marks) == SD_ROUNDS  # every shootdown completed despite the pause, the pin and the partition
+    assert len(marks) == SD_ROUNDS  # every shootdown completed despite the pause and the pin
 
 
 def test_unpause_ends_a_pause_without_a_duration_even_with_nothing_else_to_run(benign: Run) -> None:
@@ -277,11 +278,11 @@ def test_reorder_holds_a_message_back_and_the_receiver_restores_the_order(benign
 
 
 def test_a_partition_within_the_limit_delays_everything_until_it_heals(benign: Run) -> None:
-    f = benign.fault("partition", "sdn")
+    f = benign.fault("partition", "sdx")
     assert f["outcome"] == "link cut until 1600000"
-    cut = benign.hv_events("sdn", "link.partitioned")
+    cut = benign.hv_events("sdx", "link.partitioned")
     assert cut and all(e["arrival_vt_ns"] >= 1_600_000 for e in cut)
-    assert benign.final["sdn"]["state"] == "dead"
+    assert benign.final["sdx"]["state"] == "dead"
 
 
 def test_stop_suspends_the_process_for_wall_time_without_moving_virtual_time(benign: Run) -> None:

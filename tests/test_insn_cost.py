@@ -85,3 +85,10 @@ def test_ps_per_instr_scales_every_class() -> None:
     fast, _ = _run("cpuid; hlt", ps=1000)
     slow, _ = _run("cpuid; hlt", ps=3000)
     assert slow == 3 * fast == 3 * (INSN_PS[InsnClass.SERIALISING] * 2)
+
+
+def test_a_cr3_write_also_pays_the_refill_of_what_it_dropped() -> None:
+    code = bytes(_ks.asm("mov cr3, eax; invlpg [eax]", CODE)[0])
+    count, cost = BlockPricer(refill_ps=100_000).price(CODE, code)
+    # the full flush is refilled; a single page's one walk is in INVLPG's own price
+    assert (count, cost) == (2, INSN_PS[InsnClass.CR3_WRITE] + 100_000 + INSN_PS[InsnClass.INVLPG])

@@ -71,7 +71,7 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
             "log_level": "info",
             "cost": {"ps_per_instr": 1000, "hypercall_ns": 400, "hypercall_jitter_ns": 40, "link_ns": 10000,
                      "ipi_ns": 1000, "irq_entry_ns": 100, "mmio_ns": 150, "multicall_entry_ns": 50,
-                     "flush_local_ns": 40, "flush_page_ns": 100, "flush_remote_ns": 500,
+                     "flush_local_ns": 40, "flush_page_ns": 100, "flush_remote_ns": 500, "tlb_refill_ns": 100,
                      "insn": {"alu": 1000, "mem": 2000, "indirect": 5000, "ret": 2000, "iret": 40000,
                               "serialising": 60000, "cr3_write": 100000, "invlpg": 100000, "cli_sti": 4000,
                               "pushf_popf": 8000, "io": 500000, "pause": 4000}},

@@ -52,6 +52,7 @@ class Build:
     insn_ps: list[int] = attrs.Factory(list)
     irq_entry_ns: int = 0
     mmio_ns: int = 0
+    tlb_refill_ns: int = 0  # the refill after a full TLB flush, charged to the flushed vCPU
 
 
 @attrs.frozen
