@@ -33,7 +33,7 @@ SOURCES = {
     "[4]": "no published figure found: two crossings of the modelled hypervisor-domain link (link_ns)",
 }
 PUBLISHED = {
-    "local full flush": ("~100 cycles + serialisation: ~0.1 us", "[1]"),
+    "local full flush, with its refill": ("~100 cycles + serialisation (~0.1 us), then page walks", "[1]"),
     "local single-page flush (INVLPG)": ("a few hundred cycles: ~0.1 us", "[1]"),
     "IPI delivery (send to handler)": ("~1 us (ICR write, APIC bus, interrupt entry)", "[2]"),
     "IPI round trip (send to ack seen)": ("1000+ cycles a remote ack: 0.5-3 us", "[2]"),
@@ -106,7 +106,7 @@ def section(opts: Options, say: Say) -> Section:
         published, source = PUBLISHED.get(name, ("", ""))
         rows.append([name, simulated, published, source])
 
-    row("local full flush", f"{got['flush_full_ns']:.0f} ns")
+    row("local full flush, with its refill", f"{got['flush_full_ns']:.0f} ns")
     row("local single-page flush (INVLPG)", f"{got['flush_page_ns']:.0f} ns")
     row("IPI delivery (send to handler)", f"{one['delivery']:.3f} us")
     row("IPI round trip (send to ack seen)", f"{one['delivery'] + one['handler'] + one['ack']:.3f} us")
