@@ -87,6 +87,7 @@ class DomainProcess:
         self._ipis: list[Ipi] = []
         # deliveries of a window cut short by a trap (see _window), applied in the sub-step that goes on from there
         self._held: list[Delivery] = []
+        self._stop_window = False  # set by _route_ipi: end this window where the sender stopped
         # the window being run: which vCPUs hold a pCPU, where it ends, what an IPI takes (see _route_ipi)
         self._local: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self._span_start: dict[int, int] = {}
@@ -284,6 +285,11 @@ class DomainProcess:
             local = target in running and vt_ns + ipi_ns < end_ns
             if local:
                 self.vcpus[target].post_irq(vt_ns + ipi_ns, src, vector)
+            elif vt_ns + ipi_ns < end_ns and 0 <= target < len(self.vcpus):
+                # The hypervisor wakes the target at the IPI's arrival, inside this window (a sub-step, when a
+                # pCPU is free): the sender stops here, so it does not run on past what the woken one does.
+                self._stop_window = True
+                self.vcpus[src].request_stop()
             self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns, local=local))
             self.trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
 
@@ -360,6 +366,9 @@ class DomainProcess:
         guest sees a pending bit before the event could have reached it."""
         assert self.ram is not None
         events, self._held = self._held + list(window.events), []
+        self._stop_window = False
+        for v in self.vcpus:
+            v.stop_requested = False
         later = [d for d in events if d.vt_ns > window.start_ns]
         for act in events:
             if act.vt_ns <= window.start_ns:
@@ -394,6 +403,12 @@ class DomainProcess:
             for vcpu in running:
                 vcpu.run(until)
                 self._collect(vcpu, reqs, faults)
+                if self._stop_window:  # an IPI the hypervisor must deliver inside this window (_route_ipi)
+                    break
+            if self._stop_window:
+                self._held = [d for d in later if d.vt_ns >= until]  # not applied yet: those at `until` neither
+                stopped = True
+                break
             for act in later:
                 if act.vt_ns == until:
                     self._event(act)

@@ -196,6 +196,8 @@ class Vcpu:
         self._base_ps = 0
         self.ps_per_instr = ps_per_instr
         # costs outside instruction classes, in ps (the domain process sets them from the spec's cost model)
+        # set when the vCPU must stop at its next block (its domain ends the window there: see DomainProcess)
+        self.stop_requested = False
         self.irq_entry_ps = 0
         self.mmio_ps = 0
         self.refill_ps = 0  # after a full flush applied from outside (the hypervisor's)
@@ -492,7 +494,7 @@ class Vcpu:
         """Execute until the clock reaches ``end_ns`` or the vCPU traps, blocks or faults; interrupts that come
         due meanwhile are taken at the first block boundary at or after their time."""
         end_ps = end_ns * 1000
-        while True:
+        while not self.stop_requested:
             self._wake(end_ps)
             if self.state is not VcpuState.RUNNING or self.clock_ps >= end_ps:
                 return
@@ -504,7 +506,7 @@ class Vcpu:
             self._slice()
 
     def _slice(self) -> None:
-        while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps:
+        while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps and not self.stop_requested:
             eip = self.reg("eip")
             self._hook.start(self._end_ps - self._base_ps)
             try:
@@ -513,6 +515,8 @@ class Vcpu:
             except UcError as exc:
                 if self.fault is None:
                     self._set_fault("cpu", str(exc), self.reg("eip"))
+            if self.stop_requested and self.fault is None and self.trap is None:
+                return  # asked to stop (request_stop): the hook ended emulation at a block boundary
             if self.fault is not None:
                 self.state = VcpuState.CRASHED
             elif self.trap is not None:
@@ -525,6 +529,11 @@ class Vcpu:
                 else:
                     self._set_fault("cpu", "emulation stopped unexpectedly", here)
                     self.state = VcpuState.CRASHED
+
+    def request_stop(self) -> None:
+        """Stop at the next block boundary (from inside emulation too): the hook's slice ends where the clock is."""
+        self.stop_requested = True
+        self._st.end_ps = self._st.clock_ps
 
     def complete_trap(self, value: int, vt_ns: int) -> None:
         self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)

@@ -60,6 +60,19 @@ cmdline = "workload=pingclient peer=1 port=2 rounds=30 shutdown=poweroff"
 PV_1TO1 = NATIVE_1TO1.replace('backend = "native"', 'backend = "xen"').replace("vcpus = 3", "vcpus = 2").replace(
     "pcpus = 3", "pcpus = 2")
 
+# vCPU 1 halts in its idle loop and gives up its pCPU; vCPU 0 wakes it with an IPI, 10 times, 25 us apart
+IPIWAKE = """
+[cluster]
+name = "ipiwake"
+[hypervisor]
+pcpus = 2
+[[domain]]
+name = "w"
+vcpus = 2
+backend = "native"
+cmdline = "workload=ipiwake wakes=10 shutdown=poweroff"
+"""
+
 TIMER = """
 [cluster]
 name = "timer"
@@ -85,7 +98,7 @@ def runs() -> Iterator[dict[str, Path]]:
     with tempfile.TemporaryDirectory(prefix="pvc-") as d:
         yield {"native": _run(NATIVE_1TO1, Path(d) / "native"), "again": _run(NATIVE_1TO1, Path(d) / "again"),
                "ping": _run(PING, Path(d) / "ping"), "timer": _run(TIMER, Path(d) / "timer"),
-               "pv": _run(PV_1TO1, Path(d) / "pv")}
+               "pv": _run(PV_1TO1, Path(d) / "pv"), "ipiwake": _run(IPIWAKE, Path(d) / "ipiwake")}
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
@@ -135,6 +148,21 @@ def test_an_event_between_domains_arrives_at_its_modelled_time(runs: dict[str, P
     for m in marks:
         if m["code"] == Mark.PING_ECHO:
             assert 2 * LINK_NS <= m["vt_ns"] - start[m["round"]] <= 2 * LINK_NS + 1000
+
+
+def test_an_ipi_wakes_a_halted_vcpu_without_a_pcpu_at_its_modelled_time(runs: dict[str, Path]) -> None:
+    events = _events(runs["ipiwake"])
+    sent = [e for e in events if e["event"] == "apic.ipi"]
+    entered = [e["vt_ns"] for e in events if e["event"] == "irq.enter" and e["vcpu"] == 1]
+    # the target had halted and held no pCPU: the hypervisor woke it on a free one, inside the window
+    assert len(sent) == 10 and not any(e["target_running"] for e in events if e["event"] == "ipi")
+    for ipi in sent:
+        assert 0 <= min(t for t in entered if t >= ipi["vt_ns"]) - (ipi["vt_ns"] + IPI_NS) <= DELIVERY_BOUND_NS
+    # and the sender stopped where it sent it, so it sees the handler's count a round trip later, not a window later
+    marks = [e for e in events if e["event"] == "guest.mark"]
+    at = {(m["code"], m["round"]): m["vt_ns"] for m in marks}
+    trips = [at[(Mark.IPIWAKE_SEEN, r)] - at[(Mark.IPIWAKE_SENT, r)] for r in range(1, 11)]
+    assert all(IPI_NS < t < 3000 for t in trips), trips
 
 
 def test_a_timer_interrupt_arrives_at_its_modelled_time(runs: dict[str, Path]) -> None:

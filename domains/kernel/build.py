@@ -82,6 +82,9 @@ KERNEL_PRIVATE_EQUS: dict[str, str] = {
     "FOREIGN_FRAME": "workload=mmuhostile test value: a frame no small domain owns",
     # shootdown.S
     "SD_ROUNDS": "workload=shootdown tunable",
+    # smp.S
+    "IW_WAKES": "workload=ipiwake tunable",
+    "IW_GAP_NS": "workload=ipiwake tunable: virtual ns between wake-ups, more than a window",
     "PTE_FLAGS": "x86 PTE bits (present, rw, accessed, dirty) the workloads map their test frames with",
     # multicall_bench.S
     "MC_MAX_BATCH": "workload=mcbench tunable: the largest batch (XEN_MC_MAX)",

@@ -171,6 +171,7 @@ pv_boot:
     jz .Lno_robust_work
     mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_robust_work:
+    call ipiwake_run                 # workload=ipiwake (smp.S); returns 0
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown
     call shootdown_run

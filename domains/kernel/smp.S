@@ -119,3 +119,79 @@ idt_desc:
 ipi_count: .space 4 * MAX_VCPUS
 flush_count: .space 4 * MAX_VCPUS
 flush_request: .space 4 * MAX_VCPUS
+
+.equ IW_WAKES, 20
+.equ IW_GAP_NS, 25000
+
+# workload=ipiwake [wakes=N]: vCPU 0 wakes vCPU 1 out of its idle loop's halt with an IPI, N times (default IW_WAKES),
+# IW_GAP_NS apart so that vCPU 1 has halted and given up its pCPU each time, and waits for its handler to count it.
+# The trace times each wake-up (apic.ipi, irq.enter). Returns 0 (done, or not asked for).
+ipiwake_run:
+    push ebx
+    push esi
+    push edi
+    mov esi, [start_info]
+    add esi, START_INFO_cmd_line
+    mov edi, str_ipiwake_key
+    call find_after                  # pvkern.S
+    test eax, eax
+    jz .Liw_done
+    cmp dword ptr [nr_vcpus], 2
+    jb .Liw_done
+    mov edi, str_wakes_key
+    mov eax, IW_WAKES
+    call evw_number                  # evtchn_work.S
+    mov ebx, eax                     # wake-ups left
+.Liw_round:
+    test ebx, ebx
+    jz .Liw_done
+    call iw_sleep
+    mov eax, [ipi_count + 4]
+    mov [iw_before], eax
+    mov eax, ebx
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_IPIWAKE_SENT
+    mov edx, MARK_PORT
+    out dx, eax                      # mark: the wake-up is sent
+    mov eax, 1
+    mov edx, IPI_VECTOR
+    PVCALL send_ipi
+.Liw_wait:
+    mov eax, [ipi_count + 4]
+    cmp eax, [iw_before]
+    jne .Liw_woken
+    pause
+    jmp .Liw_wait
+.Liw_woken:
+    mov eax, ebx
+    shl eax, MARK_DETAIL_SHIFT
+    or eax, MARK_IPIWAKE_SEEN
+    mov edx, MARK_PORT
+    out dx, eax                      # mark: vCPU 1's handler has counted it
+    dec ebx
+    jmp .Liw_round
+.Liw_done:
+    xor eax, eax
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# iw_sleep(): spin IW_GAP_NS of virtual time on the clock port
+iw_sleep:
+    mov edx, CLOCK_PORT
+    in eax, dx
+    mov ecx, eax
+.Liw_spin:
+    pause
+    in eax, dx
+    sub eax, ecx
+    cmp eax, IW_GAP_NS
+    jb .Liw_spin
+    ret
+
+.align 4
+iw_before: .long 0
+str_ipiwake_key: .asciz "workload=ipiwake"
+str_wakes_key: .asciz "wakes="
+.align 4

@@ -37,6 +37,8 @@ class Mark(enum.IntEnum):
     MCBENCH_START = 0x41  # workload=mcbench: before the first update (detail: batch size)
     MCBENCH_END = 0x42  # after the last update (detail: updates)
     MCBENCH_FAIL = 0x43  # a check failed (detail: failures)
+    IPIWAKE_SENT = 0x61  # workload=ipiwake: vCPU 0 sends the IPI that wakes vCPU 1 (detail: wake-ups left)
+    IPIWAKE_SEEN = 0x62  # vCPU 0 sees vCPU 1's handler counted it (detail: wake-ups left)
     PING_SENT = 0x51  # workload=pingclient: event sent (detail: round)
     PING_ECHO = 0x52  # its echo seen (detail: round)
 
