@@ -225,5 +225,5 @@ def to_record(e: dict[str, Any]) -> Record:
         try:
             return convert(e)
         except (KeyError, TypeError, ValueError):
-            pass
+            pass  # a field missing or of the wrong type: the event is kept whole, as Other, below
     return Other(*_base(e), e["event"], {k: v for k, v in e.items() if k not in _COMMON})
