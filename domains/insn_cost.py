@@ -11,6 +11,7 @@ from capstone import x86 as cx
 
 from pvcluster.costs import INSN_PS, InsnClass
 
+_LOCK = 0xF0  # the lock prefix, as capstone reports it in insn.prefix[0]
 _IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
 _SERIALISING = frozenset({"cpuid", "lgdt", "lidt", "lldt", "ltr", "wbinvd", "invd", "wrmsr", "rdmsr", "clts",
                           "lmsw", "hlt"})
@@ -34,7 +35,9 @@ COUNT_BITS = 16  # domains/native/blockhook.c: the count in the low bits of what
 
 
 def classify(insn: capstone.CsInsn) -> InsnClass:
-    mnemonic = insn.mnemonic.split()[-1]  # "rep outsb" -> "outsb"
+    mnemonic = insn.mnemonic.split()[-1]  # "rep outsb" -> "outsb", "lock inc" -> "inc"
+    if insn.prefix[0] == _LOCK or (mnemonic == "xchg" and any(op.type == cx.X86_OP_MEM for op in insn.operands)):
+        return InsnClass.LOCKED
     if mnemonic in _IO:
         return InsnClass.IO
     known = _BY_MNEMONIC.get(mnemonic)

@@ -28,6 +28,7 @@ class InsnClass(enum.IntEnum):
     PUSHF_POPF = 9
     IO = 10  # in/out and the string forms: a port access leaves the core
     PAUSE = 11  # the spin-wait hint
+    LOCKED = 12  # a locked read-modify-write (lock prefix, xchg with memory): the line comes over exclusively
 
 
 # ps per instruction at ps_per_instr = 1000, and why (cycle counts: Agner Fog's instruction tables and
@@ -46,6 +47,9 @@ INSN_PS: dict[InsnClass, int] = {
     InsnClass.PUSHF_POPF: 8000,  # POPF ~20 cycles: it may change IF, TF and IOPL
     InsnClass.IO: 500000,  # ~0.5 µs: a port access crosses to the chipset's LPC bus and back
     InsnClass.PAUSE: 4000,  # ~10 cycles on cores of the era (140 on Skylake and later)
+    # ~125 cycles: the cache line comes over from the core that last wrote it, as a flag another CPU spins on or
+    # counts into does (cross-core transfers of the era: 40-100+ ns), and the locked operation completes on it
+    InsnClass.LOCKED: 50000,
 }
 
 # The platform's clock port (CLOCK_PORT) is the guest's cycle counter: priced as RDTSC (~25 cycles), not as I/O.

@@ -41,6 +41,9 @@ def _price(source: str) -> tuple[int, int]:
     ("out dx, eax", InsnClass.IO),
     ("in eax, dx", InsnClass.IO),
     ("pause", InsnClass.PAUSE),
+    ("lock inc dword ptr [eax]", InsnClass.LOCKED),
+    ("xchg dword ptr [eax], ecx", InsnClass.LOCKED),
+    ("xchg eax, ecx", InsnClass.ALU),
 ])
 def test_each_instruction_is_priced_by_its_class(source: str, cls: InsnClass) -> None:
     assert _price(source) == (1, INSN_PS[cls])
