@@ -309,7 +309,8 @@ def test_overcommit_specs_put_k_domains_of_one_design_on_two_pcpus() -> None:
     assert [(d["vcpus"], d["backend"]) for d in spec["domain"]] == [(2, "xen")] * 3
     assert all("workload=shootdown" in d["cmdline"] for d in spec["domain"])
     cr3 = tomllib.loads(overcommit.spec(1, "native", " tlbflush=cr3"))
-    assert cr3["domain"][0]["cmdline"] == "workload=shootdown shutdown=poweroff tlbflush=cr3"
+    want = f"workload=shootdown sdrounds={overcommit.ROUNDS} shutdown=poweroff tlbflush=cr3"
+    assert cr3["domain"][0]["cmdline"] == want
 
 
 def test_overcommit_rows_take_per_vms_from_the_analysis_or_the_run_time() -> None:
