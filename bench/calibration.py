@@ -12,11 +12,9 @@ what the model rests on instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench import clusterrun
-from bench.overcommit import trace_json
+from bench.overcommit import analysed_run
 from bench.suite import Options, Section
 
 Say = Callable[[str], None]
@@ -63,14 +61,7 @@ PING_SPEC = ('[cluster]\nname = "calping"\nseed = 1\n[hypervisor]\npcpus = 2\n'
 
 
 def _analysed(spec: str, timeout_s: float) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    def analyse(run_dir: Path, doc: dict[str, Any]) -> None:
-        found["doc"] = trace_json(run_dir, timeout_s=timeout_s)
-
-    clusterrun.up(spec, timeout_s=timeout_s, check=analyse)
-    doc: dict[str, Any] = found["doc"]
-    return doc
+    return analysed_run(spec, timeout_s=timeout_s)[0]
 
 
 def measure(targets: tuple[int, ...], *, timeout_s: float, say: Say) -> dict[str, Any]:

@@ -76,16 +76,22 @@ def design_row(doc: dict[str, Any], mode: str, vt_ns: int) -> dict[str, Any]:
     return out
 
 
-def run_one(domains: int, design: str, *, timeout_s: float) -> dict[str, Any]:
-    """One cluster run of ``domains`` domains of ``design``, analysed before its run directory goes."""
-    backend, mode, extra = DESIGNS[design]
+def analysed_run(spec_text: str, *, timeout_s: float) -> tuple[dict[str, Any], clusterrun.UpRun]:
+    """One cluster run, and what `pvcluster trace --json` says of it (taken before its run directory goes)."""
     found: dict[str, Any] = {}
 
     def analyse(run_dir: Path, doc: dict[str, Any]) -> None:
         found["doc"] = trace_json(run_dir, timeout_s=timeout_s)
 
-    run = clusterrun.up(spec(domains, backend, extra), timeout_s=timeout_s, check=analyse)
-    return {**design_row(found["doc"], mode, run.vt_ns), "wall_run_s": run.wall_run_s}
+    run = clusterrun.up(spec_text, timeout_s=timeout_s, check=analyse)
+    return found["doc"], run
+
+
+def run_one(domains: int, design: str, *, timeout_s: float) -> dict[str, Any]:
+    """One cluster run of ``domains`` domains of ``design``, analysed."""
+    backend, mode, extra = DESIGNS[design]
+    doc, run = analysed_run(spec(domains, backend, extra), timeout_s=timeout_s)
+    return {**design_row(doc, mode, run.vt_ns), "wall_run_s": run.wall_run_s}
 
 
 def gain_pct(pv: float, native: float) -> float | None:

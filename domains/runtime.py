@@ -88,6 +88,9 @@ class DomainProcess:
         # deliveries of a window cut short by a trap (see _window), applied in the sub-step that goes on from there
         self._held: list[Delivery] = []
         self._stop_window = False  # set by _route_ipi: end this window where the sender stopped
+        # the halted targets an IPI has already ended this (grid) window for, and which window that is (_may_wake)
+        self._wakes_asked: set[int] = set()
+        self._wakes_window = -1
         # the window being run: which vCPUs hold a pCPU, where it ends, what an IPI takes (see _route_ipi)
         self._local: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self._span_start: dict[int, int] = {}
@@ -285,13 +288,26 @@ class DomainProcess:
             local = target in running and vt_ns + ipi_ns < end_ns
             if local:
                 self.vcpus[target].post_irq(vt_ns + ipi_ns, src, vector)
-            elif vt_ns + ipi_ns < end_ns and 0 <= target < len(self.vcpus):
-                # The hypervisor wakes the target at the IPI's arrival, inside this window (a sub-step, when a
-                # pCPU is free): the sender stops here, so it does not run on past what the woken one does.
+            elif vt_ns + ipi_ns < end_ns and self._may_wake(target, end_ns):
+                # The hypervisor wakes the halted target at the IPI's arrival, inside this window (a sub-step, when
+                # a pCPU is free): the sender stops here, so it does not run on past what the woken one does.
                 self._stop_window = True
                 self.vcpus[src].request_stop()
             self._ipis.append(Ipi(src=src, dest=target, vector=vector, vt_ns=vt_ns, local=local))
             self.trace("apic.ipi", vt_ns=vt_ns, vcpu=src, target=target, vector=vector)
+
+    def _may_wake(self, target: int, end_ns: int) -> bool:
+        """Whether an IPI to ``target`` ends the window early: only a halted target can be given a free pCPU inside
+        the window (a runnable one would already hold it), and each target once per window, so a guest's flood of
+        IPIs cannot cut a window into a sub-step per IPI."""
+        if self._wakes_window != end_ns:
+            self._wakes_window, self._wakes_asked = end_ns, set()
+        if not 0 <= target < len(self.vcpus) or self.vcpus[target].state is not VcpuState.BLOCKED:
+            return False
+        if target in self._wakes_asked:
+            return False
+        self._wakes_asked.add(target)
+        return True
 
     def _irq_entered(self, vcpu: int, vector: int | None, vt_ns: int) -> None:
         """The trace analysis times IPI and event delivery by this (``vector`` None: an event upcall)."""

@@ -51,6 +51,7 @@ from rich.text import Text
 
 from pvcluster.abi.platform import Mark
 from pvcluster.control import ControlClient, ControlError, read_hypervisor_info
+from pvcluster.trace.reader import trace_domain
 from pvcluster.trace.records import DomainEnd, Fault, GuestMark, Hypercall, Other, RunState, to_record
 from pvcluster.tracequery import TraceCursor
 
@@ -269,9 +270,9 @@ class TraceFollower:
         trace = self.run_dir / "trace"
         self._read(trace / "hypervisor.jsonl", HV_EVENTS)
         for path in sorted(trace.glob("dom*-*.jsonl")):
-            domid, _, name = path.stem.removeprefix("dom").partition("-")
-            if domid.isdigit():  # the file's name is the one place a finished run keeps a domain's name
-                self.state.domain(int(domid)).name = name
+            dom = trace_domain(path)
+            if dom is not None:  # the file's name is the one place a finished run keeps a domain's name
+                self.state.domain(dom[0]).name = dom[1]
             self._read(path, DOM_EVENTS)
 
     def _read(self, path: Path, events: tuple[str, ...]) -> None:

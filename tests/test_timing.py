@@ -186,3 +186,18 @@ def test_a_hypercall_does_not_let_the_other_vcpus_run_past_its_answer(runs: dict
 
 def test_the_lockstep_is_deterministic(runs: dict[str, Path]) -> None:
     assert first_divergence(runs["native"], runs["again"]) is None
+
+
+def test_ipis_end_a_window_early_only_for_a_halted_target_and_once_each() -> None:
+    # a guest flooding IPIs at a halted sibling must not cut a window into a sub-step per IPI
+    from types import SimpleNamespace
+
+    from domains.runtime import DomainProcess
+    from domains.vcpu import VcpuState
+
+    proc = SimpleNamespace(vcpus=[SimpleNamespace(state=VcpuState.RUNNING), SimpleNamespace(state=VcpuState.BLOCKED)],
+                           _wakes_asked=set(), _wakes_window=-1)
+    may_wake = DomainProcess._may_wake
+    assert may_wake(proc, 1, 10_000) and not may_wake(proc, 1, 10_000)  # once per target per window
+    assert not may_wake(proc, 0, 10_000) and not may_wake(proc, 7, 10_000)  # running, or no such vCPU
+    assert may_wake(proc, 1, 20_000)  # the next window asks again

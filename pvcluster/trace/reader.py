@@ -67,11 +67,17 @@ class ReadStats:
                 "torn_files": self.torn, "late_events": self.late, "schema": self.schema}
 
 
+def trace_domain(path: Path) -> tuple[int, str] | None:
+    """(domid, name) of a domain's trace file ``domN-NAME.jsonl``; None for any other file."""
+    domid, _, name = path.stem.removeprefix("dom").partition("-")
+    return (int(domid), name) if path.name.startswith("dom") and domid.isdigit() else None
+
+
 def trace_files(trace_dir: Path) -> list[Path]:
     """The hypervisor's file first, then the domains' by id (their order breaks ties in virtual time)."""
     def domid(p: Path) -> int:
-        text = p.stem.removeprefix("dom").partition("-")[0]
-        return int(text) if text.isdigit() else 1 << 30
+        dom = trace_domain(p)
+        return dom[0] if dom is not None else 1 << 30
 
     doms = sorted(trace_dir.glob("dom*-*.jsonl"), key=lambda p: (domid(p), p.name))
     hv = trace_dir / "hypervisor.jsonl"

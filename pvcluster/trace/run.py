@@ -13,7 +13,7 @@ import attrs
 
 from pvcluster.designs import mode_of
 from pvcluster.trace.analyse import Analyser, Analysis
-from pvcluster.trace.reader import ReadStats, merged, merged_batches, trace_files
+from pvcluster.trace.reader import ReadStats, merged, merged_batches, trace_domain, trace_files
 from pvcluster.trace.records import Record, to_record
 
 
@@ -61,7 +61,7 @@ def _designs(path: Path) -> dict[int, tuple[str, str]]:
         spec, dict) else {}
     designs = {}
     for f in trace_files(path / "trace"):
-        domid_text, _, name = f.stem.removeprefix("dom").partition("-")
-        if f.name.startswith("dom") and domid_text.isdigit():
-            designs[int(domid_text)] = (name, mode_of(by_name.get(name, {})))
+        dom = trace_domain(f)
+        if dom is not None:
+            designs[dom[0]] = (dom[1], mode_of(by_name.get(dom[1], {})))
     return designs
