@@ -48,12 +48,14 @@ BUILTIN_KERNELS: tuple[str, ...] = ("pvkern",)
 Mode = Literal["virtual"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Transport = Literal["ipc", "tcp"]
+Placement = Literal["local", "remote"]
 Backend = Literal["xen", "native", "vmi"]
 Boot = Literal["ebx", "ident", "entry"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BOOT_PROTOCOLS: tuple[str, ...] = get_args(Boot)
 # Accepted by the schema's vocabulary but not runnable yet; named so the error can say so rather than
@@ -176,6 +178,8 @@ class HypervisorSection:
     # cut for longer than partition_limit_ns is ended as unreachable.
     link_rto_ns: int = 40000
     partition_limit_ns: int = 5_000_000
+    # Wall seconds of the hypervisor's running time it waits for a declared domain's process to join.
+    join_timeout_s: float = 120.0
 
 
 @attrs.frozen
@@ -183,6 +187,7 @@ class BusSection:
     transport: Transport
     host: str
     port: int
+    keys: str = ""  # the CURVE key directory (tcp); "" = RUN_DIR/keys
 
 
 @attrs.frozen
@@ -197,6 +202,9 @@ class DomainSpec:
     patching: bool
     faults: tuple[str, ...] = ()
     cpus: tuple[int, ...] = ()  # hard affinity; () = every pCPU
+    # "local": the hypervisor starts the domain's process; "remote": something else starts it (another host, a
+    # container, a batch job) and it joins over the bus
+    placement: Placement = "local"
 
     @property
     def builtin_kernel(self) -> bool:
@@ -241,6 +249,12 @@ class ClusterSpec:
             return Path(env).expanduser().absolute() / self.cluster.name
         # Per-uid so two users on one host do not collide on (or get refused by) each other's sockets.
         return Path(f"/tmp/pvcluster-{os.getuid()}") / self.cluster.name
+
+    def keys_dir(self, run_dir: Path | None = None) -> Path:
+        """The CURVE key directory: ``bus.keys``, else ``keys`` in the run directory."""
+        if self.bus.keys:
+            return Path(self.bus.keys)
+        return (run_dir or self.resolved_run_dir()) / "keys"
 
     def domain(self, name: str) -> DomainSpec:
         for dom in self.domains:
@@ -571,7 +585,7 @@ class _Checker:
     def hypervisor(self, raw: object) -> HypervisorSection:
         path = "hypervisor"
         keys = ("pcpus", "window_ns", "slice_ns", "log_level", "cost", "unresponsive_s", "work_budget", "trace_burst",
-                "trace_rate", "link_rto_ns", "partition_limit_ns")
+                "trace_rate", "link_rto_ns", "partition_limit_ns", "join_timeout_s")
         t = self.table(raw, path, keys)
         pcpus = self.integer(t, path, "pcpus", 2, 1, MAX_PCPUS)
         window_ns = self.integer(t, path, "window_ns", 10000, MIN_WINDOW_NS)
@@ -591,8 +605,9 @@ class _Checker:
         trace_rate = self.integer(t, path, "trace_rate", 50, 0)
         rto = self.integer(t, path, "link_rto_ns", 40000, 1, MAX_LINK_NS)
         limit = self.integer(t, path, "partition_limit_ns", 5_000_000, 1, MAX_LINK_NS)
+        join_timeout_s = self.number(t, path, "join_timeout_s", 120.0, 0, MAX_UNRESPONSIVE_S)
         return HypervisorSection(pcpus, window_ns, cast(LogLevel, log_level), cost, slice_ns, unresponsive_s,
-                                 work_budget, trace_burst, trace_rate, rto, limit)
+                                 work_budget, trace_burst, trace_rate, rto, limit, join_timeout_s)
 
     def cost(self, raw: object) -> CostModel:
         path = "hypervisor.cost"
@@ -616,14 +631,18 @@ class _Checker:
 
     def bus(self, raw: object) -> BusSection:
         path = "bus"
-        t = self.table(raw, path, ("transport", "host", "port"))
+        t = self.table(raw, path, ("transport", "host", "port", "keys"))
         transport = self.choice(t, path, "transport", "ipc", TRANSPORTS)
         host = self.string(t, path, "host", "127.0.0.1")
         if host is not None and not host.strip():
             self.error(f"{path}.host", "must not be empty")
         port = self.integer(t, path, "port", 0, 0, MAX_PORT,
                             why=f"the control socket binds port + 1, so {MAX_PORT} is the highest; 0 = pick free ports")
-        return BusSection(cast(Transport, transport), host or "127.0.0.1", port)
+        keys = self.string(t, path, "keys", "") or ""
+        if keys:
+            resolved = self.local_path(keys, f"{path}.keys")
+            keys = str(resolved) if resolved is not None else ""
+        return BusSection(cast(Transport, transport), host or "127.0.0.1", port, keys)
 
     def domains(self, raw: object, pcpus: int | None) -> tuple[DomainSpec, ...]:
         if raw is _MISSING:
@@ -654,7 +673,8 @@ class _Checker:
         return doms
 
     def domain(self, raw: object, path: str, pcpus: int | None) -> DomainSpec:
-        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults", "cpus")
+        keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults", "cpus",
+                "placement")
         t = self.table(raw, path, keys)
         if not isinstance(raw, Mapping):
             # Reported once; "name missing" on top of "not a table" would only be noise.
@@ -669,8 +689,9 @@ class _Checker:
         patching = self.boolean(t, path, "patching", True)
         faults = self.faults(t, path)
         cpus = self.cpus(t, path, pcpus)
+        placement = self.choice(t, path, "placement", "local", PLACEMENTS)
         return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching,
-                          faults, cpus)
+                          faults, cpus, cast(Placement, placement))
 
     def faults(self, t: Mapping[str, Any], path: str) -> tuple[str, ...]:
         key = f"{path}.faults"

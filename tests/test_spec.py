@@ -82,8 +82,9 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
             "trace_rate": 50,
             "link_rto_ns": 40000,
             "partition_limit_ns": 5000000,
+            "join_timeout_s": 120,
         },
-        "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0},
+        "bus": {"transport": "ipc", "host": "127.0.0.1", "port": 0, "keys": ""},
         "domain": [
             {
                 "name": n,
@@ -96,6 +97,7 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
                 "patching": True,
                 "faults": [],
                 "cpus": [],
+                "placement": "local",
             }
             for n, c, b in (("alpha", "workload=shootdown shutdown=poweroff", "native"),
                             ("beta", "workload=shootdown shutdown=reboot", "xen"))
@@ -733,7 +735,7 @@ def test_new_keys_round_trip_through_to_dict_and_from_dict() -> None:
     assert wire["hypervisor"] | {"cost": None} == {
         "pcpus": 4, "window_ns": 10000, "slice_ns": 30000, "log_level": "info", "cost": None,
         "unresponsive_s": 2.5, "work_budget": 7, "trace_burst": 0, "trace_rate": 0, "link_rto_ns": 40000,
-        "partition_limit_ns": 5000000,
+        "partition_limit_ns": 5000000, "join_timeout_s": 120.0,
     }
     assert wire["domain"][0]["cpus"] == [3, 1] and wire["domain"][0]["faults"] == ["ident=0x0000dead", "skip-flush"]
     assert wire["domain"][1]["cpus"] == [] and wire["domain"][1]["faults"] == []
