@@ -94,7 +94,7 @@ def _inside(image: GuestImage, addr: int, what: str) -> int:
 
 def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     """Build the guest's memory for ``req``; raise ImageError with a specific code when it cannot be done."""
-    image = parse_guest_image(load_kernel_bytes(req.kernel), req.memory_bytes)
+    image = parse_guest_image(req.image or load_kernel_bytes(req.kernel), req.memory_bytes)
     ram = GuestRam(req.memory_bytes, image.virt_base)
     for seg in image.segments:
         ram.write_pa(seg.paddr, seg.data)

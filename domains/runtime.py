@@ -23,6 +23,7 @@ import zmq
 from domains import effects
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
+from domains.join import Connection
 from domains.link import LinkReceiver
 from domains.memory import GuestRam
 from domains.paging import read_virt, write_virt
@@ -37,10 +38,10 @@ from pvcluster.bus.messages import (
     BuildResult,
     Delivery,
     Error,
-    Hello,
     HypercallReq,
     HypercallResult,
     Ipi,
+    Leaving,
     Region,
     Stop,
     VcpuFault,
@@ -54,6 +55,7 @@ from pvcluster.trace import no_flush as trace_no_flush
 # How often a domain process waiting for the hypervisor checks that it still exists (wall clock; nothing simulated
 # depends on it).
 PARENT_CHECK_S = 30.0
+REMOTE_CHECK_S = 5.0
 # How long closing the socket may wait for queued frames to reach a live hypervisor.
 LINGER_MS = 2000
 EXIT_HYPERVISOR_GONE = 5
@@ -63,16 +65,16 @@ _WAKING = (SetPending, Unmask, VcpuUp)
 
 
 class DomainProcess:
-    def __init__(self, endpoint: str, identity: bytes, domid: int, name: str, log: Any,
-                 flush_trace: Callable[[], None] = trace_no_flush, exit_now: Callable[[int], None] = os._exit) -> None:
-        self.endpoint = endpoint
-        self.identity = identity
+    def __init__(self, conn: Connection, domid: int, name: str, log: Any,
+                 flush_trace: Callable[[], None] = trace_no_flush, exit_now: Callable[[int], None] = os._exit,
+                 spawned: bool = True) -> None:
+        self.conn = conn  # joined: the hypervisor has sent this domain's Build (domains/join.py)
+        self.spawned = spawned  # started by the hypervisor, which is then its parent
         self.domid = domid
         self.name = name
         self.log = log.bind(dom=domid)  # every event of this process is about this domain
         self.flush_trace = flush_trace  # writes out the buffered trace (pvcluster.trace.TraceFile.flush)
         self.exit_now = exit_now  # flushes the trace and ends the process (TraceFile.flush_and_exit)
-        self.ctx = zmq.Context()
         self.ram: GuestRam | None = None
         self.boot: BootState | None = None
         self.vcpus: list[Vcpu] = []
@@ -95,7 +97,7 @@ class DomainProcess:
         self._local: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self._span_start: dict[int, int] = {}
         self._shootdown_mode = ""
-        self.parent = os.getppid()  # the hypervisor, which launched this process
+        self.parent = os.getppid()  # the hypervisor, when it launched this process
         self.skew = (0, 0)  # the skew fault: (offset ns, ppm) added to the system time vcpu_time_info shows
         self.link = LinkReceiver()
 
@@ -118,20 +120,16 @@ class DomainProcess:
         self._seq += 1
         sock.send(codec.encode(body, seq=self._seq, vt_ns=self.vt_ns))
 
-    def run(self) -> int:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.connect(self.endpoint)
+    def run(self, build_frame: bytes) -> int:
+        """Serve the hypervisor, starting with the Build that answered this process's Hello; the exit code."""
+        sock = self.conn.sock
         poller = zmq.Poller()  # one poll set for the process's life, not one per message
         poller.register(sock, zmq.POLLIN)
         code = EXIT_HYPERVISOR_GONE
         try:
-            code = self._serve(sock, poller)
+            code = self._serve(sock, poller, build_frame)
         finally:
-            sock.setsockopt(zmq.LINGER, 0 if code == EXIT_HYPERVISOR_GONE else LINGER_MS)
-            sock.close()
-            self.ctx.term()
+            self.conn.close(0 if code == EXIT_HYPERVISOR_GONE else LINGER_MS)
             self.flush_trace()
         return code
 
@@ -143,27 +141,32 @@ class DomainProcess:
         self.exit_now(EXIT_HYPERVISOR_GONE)
 
     def _say_hypervisor_gone(self) -> None:
-        self.trace("domain.hypervisor_gone", hypervisor_pid=self.parent)
-        print(f"domain {self.domid} ({self.name}): the hypervisor (pid {self.parent}) is gone; trace flushed, exiting",
+        who = f"pid {self.parent}" if self.spawned else self.conn.endpoint
+        self.trace("domain.hypervisor_gone", hypervisor_pid=self.parent if self.spawned else 0)
+        print(f"domain {self.domid} ({self.name}): the hypervisor ({who}) is gone; trace flushed, exiting",
               file=sys.stderr, flush=True)
 
-    @staticmethod
-    def _receive(sock: zmq.Socket, poller: zmq.Poller) -> bytes | None:
-        """The next frame, or None after PARENT_CHECK_S of silence."""
-        if not poller.poll(int(PARENT_CHECK_S * 1000)):
+    def _hypervisor_gone(self) -> bool:
+        """The fallback check after a silence: a launcher's child sees its parent change (the death signal is the
+        quick way to learn it); a process started by anything else sees its connection stay down."""
+        return os.getppid() != self.parent if self.spawned else self.conn.gone()
+
+    def _receive(self, sock: zmq.Socket, poller: zmq.Poller) -> bytes | None:
+        """The next frame, or None after a silence (PARENT_CHECK_S; a few seconds for a remote process, whose
+        connection's state is cheap to look at)."""
+        if not poller.poll(int((PARENT_CHECK_S if self.spawned else REMOTE_CHECK_S) * 1000)):
             return None
         return sock.recv_multipart(zmq.NOBLOCK)[-1]  # type: ignore[no-any-return]
 
-    def _serve(self, sock: zmq.Socket, poller: zmq.Poller) -> int:
-        """Hello, then answer the hypervisor until it says stop; returns the exit code."""
-        self._send(sock, Hello(pid=os.getpid()))
+    def _serve(self, sock: zmq.Socket, poller: zmq.Poller, first: bytes) -> int:
+        """Answer the hypervisor, from the Build that answered the Hello, until it says stop; the exit code."""
+        pending: bytes | None = first
         while True:
-            frame = self._receive(sock, poller)
+            frame, pending = (pending, None) if pending is not None else (self._receive(sock, poller), None)
             if frame is None:
                 # Silence alone judges nobody: the hypervisor may be waiting, lock-stepped, for a domain that is
-                # stopped or slow. Only a hypervisor that is gone ends this process (the death signal is the quick
-                # way to learn it; this is the fallback).
-                if os.getppid() != self.parent:
+                # stopped or slow. Only a hypervisor that is gone ends this process.
+                if self._hypervisor_gone():
                     self._say_hypervisor_gone()
                     return EXIT_HYPERVISOR_GONE
                 continue
@@ -186,6 +189,7 @@ class DomainProcess:
                 self._send(sock, self._window(body))
             elif isinstance(body, Stop):
                 self.trace("domain.stop", reason=body.reason)
+                self._send(sock, Leaving(code=self.exit_code))  # a remote hypervisor learns the exit code only so
                 return self.exit_code
             elif isinstance(body, Error):
                 self.trace("bus.peer_error", kind=body.kind, detail=body.detail, ref_seq=body.ref_seq)

@@ -123,7 +123,8 @@ class Authenticator:
     """The hypervisor's ZAP handler and handshake-failure monitor, as trio tasks (``run``).
 
     The client table is ``keys.clients()``, cached: it is read again when a handshake finds it older than
-    ``reload_s`` (so keys created or removed while the cluster runs count within that time), never more often,
+    ``reload_s``, or when the key directory changed (so keys created or removed while the cluster runs count at
+    once), never more often otherwise,
     so a flood of handshakes with unknown keys cannot make every one of them read the key directory."""
 
     def __init__(self, ctx: zmq.Context[Any], keys: KeyStore, log: Log, now_ns: Callable[[], int], *,
@@ -137,6 +138,7 @@ class Authenticator:
         self._budget = TraceBudget(trace_burst, trace_per_s, clock)
         self._clients = keys.clients()
         self._loaded_at = clock()
+        self._stamp = self._dir_stamp()
         self._watched: list[_Watched] = []
         self._nursery: trio.Nursery | None = None
         zap = ctx.socket(zmq.REP)
@@ -223,10 +225,19 @@ class Authenticator:
                        {"socket": socket, "address": where, "who": role.user_id})
 
     def _lookup(self, key: bytes) -> Role | None:
-        if self._clock() - self._loaded_at >= self.reload_s:
+        stamp = self._dir_stamp()
+        if stamp != self._stamp or self._clock() - self._loaded_at >= self.reload_s:
             self._clients = self.keys.clients()
-            self._loaded_at = self._clock()
+            self._loaded_at, self._stamp = self._clock(), stamp
         return self._clients.get(key)
+
+    def _dir_stamp(self) -> int:
+        """The key directory's mtime: a key created or removed changes it, so it counts at its first handshake
+        (a stat, which no client can make costlier; a key rewritten in place waits for ``reload_s``)."""
+        try:
+            return os.stat(self.keys.directory).st_mtime_ns
+        except OSError:
+            return 0
 
     # -- monitors ------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import trio
 import zmq
 
 from hypervisor.domain import Domain, DomainState
+from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
 from pvcluster.faults import ENDING, FaultError, FaultRequest, request
@@ -39,6 +40,8 @@ class ControlServer:
         self.hvp = hvp
         self.core = hvp.core
         self._seq = 0
+        # who sent the request being served: a toolstack key's user on tcp, this process's user on ipc
+        self.requester = Requester.this_process()
         self.commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "create": self.cmd_create,
             "list": self.cmd_list,
@@ -57,12 +60,24 @@ class ControlServer:
         """Answer requests until a ``down`` request has been carried out."""
         sock = self.hvp.control
         assert sock is not None
+        secured = self.hvp.secured
         while True:
-            frames = await sock.recv_multipart()
+            frames = await sock.recv_multipart(copy=not secured)
+            user_id = None
+            if secured:  # the key the ZAP handler admitted this connection with
+                user_id = frames[-1].get("User-Id")  # type: ignore[attr-defined]
+                frames = [f.bytes for f in frames]  # type: ignore[attr-defined]
             identity = frames[0]
             # DEALER peers send [payload]; REQ peers send ["", payload]
             envelope, payload = (frames[1:-1], frames[-1]) if len(frames) >= 2 else ([], b"")
-            reply, done = await self._handle(payload)
+            if secured and not str(user_id).startswith("toolstack:"):
+                # the ZAP handler admits only toolstack keys here; this is the second fence
+                self.hvp.log.warning("control.refused", vt_ns=self.core.clock.now_ns, key=str(user_id)[:80])
+                reply, done = CtlReply(ok=False, data=None, error="only a toolstack key may send commands"), False
+            else:
+                self.requester = Requester.named(str(user_id)[len("toolstack:"):]) if secured \
+                    else Requester.this_process()
+                reply, done = await self._handle(payload)
             self.hvp.flush_trace()  # a client that got its answer can read every event that led to it
             self._seq += 1
             try:
@@ -113,12 +128,14 @@ class ControlServer:
 
     async def cmd_create(self, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            spec = parse_domain_dict(args.get("domain"), pcpus=self.core.spec.hypervisor.pcpus)
+            spec = parse_domain_dict(args.get("domain"), pcpus=self.core.spec.hypervisor.pcpus, check_files=False)
         except SpecError as exc:
             raise CommandError(str(exc)) from None
         try:
-            dom = self.hvp.create_domain(spec)
-        except (ValueError, OSError) as exc:
+            dom = self.hvp.create_domain(spec, self.requester)
+        except (KernelFileError, ValueError, OSError) as exc:
+            self.hvp.log.warning("control.create_refused", vt_ns=self.core.clock.now_ns, user=self.requester.name,
+                                 error=str(exc)[:400])
             raise CommandError(str(exc)) from None
         return {"domid": dom.domid, "name": dom.name}
 

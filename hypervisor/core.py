@@ -23,7 +23,7 @@ import attrs
 
 from hypervisor import evtchn, faults
 from hypervisor.clock import Clock
-from hypervisor.domain import Domain, DomainState, DomainTable, new_identity
+from hypervisor.domain import Domain, DomainState, DomainTable
 from hypervisor.errors import ReportError
 from hypervisor.evtchn import EvtchnTable, PortState
 from hypervisor.faults import FOREVER, FaultPlan
@@ -43,6 +43,7 @@ from pvcluster.bus.messages import (
     Hello,
     HypercallResult,
     Ipi,
+    Leaving,
     Stop,
     Window,
     WindowDone,
@@ -130,8 +131,9 @@ class Hypervisor:
 
     # -- life cycle ------------------------------------------------------------------------------------------
 
-    def create_domain(self, spec: DomainSpec) -> Domain:
-        """A new domain in BUILDING, waiting for its process to say hello; ValueError if the name is taken."""
+    def create_domain(self, spec: DomainSpec, image: bytes = b"") -> Domain:
+        """A new domain in BUILDING, waiting for a process to join as it (``claim``); ValueError if the name is
+        taken. ``image``: the kernel's bytes, sent in the Build (empty: the domain process loads the kernel)."""
         if self.domains.live_named(spec.name) is not None:
             raise ValueError(f"a domain named {spec.name!r} already exists")
         domid = self.domains.next_domid()
@@ -140,7 +142,7 @@ class Hypervisor:
             domid=domid,
             name=spec.name,
             spec=spec,
-            identity=new_identity(domid),
+            image=image,
             vcpus=[Vcpu(domid, v, affinity) for v in range(spec.vcpus)],
             trace=DomainTrace(self.log, domid, self.trace_burst, self.trace_rate),
             # One stream per domain, seeded by the cluster seed and the domain's name: a domain's draws do not
@@ -155,6 +157,30 @@ class Hypervisor:
         self.domains.add(dom)
         return dom
 
+    def claim(self, identity: bytes, hello: Hello, key_domain: str | None) -> Domain | str:
+        """A process joins as the declared domain ``hello.name``: bind its bus identity to the domain and answer its
+        Hello. Returns the domain, or why the claim is refused (traced). ``key_domain``: the domain the peer's CURVE
+        key belongs to (None on ipc, where only the hypervisor's own user can reach the bus)."""
+        name = hello.name[:64]
+        dom = self.domains.live_named(name) if name else None
+        if key_domain is not None and name != key_domain:
+            why = f"its key is domain {key_domain!r}'s, not {name!r}'s"
+        elif dom is None:
+            why = f"no domain named {name!r} was declared"
+        elif dom.identity:
+            why = f"domain {name!r} has already joined"
+        elif dom.state in (DomainState.RUNNING, DomainState.PAUSED):
+            why = f"domain {name!r} is {dom.state.value}"
+        else:  # building; or destroyed before a process joined, which then gets its Stop
+            self.domains.bind(dom, identity)
+            dom.trace.event("domain.joined", vt_ns=self.clock.now_ns, pid=hello.pid, host=hello.host[:255],
+                            placement=dom.spec.placement)
+            self.receive(dom, hello)
+            return dom
+        self.log.warning("domain.join_refused", vt_ns=self.clock.now_ns, name=name, pid=hello.pid,
+                         host=hello.host[:255], reason=why)
+        return why
+
     def receive(self, dom: Domain, body: Any) -> None:
         """A message from ``dom``'s process. ReportError: not expected now (the shell answers with an Error)."""
         if isinstance(body, Hello) and dom.state in (DomainState.SHUTTING_DOWN, DomainState.CRASHED,
@@ -167,6 +193,11 @@ class Hypervisor:
             self._built(dom, body)
         elif isinstance(body, WindowDone):
             self.clock.accept(dom, body)
+        elif isinstance(body, Leaving):
+            # A local process's exit is seen by its watcher (with the code the host reports); a remote one has no
+            # watcher here, so its goodbye is its exit.
+            if dom.spec.placement == "remote" and dom.identity:
+                self.process_exited(dom, body.code)
         elif isinstance(body, Error):
             dom.trace.warning("bus.peer_error", vt_ns=self.clock.now_ns, kind=body.kind, detail=body.detail,
                               ref_seq=body.ref_seq)
@@ -192,6 +223,7 @@ class Hypervisor:
             irq_entry_ns=self.cost.irq_entry_ns,
             mmio_ns=self.cost.mmio_ns,
             tlb_refill_ns=self.cost.tlb_refill_ns,
+            image=dom.image,
         )
 
     def _built(self, dom: Domain, res: BuildResult) -> None:

@@ -8,7 +8,6 @@ next window (hypercall results, deliveries from elsewhere, IPIs). Dropping the d
 from __future__ import annotations
 
 import enum
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -57,11 +56,13 @@ class Domain:
     domid: int
     name: str
     spec: Any  # pvcluster.spec.DomainSpec
-    identity: bytes
     vcpus: list[Vcpu]
     trace: DomainTrace
     rng: random.Random
     faults: tuple[Fault, ...] = ()
+    # The bus identity of the process that joined as this domain (Hypervisor.claim); empty until one has.
+    identity: bytes = b""
+    image: bytes = b""  # the kernel image the Build carries (empty: the domain process loads the kernel itself)
     # the modelled link to the domain's process, and the hypervisor bugs armed on it (kind -> strikes left)
     link: Link = attrs.Factory(lambda: Link(rto_ns=40_000, reorder_ns=10_000, rng=random.Random(0)))
     bugs: dict[str, int] = attrs.Factory(dict)
@@ -171,7 +172,15 @@ class DomainTable:
             raise ValueError(f"a domain named {dom.name!r} already exists")
         self._next += 1
         self._by_id[dom.domid] = dom
-        self._by_identity[dom.identity] = dom
+        if dom.identity:
+            self._by_identity[dom.identity] = dom
+
+    def bind(self, dom: Domain, identity: bytes) -> None:
+        """``identity`` is now the bus peer of ``dom`` (its process joined)."""
+        if not identity or identity in self._by_identity or dom.identity:
+            raise IllegalTransition(f"identity {identity[:32]!r} cannot be bound to domain {dom.domid}")
+        dom.identity = identity
+        self._by_identity[identity] = dom
 
     def forget_identity(self, dom: Domain) -> None:
         self._by_identity.pop(dom.identity, None)
@@ -199,9 +208,3 @@ class DomainTable:
         # ``add`` takes ids in increasing order and nothing is removed, so insertion order is domid order; a copy,
         # so a domain created while a caller iterates does not change what it sees.
         return iter(list(self._by_id.values()))
-
-
-def new_identity(domid: int) -> bytes:
-    """A socket identity for a domain: a secret between the hypervisor and the process it launched, so a process
-    cannot claim to be another domain by putting a different id in its messages."""
-    return b"dom%d-" % domid + os.urandom(8).hex().encode()

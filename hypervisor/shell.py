@@ -34,10 +34,11 @@ import zmq
 from hypervisor.core import Hypervisor
 from hypervisor.domain import Domain, DomainState
 from hypervisor.errors import ReportError
+from hypervisor.kernel_files import Requester, kernel_image
 from pvcluster import launch
 from pvcluster.bus import codec
 from pvcluster.bus.endpoints import Endpoints
-from pvcluster.bus.messages import Error
+from pvcluster.bus.messages import Error, Hello, Stop
 from pvcluster.bus.zsock import TrioSocket
 from pvcluster.spec import ClusterSpec, DomainSpec
 from pvcluster.trace import no_flush as trace_no_flush
@@ -49,6 +50,8 @@ BUILD_TIMEOUT_S = 120.0
 # minute charges its domains at most this much for that minute).
 TICK_S = 0.25
 MAX_TICK_CHARGE_S = 2 * TICK_S
+# How long each domain in BUILDING has waited, by (domid, joined yet)
+Waited = dict[tuple[int, bool], float]
 
 
 
@@ -67,6 +70,12 @@ class HypervisorProcess:
         self.unresponsive_s = spec.hypervisor.unresponsive_s
         self.ctx = zmq.Context()
         self.endpoints = Endpoints.for_spec(spec, run_dir)
+        # On tcp both sockets are CurveZMQ servers and every peer is authenticated by its key (hypervisor/auth.py)
+        self.secured = self.endpoints.transport == "tcp"
+        self.keys_dir = spec.keys_dir(run_dir)
+        self.auth: Any = None  # hypervisor.auth.Authenticator, on tcp
+        # remote domains stopped (or crashed) whose goodbye (Leaving) has not come yet: seconds waited so far
+        self._leaving: dict[int, float] = {}
         self.bus: TrioSocket | None = None
         self.control: TrioSocket | None = None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -96,13 +105,33 @@ class HypervisorProcess:
         control = self.ctx.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_FRAME_BYTES)
+        self._secure(bus, control)
         self.endpoints = self.endpoints.bind(bus, control)
         self.bus, self.control = TrioSocket(bus), TrioSocket(control)
-        info = {"pid": os.getpid(), "bus": self.endpoints.bus, "control": self.endpoints.control}
+        info: dict[str, Any] = {"pid": os.getpid(), "bus": self.endpoints.bus, "control": self.endpoints.control,
+                                "transport": self.endpoints.transport}
+        if self.secured:
+            info["keys"] = str(self.keys_dir)
         tmp = self.run_dir / "hypervisor.json.tmp"
-        tmp.write_text(json.dumps(info))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(info))
         tmp.replace(self.run_dir / "hypervisor.json")
         self.log.info("hypervisor.listening", vt_ns=0, **info)
+
+    def _secure(self, bus: zmq.Socket, control: zmq.Socket) -> None:
+        """tcp: CurveZMQ servers with a ZAP handler that admits only known keys, each to its own socket. ipc: only
+        this process's user may connect (the run directory is 0700 as well)."""
+        from hypervisor import auth
+        from pvcluster.keys import KeyStore
+
+        if not self.secured:
+            auth.restrict_ipc(bus)
+            auth.restrict_ipc(control)
+            return
+        self.auth = auth.Authenticator(self.ctx, KeyStore(self.keys_dir), self.log, lambda: self.core.clock.now_ns)
+        self.auth.secure(bus, "bus")
+        self.auth.secure(control, "control")
 
     async def send(self, identity: bytes, body: Any, sock: TrioSocket | None = None) -> bool:
         """Send one message; False if it could not be encoded (codec.EncodeError) or the peer is gone."""
@@ -128,7 +157,15 @@ class HypervisorProcess:
         self.faults_done = trio.Event()
 
     def _signal(self, dom: Domain, what: str, wall_ms: int) -> None:
-        """A fault's signal to ``dom``'s process: kill it now, or stop it for ``wall_ms`` of wall time."""
+        """A fault's signal to ``dom``'s process: kill it now, or stop it for ``wall_ms`` of wall time. A remote
+        process is not ours to signal: it is told to stop (kill), or the fault is traced as not carried out."""
+        if dom.spec.placement == "remote":
+            if what == "kill":
+                self._stop_remote(dom, "killed")
+            else:
+                dom.trace.warning("fault.not_carried_out", vt_ns=self.core.clock.now_ns, signal=what,
+                                  reason="the domain's process runs elsewhere: it cannot be signalled")
+            return
         proc = self.procs.get(dom.domid)
         if proc is None or proc.poll() is not None:
             return
@@ -164,9 +201,19 @@ class HypervisorProcess:
                     core.crash(dom, f"hypervisor could not encode {type(body).__name__}: {exc}", exc=exc)
             kills, core.to_kill = core.to_kill, []
             for dom in kills:
+                if dom.spec.placement == "remote":
+                    self._stop_remote(dom, "crashed")
+                    continue
                 proc = self.procs.get(dom.domid)
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
+
+    def _stop_remote(self, dom: Domain, reason: str) -> None:
+        """A remote process cannot be terminated from here: it is told to stop, and is taken for gone once it
+        says goodbye or after STOP_GRACE_S (``_judge_leaving``)."""
+        if dom.identity:
+            self.core.outbox.append((dom, Stop(reason=reason)))
+            self._leaving.setdefault(dom.domid, 0.0)
 
     async def _reject(self, identity: bytes, kind: str, detail: str, seq: int, **fields: Any) -> None:
         self.log.warning(f"bus.{kind}", vt_ns=self.core.clock.now_ns, detail=detail, ref_seq=seq, **fields)
@@ -178,18 +225,27 @@ class HypervisorProcess:
     async def bus_reader(self) -> None:
         assert self.bus is not None
         while True:
-            frames = await self.bus.recv_multipart()
-            await self.on_frames(frames)
+            frames = await self.bus.recv_multipart(copy=not self.secured)
+            user_id = None
+            if self.secured:  # the ZAP handler's verdict on the connection this message came over
+                user_id = frames[-1].get("User-Id")  # type: ignore[attr-defined]
+                frames = [f.bytes for f in frames]  # type: ignore[attr-defined]
+            await self.on_frames(frames, user_id)
             await self.carry_out()
             await self.advance()
 
-    async def on_frames(self, frames: list[bytes]) -> None:
+    async def on_frames(self, frames: list[bytes], user_id: str | None = None) -> None:
+        """One message from the bus. ``user_id``: on tcp, the key the connection authenticated with."""
         identity = frames[0]
         dom = self.core.domains.by_identity(identity)
-        # Identity first: a peer the hypervisor did not create learns nothing about its frames.
+        # Identity first: a peer that has not joined learns nothing about its frames but whether it may join.
         if dom is None:
-            await self._reject(identity, "unknown-peer", "this socket identity was not assigned by the hypervisor", -1,
-                               peer=identity[:32].hex())
+            await self._join(identity, frames, user_id)
+            return
+        if self.secured and user_id != f"domain:{dom.name}":
+            # another connection took over this identity: its key is not the domain's
+            await self._reject(identity, "impersonation", "this connection's key is not the domain's", -1,
+                               dom=dom.domid, key=str(user_id)[:80])
             return
         if len(frames) != 2:
             await self._reject(identity, "malformed", f"expected 1 payload frame, got {len(frames) - 1}", -1,
@@ -207,6 +263,31 @@ class HypervisorProcess:
             await self._reject(identity, "unexpected", str(exc), env.seq, dom=dom.domid)
         except Exception as exc:  # a bug while serving this domain's message ends this domain only
             self.core.crash(dom, f"hypervisor error handling {type(env.body).__name__}: {exc!r}", exc=exc)
+
+    async def _join(self, identity: bytes, frames: list[bytes], user_id: str | None) -> None:
+        """A peer that is no domain's yet: its Hello claims a declared domain (Hypervisor.claim); anything else is
+        an unknown peer's."""
+        try:
+            body = codec.decode(frames[1]).body if len(frames) == 2 else None
+        except codec.FrameError:
+            body = None
+        if not isinstance(body, Hello):
+            await self._reject(identity, "unknown-peer", "this peer has not joined as a domain (send Hello first)", -1,
+                               peer=identity[:32].hex())
+            return
+        key_domain = None
+        if self.secured:
+            kind, _, key_domain = str(user_id).partition(":")
+            if kind != "domain":  # the ZAP handler admits only domain keys to the bus: this is a second fence
+                await self._reject(identity, "refused", "only a domain's key may join", -1, key=str(user_id)[:80])
+                return
+        claimed = self.core.claim(identity, body, key_domain)
+        if isinstance(claimed, str):
+            self.flush_trace()
+            await self.send(identity, Error(kind="refused", detail=claimed, ref_seq=-1))
+            return
+        self.core.printk(f"d{claimed.domid} ({claimed.name}): joined from {body.host[:64] or '?'} "
+                         f"(process {body.pid})", dom=claimed.domid, hostdep=True)
 
     def bus_has_pending(self) -> bool:
         """Whether frames wait to be read: then nobody may be judged silent yet."""
@@ -258,7 +339,7 @@ class HypervisorProcess:
     async def liveness_watch(self) -> None:
         """Every TICK_S: flush the trace (a live run's readers see each event within a tick), and judge silence.
         Each tick charges at most MAX_TICK_CHARGE_S, so time this process did not run is nobody's silence."""
-        building: dict[int, float] = {}
+        building: Waited = {}
         last = time.monotonic()
         while True:
             await trio.sleep(TICK_S)
@@ -266,22 +347,44 @@ class HypervisorProcess:
             charge, last_tick, last = min(now - last, MAX_TICK_CHARGE_S), last, now
             self.flush_trace()
             building = await self._judge_builds(building, charge)
+            await self._judge_leaving(charge)
             if self.core.clock.awaiting:
                 self._silence += min(now - max(last_tick, self._silence_from), MAX_TICK_CHARGE_S)
                 await self._judge_silence()
 
-    async def _judge_builds(self, waited: dict[int, float], charge: float) -> dict[int, float]:
-        """A domain in BUILDING holds every window back (building takes no virtual time), so one whose process has
-        not built its guest after BUILD_TIMEOUT_S of this process's running time is crashed. Returns the time each
-        building domain has waited so far."""
-        building = [d for d in self.core.domains if d.state is DomainState.BUILDING]
-        waited = {d.domid: waited.get(d.domid, 0.0) + charge for d in building}
-        late = [d for d in building if waited[d.domid] >= BUILD_TIMEOUT_S]
+    async def _judge_builds(self, waited: Waited, charge: float) -> Waited:
+        """A domain in BUILDING holds every window back (joining and building take no virtual time), so one that no
+        process has joined as after ``join_timeout_s``, or whose process has not built its guest BUILD_TIMEOUT_S
+        after joining, of this process's running time, is crashed. Returns the time each has waited so far, keyed
+        by (domid, joined): the clock starts again when it joins."""
+        building = [(d, (d.domid, bool(d.identity))) for d in self.core.domains if d.state is DomainState.BUILDING]
+        waited = {key: waited.get(key, 0.0) + charge for _, key in building}
+        join_s = self.spec.hypervisor.join_timeout_s
+        late = [(d, joined) for d, (_, joined) in building
+                if waited[(d.domid, joined)] >= (BUILD_TIMEOUT_S if joined else join_s)]
         if late and not self.bus_has_pending():
-            for dom in late:
-                self.core.crash(dom, f"not built within {BUILD_TIMEOUT_S:g} s of the hypervisor's running time")
+            for dom, joined in late:
+                if joined:
+                    self.core.crash(dom, f"not built within {BUILD_TIMEOUT_S:g} s of the hypervisor's running time")
+                    continue
+                dom.trace.warning("domain.join_timeout", vt_ns=self.core.clock.now_ns, timeout_s=join_s,
+                                  placement=dom.spec.placement)
+                self.core.crash(dom, f"no process joined as it within {join_s:g} s (hypervisor.join_timeout_s)")
             await self.flush()
         return waited
+
+    async def _judge_leaving(self, charge: float) -> None:
+        """A remote process told to stop that has not said goodbye after STOP_GRACE_S is taken for gone."""
+        for domid in list(self._leaving):
+            dom = self.core.domains.get(domid)
+            if dom is None or not dom.identity or self.core.domains.by_identity(dom.identity) is not dom:
+                del self._leaving[domid]
+                continue
+            self._leaving[domid] += charge
+            if self._leaving[domid] >= STOP_GRACE_S and not self.bus_has_pending():
+                del self._leaving[domid]
+                self.core.process_exited(dom, -1)
+                await self.flush()
 
     async def _judge_silence(self) -> None:
         """Crash every participant the open window still waits for once it has been silent for ``unresponsive_s``
@@ -298,13 +401,23 @@ class HypervisorProcess:
 
     # -- domain processes ------------------------------------------------------------------------------------
 
-    def create_domain(self, spec: DomainSpec) -> Domain:
+    def create_domain(self, spec: DomainSpec, requester: Requester | None = None) -> Domain:
+        """Declare ``spec``'s domain and, when it runs locally, start its process (which joins like any other).
+        The kernel is read here, as ``requester`` (default: this process's user) may read it: KernelFileError."""
         assert self.nursery is not None
-        dom = self.core.create_domain(spec)
+        image = kernel_image(spec, self.run_dir, requester or Requester.this_process())
+        dom = self.core.create_domain(spec, image)
+        if spec.placement == "remote":
+            self.core.printk(f"d{dom.domid} ({dom.name}): created, waiting for its process to join "
+                             f"(`pvcluster join {dom.name} --endpoint {self.endpoints.bus}`)", dom=dom.domid,
+                             hostdep=True)
+            return dom
         argv = launch.python_module_argv(
-            "domains", "--endpoint", self.endpoints.bus, "--identity", dom.identity.decode(),
-            "--run-dir", str(self.run_dir), "--domid", str(dom.domid), "--name", dom.name,
+            "domains", "--endpoint", self.endpoints.bus, "--name", dom.name,
+            "--trace-dir", str(self.run_dir / "trace"), "--spawned",
         )
+        if self.secured:  # the directory, not a key: nothing secret goes on a command line
+            argv += ["--keys", str(self.keys_dir)]
         try:
             proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
                                 death_signal=launch.HYPERVISOR_GONE_SIGNAL)
@@ -312,7 +425,7 @@ class HypervisorProcess:
             self.core.crash(dom, f"could not start its process: {exc}")
             raise
         self.procs[dom.domid] = proc
-        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid)
+        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
         self.nursery.start_soon(self._watch, dom, proc)
         return dom
 
@@ -324,6 +437,8 @@ class HypervisorProcess:
     async def destroy(self, dom: Domain) -> None:
         self.core.destroy(dom)
         await self.flush()
+        if dom.spec.placement == "remote":
+            await self._await_goodbye(dom)
         proc = self.procs.get(dom.domid)
         if proc is not None:
             with trio.move_on_after(STOP_GRACE_S):
@@ -334,6 +449,14 @@ class HypervisorProcess:
         if dom.state is DomainState.SHUTTING_DOWN:
             dom.move(DomainState.DEAD, "destroyed")
         self.poke()
+
+    async def _await_goodbye(self, dom: Domain) -> None:
+        """A destroyed remote domain: its Stop went out; wait STOP_GRACE_S at most for its process's goodbye."""
+        with trio.move_on_after(STOP_GRACE_S):
+            while dom.identity and self.core.domains.by_identity(dom.identity) is dom:
+                await trio.sleep(0.02)
+        if dom.identity and self.core.domains.by_identity(dom.identity) is dom:
+            self.core.process_exited(dom, -1)  # gone without a word, or never there
 
     def kill_all(self) -> None:
         for proc in self.procs.values():
@@ -358,6 +481,8 @@ class HypervisorProcess:
                 for sock in (self.bus, self.control):
                     assert sock is not None
                     nursery.start_soon(sock.safety_poll)
+                if self.auth is not None:
+                    nursery.start_soon(self.auth.run)
                 await ControlServer(self).serve()
                 nursery.cancel_scope.cancel()
         finally:
@@ -366,6 +491,8 @@ class HypervisorProcess:
             for sock in (self.bus, self.control):
                 if sock is not None:
                     sock.close()
+            if self.auth is not None:
+                self.auth.close()
             self.ctx.term()
             # A stale file would make the toolstack talk to a dead hypervisor.
             (self.run_dir / "hypervisor.json").unlink(missing_ok=True)

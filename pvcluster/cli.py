@@ -14,10 +14,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pvcluster import faults
+from pvcluster import cli_join, faults
 from pvcluster.check import check_run, format_report
 from pvcluster.cluster import Cluster, ClusterError
 from pvcluster.control import ControlClient, ControlError
+from pvcluster.keys import KeyFileError
 from pvcluster.rundiff import first_divergence, format_divergence
 from pvcluster.runrecord import ReplayError, load_replay, replay_dir
 from pvcluster.spec import SpecError, load_spec
@@ -86,13 +87,29 @@ def cmd_up(args: argparse.Namespace) -> int:
             # with --json, stdout carries the one JSON document and nothing else
             render(final, cluster.run_dir, cluster.wall_s, err if args.json else out)
         if args.json:
-            print(json.dumps(run_report(final, cluster.run_dir, cluster.wall_s, ok)))
+            print(json.dumps(run_report(final, cluster.run_dir, cluster.wall_s, ok)), flush=True)
+        if args.serve:
+            _serve(cluster, say)
     except KeyboardInterrupt:
         say("interrupted: bringing the cluster down")
         ok = False
     finally:
         cluster.down()
     return 0 if ok else 1
+
+
+def _serve(cluster: Cluster, say: Any) -> None:
+    """``up --serve``: the run is over; keep the hypervisor (and its traces, its control socket) up until someone
+    runs `pvcluster down` or this process is terminated (a container being stopped)."""
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    say(f"serving {cluster.run_dir} until `pvcluster down --run-dir {cluster.run_dir}` (or SIGTERM)")
+    if cluster.proc is not None:
+        cluster.proc.wait()
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -316,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="leave the cluster running and return at once")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many wall seconds (600)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary table")
+    p.add_argument("--serve", action="store_true",
+                   help="after the run, keep the hypervisor up (control socket, traces) until `pvcluster down` or "
+                   "SIGTERM: for a container whose exit would restart it")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document on stdout: the final status (every domain's state, vt_ns), "
                    "windows, wall_run_s (wall seconds from the first window to the last, start-up excluded), "
@@ -428,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --once: the frame's data as one JSON document")
     p.set_defaults(fn=cmd_top)
 
+    cli_join.add_parsers(sub, after)
+
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
     p.set_defaults(fn=cmd_down)
@@ -442,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         _error(str(exc))
         return 2
-    except (ClusterError, ControlError, ReplayError) as exc:
+    except (ClusterError, ControlError, ReplayError, KeyFileError) as exc:
         _error(str(exc))
         return 1
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pvcluster import faults, launch, runrecord
 from pvcluster.control import ControlClient, ControlError, read_hypervisor_info
+from pvcluster.keys import KeyStore, current_user
 from pvcluster.spec import ClusterSpec, DomainSpec
 from pvcluster.tracequery import TraceCursor, TraceQuery
 
@@ -28,7 +29,7 @@ START_TIMEOUT_S = 30.0
 # Written into every run directory `up` creates. Starting a run deletes the previous run's files (STALE), so a
 # directory without the marker (a user's project, $HOME, ...) is never used: its logs/ or trace/ are not ours.
 RUN_DIR_MARKER = ".pvcluster-run"
-STALE = ("trace", "logs", "hypervisor.json", "bus.sock", "control.sock", "run.json", "faults.jsonl",
+STALE = ("trace", "logs", "kernels", "hypervisor.json", "bus.sock", "control.sock", "run.json", "faults.jsonl",
          "replay-faults.json")
 
 
@@ -81,7 +82,9 @@ class Cluster:
             runrecord.write_run_record(run_dir, spec, replayed_from)
         except OSError as exc:
             raise ClusterError(f"cannot record the run in {run_dir}: {exc}") from None
-        prebuild_kernels(spec, say)
+        prebuild_kernels(spec, say, run_dir)
+        if spec.bus.transport == "tcp":
+            ensure_keys(spec, run_dir, say)
         say(f"starting the hypervisor in {run_dir}")
         argv = launch.python_module_argv(
             "hypervisor", "--spec-json", str(run_dir / "spec.json"), "--run-dir", str(run_dir)
@@ -101,7 +104,7 @@ class Cluster:
                 proc.kill()
                 raise ClusterError(f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}")
             time.sleep(0.02)
-        cluster = cls(spec, run_dir, proc, ControlClient(info["control"]))
+        cluster = cls(spec, run_dir, proc, ControlClient.for_run_dir(run_dir))
         try:
             for dom in spec.domains:
                 created = cluster.client.call("create", domain=_domain_dict(dom))
@@ -231,21 +234,36 @@ class Cluster:
         raise ClusterError(f"no domain named {dom!r}")
 
 
-def prebuild_kernels(spec: ClusterSpec, say: Callable[[str], None]) -> None:
+def prebuild_kernels(spec: ClusterSpec, say: Callable[[str], None], run_dir: Path | None = None) -> None:
     """Put the spec's built-in kernels in the on-disk kernel cache, so that the domain processes, which start all at
-    once, find them there and never load keystone."""
+    once, find them there and never load keystone; and in ``run_dir``/kernels, where the hypervisor reads the image
+    it sends each domain in its Build (so a domain on another host needs no kernel of its own)."""
     # Imported here: the verbs that only talk to a running cluster need none of it.
     from domains.kernel.build import KernelBuildError, cached_kernel, cached_kernel_path
 
     for name in sorted({d.kernel for d in spec.domains if d.builtin_kernel}):
         path = cached_kernel_path(name)
-        if path is not None and path.exists():
-            continue
-        say(f"assembling the built-in kernel {name}")
+        if path is None or not path.exists():
+            say(f"assembling the built-in kernel {name}")
         try:
-            cached_kernel(name)
+            image = cached_kernel(name)
         except KernelBuildError:
-            pass  # each domain fails to build it again and reports the error as its own ("bad-builtin")
+            continue  # each domain fails to build it again and reports the error as its own ("bad-builtin")
+        if run_dir is not None:
+            (run_dir / "kernels").mkdir(mode=0o700, exist_ok=True)
+            (run_dir / "kernels" / f"{name}.elf").write_bytes(image)
+
+
+def ensure_keys(spec: ClusterSpec, run_dir: Path, say: Callable[[str], None]) -> None:
+    """On tcp the owner needs no set-up: the cluster's key pair, the invoking user's toolstack key and a key for
+    every declared domain are created where missing (files 0600 in a 0700 directory)."""
+    store = KeyStore(spec.keys_dir(run_dir))
+    made = ["cluster"] if store.ensure_cluster() else []
+    user = current_user()
+    made += [f"toolstack-{user}"] if store.ensure_toolstack(user) else []
+    made += [f"domain-{d.name}" for d in spec.domains if store.ensure_domain(d.name)]
+    if made:
+        say(f"created CurveZMQ keys in {store.directory}: {', '.join(made)}")
 
 
 def _domain_dict(dom: DomainSpec) -> dict[str, Any]:

@@ -131,8 +131,8 @@ class Role:
 
 def create_command(role: Role) -> str:
     """The command that creates ``role``'s key pair (the CLI's ``keys create``), for error messages."""
-    what = "cluster" if role.kind == "cluster" else f"{role.kind} {role.name}"
-    return f"pvcluster keys create {what}"
+    what = "" if role.kind == "cluster" else f" --{role.kind} {role.name}"
+    return f"pvcluster keys create --dir DIR{what}"
 
 
 @attrs.frozen

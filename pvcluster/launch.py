@@ -51,7 +51,7 @@ def preexec(detached: bool, death_signal: int = signal.SIGTERM) -> Callable[[], 
 
 def log_file(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 def spawn(argv: list[str], *, log: Path, detached: bool = False,

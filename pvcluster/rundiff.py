@@ -6,10 +6,11 @@ reduced to its virtual view (``normalize``), and reports where each diverging fi
 
 What is host-dependent and so not compared: the fields ``pvcluster.trace.virtual_view`` drops (``WALL_FIELDS``),
 the ``HOST_FIELDS`` (pids, endpoints, paths), the ``HOST_EVENTS`` (the listening endpoints; control requests,
-whose number depends on how often a client polled; a send that failed because the peer process had already exited)
-and the pid in dmesg's "created, process NNN" text. A ``HOST_ORDERED`` event (a process's exit) is compared, but
-not its position among the others. ``level``
-and everything else is compared.
+whose number depends on how often a client polled; a send that failed because the peer process had already exited;
+who joined from where and what authentication let in), the pid in dmesg's "created, process NNN" text, and any
+event marked ``hostdep`` (a log line about which process runs a domain where: the same cluster run locally or
+across hosts differs only there). A ``HOST_ORDERED`` event (a process's exit) is compared, but not its position
+among the others. ``level`` and everything else is compared.
 
 Order. A domain-process trace is one process in virtual time: compared in file order. The hypervisor trace
 interleaves every domain, and that interleaving is not all virtual: at start-up each domain's build reply lands
@@ -44,7 +45,9 @@ from pvcluster.trace import WALL_FIELDS
 
 HYPERVISOR_TRACE = "hypervisor.jsonl"
 HOST_FIELDS = frozenset({"pid", "bus", "control", "endpoint", "run_dir", "path"})
-HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_failed"})
+HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_failed",
+                         # who joined from where, and what the bus's authentication let in or kept out
+                         "domain.joined", "auth.accepted", "auth.refused", "auth.handshake_failed"})
 # Events whose place among the others is the host's: a process exits (and its exit is traced) when the host gets
 # to it. Each is compared in a stream of its own, so its fields count but not its position.
 HOST_ORDERED = frozenset({"domain.process_exit"})
@@ -113,7 +116,7 @@ class Divergence:
 def normalize(event: dict[str, Any]) -> dict[str, Any] | None:
     """The part of ``event`` that must match between two runs of the same spec and seed; None for an event that is
     host-dependent as a whole."""
-    if event["event"] in HOST_EVENTS:
+    if event["event"] in HOST_EVENTS or event.get("hostdep"):
         return None
     # virtual_view and HOST_FIELDS in one pass: a trace has millions of events
     out = {k: v for k, v in event.items() if k not in _NOT_COMPARED}

@@ -334,13 +334,16 @@ def load_spec(path: str | os.PathLike[str] | None = None) -> ClusterSpec:
     return parse_spec(text, source=source, base_dir=p.absolute().parent)
 
 
-def parse_domain_dict(data: object, *, base_dir: Path | None = None, pcpus: int | None = None) -> DomainSpec:
+def parse_domain_dict(data: object, *, base_dir: Path | None = None, pcpus: int | None = None,
+                      check_files: bool = True) -> DomainSpec:
     """Validate one ``[[domain]]`` table on its own, as the hypervisor's ``create`` command receives it.
 
     ``pcpus`` is the hypervisor's pCPU count, to check ``cpus`` against; without it only the 0..MAX_PCPUS-1
-    range is checked.
+    range is checked. ``check_files=False``: a kernel path must be absolute and is not looked at (the hypervisor
+    checks it as the requesting user, hypervisor/kernel_files.py: its own look would tell anyone whether a file
+    exists).
     """
-    checker = _Checker(Path(base_dir) if base_dir is not None else Path.cwd())
+    checker = _Checker(Path(base_dir) if base_dir is not None else Path.cwd(), check_files=check_files)
     if not checker.nesting(data, "domain"):
         raise SpecError("<create>", checker.problems)
     dom = checker.domain(data, "domain", pcpus)
@@ -440,8 +443,9 @@ def _hint(word: str, candidates: Sequence[str]) -> str:
 class _Checker:
     """Walks the raw spec, collecting problems; a bad value is replaced by its default so the walk goes on."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, check_files: bool = True) -> None:
         self.base_dir = base_dir
+        self.check_files = check_files
         self.problems: list[str] = []
         self._bad: set[str] = set()
 
@@ -834,6 +838,10 @@ class _Checker:
                 f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or a path to a file, got {_describe(v)}",
             )
             return BUILTIN_KERNELS[0]
+        if not self.check_files:
+            if not Path(v).is_absolute():
+                self.error(kpath, f"must be a built-in kernel ({_choices(BUILTIN_KERNELS)}) or an absolute path")
+            return v
         p = self.local_path(v, kpath)
         if p is None:
             return v

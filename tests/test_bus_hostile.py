@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 RECV_TIMEOUT_MS = 10_000
 OVERSIZED = codec.MAX_FRAME_BYTES + 1024
-UNKNOWN_PEER_DETAIL = "this socket identity was not assigned by the hypervisor"
+UNKNOWN_PEER_DETAIL = "this peer has not joined as a domain (send Hello first)"
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -115,19 +115,21 @@ def bus_error(frames: list[bytes]) -> Error:
     return env.body
 
 
-def test_valid_hello_from_an_unassigned_identity_is_unknown_peer(
-        cluster: Cluster, ctx: zmq.Context, endpoints: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("name", "why"), [
+    ("", "no domain named '' was declared"),
+    ("nosuch", "no domain named 'nosuch' was declared"),
+])
+def test_a_hello_that_claims_no_claimable_domain_is_refused(
+        cluster: Cluster, ctx: zmq.Context, endpoints: dict[str, Any], name: str, why: str) -> None:
     ident = new_identity("hello")
     sock = dealer(ctx, endpoints["bus"], ident)
     try:
-        reply = exchange(sock, codec.encode(Hello(pid=os.getpid()), seq=1, vt_ns=0))
+        reply = exchange(sock, codec.encode(Hello(pid=os.getpid(), name=name, host="test"), seq=1, vt_ns=0))
     finally:
         sock.close()
-    assert bus_error(reply) == Error(kind="unknown-peer", detail=UNKNOWN_PEER_DETAIL, ref_seq=-1)
-    events = [e for e in trace(cluster, "bus.unknown-peer") if e["peer"] == peer(ident)]
-    assert len(events) == 1, events
-    assert events[0]["detail"] == UNKNOWN_PEER_DETAIL and events[0]["ref_seq"] == -1
-    assert events[0]["level"] == "warning"
+    assert bus_error(reply) == Error(kind="refused", detail=why, ref_seq=-1)
+    events = [e for e in trace(cluster, "domain.join_refused") if e["name"] == name and e["pid"] == os.getpid()]
+    assert events and events[-1]["reason"] == why and events[-1]["level"] == "warning"
 
 
 BUS_PAYLOADS = {
@@ -192,7 +194,7 @@ def test_a_burst_from_peers_that_vanish_does_not_stop_the_bus(
         reply = exchange(sock, codec.encode(Hello(pid=1), seq=1, vt_ns=0))
     finally:
         sock.close()
-    assert bus_error(reply).kind == "unknown-peer"
+    assert bus_error(reply).kind == "refused"  # a Hello claiming no domain: refused, not unknown
     assert cluster.proc is not None and cluster.proc.poll() is None
 
 

@@ -46,6 +46,7 @@ from pvcluster.bus.messages import (
     HypercallReq,
     HypercallResult,
     Ipi,
+    Leaving,
     MemWrite,
     Region,
     Stop,
@@ -64,7 +65,8 @@ SAMPLES: dict[type, list[Any]] = {
         Error(kind="malformed", detail="not a msgpack message", ref_seq=-1),
         Error(kind="unknown-peer", detail="ünïcode détail ✓", ref_seq=2**63 - 1),
     ],
-    Hello: [Hello(pid=1), Hello(pid=4_194_304)],
+    Hello: [Hello(pid=1), Hello(pid=4_194_304, name="alpha", host="node-7.example")],
+    Leaving: [Leaving(code=0), Leaving(code=-9)],
     Build: [
         Build(domid=1, name="alpha", vcpus=2, memory_bytes=4 << 20, kernel="pvkern", cmdline="shutdown=poweroff",
               backend="xen", boot="ebx", patching=True, hypercall_page=bytes(range(256)) * 16, ps_per_instr=1000,
@@ -191,7 +193,7 @@ def test_round_trip(body: Any) -> None:
 
 def test_wire_layout_is_version_code_seq_vt_fields() -> None:
     raw = msgpack.unpackb(encode(Hello(pid=99), seq=3, vt_ns=5), raw=False)
-    assert raw == [PROTO_VERSION, code_of(Hello), 3, 5, [99]]
+    assert raw == [PROTO_VERSION, code_of(Hello), 3, 5, [99, "", ""]]
 
 
 def test_encode_refuses_an_unregistered_type() -> None:
@@ -203,7 +205,7 @@ def test_message_codes_are_unique_and_stable() -> None:
     codes = {t: c for c, t in codec.message_types().items()}
     # wire codes are protocol: a renumbering breaks every peer built from an older tree
     assert codes == {Error: 1, Hello: 2, Build: 3, BuildResult: 4, Window: 5, WindowDone: 6, Stop: 7,
-                     CtlRequest: 20, CtlReply: 21}
+                     Leaving: 8, CtlRequest: 20, CtlReply: 21}
 
 
 # ------------------------------------------------------------------------------------------- frame-level rejects
@@ -263,7 +265,7 @@ def test_default_limit_is_max_frame_bytes() -> None:
     assert str(MAX_FRAME_BYTES) in err.detail
 
 
-@pytest.mark.parametrize("code", [0, 8, 19, 22, 99, 2**32, -1, "2", None, True, 2.0],
+@pytest.mark.parametrize("code", [0, 9, 19, 22, 99, 2**32, -1, "2", None, True, 2.0],
                          ids=lambda c: repr(c))
 def test_unknown_type_code(code: Any) -> None:
     err = rejects(frame(PROTO_VERSION, code, 11, 0, [1]), "unknown-type")
@@ -305,7 +307,7 @@ def test_bad_virtual_timestamp(vt_ns: Any) -> None:
 
 def test_large_sequence_numbers_are_accepted() -> None:
     for seq in (0, 2**32, 2**64 - 1):
-        assert decode(frame(PROTO_VERSION, code_of(Hello), seq, 2**63, [1])).seq == seq
+        assert decode(frame(PROTO_VERSION, code_of(Hello), seq, 2**63, [1, "", ""])).seq == seq
 
 
 # ------------------------------------------------------------------------------------------- field-level rejects
@@ -335,14 +337,14 @@ def test_wrong_type_deep_inside_a_window() -> None:
 
 
 @pytest.mark.parametrize("fields, detail", [
-    ([], "Hello: Hello needs 1 fields, got 0"),
-    ([1, 2], "Hello: Hello needs 1 fields, got 2"),
-    ({"pid": 1}, "Hello: Hello needs 1 fields, got dict"),
-    (5, "Hello: Hello needs 1 fields, got int"),
-    (None, "Hello: Hello needs 1 fields, got NoneType"),
+    ([], "Leaving: Leaving needs 1 fields, got 0"),
+    ([1, 2], "Leaving: Leaving needs 1 fields, got 2"),
+    ({"code": 1}, "Leaving: Leaving needs 1 fields, got dict"),
+    (5, "Leaving: Leaving needs 1 fields, got int"),
+    (None, "Leaving: Leaving needs 1 fields, got NoneType"),
 ], ids=["none", "extra", "map", "scalar", "nil"])
 def test_wrong_field_count(fields: Any, detail: str) -> None:
-    assert bad_field(code_of(Hello), fields).detail == detail
+    assert bad_field(code_of(Leaving), fields).detail == detail
 
 
 def test_wrong_field_count_in_a_nested_record() -> None:
@@ -353,7 +355,7 @@ def test_wrong_field_count_in_a_nested_record() -> None:
 
 @pytest.mark.parametrize("value", [True, False], ids=repr)
 def test_bool_where_int_expected(value: bool) -> None:
-    assert bad_field(code_of(Hello), [value]).detail == "Hello.pid: expected int, got bool"
+    assert bad_field(code_of(Leaving), [value]).detail == "Leaving.code: expected int, got bool"
 
 
 def test_bool_where_int_expected_inside_an_int_list() -> None:
@@ -369,7 +371,7 @@ def test_int_where_bool_expected() -> None:
 
 @pytest.mark.parametrize("pid", [1.0, "1", None, b"\x01", [1]], ids=repr)
 def test_other_types_where_int_expected(pid: Any) -> None:
-    assert bad_field(code_of(Hello), [pid]).detail.startswith("Hello.pid: expected int, got ")
+    assert bad_field(code_of(Hello), [pid, "", ""]).detail.startswith("Hello.pid: expected int, got ")
 
 
 def test_optional_field_accepts_none_and_its_type_but_nothing_else() -> None:

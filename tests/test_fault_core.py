@@ -16,6 +16,7 @@ from hypervisor.core import Hypervisor
 from hypervisor.link import Link
 from hypervisor.tracing import DomainTrace
 from pvcluster.abi.xen import ShutdownReason
+from pvcluster.bus.messages import Hello
 from pvcluster.faults import KINDS, FaultError, RandomFaults, random_schedule, request
 from pvcluster.spec import SpecError, parse_spec
 
@@ -181,6 +182,7 @@ def test_faults_on_one_partition_leave_a_domain_pinned_elsewhere_alone() -> None
 def test_a_dead_domain_s_bus_identity_is_forgotten() -> None:
     hv = Hypervisor(parse_spec(SPEC.format(seed=1, extra="")), RecordingLog())
     dom = hv.create_domain(hv.spec.domains[0])
+    assert hv.claim(b"peer", Hello(pid=1, name=dom.name), None) is dom
     assert hv.domains.by_identity(dom.identity) is dom
     hv.process_exited(dom, -9)
     assert hv.domains.by_identity(dom.identity) is None and not dom.alive

@@ -39,8 +39,9 @@ def test_dead_is_final_and_ids_and_identities_are_unique() -> None:
     spec = hv.spec
     a, b = hv.create_domain(spec.domains[0]), hv.create_domain(spec.domains[1])
     assert (a.domid, b.domid) == (1, 2)
-    assert a.identity != b.identity and hv.domains.by_identity(b.identity) is b
-    assert hv.domains.by_identity(b"dom2-forged") is None
+    assert hv.claim(b"peer-a", Hello(pid=1, name=a.name), None) is a
+    assert hv.claim(b"peer-b", Hello(pid=2, name=b.name), None) is b
+    assert hv.domains.by_identity(b"peer-b") is b and hv.domains.by_identity(b"peer-forged") is None
     assert TRANSITIONS[DomainState.DEAD] == frozenset()
     with pytest.raises(ValueError, match="already exists"):
         hv.create_domain(spec.domains[0])
@@ -131,3 +132,16 @@ def test_the_run_wall_time_spans_the_windows_only() -> None:
     done = wall.seconds(window_open=False)
     assert done >= 0 and wall.seconds(window_open=False) == done
     assert wall.seconds(window_open=True) >= done  # a status read while a window runs counts up to now
+
+
+def test_a_claim_binds_one_process_per_domain_and_only_with_the_domain_s_key() -> None:
+    hv = core()
+    a = hv.create_domain(hv.spec.domains[0])
+    assert hv.claim(b"p1", Hello(pid=1, name=a.name), "beta") == f"its key is domain 'beta''s, not {a.name!r}'s"
+    assert hv.claim(b"p1", Hello(pid=1, name="nosuch"), None) == "no domain named 'nosuch' was declared"
+    assert hv.claim(b"p1", Hello(pid=1, name=a.name), a.name) is a
+    # a second process cannot take the domain over, whatever its key
+    assert hv.claim(b"p2", Hello(pid=2, name=a.name), a.name) == f"domain {a.name!r} has already joined"
+    assert hv.domains.by_identity(b"p2") is None and a.identity == b"p1"
+    refused = [kw for e, kw in hv.log.events if e == "domain.join_refused"]
+    assert [r["reason"] for r in refused][-1] == f"domain {a.name!r} has already joined"

@@ -23,8 +23,9 @@ TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvclust
 # What a domain process must not load: the assembler (the toolstack puts the built-in kernel in the on-disk cache
 # before the domains start), the terminal UI and the toolstack. Every domain process pays for each import again.
 DOMAIN_PROCESS_FORBIDDEN = ("keystone", "rich", *TOOLSTACK)
-# The simulation core: everything in hypervisor/ but the transport shell and the process entry point.
-SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/__main__.py")
+# The simulation core: everything in hypervisor/ but the transport shell (sockets, their authentication) and the
+# process entry point.
+SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/auth.py", "hypervisor/__main__.py")
 _MUTATING = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
              "discard", "appendleft", "__setitem__", "__delitem__"}
 _CONTAINER_CALLS = {"dict", "list", "set", "defaultdict", "deque", "Counter", "OrderedDict", "bytearray"}

@@ -1,7 +1,9 @@
 """The typed records that travel on the bus. Wire codes are protocol: never renumber, only add.
 
 Domain <-> hypervisor (ROUTER/DEALER on the domain bus):
-  Hello -> Build -> BuildResult -> (Window -> WindowDone)* -> Stop
+  Hello -> Build -> BuildResult -> (Window -> WindowDone)* -> Stop -> Leaving
+A domain process joins by saying Hello with the name of a domain the hypervisor declared; the hypervisor answers
+with Build, or with Error(kind="refused") when the peer may not claim that domain.
 Toolstack <-> hypervisor (control socket): CtlRequest -> CtlReply
 Either direction: Error, the answer to a frame that could not be accepted.
 """
@@ -27,6 +29,8 @@ class Error:
 class Hello:
     WIRE: ClassVar[int] = 2
     pid: int
+    name: str = ""  # the declared domain this process claims
+    host: str = ""  # the host it runs on (for the trace only)
 
 
 @attrs.frozen
@@ -53,6 +57,9 @@ class Build:
     irq_entry_ns: int = 0
     mmio_ns: int = 0
     tlb_refill_ns: int = 0  # the refill after a full TLB flush, charged to the flushed vCPU
+    # The kernel image, read by the hypervisor (a file kernel only after checking the requester could read it), so
+    # a domain process on another host needs no file of its own; empty: the process loads ``kernel`` itself.
+    image: bytes = b""
 
 
 @attrs.frozen
@@ -187,6 +194,15 @@ class Stop:
 
 
 @attrs.frozen
+class Leaving:
+    """The domain process's last word after a Stop: the exit code it ends with (a remote process has no parent
+    that would learn it)."""
+
+    WIRE: ClassVar[int] = 8
+    code: int
+
+
+@attrs.frozen
 class CtlRequest:
     WIRE: ClassVar[int] = 20
     cmd: str
@@ -201,4 +217,5 @@ class CtlReply:
     error: str
 
 
-MESSAGES: tuple[type, ...] = (Error, Hello, Build, BuildResult, Window, WindowDone, Stop, CtlRequest, CtlReply)
+MESSAGES: tuple[type, ...] = (Error, Hello, Build, BuildResult, Window, WindowDone, Stop, Leaving, CtlRequest,
+                              CtlReply)

@@ -68,10 +68,12 @@ class TrioSocket:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
-    async def recv_multipart(self) -> list[bytes]:
+    async def recv_multipart(self, copy: bool = True) -> list[bytes]:
+        """The next message; ``copy=False`` gives ``zmq.Frame`` objects instead (their properties, such as the
+        authenticated User-Id, are readable; typed as bytes for the common case)."""
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 await self._park()
                 self._unyielded = 0  # parking was a yield

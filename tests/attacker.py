@@ -1,0 +1,56 @@
+"""A hostile client, run by tests on another "host": ``attacker.py BUS CONTROL KEYS`` tries what an attacker who holds
+the cluster's public key and one stolen domain key pair (in KEYS) could, and prints, as one JSON object, what each
+attempt got back: null for nothing at all, else the kind of the answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import zmq
+
+from pvcluster.bus import codec
+from pvcluster.bus.messages import CtlRequest, Hello
+from pvcluster.keys import KeyStore, Role
+
+WAIT_MS = 3000
+
+
+def attempt(endpoint: str, body: object, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+    sock.connect(endpoint)
+    try:
+        sock.send(codec.encode(body, seq=1, vt_ns=0))
+        if not sock.poll(WAIT_MS):
+            return None
+        answer = codec.decode(sock.recv()).body
+    finally:
+        sock.close()
+    return str(getattr(answer, "kind", type(answer).__name__))
+
+
+def main() -> int:
+    bus, control, keys = sys.argv[1], sys.argv[2], KeyStore(Path(sys.argv[3]))
+    server = keys.public(Role.cluster())
+    stolen = (*keys.keypair(Role("domain", "victim")), server)
+    stranger = (*zmq.curve_keypair(), server)
+    wrong_server = (*zmq.curve_keypair(), zmq.curve_keypair()[0])
+    shadow = CtlRequest(cmd="create", args={"domain": {"name": "evil", "kernel": "/etc/shadow"}})
+    destroy = CtlRequest(cmd="destroy", args={"dom": "victim"})
+    print(json.dumps({
+        "no-key-control": attempt(control, shadow),
+        "no-key-bus": attempt(bus, Hello(pid=1, name="victim")),
+        "wrong-key-control": attempt(control, destroy, stranger),
+        "wrong-server-key-control": attempt(control, destroy, wrong_server),
+        "domain-key-control": attempt(control, destroy, stolen),
+        "domain-key-bus-other": attempt(bus, Hello(pid=1, name="other"), stolen),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
