@@ -306,6 +306,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Container deployments of a spec (``pvcluster/deploy.py``)."""
+    from pvcluster.deploy import DeployError, run
+
+    try:
+        return run(args)
+    except DeployError as exc:
+        _error(str(exc))
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pvcluster",
@@ -453,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
     p.set_defaults(fn=cmd_down)
+
+    from pvcluster import deploy  # here, not at the top of the file: one block to merge
+
+    p = sub.add_parser("deploy", parents=[after], help="generate a Docker Compose file or Kubernetes manifests "
+                       "for a spec", description=deploy.DESCRIPTION)
+    deploy.add_arguments(p)
+    p.set_defaults(fn=cmd_deploy)
     return ap
 
 
