@@ -241,7 +241,8 @@ def _load_segments(elf: ELFFile, data: bytes, virt_base: int, memory_bytes: int)
 
 def _check_ident(data: bytes) -> None:
     if data[:4] != b"\x7fELF":
-        raise ImageError("not-elf", f"no ELF magic (first bytes {data[:4].hex() or 'none'})")
+        # never the bytes themselves: the message reaches the toolstack, and the file may be anyone's
+        raise ImageError("not-elf", "no ELF magic")
     if len(data) < 20:
         raise ImageError("bad-metadata", f"ELF header truncated at {len(data)} bytes")
     if data[4] != ELFCLASS32:

@@ -158,7 +158,7 @@ class DomainProcess:
             return None
         return sock.recv_multipart(zmq.NOBLOCK)[-1]  # type: ignore[no-any-return]
 
-    def _serve(self, sock: zmq.Socket, poller: zmq.Poller, first: bytes) -> int:
+    def _serve(self, sock: zmq.Socket, poller: zmq.Poller, first: bytes | None = None) -> int:
         """Answer the hypervisor, from the Build that answered the Hello, until it says stop; the exit code."""
         pending: bytes | None = first
         while True:

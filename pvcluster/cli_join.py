@@ -18,8 +18,9 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"  # what a Kubernetes Indexed Job gives each p
 
 KEYS_HELP = """\
 Create or list the CurveZMQ key pairs of a tcp cluster. Every file is 0600 in a 0700 directory; no key is ever
-overwritten. `create` with no --domain/--toolstack makes what a spec needs: the cluster's key pair, your toolstack
-key and one per declared domain (`pvcluster up` does the same on tcp, so the owner needs no set-up).
+overwritten. `create` makes the cluster's key pair, the --toolstack users' keys (default: yours) and the --domain
+keys (default, with a spec or without --dir: one per domain the spec declares); `pvcluster up` does the same on
+tcp, so the owner needs no set-up.
 
 A domain on another host needs only `cluster.key` and its own `domain-NAME.key_secret`, copied there (0600);
 another toolstack user needs `cluster.key` and their own `toolstack-USER.key_secret`, and the hypervisor needs
@@ -90,11 +91,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _create(store: KeyStore, args: argparse.Namespace) -> list[str]:
+    """The cluster's pair; the --domain keys, else (with a spec, or without --dir) every domain of the spec; the
+    --toolstack keys, else the invoking user's."""
     made = ["cluster"] if store.ensure_cluster() else []
-    domains, users = list(args.domain), list(args.toolstack)
-    if not domains and not users:
-        users = [current_user()]
-        domains = [d.name for d in load_spec(args.spec).domains] if not args.dir or args.spec else []
+    domains, users = list(args.domain), list(args.toolstack) or [current_user()]
+    if not domains and (args.spec or not args.dir):
+        domains = [d.name for d in load_spec(args.spec).domains]
     made += [f"domain-{n}" for n in domains if store.ensure_domain(n)]
     made += [f"toolstack-{u}" for u in users if store.ensure_toolstack(u)]
     return made

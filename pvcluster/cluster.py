@@ -53,6 +53,8 @@ class Cluster:
         self.proc = proc
         self.client = client
         self.started_wall = time.monotonic()
+        if proc is not None:
+            client.hypervisor_exited = lambda: proc.poll() is not None
 
     @classmethod
     def start(
@@ -141,11 +143,18 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is not None and self.proc.poll() is not None:
+                if self.proc.returncode == 0:
+                    raise ClusterError("the cluster was brought down before it finished (`pvcluster down`)")
                 raise ClusterError(
                     f"the hypervisor exited with code {self.proc.returncode}:\n"
                     f"{_tail(self.run_dir / 'logs' / 'hypervisor.log')}"
                 )
-            st = self.status()
+            try:
+                st = self.status()
+            except ControlError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    continue  # stopped meanwhile (`pvcluster down` from elsewhere): said at the top of the loop
+                raise
             if on_status is not None:
                 on_status(st)
             states = [d["state"] for d in st["domains"]]

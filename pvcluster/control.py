@@ -8,6 +8,7 @@ names, and a refused handshake is reported as such (from the socket's monitor) r
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 import json
 import os
 import time
@@ -81,6 +82,8 @@ class ControlClient:
         self._seq = itertools.count(1)
         self._monitor: zmq.Socket | None = None
         self._sock = self._connect()
+        # set by an owner that can tell when the hypervisor process has exited: a wait for a reply then ends at once
+        self.hypervisor_exited: Callable[[], bool] = lambda: False
 
     @classmethod
     def for_run_dir(cls, run_dir: Path, timeout_s: float = 30.0) -> ControlClient:
@@ -116,6 +119,9 @@ class ControlClient:
             if why := self._refused():
                 self._reconnect()
                 raise ControlError(f"{self.endpoint}: {why}")
+            if self.hypervisor_exited():
+                self._reconnect()
+                raise ControlError("the hypervisor exited")
         return False
 
     def _reconnect(self) -> None:

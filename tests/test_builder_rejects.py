@@ -13,6 +13,7 @@ import pytest
 from domains.elf_pack import Segment, pack_elf32
 from pvcluster.abi.xen import PAGE_SIZE, XenElfNote
 from pvcluster.cluster import Cluster
+from pvcluster.control import ControlError
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
@@ -58,7 +59,6 @@ class Case:
 
 NOT_ELF = _random_bytes()
 CASES = (
-    Case("bad-notelf", NOT_ELF, "not-elf", ("no ELF magic", NOT_ELF[:4].hex())),
     Case("bad-class", _image(elf_class=2), "wrong-class", ("EI_CLASS is 2", "ELFCLASS32")),
     Case("bad-machine", _image(machine=62), "wrong-machine", ("e_machine is 62", "EM_386 (3)")),
     Case("bad-nometa", _image(notes=()), "no-xen-metadata", ("neither Xen ELF notes nor a __xen_guest",)),
@@ -147,3 +147,17 @@ def test_every_builder_rejection_crashes_only_its_domain(run_dir: Path) -> None:
         if [e["code"] for e in built] != [case.code]:
             failures.append(f"{case.name}: domain trace build_failed events {built}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_file_that_is_no_elf_image_is_refused_at_create_without_a_byte_of_it(run_dir: Path) -> None:
+    # The hypervisor reads a kernel file for the requester (hypervisor/kernel_files.py) and refuses anything without
+    # the ELF magic before a domain exists; the builder's own "not-elf" refusal is the second fence.
+    bad = run_dir / "notelf.elf"
+    bad.write_bytes(NOT_ELF)
+    spec = parse_spec('[cluster]\nname = "rejects"\n[[domain]]\nname = "good"\ncmdline = "shutdown=poweroff"\n')
+    with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
+        with pytest.raises(ControlError) as info:
+            cluster.client.call("create", domain={"name": "notelf", "kernel": str(bad)})
+        assert str(info.value) == f"kernel {bad}: not an ELF image"
+        assert NOT_ELF[:4].hex() not in str(info.value)
+        assert [d["name"] for d in cluster.client.call("list")] == ["good"]

@@ -360,7 +360,7 @@ def test_the_domain_re_executes_a_restarted_hypercall_with_the_new_arguments() -
     vcpu = Vcpu(0, ram, InsnCounter(), 1000, tables.l2)
     vcpu.set_regs({"eip": base, "esp": base + 0x80000, "eflags": 0x2})
     vcpu.state = VcpuState.RUNNING
-    proc = DomainProcess("inproc://unused", b"d1", 1, "alpha", RecordingLog())
+    proc = DomainProcess(None, 1, "alpha", RecordingLog())  # type: ignore[arg-type]
     proc.ram, proc.vcpus = ram, [vcpu]
     vcpu.run(50_000)
     first = vcpu.trap

@@ -492,7 +492,7 @@ def _polling_domain(pending: tuple[int, ...] = ()) -> tuple[DomainProcess, Vcpu,
     vcpu = Vcpu(0, ram, InsnCounter(), 1000, tables.l2)
     vcpu.set_regs({"eip": VIRT, "esp": VIRT + 0x80000, "eflags": 0x2})
     vcpu.state = VcpuState.RUNNING
-    proc = DomainProcess("inproc://unused", b"d1", 1, "alpha", RecordingLog())
+    proc = DomainProcess(None, 1, "alpha", RecordingLog())  # type: ignore[arg-type]
     proc.ram, proc.vcpus = ram, [vcpu]
     vcpu.run(50_000)
     trapped = vcpu.trap

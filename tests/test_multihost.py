@@ -106,6 +106,7 @@ def finish(up: subprocess.Popen[str]) -> dict[str, Any]:
 def prepare(tmp: Path, lab: NetnsLab | None, placement: str,
             domains: tuple[tuple[str, str, str], ...] = DOMAINS, extra: str = "") -> tuple[Path, Path, Path]:
     """(spec, keys, run_dir) under ``tmp``: on tcp the keys are made first, as an operator would."""
+    tmp.mkdir(parents=True, exist_ok=True)
     keys, run_dir = tmp / "keys", tmp / "run"
     tcp = lab is not None
     spec = tmp / "spec.toml"
@@ -176,8 +177,10 @@ def test_clients_without_a_key_with_a_wrong_key_or_with_a_domain_key_are_refused
             assert [(d["name"], d["state"]) for d in json.loads(listed.stdout)] == [("victim", "running")]
         finally:
             lab.run(0, pvcluster("down", "--run-dir", str(run_dir)), capture_output=True, timeout=60)
-            finish(up)
+            _, err = up.communicate(timeout=120)
             victim.wait(timeout=30)
+        assert "brought down before it finished" in err  # `up` says why it ends: someone ran `down`
+        assert victim.returncode == 0
 
 
 def test_a_killed_remote_domain_is_noticed_and_the_others_finish(tmp_path: Path) -> None:
@@ -188,7 +191,8 @@ def test_a_killed_remote_domain_is_noticed_and_the_others_finish(tmp_path: Path)
         procs = {name: join(lab, i + 1, name, domain_keys(keys, name, tmp_path / f"h{i}"), run_dir)
                  for i, (name, _, _) in enumerate(doms)}
         gamma_trace = run_dir / "trace" / "dom3-gamma.jsonl"
-        wait_for(lambda: gamma_trace.exists() and "window" in gamma_trace.read_text())
+        wait_for(lambda: gamma_trace.exists() and "domain.built" in gamma_trace.read_text())
+        time.sleep(1)  # it runs a while: its windows are under way
         procs["gamma"].kill()
         report = finish(up)
         states = {d["name"]: (d["state"], d["crash"]) for d in report["domains"]}

@@ -275,7 +275,7 @@ def test_interrupt_frames_go_through_the_page_tables() -> None:
 
 def _domain(backend: str = "xen") -> tuple[DomainProcess, RecordingLog]:
     log = RecordingLog()
-    dom = DomainProcess("inproc://unused", b"d1", 1, "t", log)
+    dom = DomainProcess(None, 1, "t", log)  # type: ignore[arg-type]
     result = dom._build(_build(backend))
     assert result.ok
     return dom, log

@@ -278,12 +278,13 @@ cmdline = "workload=hcfuzz fuzzcount=300 shutdown=poweroff"
 
 
 def _domain_traces(run_dir: Path, domids: set[int]) -> dict[str, list[dict[str, Any]]]:
+    from pvcluster.rundiff import HOST_EVENTS
     from pvcluster.trace import virtual_view
 
     # Per domain: how the hypervisor's events about two domains interleave at boot follows which process finished
-    # building first, a wall-clock fact; so does the dmesg line naming a domain's process id.
+    # building first, a wall-clock fact; so do the events about which process joined from where.
     hv = [virtual_view(e) for e in read_events(run_dir / "trace" / "hypervisor.jsonl")
-          if "created, process" not in e.get("text", "")]
+          if not e.get("hostdep") and e["event"] not in HOST_EVENTS]
     out = {f"hypervisor/d{d}": [e for e in hv if e.get("dom") == d] for d in sorted(domids)}
     for f in sorted((run_dir / "trace").glob("dom*.jsonl")):
         if int(f.name[3:].split("-")[0]) in domids:

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import zmq
-from helpers import RecordingLog
+from helpers import RecordingLog, core
 
 from domains.runtime import EXIT_HYPERVISOR_GONE, DomainProcess
 from pvcluster.bus import codec
-from pvcluster.bus.messages import Error, Hello, Stop
+from pvcluster.bus.messages import BuildResult, Error, Hello, Leaving, Stop
 from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
 from pvcluster.trace import log as trace
 
@@ -154,12 +155,16 @@ def test_a_signalled_domain_process_leaves_every_event_on_disk(bus: tuple[zmq.So
                                                                 code: int) -> None:
     router, d = bus
     run_dir = Path(d) / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "domains", "--endpoint", f"ipc://{d}/bus.sock", "--identity",
-                             "dom1-t", "--run-dir", str(run_dir), "--domid", "1", "--name", "t"],
+    proc = subprocess.Popen([sys.executable, "-m", "domains", "--endpoint", f"ipc://{d}/bus.sock", "--name", "t",
+                             "--trace-dir", str(run_dir / "trace"), "--spawned"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         ident, hello = router.recv_multipart()
-        assert isinstance(codec.decode(hello).body, Hello)
+        body = codec.decode(hello).body
+        assert isinstance(body, Hello) and body.name == "t"
+        # joined: its Build (the trace file opens with it), built and answered
+        router.send_multipart([ident, _build_frame()])
+        assert isinstance(codec.decode(router.recv_multipart()[1]).body, BuildResult)
         # A bad frame is traced (bus.malformed) and answered, the trace flushed first; an Error from the hypervisor
         # is traced (bus.peer_error) and answered with nothing, so its event stays in the buffer.
         router.send_multipart([ident, b"\xc1"])
@@ -167,7 +172,7 @@ def test_a_signalled_domain_process_leaves_every_event_on_disk(bus: tuple[zmq.So
         switches = _blocked_count(proc.pid)
         router.send_multipart([ident, codec.encode(Error("unexpected", "buffered", 2), seq=2, vt_ns=0)])
         _wait_until_blocked_again(proc.pid, switches)  # it has read the Error and waits for the next frame
-        assert [e["event"] for e in _lines(run_dir / "trace" / "dom1-t.jsonl")] == ["bus.malformed"]
+        assert [e["event"] for e in _lines(run_dir / "trace" / "dom1-t.jsonl")] == ["domain.built", "bus.malformed"]
         os.kill(proc.pid, sig)
         assert proc.wait(timeout=60) == code
     finally:
@@ -175,11 +180,20 @@ def test_a_signalled_domain_process_leaves_every_event_on_disk(bus: tuple[zmq.So
             proc.kill()
             proc.wait()
     events = [e["event"] for e in _lines(run_dir / "trace" / "dom1-t.jsonl")]
-    expected = ["bus.malformed", "bus.peer_error"]
+    expected = ["domain.built", "bus.malformed", "bus.peer_error"]
     if sig == HYPERVISOR_GONE_SIGNAL:
         expected.append("domain.hypervisor_gone")
         assert proc.stderr is not None and b"is gone; trace flushed, exiting" in proc.stderr.read()
     assert events == expected
+
+
+def _build_frame() -> bytes:
+    """A Build for a one-vCPU xen domain "t" with id 1, as the hypervisor sends it (kernel image included)."""
+    from domains.kernel.build import cached_kernel
+
+    hv = core()
+    dom = hv.create_domain(hv.spec.domains[1], image=cached_kernel("pvkern"))
+    return codec.encode(attrs.evolve(hv._build_message(dom), name="t"), seq=1, vt_ns=0)
 
 
 class _Silent:
@@ -203,7 +217,8 @@ class _Silent:
 def _domain_process() -> tuple[DomainProcess, RecordingLog, list[int]]:
     log = RecordingLog()
     flushed: list[int] = []
-    return DomainProcess("inproc://unused", b"d1", 1, "t", log, flush_trace=lambda: flushed.append(1)), log, flushed
+    proc = DomainProcess(None, 1, "t", log, flush_trace=lambda: flushed.append(1))  # type: ignore[arg-type]
+    return proc, log, flushed
 
 
 def test_a_domain_process_whose_hypervisor_is_gone_without_a_signal_ends_after_a_silent_poll() -> None:
@@ -211,13 +226,13 @@ def test_a_domain_process_whose_hypervisor_is_gone_without_a_signal_ends_after_a
     silent = _Silent()
     proc.parent = -1  # not our parent any more: the hypervisor died and the process was adopted
     assert proc._serve(silent, silent) == EXIT_HYPERVISOR_GONE  # type: ignore[arg-type]
-    assert isinstance(codec.decode(silent.sent[0]).body, Hello) and flushed  # said hello, trace flushed first
     assert [e for e, _ in log.events] == ["domain.hypervisor_gone"]
 
 
 def test_silence_alone_does_not_end_a_domain_process() -> None:
-    proc, log, _ = _domain_process()
+    proc, log, flushed = _domain_process()
     silent = _Silent(quiet=3)
     proc.parent = os.getppid()  # the hypervisor is there, only slow (or waiting for another domain)
     assert proc._serve(silent, silent) == 0  # type: ignore[arg-type]
     assert [e for e, _ in log.events] == ["domain.stop"]
+    assert isinstance(codec.decode(silent.sent[-1]).body, Leaving) and flushed  # a goodbye, the trace flushed first
