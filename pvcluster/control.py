@@ -8,10 +8,10 @@ names, and a refused handshake is reported as such (from the socket's monitor) r
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
