@@ -27,6 +27,8 @@ from pvcluster.keys import KeyStore, Role
 
 # How long a process waits for the hypervisor's answer to its Hello (the hypervisor may not be up yet).
 JOIN_WAIT_S = 120.0
+# How soon a process whose domain is not declared yet asks again.
+ASK_AGAIN_S = 0.5
 # A remote process takes the hypervisor for gone once its connection has been down this long.
 GONE_AFTER_S = 30.0
 _FAILED: dict[int, str] = {
@@ -104,9 +106,9 @@ def join(endpoint: str, name: str, keys: Path | None, wait_s: float = JOIN_WAIT_
     conn = Connection(endpoint, name, keys)
     try:
         conn.sock.connect(endpoint)
-        hello = Hello(pid=os.getpid(), name=name, host=socket.gethostname())
-        conn.sock.send(codec.encode(hello, seq=1, vt_ns=0))
-        return conn, _answer(conn, wait_s)
+        hello = codec.encode(Hello(pid=os.getpid(), name=name, host=socket.gethostname()), seq=1, vt_ns=0)
+        conn.sock.send(hello)
+        return conn, _answer(conn, hello, wait_s)
     except StoppedBeforeBuild:
         conn.close(1000)  # the goodbye goes out
         raise
@@ -115,8 +117,11 @@ def join(endpoint: str, name: str, keys: Path | None, wait_s: float = JOIN_WAIT_
         raise
 
 
-def _answer(conn: Connection, wait_s: float) -> bytes:
+def _answer(conn: Connection, hello: bytes, wait_s: float) -> bytes:
+    """Wait for the answer to ``hello``; a domain not declared yet (this process started before the toolstack's
+    `create`) is asked for again every ASK_AGAIN_S."""
     deadline = time.monotonic() + wait_s
+    undeclared = ""
     while (left := deadline - time.monotonic()) > 0:
         if not conn.sock.poll(int(min(left, 0.5) * 1000)):
             conn.poll_monitor()
@@ -133,9 +138,16 @@ def _answer(conn: Connection, wait_s: float) -> bytes:
         if isinstance(body, Stop):
             conn.sock.send(codec.encode(Leaving(code=0), seq=2, vt_ns=0))
             raise StoppedBeforeBuild(body.reason)
+        if isinstance(body, Error) and body.kind == "not-declared":
+            undeclared = body.detail
+            time.sleep(min(ASK_AGAIN_S, max(0.0, deadline - time.monotonic())))
+            conn.sock.send(hello)
+            continue
         if isinstance(body, Error):
             raise JoinError(f"the hypervisor refused to let this process join as {conn.name!r}: {body.detail}")
         raise JoinError(f"unexpected answer {type(body).__name__} from the hypervisor")
+    if undeclared:
+        raise JoinError(f"the hypervisor at {conn.endpoint} answers, but within {wait_s:g} s: {undeclared}")
     conn.poll_monitor()
     why = f" ({conn.last_failure})" if conn.last_failure else ""
     raise JoinError(f"no answer from the hypervisor at {conn.endpoint} within {wait_s:g} s{why}")

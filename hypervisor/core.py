@@ -55,6 +55,14 @@ MAX_DMESG_LINES = 5000
 MAX_PAUSES = 255  # Xen limits the toolstack's pause count to 255 (_domain_pause_by_systemcontroller)
 
 
+@attrs.frozen
+class Refusal:
+    """Why a process may not join as the domain it claimed: ``kind`` is the Error kind its answer carries."""
+
+    kind: str  # "refused", or "not-declared" (no such domain yet: the process may ask again)
+    detail: str
+
+
 @attrs.define
 class RunWall:
     """Wall-clock time from the first window's opening to the last window's closing: the run without its start-up
@@ -157,20 +165,21 @@ class Hypervisor:
         self.domains.add(dom)
         return dom
 
-    def claim(self, identity: bytes, hello: Hello, key_domain: str | None) -> Domain | str:
+    def claim(self, identity: bytes, hello: Hello, key_domain: str | None) -> Domain | Refusal:
         """A process joins as the declared domain ``hello.name``: bind its bus identity to the domain and answer its
         Hello. Returns the domain, or why the claim is refused (traced). ``key_domain``: the domain the peer's CURVE
         key belongs to (None on ipc, where only the hypervisor's own user can reach the bus)."""
         name = hello.name[:64]
         dom = self.domains.live_named(name) if name else None
         if key_domain is not None and name != key_domain:
-            why = f"its key is domain {key_domain!r}'s, not {name!r}'s"
+            why = Refusal("refused", f"its key is domain {key_domain!r}'s, not {name!r}'s")
         elif dom is None:
-            why = f"no domain named {name!r} was declared"
+            # not (yet) declared: a process started before its domain's `create` asks again (domains/join.py)
+            why = Refusal("not-declared", f"no domain named {name!r} was declared")
         elif dom.identity:
-            why = f"domain {name!r} has already joined"
+            why = Refusal("refused", f"domain {name!r} has already joined")
         elif dom.state in (DomainState.RUNNING, DomainState.PAUSED):
-            why = f"domain {name!r} is {dom.state.value}"
+            why = Refusal("refused", f"domain {name!r} is {dom.state.value}")
         else:  # building; or destroyed before a process joined, which then gets its Stop
             self.domains.bind(dom, identity)
             dom.trace.event("domain.joined", vt_ns=self.clock.now_ns, pid=hello.pid, host=hello.host[:255],
@@ -178,7 +187,7 @@ class Hypervisor:
             self.receive(dom, hello)
             return dom
         self.log.warning("domain.join_refused", vt_ns=self.clock.now_ns, name=name, pid=hello.pid,
-                         host=hello.host[:255], reason=why)
+                         host=hello.host[:255], kind=why.kind, reason=why.detail)
         return why
 
     def receive(self, dom: Domain, body: Any) -> None:

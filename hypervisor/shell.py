@@ -282,9 +282,9 @@ class HypervisorProcess:
                 await self._reject(identity, "refused", "only a domain's key may join", -1, key=str(user_id)[:80])
                 return
         claimed = self.core.claim(identity, body, key_domain)
-        if isinstance(claimed, str):
+        if not isinstance(claimed, Domain):
             self.flush_trace()
-            await self.send(identity, Error(kind="refused", detail=claimed, ref_seq=-1))
+            await self.send(identity, Error(kind=claimed.kind, detail=claimed.detail, ref_seq=-1))
             return
         self.core.printk(f"d{claimed.domid} ({claimed.name}): joined from {body.host[:64] or '?'} "
                          f"(process {body.pid})", dom=claimed.domid, hostdep=True)

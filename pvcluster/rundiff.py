@@ -47,7 +47,8 @@ HYPERVISOR_TRACE = "hypervisor.jsonl"
 HOST_FIELDS = frozenset({"pid", "bus", "control", "endpoint", "run_dir", "path"})
 HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_failed",
                          # who joined from where, and what the bus's authentication let in or kept out
-                         "domain.joined", "auth.accepted", "auth.refused", "auth.handshake_failed"})
+                         "domain.joined", "domain.join_refused", "auth.accepted", "auth.refused",
+                         "auth.handshake_failed", "auth.suppressed", "control.refused", "control.create_refused"})
 # Events whose place among the others is the host's: a process exits (and its exit is traced) when the host gets
 # to it. Each is compared in a stream of its own, so its fields count but not its position.
 HOST_ORDERED = frozenset({"domain.process_exit"})

@@ -5,8 +5,10 @@ control socket, and a toolstack user gets the hypervisor to read only files that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from helpers import run_cli, wait_until
 
 from pvcluster.cluster import Cluster
 from pvcluster.control import ControlClient, ControlError, toolstack_keys
+from pvcluster.keys import KeyStore, Role
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
@@ -70,6 +73,15 @@ def test_no_key_a_stranger_s_key_or_a_domain_key_gets_nothing(run_dir: Path) -> 
         # nothing happened: the victim runs on, nothing was created, and no file was read for anyone
         assert [(d["name"], d["state"]) for d in cluster.client.call("list")] == [("victim", "running")]
         assert all(e["cmd"] != "destroy" for e in events(rd, "control.request"))
+        # no secret on any process's command line: the domain process was given the key directory, not a key
+        secret = KeyStore(keys).keypair(Role.domain("victim"))[1].decode()
+        dmesg = " ".join(cluster.client.call("dmesg"))
+        pid = int(re.search(r"d1 \(victim\): created, process (\d+)", dmesg).group(1))  # type: ignore[union-attr]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--keys" in argv and str(keys).encode() in argv
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                assert secret.encode() not in (proc / "cmdline").read_bytes()
 
 
 def test_the_hypervisor_reads_a_kernel_only_as_the_requesting_user_could(run_dir: Path) -> None:

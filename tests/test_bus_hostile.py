@@ -127,7 +127,7 @@ def test_a_hello_that_claims_no_claimable_domain_is_refused(
         reply = exchange(sock, codec.encode(Hello(pid=os.getpid(), name=name, host="test"), seq=1, vt_ns=0))
     finally:
         sock.close()
-    assert bus_error(reply) == Error(kind="refused", detail=why, ref_seq=-1)
+    assert bus_error(reply) == Error(kind="not-declared", detail=why, ref_seq=-1)
     events = [e for e in trace(cluster, "domain.join_refused") if e["name"] == name and e["pid"] == os.getpid()]
     assert events and events[-1]["reason"] == why and events[-1]["level"] == "warning"
 
@@ -194,7 +194,7 @@ def test_a_burst_from_peers_that_vanish_does_not_stop_the_bus(
         reply = exchange(sock, codec.encode(Hello(pid=1), seq=1, vt_ns=0))
     finally:
         sock.close()
-    assert bus_error(reply).kind == "refused"  # a Hello claiming no domain: refused, not unknown
+    assert bus_error(reply).kind == "not-declared"  # a Hello claiming no domain: refused, not unknown
     assert cluster.proc is not None and cluster.proc.poll() is None
 
 

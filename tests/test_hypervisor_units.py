@@ -8,6 +8,7 @@ import attrs
 import pytest
 from helpers import core
 
+from hypervisor.core import Refusal
 from hypervisor.domain import TRANSITIONS, Domain, DomainState, IllegalTransition
 from hypervisor.guestmem import GuestFault, GuestView, NotCopied
 from hypervisor.hypercall_page import hypercall_page
@@ -137,11 +138,14 @@ def test_the_run_wall_time_spans_the_windows_only() -> None:
 def test_a_claim_binds_one_process_per_domain_and_only_with_the_domain_s_key() -> None:
     hv = core()
     a = hv.create_domain(hv.spec.domains[0])
-    assert hv.claim(b"p1", Hello(pid=1, name=a.name), "beta") == f"its key is domain 'beta''s, not {a.name!r}'s"
-    assert hv.claim(b"p1", Hello(pid=1, name="nosuch"), None) == "no domain named 'nosuch' was declared"
+    assert hv.claim(b"p1", Hello(pid=1, name=a.name), "beta") == Refusal(
+        "refused", f"its key is domain 'beta''s, not {a.name!r}'s")
+    assert hv.claim(b"p1", Hello(pid=1, name="nosuch"), None) == Refusal(
+        "not-declared", "no domain named 'nosuch' was declared")
     assert hv.claim(b"p1", Hello(pid=1, name=a.name), a.name) is a
     # a second process cannot take the domain over, whatever its key
-    assert hv.claim(b"p2", Hello(pid=2, name=a.name), a.name) == f"domain {a.name!r} has already joined"
+    assert hv.claim(b"p2", Hello(pid=2, name=a.name), a.name) == Refusal(
+        "refused", f"domain {a.name!r} has already joined")
     assert hv.domains.by_identity(b"p2") is None and a.identity == b"p1"
     refused = [kw for e, kw in hv.log.events if e == "domain.join_refused"]
     assert [r["reason"] for r in refused][-1] == f"domain {a.name!r} has already joined"
