@@ -200,6 +200,10 @@ class Hypervisor:
             self.outbox.append((dom, faults.on_build(dom.faults, self._build_message(dom), dom.trace)))
         elif isinstance(body, BuildResult) and dom.state is DomainState.BUILDING and dom.hello:
             self._built(dom, body)
+        elif isinstance(body, WindowDone) and not dom.alive:
+            # sent before its process learned of the end (a kill races its last report): nothing to act on, and
+            # whether it arrives at all is the host's timing, so the event is marked host-dependent
+            self.log.info("bus.late_report", vt_ns=self.clock.now_ns, dom=dom.domid, index=body.index, hostdep=True)
         elif isinstance(body, WindowDone):
             self.clock.accept(dom, body)
         elif isinstance(body, Leaving):
