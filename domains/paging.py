@@ -74,6 +74,29 @@ def translate(ram: GuestRam, cr3: int, va: int, write: bool) -> int | None:
     return int((pte & _FRAME) | (va & (PAGE_SIZE - 1)))
 
 
+def walk(ram: GuestRam, cr3: int, va: int, length: int) -> tuple[list[int], list[int]]:
+    """How ``[va, va+length)`` translates through the tables at ``cr3``, page by page (a zero length: ``va``'s page
+    alone): the physical addresses of the entries the walk reads (each page's PDE, then its PTE when the PDE is
+    present), and the frame each page maps to (-1: not present). A write to one of those entries, and only that,
+    can change what the span translates to."""
+    va &= 0xFFFFFFFF
+    first, last = va >> 12, min(va + max(length, 1) - 1, _ADDR_LIMIT - 1) >> 12
+    entries: list[int] = []
+    frames: list[int] = []
+    for page in range(first, last + 1):
+        pde_at = (cr3 & _FRAME) + (page >> 10) * 4
+        entries.append(pde_at)
+        pde = _entry(ram, pde_at)
+        if pde is None or not pde & PTE_PRESENT:
+            frames.append(-1)
+            continue
+        pte_at = (pde & _FRAME) + (page & (ENTRIES - 1)) * 4
+        entries.append(pte_at)
+        pte = _entry(ram, pte_at)
+        frames.append(pte >> 12 if pte is not None and pte & PTE_PRESENT else -1)
+    return entries, frames
+
+
 def _chunks(ram: GuestRam, cr3: int, va: int, length: int, write: bool) -> list[tuple[int, int]] | None:
     """``[va, va+length)`` as (physical address, length) pieces, one per page; None if any page is unmapped,
     not writable when ``write``, or not RAM."""

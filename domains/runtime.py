@@ -26,9 +26,9 @@ from domains.elf_load import ImageError
 from domains.join import Connection
 from domains.link import LinkReceiver
 from domains.memory import GuestRam
-from domains.paging import read_virt, write_virt
+from domains.paging import read_virt, walk, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
-from pvcluster.abi.copyin import copy_in
+from pvcluster.abi.copyin import Span, copy_in
 from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
 from pvcluster.bus import codec
@@ -350,15 +350,21 @@ class DomainProcess:
 
     def _copy_in(self, vcpu: Vcpu, nr: int, args: list[int]) -> list[Region]:
         """The guest buffers hypercall ``nr`` names, read through ``vcpu``'s page tables. A span that is not
-        mapped (or, for one the hypervisor may write, not mapped writable) goes with data None: -EFAULT."""
+        mapped (or, for one the hypervisor may write, not mapped writable) goes with data None: -EFAULT. Each
+        goes with how it was translated, so the hypervisor knows which of them a page-table write made by an
+        earlier multicall entry leaves stale (``hypervisor/guestmem.py``)."""
         assert self.ram is not None
         ram, cr3 = self.ram, vcpu.cr3
 
         def read(va: int, n: int, write: bool = False) -> bytes | None:
             return read_virt(ram, cr3, va, n, write)
 
-        return [Region(s.addr, s.length, read(s.addr, s.length, s.writable), s.writable)
-                for s in copy_in(nr, args, read)]
+        def region(s: Span) -> Region:
+            data = read(s.addr, s.length, s.writable)
+            entries, frames = walk(ram, cr3, s.addr, s.length)
+            return Region(s.addr, s.length, data, s.writable, entries, frames if data is not None and s.length else [])
+
+        return [region(s) for s in copy_in(nr, args, read)]
 
     def _event(self, d: Delivery) -> None:
         """An effect decided outside this domain's own hypercalls, arriving at ``d.vt_ns``: a vCPU asleep until then

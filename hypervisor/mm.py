@@ -10,7 +10,8 @@ Also here: the batch protocol that mmu_update and mmuext_op share, with Xen's pr
 domain has spent its work budget for the window (``hypercall_preempt_check``) or when it reaches requests the
 domain process did not copy in (it copies a bounded prefix of a long batch); the hypercall then returns through a
 continuation, exactly as Xen's: the vCPU re-executes it with the array pointer advanced, the count reduced and
-``MMU_UPDATE_PREEMPTED`` set, and the done count accumulates in guest memory across the pieces.
+``MMU_UPDATE_PREEMPTED`` set, and the done count accumulates in guest memory across the pieces. It stops the same
+way at a request whose copy an earlier request's page-table write made stale (``GuestView.observe``).
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def owned(dom: Domain, mfn: int) -> bool:
     return 0 <= mfn < dom.nr_pages
 
 
+def shared_info_frame(dom: Domain) -> int:
+    """The frame after the domain's RAM (the domain process keeps shared_info there too)."""
+    return int(dom.nr_pages)
+
+
 def mappable(dom: Domain, mfn: int) -> bool:
     """A frame a present PTE of ``dom`` may name: its own RAM, or its shared_info frame."""
-    return owned(dom, mfn) or mfn == dom.nr_pages
+    return owned(dom, mfn) or mfn == shared_info_frame(dom)
 
 
 def is_self(dom: Domain, foreigndom: int) -> bool:
@@ -141,6 +147,7 @@ def run_batch(
         except GuestFault:
             rc = deny(call, Errno.EFAULT, unmapped, index=i)
             break
+        call.settle()  # the next request is read after this one's page-table write, as Xen reads it
         if rc:
             break
         done = i + 1

@@ -119,7 +119,7 @@ SAMPLES: dict[type, list[Any]] = {
                    VcpuReport(vcpu=1, state="down", clock_ns=0, instructions=0)],
             hypercalls=[HypercallReq(vcpu=0, seq=4, vt_ns=49_600, nr=18, args=[0, 1, 0xFFFFFFFF, 0, 0, 0],
                                      regions=[Region(addr=0x3000, length=16, data=b"hello, console\n\x00",
-                                                     writable=False),
+                                                     writable=False, walk=[0xF0000, 0xF1000 + 12], frames=[0x3]),
                                               Region(addr=0xDEAD0000, length=8, data=None, writable=True)])],
             faults=[VcpuFault(vcpu=1, vt_ns=49_000, kind="invalid-opcode", detail="#UD", eip=0xC0100123,
                               disasm="ud2")],
@@ -376,7 +376,7 @@ def test_other_types_where_int_expected(pid: Any) -> None:
 
 def test_optional_field_accepts_none_and_its_type_but_nothing_else() -> None:
     def req(data: Any) -> bytes:
-        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True]]]], [], []]
+        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True, [], []]]]], [], []]
         return frame(PROTO_VERSION, code_of(WindowDone), 1, 0, fields)
 
     assert decode(req(None)).body.hypercalls[0].regions[0].data is None

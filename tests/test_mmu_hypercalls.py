@@ -302,10 +302,13 @@ def test_uvm_copy_in() -> None:
     def nothing(addr: int, length: int) -> bytes | None:
         raise AssertionError("update_va_mapping needs no second level")
 
-    assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, MASK | 2], nothing) == [Span(MASK, 4)]
-    assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, (MASK + 4) | 1], nothing) == [Span(MASK + 4, 4)]
+    # first, always, the translation of va alone (no bytes): which L1 entry the call writes, so that a later
+    # multicall entry whose buffers it remaps is not run on a stale copy (hypervisor/guestmem.py)
+    walk = Span(VA, 0)
+    assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, MASK | 2], nothing) == [walk, Span(MASK, 4)]
+    assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, (MASK + 4) | 1], nothing) == [walk, Span(MASK + 4, 4)]
     for flags in (0, 1, 2, 4 | 1, 4 | 2, MASK | 0, MASK | 3):  # local, all, no flush, or a bad flush type
-        assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, flags], nothing) == []
+        assert copy_in(Hypercall.update_va_mapping, [VA, 0, 0, flags], nothing) == [walk]
 
 
 # -- mmuext_op ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hypervisor import mm
 from hypervisor.guestmem import GuestView
 from pvcluster.bus.effects import Effect
 
@@ -44,6 +45,8 @@ class Call:
     continuation: list[int] | None = None
     # Virtual ns the work itself takes beyond the trap and return (hypercall_ns): flushes, multicall entries.
     work_ns: int = 0
+    # How many of ``effects`` the guest-memory view has been told about (``settle``).
+    settled: int = 0
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF if i < len(self.args) else 0
@@ -68,6 +71,12 @@ class Call:
     def restart(self, args: list[int]) -> None:
         """End this call with a continuation: the vCPU re-executes it with ``args``."""
         self.continuation = [a & 0xFFFFFFFF for a in args]
+
+    def settle(self) -> None:
+        """Tell the guest-memory view what this call's effects so far will do to guest memory, so that a later
+        request or multicall entry does not read a copy they made stale (``GuestView.observe``)."""
+        self.mem.observe(self.effects[self.settled :], vcpu=self.vcpu, shared_info_frame=mm.shared_info_frame(self.dom))
+        self.settled = len(self.effects)
 
     def sub(self, nr: int, args: list[int]) -> Call:
         """A multicall entry: a hypercall of its own on the same vCPU, at the same virtual time."""

@@ -6,20 +6,31 @@ and, reading it, every entry's own buffers, so a batch crosses the bus as one me
 
 Entries run in order, each as a hypercall of its own on the same vCPU at the same virtual time; the multicall
 itself returns 0 and an entry's failure does not stop the ones after it (as in Xen's do_multicall,
-xen/common/multicall.c). As Xen, a long batch is preempted: before every entry but the first the domain's work
-budget for the window is checked (``hypercall_preempt_check``), and when it is spent, or the entries left were not
-copied in with this trap, the multicall returns through a continuation that re-executes it from the next entry.
-An entry that was itself preempted (a long mmuext_op) has its continuation arguments written back into its entry,
-and the multicall continues from that entry. Differences from Xen:
+xen/common/multicall.c). As there, each entry runs against guest memory as the entries before it left it: the
+entry itself, and every buffer it reads, are read after the earlier entries' writes (a done count, an event
+channel's out port, an earlier result; ``GuestView`` overlays them on what was copied in) and after their
+page-table writes. Those happen in the domain process, after the trap, so an entry whose buffers an earlier
+entry's effects made stale (a PTE or PDE their translation went through, a new CR3; ``GuestView.observe``), or
+which names buffers that were not copied in (an earlier entry rewrote its arguments), does not run in this trap:
+the multicall returns through a continuation from that entry, and the re-executed trap copies in through the
+tables as they now are. That is Xen's own preemption (hypercall_create_continuation), so it is deterministic and
+the guest cannot tell, except that it costs another trap.
+
+As Xen, a long batch is preempted: before every entry but the first the domain's work budget for the window is
+checked (``hypercall_preempt_check``), and when it is spent, or the entries left were not copied in with this
+trap, the multicall returns through a continuation that re-executes it from the next entry. An entry that was
+itself preempted (a long mmuext_op) has its continuation arguments written back into its entry, and the multicall
+continues from that entry. Differences from Xen:
 
 * An entry that defers its vCPU (SCHEDOP_block, SCHEDOP_shutdown) ends the batch: its own result is written
   back, the entries after it are not run and their result fields are left untouched.
 * An unreadable or read-only entry is -EFAULT for the multicall, stopping there (Xen faults on the first entry
   it cannot copy); a result that cannot be written back ends the batch with -EFAULT, as in Xen.
 * A nested multicall entry gets -EINVAL (Xen refuses re-entry via MCSF_in_multicall).
-
-Reads by a later entry see guest memory as it was at the trap: writes by earlier entries in the same batch
-(done counts, results) are not visible to them.
+* Only the result field is written back (a release build of Xen; a debug build first fills the whole entry with
+  0xAA, so a guest must not read anything else of a finished entry).
+* An entry's own writes after its own page-table writes (an mmu_update's done count, its result field) go
+  through the translation their page had at the trap, as a TLB entry not flushed yet lets Xen's do.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import struct
 
 from hypervisor.guestmem import GuestFault, NotCopied
 from hypervisor.hypercalls.base import Call
+from pvcluster.abi.copyin import describe
 from pvcluster.abi.errno import Errno, as_signed
 from pvcluster.abi.layouts import MULTICALL_ENTRY
 from pvcluster.abi.structs import MULTICALL_ENTRY_ARGS
@@ -77,14 +89,18 @@ def _run_entry(call: Call, i: int, here: int, results: list[int]) -> bool:
         return _continue_at(call, i, here)
     except GuestFault:
         raise _Stop(-Errno.EFAULT) from None
-    call.spend(1)
     op, args = fields[0], list(fields[2 : 2 + MULTICALL_ENTRY_ARGS])
+    if op != NR and not _buffers_here(call, op, args):
+        return _continue_at(call, i, here)
+    call.spend(1)
     sub = call.sub(op, args)
     try:
         value = -Errno.EINVAL if op == NR else dispatch(sub)
     except NotCopied:
         return _continue_at(call, i, here)
+    sub.settle()  # the entries after this one see what its effects will do to guest memory
     call.effects.extend(sub.effects)
+    call.settled = len(call.effects)
     call.remote.extend(sub.remote)
     call.work_ns += sub.work_ns
     results.append(as_signed(value))
@@ -106,9 +122,18 @@ def _run_entry(call: Call, i: int, here: int, results: list[int]) -> bool:
     return True
 
 
+def _buffers_here(call: Call, op: int, args: list[int]) -> bool:
+    """Whether every buffer the entry names, read from guest memory as the earlier entries left it, came with this
+    trap and is not stale. Only then does it run here: an entry never runs with part of its buffers (a batch
+    without its done count), and never reads a copy made before an earlier entry changed what it holds."""
+    spans = describe(op, args, call.mem.peek)
+    return all(call.mem.holds(s.addr, s.length, writable=s.writable) for s in spans)
+
+
 def _continue_at(call: Call, i: int, here: int) -> bool:
-    """Entry ``i`` (or what it reads) was not copied in with this trap: continue from it in the next one. The
-    first entry's buffers always are, so a batch always makes progress; if not, it was not mapped."""
+    """Entry ``i`` (or what it reads) was not copied in with this trap, or an earlier entry made the copy stale:
+    continue from it in the next one. The first entry's buffers always are there and fresh, so a batch always
+    makes progress; if not, it was not mapped."""
     if not i:
         raise _Stop(-Errno.EFAULT)
     call.restart([here, call.arg(1) - i])

@@ -41,7 +41,8 @@ MAX_CONSOLE_WRITE = 16 * 1024
 
 @attrs.frozen
 class Span:
-    """A guest buffer a hypercall may touch: ``addr`` and ``length`` as the guest gave them."""
+    """A guest buffer a hypercall may touch: ``addr`` and ``length`` as the guest gave them. A zero length names
+    no bytes, only the translation of ``addr`` (update_va_mapping writes the L1 entry that maps it)."""
 
     addr: int
     length: int
@@ -109,15 +110,15 @@ def _mmuext_op(args: list[int], read: Reader) -> list[Span]:
         return spans
     # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read.
     for cmd, _, mask_ptr in struct.iter_unpack("<3I", raw):
-        bitmap = Span(mask_ptr, 4)
-        if cmd in structs.MMUEXT_MULTI_CMDS and bitmap not in spans:
+        if cmd in structs.MMUEXT_MULTI_CMDS and (bitmap := Span(mask_ptr, 4)) not in spans:
             spans.append(bitmap)
     return spans
 
 
 def _update_va_mapping(args: list[int], read: Reader) -> list[Span]:
+    # Which L1 entry maps va: the hypervisor needs it to know what a later multicall entry's buffers still mean.
     ptr = structs.uvmf_bitmap_ptr(args[3])
-    return [] if ptr is None else [Span(ptr, 4)]
+    return [Span(args[0], 0)] + ([] if ptr is None else [Span(ptr, 4)])
 
 
 def _event_channel_op(args: list[int], read: Reader) -> list[Span]:
@@ -150,7 +151,7 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
         new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
         # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
         # batch entry never runs with its ops but without its done counter.
-        if total + sum(s.length for s in new) > MAX_TOTAL or any(not 0 < s.length <= MAX_SPAN for s in new):
+        if total + sum(s.length for s in new) > MAX_TOTAL or any(not 0 <= s.length <= MAX_SPAN for s in new):
             break
         seen.update(new)
         spans += new
@@ -187,7 +188,7 @@ def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
     kept: list[Span] = []
     total = 0
     for s in describe(nr, args, read):
-        if 0 < s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
+        if 0 <= s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
             kept.append(s)
             total += s.length
     return kept

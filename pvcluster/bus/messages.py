@@ -77,12 +77,20 @@ class BuildResult:
 
 @attrs.frozen
 class Region:
-    """A span of guest memory copied in for a hypercall. ``data`` is None when the span is not mapped."""
+    """A span of guest memory copied in for a hypercall. ``data`` is None when the span is not mapped.
+
+    How the domain process translated it, so that the hypervisor can tell when an earlier part of the same hypercall
+    (a multicall entry, a batch request) changed what the span means (``hypervisor/guestmem.py``): ``walk`` holds
+    the machine addresses of the page-table entries read, page by page (the PDE, then the PTE when the PDE is
+    present); ``frames`` the machine frame of each page of a mapped span. A zero-length region is a translation
+    only (the L1 entry update_va_mapping writes). Empty lists: not known (a hand-made region), never stale."""
 
     addr: int
     length: int
     data: bytes | None
     writable: bool
+    walk: list[int] = attrs.Factory(list)
+    frames: list[int] = attrs.Factory(list)
 
 
 @attrs.frozen
