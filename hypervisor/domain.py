@@ -17,6 +17,7 @@ import attrs
 
 from hypervisor.errors import IllegalTransition
 from hypervisor.evtchn import EvtchnTable
+from hypervisor.gnttab import GrantTable
 from hypervisor.link import Link
 from hypervisor.mm import Frames
 from hypervisor.tracing import DomainTrace
@@ -70,6 +71,7 @@ class Domain:
     state: DomainState = DomainState.BUILDING
     evtchn: EvtchnTable = attrs.Factory(EvtchnTable)
     frames: Frames = attrs.Factory(Frames)
+    grant: GrantTable = attrs.Factory(GrantTable)
     shutdown_reason: ShutdownReason | None = None
     crash_detail: str = ""
     console: list[str] = attrs.Factory(list)
@@ -96,8 +98,8 @@ class Domain:
 
     @property
     def nr_pages(self) -> int:
-        """Frames the domain owns: machine frames 0 .. nr_pages-1 of its own RAM (an identity p2m). The frame
-        just after them holds shared_info and belongs to the hypervisor."""
+        """Frames the domain owns: machine frames 0 .. nr_pages-1 of its own RAM (an identity p2m). The frames
+        just after them belong to the hypervisor: shared_info, the GDT, the grant table's (pvcluster.abi.platform)."""
         return int(self.spec.memory_mib) << 8
 
     @property

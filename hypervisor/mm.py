@@ -1,10 +1,12 @@
 """What the hypervisor knows about a domain's memory: which frames it owns and which it has pinned as page tables.
 
-The p2m is the identity (mfn == pfn) and a domain owns machine frames ``0 .. nr_pages-1``; the frame just after
-them holds ``shared_info``, which the hypervisor owns but, as in Xen (``share_xen_page_with_guest``), lets the
-guest map. Guest RAM itself lives in the domain process, so the hypervisor cannot read a page table: pinning here
-records the guest's promise (frame F is an L1/L2 table) and is what the mapping checks are made against. The pins
-hang off the domain (``Domain.frames``), as Xen keeps page types in the domain's frame table.
+The p2m is the identity (mfn == pfn) and a domain owns machine frames ``0 .. nr_pages-1``; the frames just after
+them hold ``shared_info`` and the grant table's frames, which the hypervisor owns but, as in Xen
+(``share_xen_page_with_guest``), lets the guest map. Each domain's frame numbers are its own (its process backs
+them), so no domain can name another's. Guest RAM itself lives in the domain process, so the hypervisor cannot
+read a page table: pinning here records the guest's promise (frame F is an L1/L2 table) and is what the mapping
+checks are made against. The pins hang off the domain (``Domain.frames``), as Xen keeps page types in the
+domain's frame table.
 
 Also here: the batch protocol that mmu_update and mmuext_op share, with Xen's preemption. A batch stops when the
 domain has spent its work budget for the window (``hypercall_preempt_check``) or when it reaches requests the
@@ -20,8 +22,10 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hypervisor import gnttab
 from hypervisor.guestmem import GuestFault, NotCopied
 from pvcluster.abi.errno import Errno
+from pvcluster.abi.platform import SHARED_INFO_FRAME
 from pvcluster.abi.xen import DOMID_SELF, MAX_LEGACY_VCPUS, MMU_UPDATE_PREEMPTED, PAGE_SHIFT
 from pvcluster.bus.effects import Effect, FlushTlb, Invlpg
 
@@ -63,12 +67,14 @@ def owned(dom: Domain, mfn: int) -> bool:
 
 def shared_info_frame(dom: Domain) -> int:
     """The frame after the domain's RAM (the domain process keeps shared_info there too)."""
-    return int(dom.nr_pages)
+    return int(dom.nr_pages) + SHARED_INFO_FRAME
 
 
 def mappable(dom: Domain, mfn: int) -> bool:
-    """A frame a present PTE of ``dom`` may name: its own RAM, or its shared_info frame."""
-    return owned(dom, mfn) or mfn == shared_info_frame(dom)
+    """A frame a present PTE of ``dom`` may name: its own RAM, its shared_info frame, or a frame its grant table
+    has grown to. Never a page table's frame, nor one to pin: those must be ``owned``."""
+    return (owned(dom, mfn) or mfn == shared_info_frame(dom)
+            or gnttab.frame_index(dom.nr_pages, dom.grant, mfn) is not None)
 
 
 def is_self(dom: Domain, foreigndom: int) -> bool:

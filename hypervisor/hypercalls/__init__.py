@@ -13,6 +13,8 @@ from hypervisor.hypercalls import (
     callback_op,
     console_io,
     event_channel_op,
+    grant_table_op,
+    memory_op,
     mmu_update,
     mmuext_op,
     multicall,
@@ -43,6 +45,8 @@ FAMILIES: dict[int, Handler] = {
         callback_op,
         set_callbacks,
         set_timer_op,
+        memory_op,
+        grant_table_op,
     )
 }
 

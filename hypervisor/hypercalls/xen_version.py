@@ -1,4 +1,9 @@
-"""xen_version (17): version numbers, extraversion, features, page size and the other informational queries."""
+"""xen_version (17): version numbers, extraversion, features, page size and the other informational queries.
+
+As common/kernel.c ``do_xen_version``: strings are copied out whole, NUL-padded to their array's size; the
+capabilities are what ``arch_get_xen_caps`` lists for the one guest type this hypervisor runs, and get_features
+submap 0 advertises only what is implemented (``FEATURES_SUBMAP0``, pvcluster/abi/xen.py); another submap is -EINVAL.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pvcluster.abi.xen import (
     FEATURES_SUBMAP0,
     HYPERVISOR_VIRT_START_NONPAE,
     PAGE_SIZE,
+    XEN_CAPABILITIES,
+    XEN_CAPABILITIES_LEN,
     XEN_EXTRAVERSION,
     XEN_EXTRAVERSION_LEN,
     XEN_VERSION_MAJOR,
@@ -41,7 +48,7 @@ def handle(call: Call) -> int:
             call.mem.write(arg, info + _fixed(b"Wed Nov 25 2026", 32))
             return 0
         if cmd == XenVer.capabilities:
-            call.mem.write(arg, _fixed(b"xen-3.0-x86_32", 1024))
+            call.mem.write(arg, _fixed(XEN_CAPABILITIES, XEN_CAPABILITIES_LEN))
             return 0
         if cmd == XenVer.changeset:
             call.mem.write(arg, _fixed(b"pvcluster", 64))

@@ -76,7 +76,8 @@ def _hypercalls() -> list[AsmConstant]:
         (xen.ConsoleIO, "CONSOLEIO_"), (xen.XenVer, "XENVER_"), (xen.XenFeat, "XENFEAT_"), (xen.SchedOp, "SCHEDOP_"),
         (xen.ShutdownReason, "SHUTDOWN_"), (xen.VcpuOp, "VCPUOP_"), (xen.EvtchnOp, "EVTCHNOP_"),
         (xen.EvtchnStat, "EVTCHNSTAT_"), (xen.Virq, "VIRQ_"), (xen.MmuCmd, "MMU_"), (xen.MmuextCmd, "MMUEXT_"),
-        (xen.CallbackOp, "CALLBACKOP_"), (xen.CallbackType, "CALLBACKTYPE_"),
+        (xen.CallbackOp, "CALLBACKOP_"), (xen.CallbackType, "CALLBACKTYPE_"), (xen.MemoryOp, "XENMEM_"),
+        (xen.GnttabOp, "GNTTABOP_"), (xen.Gntst, "GNTST_"),
     ):
         out += _xen_enum(members, prefix)
     out += [

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import attrs
 
 from pvcluster.abi import layouts, structs
-from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, Hypercall, SchedOp, VcpuOp
+from pvcluster.abi.platform import MAX_GRANT_FRAMES
+from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, GnttabOp, Hypercall, MemoryOp, SchedOp, VcpuOp
 
 Reader = Callable[[int, int], bytes | None]
 _U32 = 0xFFFFFFFF
@@ -133,6 +134,44 @@ def _callback_op(args: list[int], read: Reader) -> list[Span]:
     return [Span(args[1], size)] if size else []
 
 
+def _member(raw: bytes, lay: layouts.Layout, member: str) -> int:
+    """A u32 member of a struct as read from guest memory."""
+    return int(struct.unpack_from("<I", raw, lay.offset(member))[0])
+
+
+def _grant_table_op(args: list[int], read: Reader) -> list[Span]:
+    size = structs.GNTTABOP_SIZE.get(args[0])
+    if size is None:
+        return []
+    spans = [Span(args[1], size, writable=True)]  # every command handled writes its status or version back
+    raw = read(args[1], size) if args[0] == GnttabOp.setup_table else None
+    if raw is not None:
+        nr = _member(raw, layouts.GNTTAB_SETUP_TABLE, "nr_frames")
+        # More frames than the table may have is refused before the list is touched.
+        if 0 < nr <= MAX_GRANT_FRAMES:
+            spans.append(Span(_member(raw, layouts.GNTTAB_SETUP_TABLE, "frame_list"), 4 * nr, writable=True))
+    return spans
+
+
+_RESERVATION_OPS = frozenset({MemoryOp.current_reservation, MemoryOp.maximum_reservation})
+_MACHPHYS_OPS = frozenset({MemoryOp.machphys_mfn_list, MemoryOp.machphys_compat_mfn_list})
+
+
+def _memory_op(args: list[int], read: Reader) -> list[Span]:
+    if args[0] in _RESERVATION_OPS:
+        return [Span(args[1], layouts.XEN_MEMORY_DOMAIN.size)]
+    if args[0] not in _MACHPHYS_OPS:
+        return []
+    lay = layouts.XEN_MACHPHYS_MFN_LIST
+    spans = [Span(args[1], lay.size, writable=True)]
+    raw = read(args[1], lay.size)
+    if raw is not None:
+        n = min(_member(raw, lay, "max_extents"), structs.MACHPHYS_MAX_EXTENTS)
+        if n:
+            spans.append(Span(_member(raw, lay, "extent_start"), 4 * n, writable=True))
+    return spans
+
+
 def _multicall(args: list[int], read: Reader) -> list[Span]:
     entries, count = args[0], args[1]
     n = min(count, MAX_MULTICALL_COPY)
@@ -170,6 +209,8 @@ DESCRIPTORS: dict[int, Descriptor] = {
     Hypercall.multicall: _multicall,
     Hypercall.event_channel_op: _event_channel_op,
     Hypercall.callback_op: _callback_op,
+    Hypercall.grant_table_op: _grant_table_op,
+    Hypercall.memory_op: _memory_op,
     Hypercall.set_callbacks: _none,
     Hypercall.set_timer_op: _none,
 }

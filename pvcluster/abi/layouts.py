@@ -115,6 +115,16 @@ VCPU_SET_PERIODIC_TIMER = Layout("struct vcpu_set_periodic_timer", "VCPU_SET_PER
 VCPU_SET_SINGLESHOT_TIMER = Layout("struct vcpu_set_singleshot_timer", "VCPU_SET_SINGLESHOT_TIMER", 12,
                                    {"timeout_abs_ns": 0, "flags": 8})
 
+# grant_table_op's argument structs (a 32-bit guest's: xen_pfn_t and a guest handle are 4 bytes) and memory_op's.
+GNTTAB_SETUP_TABLE = Layout("struct gnttab_setup_table", "GNTTAB_SETUP_TABLE", 16,
+                            {"dom": 0, "nr_frames": 4, "status": 8, "frame_list": 12})
+GNTTAB_QUERY_SIZE = Layout("struct gnttab_query_size", "GNTTAB_QUERY_SIZE", 16,
+                           {"dom": 0, "nr_frames": 4, "max_nr_frames": 8, "status": 12})
+GNTTAB_SET_VERSION = Layout("struct gnttab_set_version", "GNTTAB_SET_VERSION", 4, {"version": 0})
+XEN_MEMORY_DOMAIN = Layout("struct xen_memory_domain", "XEN_MEMORY_DOMAIN", 2, {"domid": 0})
+XEN_MACHPHYS_MFN_LIST = Layout("struct xen_machphys_mfn_list", "XEN_MACHPHYS_MFN_LIST", 12,
+                               {"max_extents": 0, "extent_start": 4, "nr_extents": 8})
+
 # The argument struct of each event_channel_op command this ABI offers (not the FIFO ABI's init_control,
 # expand_array, set_priority).
 EVTCHN_OP_LAYOUTS: Mapping[EvtchnOp, Layout] = MappingProxyType({
@@ -130,7 +140,8 @@ XEN_LAYOUTS: tuple[Layout, ...] = (
     MMU_UPDATE, MMUEXT_OP, SCHED_SHUTDOWN, SCHED_POLL, SCHED_REMOTE_SHUTDOWN, CALLBACK_REGISTER, CALLBACK_UNREGISTER,
     EVTCHN_ALLOC_UNBOUND, EVTCHN_BIND_INTERDOMAIN, EVTCHN_BIND_VIRQ, EVTCHN_BIND_PIRQ, EVTCHN_BIND_IPI, EVTCHN_CLOSE,
     EVTCHN_SEND, EVTCHN_STATUS, EVTCHN_BIND_VCPU, EVTCHN_UNMASK, EVTCHN_RESET, VCPU_SET_PERIODIC_TIMER,
-    VCPU_SET_SINGLESHOT_TIMER,
+    VCPU_SET_SINGLESHOT_TIMER, GNTTAB_SETUP_TABLE, GNTTAB_QUERY_SIZE, GNTTAB_SET_VERSION, XEN_MEMORY_DOMAIN,
+    XEN_MACHPHYS_MFN_LIST,
 )
 
 # The names the builder and the event code used before the layouts above existed.

@@ -90,3 +90,15 @@ VMI_ROM_BASE = 0xFFFF0000
 VMI_ROM_MAGIC = 0x31494D56  # b"VMI1" little-endian
 VMI_INIT_SIGNATURE = 0x564D4931  # what the ROM's init op returns: b"1IMV" little-endian
 VMI_ROM_HEADER = Layout(None, "VMI_ROM_HEADER", 16, {"magic": 0, "version": 4, "nr_ops": 8, "reserved": 12})
+
+# Machine frames just after a domain's RAM (frame nr_pages + N; the p2m is the identity, and each domain's frames
+# are its own: no other domain can name them). The hypervisor owns them: shared_info, the GDT its vCPUs run with,
+# then the grant table's frames (GNTTABOP_setup_table returns their numbers; the domain maps them to write grant
+# entries). MAX_GRANT_FRAMES is this hypervisor's gnttab_max_frames: Xen's default is 64 for a domU, but every
+# frame is backed in the domain process whether used or not, and 4 frames (2048 v1 grants) serve a guest's few
+# frontends; Linux asks for more only as it runs out of grant references.
+SHARED_INFO_FRAME = 0
+GDT_FRAME = 1
+GRANT_FRAME_BASE = 2
+MAX_GRANT_FRAMES = 4
+HYPERVISOR_FRAMES = GRANT_FRAME_BASE + MAX_GRANT_FRAMES

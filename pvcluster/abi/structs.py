@@ -13,14 +13,19 @@ from types import MappingProxyType
 
 from pvcluster.abi import layouts as L
 from pvcluster.abi.xen import (
+    MACH2PHYS_VIRT_END_NONPAE,
+    MACH2PHYS_VIRT_START_NONPAE,
+    MACHPHYS_EXTENT_SHIFT,
     UVMF_ALL,
     UVMF_FLUSHTYPE_MASK,
     UVMF_INVLPG,
     UVMF_LOCAL,
     UVMF_TLB_FLUSH,
+    XEN_CAPABILITIES_LEN,
     XEN_EXTRAVERSION_LEN,
     CallbackOp,
     EvtchnOp,
+    GnttabOp,
     MmuextCmd,
     VcpuOp,
     XenVer,
@@ -31,7 +36,7 @@ from pvcluster.abi.xen import (
 XENVER_OUT_SIZE: Mapping[int, int] = MappingProxyType({
     XenVer.extraversion: XEN_EXTRAVERSION_LEN,
     XenVer.compile_info: 144,
-    XenVer.capabilities: 1024,
+    XenVer.capabilities: XEN_CAPABILITIES_LEN,
     XenVer.changeset: 64,
     XenVer.platform_parameters: 4,
     XenVer.get_features: 8,
@@ -62,6 +67,16 @@ EVTCHNOP_WITH_OUT = frozenset({EvtchnOp.bind_interdomain, EvtchnOp.bind_virq, Ev
 CALLBACKOP_SIZE: Mapping[int, int] = MappingProxyType({
     CallbackOp.register: L.CALLBACK_REGISTER.size, CallbackOp.unregister: L.CALLBACK_UNREGISTER.size,
 })
+
+# grant_table_op: the struct each command this hypervisor handles copies in (and back: each has out fields).
+GNTTABOP_SIZE: Mapping[int, int] = MappingProxyType({
+    GnttabOp.setup_table: L.GNTTAB_SETUP_TABLE.size,
+    GnttabOp.query_size: L.GNTTAB_QUERY_SIZE.size,
+    GnttabOp.set_version: L.GNTTAB_SET_VERSION.size,
+})
+
+# XENMEM_machphys_mfn_list: at most this many 2 MiB extents make up the non-PAE m2p table.
+MACHPHYS_MAX_EXTENTS = (MACH2PHYS_VIRT_END_NONPAE - MACH2PHYS_VIRT_START_NONPAE) >> MACHPHYS_EXTENT_SHIFT
 
 # multicall_entry on x86-32: args[6], of which a 32-bit hypercall takes five (EBX..EDI).
 MULTICALL_ENTRY_ARGS = 5

@@ -114,15 +114,34 @@ class VcpuOp(enum.IntEnum):
 
 
 class XenFeat(enum.IntEnum):
+    """XENFEAT_* (features.h): bit numbers in submap 0 of XENVER_get_features."""
+
     writable_page_tables = 0
     writable_descriptor_tables = 1
     auto_translated_physmap = 2
     supervisor_mode_kernel = 3
     pae_pgdir_above_4gb = 4
+    mmu_pt_update_preserve_ad = 5
+    highmem_assist = 6
+    gnttab_map_avail_bits = 7
+    hvm_callback_vector = 8
+    hvm_safe_pvclock = 9
+    hvm_pirqs = 10
+    dom0 = 11
+    # 12, XENFEAT_grant_map_identity, is deprecated: features.h keeps it only in a comment
+    memory_op_vnode_supported = 13
+    ARM_SMCCC_supported = 14
+    linux_rsdp_unrestricted = 15
+    not_direct_mapped = 16
+    direct_mapped = 17
 
 
-# Submap 0 of XENVER_get_features as this hypervisor reports it: none of the optional features.
-FEATURES_SUBMAP0 = 0
+# Submap 0 of XENVER_get_features as this hypervisor reports it to a PV domU. Xen 4.17's do_xen_version sets, for a
+# PV domU, memory_op_vnode_supported, mmu_pt_update_preserve_ad, highmem_assist, gnttab_map_avail_bits and (not
+# translated) direct_mapped. Only direct_mapped is advertised: it states a fact (the p2m is the identity), while each
+# of the others promises a service this hypervisor lacks (XENMEM_get_vnumainfo; A/D bits kept by
+# MMU_PT_UPDATE_PRESERVE_AD, which is a plain write here; MMUEXT_CLEAR_PAGE/COPY_PAGE; GNTTABOP_map_grant_ref).
+FEATURES_SUBMAP0 = 1 << XenFeat.direct_mapped
 
 
 class XenElfNote(enum.IntEnum):
@@ -274,3 +293,79 @@ CALLBACKF_MASK_EVENTS = 1  # CALLBACKF_mask_events
 HYPERVISOR_VIRT_START_NONPAE = 0xFC000000
 XENFEAT_NR_SUBMAPS = 1  # features.h
 VCPU_SSHOTTMR_FUTURE = 1  # vcpu.h VCPU_SSHOTTMR_future: fail with -ETIME if the timeout is already past
+
+
+# XENVER_capabilities: what Xen's arch_get_xen_caps writes for a non-PAE x86-32 build without HVM, the only guest
+# type this hypervisor runs (4.17's x86-64 build would list "xen-3.0-x86_64 xen-3.0-x86_32p ", guests it cannot run).
+XEN_CAPABILITIES = b"xen-3.0-x86_32 "
+XEN_CAPABILITIES_LEN = 1024  # xen_capabilities_info_t is char[1024]
+
+
+class MemoryOp(enum.IntEnum):
+    """XENMEM_* (memory.h): the cmd of memory_op (its low MEMOP_EXTENT_SHIFT bits)."""
+
+    increase_reservation = 0
+    decrease_reservation = 1
+    maximum_ram_page = 2
+    current_reservation = 3
+    maximum_reservation = 4
+    machphys_mfn_list = 5
+    populate_physmap = 6
+    maximum_gpfn = 14
+    machphys_compat_mfn_list = 25
+
+
+# Xen's, not in the public headers (xen/include/xen/hypercall.h): memory_op's cmd carries a continuation's start
+# extent above its low 6 bits.
+MEMOP_EXTENT_SHIFT = 6
+MEMOP_CMD_MASK = (1 << MEMOP_EXTENT_SHIFT) - 1
+
+# The non-PAE x86-32 machine-to-phys table's place (arch-x86/xen-x86_32.h); XENMEM_machphys_mfn_list reports the
+# table in 2 MiB extents (memory.h), so it has at most (END - START) >> MACHPHYS_EXTENT_SHIFT of them.
+MACH2PHYS_VIRT_START_NONPAE = 0xFC000000
+MACH2PHYS_VIRT_END_NONPAE = 0xFC400000
+MACHPHYS_EXTENT_SHIFT = 21
+
+
+class GnttabOp(enum.IntEnum):
+    """GNTTABOP_* (grant_table.h): the cmd of grant_table_op."""
+
+    map_grant_ref = 0
+    unmap_grant_ref = 1
+    setup_table = 2
+    dump_table = 3
+    transfer = 4
+    copy = 5
+    query_size = 6
+    unmap_and_replace = 7
+    set_version = 8
+    get_status_frames = 9
+    get_version = 10
+    swap_grant_ref = 11
+    cache_flush = 12
+
+
+class Gntst(enum.IntEnum):
+    """GNTST_* (grant_table.h): the status a grant-table op leaves in its struct (the hypercall itself returns 0)."""
+
+    okay = 0
+    general_error = -1
+    bad_domain = -2
+    bad_gntref = -3
+    bad_handle = -4
+    bad_virt_addr = -5
+    bad_dev_addr = -6
+    no_device_space = -7
+    permission_denied = -8
+    bad_page = -9
+    bad_copy_arg = -10
+    address_too_big = -11
+    eagain = -12
+    no_space = -13
+
+
+# Xen's, not in the public headers (common/grant_table.c): grant_table_op's cmd carries a continuation argument
+# above its low 12 bits, which only GNTTABOP_cache_flush may use.
+GNTTABOP_CMD_MASK = (1 << 12) - 1
+# A new domain's grant table has this many frames (xen/include/xen/grant_table.h) and is version 1.
+INITIAL_NR_GRANT_FRAMES = 1

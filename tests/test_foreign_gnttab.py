@@ -1,0 +1,392 @@
+"""A C guest built against Xen's public headers checks, in its own code, what xen_version, memory_op and
+grant_table_op answer it, maps a grant frame setup_table returned and writes a grant entry through it; it reports
+each check on the console and shuts down with poweroff when all passed (crash otherwise). Skips where the headers
+or a gcc that builds 32-bit freestanding code are missing, as tests/test_foreign_guest.py does."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pvcluster.abi.platform import GRANT_FRAME_BASE, MAX_GRANT_FRAMES
+from pvcluster.abi.xen import FEATURES_SUBMAP0, XEN_CAPABILITIES, XEN_EXTRAVERSION, GnttabOp, Hypercall
+from pvcluster.cluster import Cluster
+from pvcluster.spec import parse_spec
+from pvcluster.trace import read_events
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+VIRT_BASE = 0xC0000000
+XEN_HEADER = Path("/usr/include/xen/grant_table.h")
+NR_PAGES = 1024  # memory_mib = 4
+
+GUEST_C = r"""
+/* A PV guest that checks the grant-table, memory and version hypercalls, built against Xen's public headers. */
+#define __XEN_INTERFACE_VERSION__ 0x0003020a /* GNTTABOP_set_version exists from here on */
+#include <stdint.h>
+#include <xen/xen.h>
+#include <xen/sched.h>
+#include <xen/elfnote.h>
+#include <xen/version.h>
+#include <xen/features.h>
+#include <xen/memory.h>
+#include <xen/grant_table.h>
+#include <xen/errno.h>
+
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define ELFNOTE(type, desc)                                 \
+    ".pushsection .note.Xen,\"a\",@note\n"                  \
+    ".balign 4\n"                                           \
+    ".long 2f - 1f, 4f - 3f, " STR(type) "\n"               \
+    "1: .asciz \"Xen\"\n"                                   \
+    "2: .balign 4\n"                                        \
+    "3: " desc "\n"                                         \
+    "4: .balign 4\n"                                        \
+    ".popsection\n"
+
+__asm__(
+    ELFNOTE(XEN_ELFNOTE_GUEST_OS, ".asciz \"mini-gnt\"")
+    ELFNOTE(XEN_ELFNOTE_XEN_VERSION, ".asciz \"xen-3.0\"")
+    ELFNOTE(XEN_ELFNOTE_LOADER, ".asciz \"generic\"")
+    ELFNOTE(XEN_ELFNOTE_VIRT_BASE, ".long 0xC0000000")
+    ELFNOTE(XEN_ELFNOTE_PADDR_OFFSET, ".long 0xC0000000")
+    ELFNOTE(XEN_ELFNOTE_ENTRY, ".long _start")
+    ELFNOTE(XEN_ELFNOTE_HYPERCALL_PAGE, ".long hypercall_page")
+);
+
+/* Entry with %esi = start_info; the hypercall page is a page of .text the domain builder fills. Two page-aligned
+ * .bss pages are remapped onto a grant frame. */
+__asm__(
+    ".pushsection .text\n"
+    ".globl _start\n"
+    "_start:\n"
+    "    cld\n"
+    "    movl $boot_stack_top, %esp\n"
+    "    pushl %esi\n"
+    "    call start_kernel\n"
+    "5:  hlt\n"
+    "    jmp 5b\n"
+    ".balign 4096\n"
+    ".globl hypercall_page\n"
+    "hypercall_page:\n"
+    "    .skip 4096\n"
+    ".popsection\n"
+    ".pushsection .bss\n"
+    ".balign 4096\n"
+    ".globl window_a, window_b\n"
+    "window_a:\n"
+    "    .skip 4096\n"
+    "window_b:\n"
+    "    .skip 4096\n"
+    "boot_stack:\n"
+    "    .skip 8192\n"
+    "boot_stack_top:\n"
+    ".popsection\n"
+);
+
+extern char hypercall_page[4096];
+extern unsigned char window_a[4096], window_b[4096];
+
+/* Linux's _hypercallN on x86-32: call the stub of `name`, arguments in ebx, ecx, edx, esi. */
+#define _hypercall2(type, name, a1, a2)                                           \
+({                                                                               \
+    long __res, __ign1, __ign2;                                                  \
+    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
+                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2)               \
+                      : "1" ((long)(a1)), "2" ((long)(a2))                       \
+                      : "memory");                                               \
+    (type)__res;                                                                 \
+})
+#define _hypercall3(type, name, a1, a2, a3)                                       \
+({                                                                               \
+    long __res, __ign1, __ign2, __ign3;                                          \
+    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
+                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3) \
+                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3))      \
+                      : "memory");                                               \
+    (type)__res;                                                                 \
+})
+#define _hypercall4(type, name, a1, a2, a3, a4)                                   \
+({                                                                               \
+    long __res, __ign1, __ign2, __ign3, __ign4;                                  \
+    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
+                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3), \
+                        "=S" (__ign4)                                            \
+                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3)),     \
+                        "4" ((long)(a4))                                         \
+                      : "memory");                                               \
+    (type)__res;                                                                 \
+})
+
+static int HYPERVISOR_console_io(int cmd, int count, const char *str)
+{ return _hypercall3(int, console_io, cmd, count, str); }
+static int HYPERVISOR_sched_op(int cmd, void *arg)
+{ return _hypercall2(int, sched_op, cmd, arg); }
+static int HYPERVISOR_xen_version(int cmd, void *arg)
+{ return _hypercall2(int, xen_version, cmd, arg); }
+static long HYPERVISOR_memory_op(unsigned int cmd, void *arg)
+{ return _hypercall2(long, memory_op, cmd, arg); }
+static int HYPERVISOR_grant_table_op(unsigned int cmd, void *uop, unsigned int count)
+{ return _hypercall3(int, grant_table_op, cmd, uop, count); }
+static int HYPERVISOR_update_va_mapping(unsigned long va, unsigned long pte, unsigned long flags)
+{ return _hypercall4(int, update_va_mapping, va, pte, 0, flags); }
+
+static char line[256];
+static unsigned int len;
+static int failures;
+
+static void put_str(const char *s)
+{
+    while (*s && len < sizeof(line) - 1)
+        line[len++] = *s++;
+}
+
+static void put_dec(long v)
+{
+    char digits[12];
+    unsigned long u = v < 0 ? -(unsigned long)v : (unsigned long)v;
+    int n = 0;
+    if (v < 0)
+        put_str("-");
+    do {
+        digits[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    while (n && len < sizeof(line) - 1)
+        line[len++] = digits[--n];
+}
+
+static void check(const char *what, long got, long want)
+{
+    len = 0;
+    put_str(what);
+    if (got == want) {
+        put_str(" ok\n");
+    } else {
+        put_str(" FAIL got ");
+        put_dec(got);
+        put_str(" want ");
+        put_dec(want);
+        put_str("\n");
+        failures++;
+    }
+    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
+}
+
+static int same(const char *a, const char *b, unsigned int n) /* the first n bytes are equal */
+{
+    while (n--)
+        if (*a++ != *b++)
+            return 0;
+    return 1;
+}
+
+static void fill(void *p, int byte, unsigned int n)
+{
+    unsigned char *q = p;
+    while (n--)
+        *q++ = (unsigned char)byte;
+}
+
+static int all(const unsigned char *p, int byte, unsigned int n)
+{
+    while (n--)
+        if (*p++ != byte)
+            return 0;
+    return 1;
+}
+
+static const char want_extraversion[XEN_EXTRAVERSION_LEN] = "@EXTRAVERSION@";
+static const char want_capabilities[] = "@CAPABILITIES@";
+
+void start_kernel(start_info_t *si)
+{
+    static xen_capabilities_info_t caps;
+    xen_extraversion_t extra;
+    xen_feature_info_t fi;
+    domid_t domid;
+    struct xen_machphys_mfn_list xmml;
+    xen_pfn_t m2p[2];
+    gnttab_query_size_t qs;
+    gnttab_set_version_t sv;
+    gnttab_setup_table_t st;
+    unsigned long frames[2];
+    grant_entry_v1_t *ga = (grant_entry_v1_t *)window_a, *gb = (grant_entry_v1_t *)window_b;
+    struct sched_shutdown sd;
+    const unsigned long pte_flags = 0x63; /* present, writable, accessed, dirty */
+
+    /* xen_version */
+    check("version", HYPERVISOR_xen_version(XENVER_version, 0), (4 << 16) | 17);
+    fill(extra, 0xff, sizeof(extra));
+    check("extraversion rc", HYPERVISOR_xen_version(XENVER_extraversion, extra), 0);
+    check("extraversion", same(extra, want_extraversion, sizeof(extra)), 1);
+    fill(caps, 0xff, sizeof(caps));
+    check("capabilities rc", HYPERVISOR_xen_version(XENVER_capabilities, caps), 0);
+    check("capabilities", same(caps, want_capabilities, sizeof(want_capabilities)), 1);
+    check("capabilities padded", all((unsigned char *)caps + sizeof(want_capabilities), 0,
+                                     sizeof(caps) - sizeof(want_capabilities)), 1);
+    fi.submap_idx = 0;
+    fi.submap = 0xdeadbeef;
+    check("get_features rc", HYPERVISOR_xen_version(XENVER_get_features, &fi), 0);
+    check("get_features submap", (long)fi.submap, @SUBMAP@);
+    check("direct_mapped", (fi.submap >> XENFEAT_direct_mapped) & 1, 1);
+    check("no preserve_ad", (fi.submap >> XENFEAT_mmu_pt_update_preserve_ad) & 1, 0);
+    fi.submap_idx = XENFEAT_NR_SUBMAPS;
+    check("get_features submap 1", HYPERVISOR_xen_version(XENVER_get_features, &fi), -XEN_EINVAL);
+
+    /* memory_op */
+    domid = DOMID_SELF;
+    check("current_reservation", HYPERVISOR_memory_op(XENMEM_current_reservation, &domid), (long)si->nr_pages);
+    check("maximum_reservation", HYPERVISOR_memory_op(XENMEM_maximum_reservation, &domid), (long)si->nr_pages);
+    domid = 0; /* no dom0 here */
+    check("reservation of dom0", HYPERVISOR_memory_op(XENMEM_current_reservation, &domid), -XEN_ESRCH);
+    xmml.max_extents = 2;
+    set_xen_guest_handle(xmml.extent_start, m2p);
+    xmml.nr_extents = 99;
+    check("machphys_mfn_list rc", HYPERVISOR_memory_op(XENMEM_machphys_mfn_list, &xmml), 0);
+    check("machphys_mfn_list nr_extents", xmml.nr_extents, 0);
+
+    /* grant_table_op: sizes and versions */
+    qs.dom = DOMID_SELF;
+    check("query_size rc", HYPERVISOR_grant_table_op(GNTTABOP_query_size, &qs, 1), 0);
+    check("query_size status", qs.status, GNTST_okay);
+    check("query_size nr_frames", qs.nr_frames, 1);
+    check("query_size max_nr_frames", qs.max_nr_frames, @MAX_FRAMES@);
+    qs.dom = 0;
+    HYPERVISOR_grant_table_op(GNTTABOP_query_size, &qs, 1);
+    check("query_size of dom0", qs.status, GNTST_bad_domain);
+    sv.version = 1;
+    check("set_version 1", HYPERVISOR_grant_table_op(GNTTABOP_set_version, &sv, 1), 0);
+    sv.version = 2;
+    check("set_version 2", HYPERVISOR_grant_table_op(GNTTABOP_set_version, &sv, 1), -XEN_ENOSYS);
+    check("version stays 1", sv.version, 1);
+
+    /* setup_table: two frames, both outside the guest's own RAM */
+    st.dom = DOMID_SELF;
+    st.nr_frames = 2;
+    set_xen_guest_handle(st.frame_list, frames);
+    frames[0] = frames[1] = 0;
+    check("setup_table rc", HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &st, 1), 0);
+    check("setup_table status", st.status, GNTST_okay);
+    check("frame 0 not RAM", frames[0] >= si->nr_pages, 1);
+    check("frame 1 not RAM", frames[1] >= si->nr_pages && frames[1] != frames[0], 1);
+    qs.dom = DOMID_SELF;
+    HYPERVISOR_grant_table_op(GNTTABOP_query_size, &qs, 1);
+    check("query_size after setup", qs.nr_frames, 2);
+    st.nr_frames = @MAX_FRAMES@ + 1;
+    HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &st, 1);
+    check("setup_table past max", st.status, GNTST_general_error);
+
+    /* Map grant frame 1 at two virtual pages, write an entry through one, read it through the other. */
+    fill(window_a, 0xaa, 4096);
+    fill(window_b, 0xbb, 4096);
+    check("map a", HYPERVISOR_update_va_mapping((unsigned long)window_a, (frames[1] << 12) | pte_flags,
+                                                UVMF_INVLPG | UVMF_LOCAL), 0);
+    check("map b", HYPERVISOR_update_va_mapping((unsigned long)window_b, (frames[1] << 12) | pte_flags,
+                                                UVMF_INVLPG | UVMF_LOCAL), 0);
+    check("fresh grant frame is zero", all(window_a, 0, 4096), 1);
+    ga[GNTTAB_NR_RESERVED_ENTRIES].domid = 7;
+    ga[GNTTAB_NR_RESERVED_ENTRIES].frame = 0x123;
+    ga[GNTTAB_NR_RESERVED_ENTRIES].flags = GTF_permit_access | GTF_readonly;
+    check("entry flags", gb[GNTTAB_NR_RESERVED_ENTRIES].flags, GTF_permit_access | GTF_readonly);
+    check("entry domid", gb[GNTTAB_NR_RESERVED_ENTRIES].domid, 7);
+    check("entry frame", (long)gb[GNTTAB_NR_RESERVED_ENTRIES].frame, 0x123);
+    /* Only frames the table has are mappable: here the next one, which setup_table has not grown to. */
+    check("map beyond the table", HYPERVISOR_update_va_mapping((unsigned long)window_b,
+                                                               ((frames[1] + 1) << 12) | pte_flags,
+                                                               UVMF_INVLPG | UVMF_LOCAL), -XEN_EPERM);
+
+    len = 0;
+    put_str("mini-gnt: ");
+    put_dec(failures);
+    put_str(" failures\n");
+    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
+    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
+    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
+    for (;;)
+        ;
+}
+"""
+
+CFLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-static", "-O1", "-no-pie",
+          "-fno-builtin"]
+LDFLAGS = [f"-Wl,-Ttext-segment={VIRT_BASE:#x}", "-Wl,--build-id=none"]
+
+
+def _guest_source() -> str:
+    subst = {
+        "@EXTRAVERSION@": XEN_EXTRAVERSION.decode(),
+        "@CAPABILITIES@": XEN_CAPABILITIES.decode(),
+        "@SUBMAP@": str(FEATURES_SUBMAP0),
+        "@MAX_FRAMES@": str(MAX_GRANT_FRAMES),
+    }
+    text = GUEST_C
+    for key, value in subst.items():
+        text = text.replace(key, value)
+    return text
+
+
+def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _build(work: Path) -> Path:
+    if not XEN_HEADER.exists():
+        pytest.skip(f"{XEN_HEADER} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc on PATH")
+    (work / "probe.c").write_text("void _start(void) { for (;;) ; }\n")
+    res = _gcc([*CFLAGS, *LDFLAGS, "-o", "probe.elf", "probe.c"], work)
+    if res.returncode != 0:
+        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
+    (work / "guest.c").write_text(_guest_source())
+    res = _gcc([*CFLAGS, "-Wall", "-Werror", *LDFLAGS, "-o", "guest.elf", "guest.c"], work)
+    assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
+    return work / "guest.elf"
+
+
+def _hv_events(run_dir: Path, domid: int, event: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(run_dir / "trace" / "hypervisor.jsonl")
+            if e["event"] == event and e.get("dom") == domid]
+
+
+def test_c_guest_checks_grant_tables_memory_op_and_version(run_dir: Path) -> None:
+    work = run_dir / "gntguest"
+    work.mkdir()
+    elf = _build(work)
+    spec = parse_spec(f"""
+[cluster]
+name = "gnt"
+[[domain]]
+name = "gnt"
+vcpus = 1
+memory_mib = 4
+kernel = "{elf}"
+""")
+    with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
+        final = cluster.wait(timeout_s=120)
+        (dom,) = final["domains"]
+        console = cluster.client.call("console", dom=dom["domid"])
+    failed = [line for line in console if "FAIL" in line]
+    assert not failed, console
+    assert console[-1] == "mini-gnt: 0 failures", console
+    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
+    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+
+    # The frames the guest mapped are the grant table's, after its 4 MiB of RAM, shared_info and the GDT.
+    grant0 = NR_PAGES + GRANT_FRAME_BASE
+    setups = _hv_events(run_dir / "run", dom["domid"], "gnttab.setup_table")
+    assert [(e["nr_frames"], e["status"], e["frames"]) for e in setups] == [
+        (2, "okay", [grant0, grant0 + 1]), (MAX_GRANT_FRAMES + 1, "general_error", [])]
+    calls = _hv_events(run_dir / "run", dom["domid"], "hypercall")
+    gnt = [(e["args"][0], e["result"]) for e in calls if e["nr"] == Hypercall.grant_table_op]
+    assert gnt == [(GnttabOp.query_size, 0), (GnttabOp.query_size, 0), (GnttabOp.set_version, 0),
+                   (GnttabOp.set_version, -38), (GnttabOp.setup_table, 0), (GnttabOp.query_size, 0),
+                   (GnttabOp.setup_table, 0)]
+    maps = [(e["args"][1] >> 12, e["result"]) for e in calls if e["nr"] == Hypercall.update_va_mapping]
+    assert maps == [(grant0 + 1, 0), (grant0 + 1, 0), (grant0 + 2, -1)]
