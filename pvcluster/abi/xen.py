@@ -119,6 +119,19 @@ class XenFeat(enum.IntEnum):
     auto_translated_physmap = 2
     supervisor_mode_kernel = 3
     pae_pgdir_above_4gb = 4
+    mmu_pt_update_preserve_ad = 5
+    highmem_assist = 6
+    gnttab_map_avail_bits = 7
+    hvm_callback_vector = 8
+    hvm_safe_pvclock = 9
+    hvm_pirqs = 10
+    dom0 = 11
+    # 12 was XENFEAT_grant_map_identity: deprecated, and commented out in features.h
+    memory_op_vnode_supported = 13
+    ARM_SMCCC_supported = 14
+    linux_rsdp_unrestricted = 15
+    not_direct_mapped = 16
+    direct_mapped = 17
 
 
 # Submap 0 of XENVER_get_features as this hypervisor reports it: none of the optional features.
@@ -141,6 +154,10 @@ class XenElfNote(enum.IntEnum):
     HV_START_LOW = 12
     L1_MFN_VALID = 13
     SUSPEND_CANCEL = 14
+    INIT_P2M = 15
+    MOD_START_PFN = 16
+    SUPPORTED_FEATURES = 17
+    PHYS32_ENTRY = 18
 
 
 DOMID_SELF = 0x7FF0
@@ -274,3 +291,15 @@ CALLBACKF_MASK_EVENTS = 1  # CALLBACKF_mask_events
 HYPERVISOR_VIRT_START_NONPAE = 0xFC000000
 XENFEAT_NR_SUBMAPS = 1  # features.h
 VCPU_SSHOTTMR_FUTURE = 1  # vcpu.h VCPU_SSHOTTMR_future: fail with -ETIME if the timeout is already past
+
+# The feature names XEN_ELFNOTE_FEATURES (and __xen_guest's FEATURES) may carry: libelf's elf_xen_feature_names
+# (xen/common/libelf/libelf-dominfo.c), a subset of features.h. A required ("!") name outside it fails the parse.
+LIBELF_FEATURE_NAMES = (
+    XenFeat.writable_page_tables,
+    XenFeat.writable_descriptor_tables,
+    XenFeat.auto_translated_physmap,
+    XenFeat.supervisor_mode_kernel,
+    XenFeat.pae_pgdir_above_4gb,
+    XenFeat.hvm_callback_vector,
+    XenFeat.dom0,
+)
