@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Literal
 
 import attrs
 
@@ -43,6 +44,11 @@ SYM_SIZE = 16
 XEN_NOTE_OWNER = b"Xen"
 
 NoteValue = int | bytes | str
+# A note as (type, value), written with the owner "Xen", or the bytes of one note as encode_note (or a test) made it.
+Note = tuple[int, NoteValue] | bytes
+# Where the notes go: a PT_NOTE segment and a .note.Xen section over the same bytes (what ld makes of an allocated
+# note section), the PT_NOTE segment alone, or the section alone (a note section outside every segment).
+NotePlacement = Literal["both", "segment", "section"]
 
 
 @attrs.frozen
@@ -79,6 +85,10 @@ def encode_note(n_type: int, value: NoteValue, owner: bytes = XEN_NOTE_OWNER) ->
     desc = _note_desc(value)
     header = struct.pack("<III", len(name), len(desc), n_type)
     return header + name.ljust(_align(len(name), 4), b"\0") + desc.ljust(_align(len(desc), 4), b"\0")
+
+
+def _note_blob(notes: Sequence[Note]) -> bytes:
+    return b"".join(note if isinstance(note, bytes) else encode_note(*note) for note in notes)
 
 
 class _StrTab:
@@ -135,18 +145,25 @@ def pack_elf32(
     entry: int,
     segments: Sequence[Segment],
     xen_guest: str | None = None,
-    notes: Sequence[tuple[int, NoteValue]] = (),
+    notes: Sequence[Note] = (),
     symbols: dict[str, int] | None = None,
     machine: int = EM_386,
     elf_class: int = ELFCLASS32,
+    note_placement: NotePlacement = "both",
+    section_notes: Sequence[Note] = (),
 ) -> bytes:
     """Return the bytes of a little-endian ET_EXEC ELF32 image.
 
     Layout: headers, then the note and ``__xen_guest`` payloads, then each PT_LOAD at a file offset congruent
     to its vaddr modulo the page size (so a loader could mmap it), then symbols and section headers.
+    ``section_notes`` go in a second SHT_NOTE section, ``.note.extra``, outside every segment (so a PT_NOTE and a
+    note section can disagree, as libelf's search order matters only then).
     """
-    note_blob = b"".join(encode_note(n_type, value) for n_type, value in notes)
-    phnum = len(segments) + (1 if note_blob else 0)
+    note_blob = _note_blob(notes)
+    extra_blob = _note_blob(section_notes)
+    note_segment = bool(note_blob) and note_placement in ("both", "segment")
+    note_section = bool(note_blob) and note_placement in ("both", "section")
+    phnum = len(segments) + (1 if note_segment else 0)
 
     out = bytearray(EHDR_SIZE + PHDR_SIZE * phnum)
     sections: list[_Section] = []
@@ -160,7 +177,12 @@ def pack_elf32(
     note_offset = 0
     if note_blob:
         note_offset = place(note_blob, 4)
+    if note_section:
         sections.append(_Section(".note.Xen", SHT_NOTE, offset=note_offset, size=len(note_blob), addralign=4))
+    if extra_blob:
+        sections.append(
+            _Section(".note.extra", SHT_NOTE, offset=place(extra_blob, 4), size=len(extra_blob), addralign=4)
+        )
     if xen_guest is not None:
         guest_blob = xen_guest.encode() + b"\0"
         offset = place(guest_blob, 1)
@@ -192,7 +214,7 @@ def pack_elf32(
                     seg.mem_size - len(seg.data),
                 )
             )
-    if note_blob:
+    if note_segment:
         phdrs.append(struct.pack("<8I", PT_NOTE, note_offset, 0, 0, len(note_blob), len(note_blob), PF_R, 4))
 
     if symbols is not None:

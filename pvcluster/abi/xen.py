@@ -160,6 +160,10 @@ class XenElfNote(enum.IntEnum):
     HV_START_LOW = 12
     L1_MFN_VALID = 13
     SUSPEND_CANCEL = 14
+    INIT_P2M = 15
+    MOD_START_PFN = 16
+    SUPPORTED_FEATURES = 17
+    PHYS32_ENTRY = 18
 
 
 DOMID_SELF = 0x7FF0
@@ -369,3 +373,15 @@ class Gntst(enum.IntEnum):
 GNTTABOP_CMD_MASK = (1 << 12) - 1
 # A new domain's grant table has this many frames (xen/include/xen/grant_table.h) and is version 1.
 INITIAL_NR_GRANT_FRAMES = 1
+
+# The feature names XEN_ELFNOTE_FEATURES (and __xen_guest's FEATURES) may carry: libelf's elf_xen_feature_names
+# (xen/common/libelf/libelf-dominfo.c), a subset of features.h. A required ("!") name outside it fails the parse.
+LIBELF_FEATURE_NAMES = (
+    XenFeat.writable_page_tables,
+    XenFeat.writable_descriptor_tables,
+    XenFeat.auto_translated_physmap,
+    XenFeat.supervisor_mode_kernel,
+    XenFeat.pae_pgdir_above_4gb,
+    XenFeat.hvm_callback_vector,
+    XenFeat.dom0,
+)
