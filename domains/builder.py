@@ -2,12 +2,13 @@
 
 Layout (guest-physical, page granular), as xc_dom_core does it for a PV x86-32 guest:
 ``[kernel image][start_info][boot stack][L2][L1...]`` and ``shared_info`` and the GDT frame after guest RAM. The
-initial page tables (non-PAE, 4 KiB pages) map ``[virt_base, virt_base + RAM + 2 pages)`` linearly onto
-physical 0 onwards, the local APIC page at 0xFEE00000 (uncached) and, when there is one, the VMI ROM at
-0xFFFF0000 (read-only), each at its own physical address. For the ``xen`` and ``vmi`` backends the page-table
-frames are read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update);
-a ``native`` kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2),
-``%esi`` = virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
+initial page tables (non-PAE, 4 KiB pages) map ``[virt_base, virt_base + RAM + 2 pages)`` (shared_info and the GDT
+frame; not the grant frames after them) linearly onto physical 0 onwards, the local APIC page at 0xFEE00000
+(uncached) and, when there is one, the VMI ROM at 0xFFFF0000 (read-only), each at its own physical address. For the
+``xen`` and ``vmi`` backends the page-table frames are read-only in the linear map (Xen's rule for PV guests: they
+change their tables with mmu_update); a ``native`` kernel writes its tables itself. The guest enters at its entry
+point with paging on (CR3 = the L2), ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the top of the
+boot stack.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kerne
 from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
 from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, StartInfo
-from pvcluster.abi.platform import APIC_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
+from pvcluster.abi.platform import APIC_BASE, GRANT_FRAME_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
 from pvcluster.abi.xen import PAGE_SIZE
 from pvcluster.bus.messages import Build
 
@@ -109,7 +110,10 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     stack_top_pa = si_pa + PAGE_SIZE * (1 + BOOT_STACK_PAGES)
     rom_pages = tuple(VMI_ROM_BASE + off for off in range(0, len(req.rom or b""), PAGE_SIZE))
     try:
-        maps = initial_mappings(image.virt_base, ram.size, mmio=(APIC_BASE,), rom=rom_pages)
+        # RAM, shared_info and the GDT frame: not the grant frames, which the guest maps once its table has grown
+        # to them (grant_table_op setup_table), as on Xen
+        mapped = req.memory_bytes + GRANT_FRAME_BASE * PAGE_SIZE
+        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages)
     except ValueError as exc:
         raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
     pt_pa = stack_top_pa
