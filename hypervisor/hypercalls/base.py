@@ -15,6 +15,7 @@ import attrs
 
 from hypervisor.guestmem import GuestView
 from pvcluster.bus.effects import Effect
+from pvcluster.bus.messages import Region
 
 if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
@@ -44,6 +45,9 @@ class Call:
     continuation: list[int] | None = None
     # Virtual ns the work itself takes beyond the trap and return (hypercall_ns): flushes, multicall entries.
     work_ns: int = 0
+    # Shared rings the domain process copied with the trap, by machine address: the console ring, when the call
+    # notifies its backend (hypervisor/backends.py).
+    rings: list[Region] = attrs.Factory(list)
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF if i < len(self.args) else 0
