@@ -6,7 +6,10 @@ Two runs of the same spec and seed give the same trace."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,17 +409,16 @@ kernel = "{kernel}"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dict[str, Any], list[str]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[Path, dict[str, Any], list[str]]]]:
     """Two runs of the guest with the same spec and seed."""
-    import tempfile
-
     elf = _build_guest(tmp_path_factory.mktemp("sodguest"))
-    out = []
-    for _ in range(2):
-        run_dir = Path(tempfile.mkdtemp(prefix="pvc-sod-", dir="/tmp"))  # ipc:// paths must stay short
-        dom, console = _run(run_dir, elf)
-        out.append((run_dir, dom, console))
-    return out
+    with contextlib.ExitStack() as stack:
+        out = []
+        for _ in range(2):  # short run directories: ipc:// socket paths must stay under ~100 bytes
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvc-sod-", dir="/tmp")))
+            dom, console = _run(run_dir, elf)
+            out.append((run_dir, dom, console))
+        yield out
 
 
 def _value(console: list[str], prefix: str, name: str) -> str:
