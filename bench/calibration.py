@@ -57,7 +57,7 @@ PING_SPEC = ('[cluster]\nname = "calping"\nseed = 1\n[hypervisor]\npcpus = 2\n'
              '[[domain]]\nname = "srv"\nvcpus = 1\nbackend = "xen"\n'
              'cmdline = "workload=pingserver peer=2 rounds=200 shutdown=poweroff"\n'
              '[[domain]]\nname = "cli"\nvcpus = 1\nbackend = "xen"\n'
-             'cmdline = "workload=pingclient peer=1 port=2 rounds=200 shutdown=poweroff"\n')
+             'cmdline = "workload=pingclient peer=1 port=4 rounds=200 shutdown=poweroff"\n')
 
 
 def _analysed(spec: str, timeout_s: float) -> dict[str, Any]:

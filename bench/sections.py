@@ -117,7 +117,7 @@ cmdline = "workload=pingserver peer=2 rounds={rounds} shutdown=poweroff"
 name = "cli"
 vcpus = 1
 backend = "xen"
-cmdline = "workload=pingclient peer=1 port=2 rounds={rounds} shutdown=poweroff"
+cmdline = "workload=pingclient peer=1 port=4 rounds={rounds} shutdown=poweroff"
 """
 
 

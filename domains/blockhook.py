@@ -19,6 +19,12 @@ capstone, C stores the count) or when C cannot read the bytes (a page not mapped
 ROM: Python reads them with ``Vcpu.fetch``, as the old hook did, and C stores nothing). Traps, port I/O and the
 APIC keep their Python hooks; they are not per block.
 
+RDTSC is C too (``pv_rdtsc_hook``, a UC_HOOK_INSN hook; Unicorn's Python binding offers no RDTSC hook, its library
+does): left alone, Unicorn's RDTSC reads the host's counter, which would make a guest's clock wall time. It
+returns the virtual clock at the instruction's own instant in ticks of ``TSC_HZ``: the clock before the block plus
+the cost of the block's instructions before the RDTSC, which Python prices once per RDTSC site (``price``) and C
+keeps in the block's entry. A UC_HOOK_INSN hook is called only from the RDTSC helper, so other code runs as fast.
+
 Building: the shared object is compiled with gcc on first use (no Python.h, no libunicorn at link time: Unicorn's
 entry points are passed in as function pointers from the library the Python binding loaded), named by a hash of
 the C source and the command, into ``domains/native`` when writable or else the user's cache directory. It is
@@ -40,7 +46,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unicorn import UC_HOOK_BLOCK, Uc, UcError
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_INSN, Uc, UcError
+from unicorn import x86_const as X
+
+from pvcluster.costs import PS_PER_TSC_TICK
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "blockhook.c"
 _CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
@@ -50,6 +59,9 @@ RECENT = 256  # blockhook.c's RECENT
 # Python's side of a miss: (address, size, pointer to the bytes or None) -> instruction count (>= 1; < 1 means
 # the callback failed and emulation must stop).
 COUNT_FUNC = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+# Python's price of the instructions before an RDTSC: (block address, bytes before it, pointer to them or None) -> ps
+# at ps_per_instr = 1000 (< 0: the callback failed).
+PRICE_FUNC = COUNT_FUNC
 
 
 class BuildError(RuntimeError):
@@ -81,6 +93,16 @@ class PvVcpu(ctypes.Structure):
         ("cr3_known", ctypes.c_uint64),
         ("block_addr", ctypes.c_uint64),
         ("block_ps", ctypes.c_uint64),
+        ("reg_write", ctypes.c_void_p),
+        ("price", ctypes.c_void_p),
+        ("eip_regid", ctypes.c_int64),
+        ("eax_regid", ctypes.c_int64),
+        ("edx_regid", ctypes.c_int64),
+        ("base_ps", ctypes.c_uint64),
+        ("ps_per_tick", ctypes.c_uint64),
+        ("block_entry", ctypes.c_void_p),
+        ("tsc_reads", ctypes.c_uint64),
+        ("tsc_priced", ctypes.c_uint64),
         ("recent", ctypes.c_void_p * RECENT),
     ]
 
@@ -183,6 +205,18 @@ def _address(func: Any) -> int:
     return value
 
 
+def _hook_add(uc: Uc, kind: int, callback: int, state: PvVcpu, insn: int | None = None) -> int:
+    """uc_hook_add of a C callback over every address (``insn``: the instruction a UC_HOOK_INSN hook is for)."""
+    handle = ctypes.c_size_t()
+    extra = () if insn is None else (ctypes.c_int(insn),)
+    status = unicorn_library().uc_hook_add(uc._uch, ctypes.byref(handle), kind, ctypes.c_void_p(callback),
+                                           ctypes.c_void_p(ctypes.addressof(state)), ctypes.c_uint64(1),
+                                           ctypes.c_uint64(0), *extra)
+    if status != 0:
+        raise UcError(status)
+    return handle.value
+
+
 # -- the per-domain table and the per-vCPU hook ---------------------------------------------------------------
 
 
@@ -201,32 +235,36 @@ class CountTable:
         return int(library().pv_table_used(self.ptr))
 
 
-class BlockHook:
-    """The C block hook on one Unicorn instance, with its state (``state``: clock, slice end, counts).
+# A block's count and an RDTSC's prefix price, as Python computes them: (address, size, bytes or None) -> int.
+Counter = Callable[[int, int, bytes | None], int]
 
-    ``count(addr, size, code)`` is Python's count of a block; ``code`` is None when C could not read the bytes.
+
+class BlockHook:
+    """The C block hook and RDTSC hook on one Unicorn instance, with their state (``state``: clock, slice end,
+    counts).
+
+    ``count(addr, size, code)`` is Python's count of a block, ``price(addr, size, code)`` the cost of the instructions
+    in ``size`` bytes at ``addr`` (those before an RDTSC); ``code`` is None when C could not read the bytes.
     """
 
     def __init__(self, uc: Uc, cr3_regid: int, ram_addr: int, ram_size: int, table: CountTable,
-                 count: Callable[[int, int, bytes | None], int]) -> None:
+                 count: Counter, price: Counter) -> None:
         uclib = unicorn_library()
-        self._count = count
+        self._count, self._price = count, price
         self.error: BaseException | None = None
         self._table = table  # the C state points into it: keep it alive as long as the hook
-        self._callback = COUNT_FUNC(self._on_miss)  # ditto: C calls it
+        self._callback = COUNT_FUNC(self._on_miss)  # ditto: C calls them
+        self._price_callback = PRICE_FUNC(self._on_price)
         self.state = PvVcpu(
             reg_read=_address(uclib.uc_reg_read), emu_stop=_address(uclib.uc_emu_stop),
             count=_address(self._callback), counts=table.ptr, ram=ram_addr, ram_size=ram_size,
-            cr3_regid=cr3_regid, end_ps=0,
+            cr3_regid=cr3_regid, end_ps=0, reg_write=_address(uclib.uc_reg_write),
+            price=_address(self._price_callback), eip_regid=X.UC_X86_REG_EIP, eax_regid=X.UC_X86_REG_EAX,
+            edx_regid=X.UC_X86_REG_EDX, ps_per_tick=PS_PER_TSC_TICK,
         )
-        handle = ctypes.c_size_t()
-        status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK,
-                                   ctypes.c_void_p(_address(library().pv_block_hook)),
-                                   ctypes.c_void_p(ctypes.addressof(self.state)),
-                                   ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if status != 0:
-            raise UcError(status)
-        self.handle = handle.value
+        self.handle = _hook_add(uc, UC_HOOK_BLOCK, _address(library().pv_block_hook), self.state)
+        self.rdtsc_handle = _hook_add(uc, UC_HOOK_INSN, _address(library().pv_rdtsc_hook), self.state,
+                                      X.UC_X86_INS_RDTSC)
 
     def map_rom(self, addr: int, base: int, size: int) -> None:
         """Code at physical ``[base, base+size)`` is read from host memory at ``addr`` (kept alive by the caller)."""
@@ -239,12 +277,23 @@ class BlockHook:
         self.state.cr3_known = 0
 
     def _on_miss(self, addr: int, size: int, code: int | None) -> int:
+        return self._call(self._count, addr, size, code)
+
+    def _on_price(self, addr: int, size: int, code: int | None) -> int:
+        return self._call(self._price, addr, size, code)
+
+    def _call(self, fn: Counter, addr: int, size: int, code: int | None) -> int:
         try:
-            return self._count(addr, size, None if code is None else ctypes.string_at(code, size))
+            return fn(addr, size, None if code is None else ctypes.string_at(code, size))
         except BaseException as exc:  # C stops emulation; Vcpu re-raises after emu_start, as Unicorn's binding would
             if self.error is None:
                 self.error = exc
             return -1
+
+    def set_base(self, base_ps: int) -> None:
+        """Python's clock base (``Vcpu.clock_ps`` = base + the hook's clock), which RDTSC adds; saturated to what C
+        holds (a clock past 2^64 ps, half a year of virtual time, reads as that)."""
+        self.state.base_ps = min(max(base_ps, 0), _U64_MAX)
 
     def raise_error(self) -> None:
         """After emu_start: what made the hook stop emulation, raised (a Python hook's exception surfaces from

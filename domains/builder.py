@@ -1,14 +1,19 @@
 """The domain builder: loads a guest ELF into guest RAM and lays out what Xen's builder would.
 
 Layout (guest-physical, page granular), as xc_dom_core does it for a PV x86-32 guest:
-``[kernel image][start_info][boot stack][L2][L1...]`` and ``shared_info`` and the GDT frame after guest RAM. The
-initial page tables (non-PAE, 4 KiB pages) map ``[virt_base, virt_base + RAM + 2 pages)`` (shared_info and the GDT
-frame; not the grant frames after them) linearly onto physical 0 onwards, the local APIC page at 0xFEE00000
-(uncached) and, when there is one, the VMI ROM at 0xFFFF0000 (read-only), each at its own physical address. For the
-``xen`` and ``vmi`` backends the page-table frames are read-only in the linear map (Xen's rule for PV guests: they
-change their tables with mmu_update); a ``native`` kernel writes its tables itself. The guest enters at its entry
-point with paging on (CR3 = the L2), ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the top of the
-boot stack.
+``[kernel image][start_info][boot stack][L2][L1...][xenstore][console]`` and ``shared_info`` and the GDT frame
+after guest RAM. The xenstore and console rings are ordinary zeroed pages of the guest's, as alloc_magic_pages_pv
+(tools/libs/guest/xg_dom_x86.c) allocates them. The initial page tables (non-PAE, 4 KiB pages) map ``[virt_base,
+virt_base + RAM + 2 pages)`` (shared_info and the GDT frame; not the grant frames after them) linearly onto
+physical 0 onwards, the local APIC page at 0xFEE00000 (uncached) and, when there is one, the VMI ROM at 0xFFFF0000
+(read-only), each at its own physical address. For the ``xen`` and ``vmi`` backends the page-table frames are
+read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update); a ``native``
+kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2), ``%esi`` =
+virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
+
+shared_info starts as shared_info_x86_32 (xg_dom_x86.c) leaves it: zeroed, with every vcpu_info's
+``evtchn_upcall_mask`` set (events start masked: a guest turns them on when it is ready for them), plus the
+wallclock the hypervisor chose, written under ``wc_version`` as Xen's update_domain_wallclock_time does.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from domains.elf_load import GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kernel
 from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
-from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, StartInfo
+from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, SHARED_INFO, VCPU_INFO, StartInfo
 from pvcluster.abi.platform import APIC_BASE, GRANT_FRAME_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
-from pvcluster.abi.xen import PAGE_SIZE
+from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, XEN_LEGACY_MAX_VCPUS
 from pvcluster.bus.messages import Build
 
 BOOT_STACK_PAGES = 4
+SPECIAL_PAGES = 2  # after the page tables: the xenstore ring, then the console ring (xc_dom's order)
 # %ebx under the "ebx" boot protocol: the hypervisor type the kernel switches its paravirt_ops on.
 HYPERVISOR_TYPE: dict[str, int] = {t.name: int(t) for t in HypervisorType}
 # The start-info block opens with the hypervisor's magic string; its first 4 bytes are the 32-bit ident the
@@ -51,6 +57,8 @@ class BootState:
     pt_base: int = 0  # its virtual address (start_info.pt_base)
     l2_mfn: int = 0
     l1_mfns: tuple[int, ...] = ()
+    store_mfn: int = 0  # the xenstore ring's page
+    console_mfn: int = 0  # the console ring's page (struct xencons_interface)
 
     @property
     def nr_pt_frames(self) -> int:
@@ -93,6 +101,34 @@ def _inside(image: GuestImage, addr: int, what: str) -> int:
     return addr
 
 
+def _special_pages(ram: GuestRam, first_pa: int) -> tuple[int, int]:
+    """The xenstore and console pages from ``first_pa`` on, cleared (xc_clear_domain_page): their frame numbers."""
+    store_pa, console_pa = first_pa, first_pa + PAGE_SIZE
+    for pa in (store_pa, console_pa):
+        ram.write_pa(pa, bytes(PAGE_SIZE))
+    return store_pa >> PAGE_SHIFT, console_pa >> PAGE_SHIFT
+
+
+def _version_bump(ram: GuestRam, pa: int) -> None:
+    """One step of Xen's version protocol on the u32 at ``pa``: odd while an update is under way, even after."""
+    version = int.from_bytes(ram.read_pa(pa, 4), "little")
+    ram.write_pa(pa, ((version + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def init_shared_info(ram: GuestRam, wc_sec: int, wc_nsec: int) -> None:
+    """shared_info at the start of day: zeroed, events masked on every vCPU, the wallclock filled in."""
+    base = ram.shared_info_paddr
+    ram.write_pa(base, bytes(SHARED_INFO.size))
+    mask = SHARED_INFO.offset("vcpu_info") + VCPU_INFO.offset("evtchn_upcall_mask")
+    for vid in range(XEN_LEGACY_MAX_VCPUS):
+        ram.write_pa(base + mask + vid * VCPU_INFO.size, b"\x01")
+    version = base + SHARED_INFO.offset("wc_version")
+    _version_bump(ram, version)  # 1: an update is under way
+    ram.write_pa(base + SHARED_INFO.offset("wc_sec"), (wc_sec & 0xFFFFFFFF).to_bytes(4, "little"))
+    ram.write_pa(base + SHARED_INFO.offset("wc_nsec"), (wc_nsec & 0xFFFFFFFF).to_bytes(4, "little"))
+    _version_bump(ram, version)  # 2: consistent
+
+
 def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     """Build the guest's memory for ``req``; raise ImageError with a specific code when it cannot be done."""
     image = parse_guest_image(req.image or load_kernel_bytes(req.kernel), req.memory_bytes)
@@ -118,13 +154,15 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
     pt_pa = stack_top_pa
     pt_end_pa = pt_pa + PAGE_SIZE * (1 + l1_tables_needed(maps))
-    if pt_end_pa > req.memory_bytes:
+    if pt_end_pa + SPECIAL_PAGES * PAGE_SIZE > req.memory_bytes:
         raise ImageError(
             "image-too-large",
-            f"image, start_info, boot stack and page tables need {pt_end_pa} bytes; "
-            f"the domain has {req.memory_bytes}",
+            f"image, start_info, boot stack, page tables and the xenstore and console pages need "
+            f"{pt_end_pa + SPECIAL_PAGES * PAGE_SIZE} bytes; the domain has {req.memory_bytes}",
         )
     tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
+    store_mfn, console_mfn = _special_pages(ram, pt_end_pa)
+    init_shared_info(ram, req.wc_sec, req.wc_nsec)
     cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()
     cmdline = cmdline_text.encode()
     if len(cmdline) >= MAX_GUEST_CMDLINE:
@@ -135,6 +173,10 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         pt_base=image.virt_base + tables.l2,
         nr_pt_frames=len(tables.frames),
         cmd_line=cmdline,
+        store_mfn=store_mfn,
+        store_evtchn=req.store_evtchn,
+        console_mfn=console_mfn,
+        console_evtchn=req.console_evtchn,
     )
     block = bytearray(start_info.pack(magic=START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])))
     if req.start_info_ident is not None:  # the "ident" fault (hypervisor/faults.py): an ident no backend knows
@@ -160,4 +202,6 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         pt_base=image.virt_base + tables.l2,
         l2_mfn=frames[0],
         l1_mfns=frames[1:],
+        store_mfn=store_mfn,
+        console_mfn=console_mfn,
     )

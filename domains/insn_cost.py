@@ -9,7 +9,7 @@ from __future__ import annotations
 import capstone
 from capstone import x86 as cx
 
-from pvcluster.costs import INSN_PS, InsnClass
+from pvcluster.costs import CLOCK_READ_PS, INSN_PS, InsnClass
 
 _LOCK = 0xF0  # the lock prefix, as capstone reports it in insn.prefix[0]
 _IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
@@ -68,6 +68,9 @@ class BlockPricer:
         count, cost = 0, 0
         for insn in self._md.disasm(code, addr):
             count += 1
+            if insn.mnemonic == "rdtsc":  # the cycle counter: priced as the clock port is (costs.CLOCK_READ_PS)
+                cost += CLOCK_READ_PS
+                continue
             cls = classify(insn)
             cost += self.insn_ps[cls] + (self.refill_ps if cls is InsnClass.CR3_WRITE else 0)
         if not count:  # undecodable bytes: the CPU faults on them, one instruction's worth

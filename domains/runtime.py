@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from domains import effects
+from domains import effects, timeinfo
 from domains.builder import BootState, build_domain
 from domains.elf_load import ImageError
 from domains.join import Connection
@@ -28,9 +28,10 @@ from domains.link import LinkReceiver
 from domains.memory import GuestRam
 from domains.paging import read_virt, walk, write_virt
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
-from pvcluster.abi.copyin import Span, copy_in
-from pvcluster.abi.layouts import SHARED_INFO, VCPU_INFO
+from pvcluster.abi.copyin import Span, copy_in, notified_port
+from pvcluster.abi.layouts import XENCONS_INTERFACE
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
+from pvcluster.abi.xen import PAGE_SHIFT
 from pvcluster.bus import codec
 from pvcluster.bus.effects import FLUSHES, FlushTlb, Invlpg, SetPending, Unmask, VcpuUp, kind
 from pvcluster.bus.messages import (
@@ -62,6 +63,9 @@ EXIT_HYPERVISOR_GONE = 5
 # Deliveries that wake a sleeping vCPU at their arrival (a delayed flush, a speed or clock change do not; a poll
 # timeout does, but only by ending the poll).
 _WAKING = (SetPending, Unmask, VcpuUp)
+# What of the console page its backend reads: out[] and the four indices after it.
+_RING_OUT = XENCONS_INTERFACE.offset("out")
+_RING_LEN = XENCONS_INTERFACE.size - _RING_OUT
 
 
 class DomainProcess:
@@ -100,6 +104,8 @@ class DomainProcess:
         self.parent = os.getppid()  # the hypervisor, when it launched this process
         self.skew = (0, 0)  # the skew fault: (offset ns, ppm) added to the system time vcpu_time_info shows
         self.link = LinkReceiver()
+        # the console ring (its port and the machine address of the part its backend reads), from the build
+        self._console: tuple[int, int] = (0, 0)
 
     @property
     def memory(self) -> GuestRam:
@@ -209,6 +215,8 @@ class DomainProcess:
                 ok=False, error_code=exc.code, error=exc.message, entry=0, start_info=0, guest_os=""
             )
         self.ram, self.boot = ram, boot
+        if req.console_evtchn and boot.console_mfn:
+            self._console = (req.console_evtchn, (boot.console_mfn << PAGE_SHIFT) + _RING_OUT)
         self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
         counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None, req.tlb_refill_ns * 1000)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
@@ -251,6 +259,8 @@ class DomainProcess:
             guest_os=boot.image.guest_os,
             l2_mfn=boot.l2_mfn,
             l1_mfns=list(boot.l1_mfns),
+            store_mfn=boot.store_mfn,
+            console_mfn=boot.console_mfn,
         )
 
     # -- windows ---------------------------------------------------------------------------------------------
@@ -329,16 +339,9 @@ class DomainProcess:
                         latency_ns=vt_ns - start, mode=self._shootdown_mode)
 
     def _publish_time(self, vcpu: Vcpu) -> None:
-        """vcpu_time_info.system_time as Xen keeps it: version odd while writing, even when consistent."""
+        """The vCPU's vcpu_time_info, as Xen updates it when it schedules the vCPU (``domains/timeinfo.py``)."""
         assert self.ram is not None
-        info = self.ram.shared_info_paddr + SHARED_INFO.offset("vcpu_info") + vcpu.vid * VCPU_INFO.size
-        version_at, time_at = info + VCPU_INFO.offset("time.version"), info + VCPU_INFO.offset("time.system_time")
-        version = int.from_bytes(self.ram.read_pa(version_at, 4), "little")
-        self.ram.write_pa(version_at, ((version | 1) & 0xFFFFFFFF).to_bytes(4, "little"))
-        offset, ppm = self.skew  # a drifting clock source: only the guest's view moves, never virtual time
-        shown = max(0, vcpu.clock_ns + offset + vcpu.clock_ns * ppm // 1_000_000) & 0xFFFFFFFFFFFFFFFF
-        self.ram.write_pa(time_at, shown.to_bytes(8, "little"))
-        self.ram.write_pa(version_at, (((version | 1) + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+        timeinfo.publish(self.ram, vcpu.vid, vcpu.clock_ps, self.skew)
 
     @staticmethod
     def _report(v: Vcpu) -> VcpuReport:
@@ -365,6 +368,15 @@ class DomainProcess:
             return Region(s.addr, s.length, data, s.writable, entries, frames if data is not None and s.length else [])
 
         return [region(s) for s in copy_in(nr, args, read)]
+
+    def _rings(self, vcpu: Vcpu, nr: int, args: list[int]) -> list[Region]:
+        """The console ring, when this trap notifies its port: its backend (the hypervisor, as xenconsoled) reads
+        the bytes between out_cons and out_prod from this copy, taken at the trap's instant."""
+        port, ring_pa = self._console
+        if not port or notified_port(nr, args, vcpu.read_virt) != port:
+            return []
+        assert self.ram is not None
+        return [Region(ring_pa, _RING_LEN, self.ram.read_pa(ring_pa, _RING_LEN), False)]
 
     def _event(self, d: Delivery) -> None:
         """An effect decided outside this domain's own hypercalls, arriving at ``d.vt_ns``: a vCPU asleep until then
@@ -462,7 +474,8 @@ class DomainProcess:
         if trap is not None and self._reported_trap.get(vcpu.vid) != trap.seq:
             self._reported_trap[vcpu.vid] = trap.seq
             regions = self._copy_in(vcpu, trap.nr, trap.args)
-            reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions))
+            reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions,
+                                     self._rings(vcpu, trap.nr, trap.args)))
         f = vcpu.fault
         if f is not None and vcpu.vid not in self._reported_faults:
             self._reported_faults.add(vcpu.vid)

@@ -7,7 +7,8 @@ window end: deterministic, since block boundaries depend only on the code. The h
 it finds the block's bytes through this vCPU's page tables, looks their count up in a table shared by the domain's
 vCPUs (keyed by address, size and the exact bytes), and calls back into Python only for a block it has not seen
 with those bytes (``InsnCounter`` disassembles it once with capstone) or whose bytes it cannot read. The clock and
-the instruction count live in the hook's C state; ``clock_ps`` and ``instructions`` are properties over it.
+the instruction count live in the hook's C state; ``clock_ps`` and ``instructions`` are properties over it. RDTSC
+is answered there too, from the same clock (the virtual TSC, ``domains/timeinfo.py``), never the host's counter.
 
 Memory: the domain's RAM is mapped at physical address 0 in every instance, the local APIC's MMIO page at physical
 0xFEE00000 and the VMI ROM (when there is one) at physical 0xFFFF0000. The vCPU runs with paging on (CR0.PG, and
@@ -65,8 +66,8 @@ from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
 _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
 # The platform's ports (pvcluster/abi/platform.py): `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns
-# (rdtsc cannot be hooked in Unicorn's Python binding); a write to MARK_PORT puts a guest mark in the trace at the
-# exact virtual time (workloads use it to bracket what they measure, e.g. each TLB shootdown).
+# (RDTSC reads it in TSC ticks, through the C hook: domains/blockhook.py); a write to MARK_PORT puts a guest mark in
+# the trace at the exact virtual time (workloads use it to bracket what they measure, e.g. each TLB shootdown).
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 PAGE_FAULT_VECTOR = 14
 _PAGE = 0x1000
@@ -191,7 +192,8 @@ class Vcpu:
         self.uc.ctl_set_exits([])
         # Virtual time: the C hook's state holds the clock relative to _base_ps (so C's 64 bits never overflow
         # whatever Python sets it to), the slice end on the same base, and the instruction count.
-        self._hook = BlockHook(self.uc, X.UC_X86_REG_CR3, ram.host_addr, ram.size, counter.table, self._count_block)
+        self._hook = BlockHook(self.uc, X.UC_X86_REG_CR3, ram.host_addr, ram.size, counter.table, self._count_block,
+                               self._price_prefix)
         self._st = self._hook.state
         self._base_ps = 0
         self.ps_per_instr = ps_per_instr
@@ -408,6 +410,7 @@ class Vcpu:
     @clock_ps.setter
     def clock_ps(self, value: int) -> None:
         self._base_ps = value
+        self._hook.set_base(value)  # RDTSC reads the clock in C: it needs the base too
         self._st.clock_ps = 0
 
     @property
@@ -449,6 +452,13 @@ class Vcpu:
         if code is None:
             code = self.fetch(addr, size)
         return self.counter.count(addr, code)
+
+    def _price_prefix(self, addr: int, size: int, code: bytes | None) -> int:
+        """What the ``size`` bytes of instructions at ``addr`` cost (ps at ps_per_instr = 1000): the part of a block
+        before an RDTSC, which C keeps once asked (``None``: C could not read them; read them here)."""
+        if code is None:
+            code = self.fetch(addr, size)
+        return self.counter.pricer.price(addr, code)[1] if code else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _: object) -> None:
         eip = int(uc.reg_read(X.UC_X86_REG_EIP))

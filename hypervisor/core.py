@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from hypervisor import evtchn, faults
+from hypervisor import backends, evtchn, faults
 from hypervisor.clock import Clock
 from hypervisor.domain import Domain, DomainState, DomainTable
 from hypervisor.errors import ReportError
@@ -53,6 +53,17 @@ from pvcluster.spec import ClusterSpec, DomainSpec
 
 MAX_DMESG_LINES = 5000
 MAX_PAUSES = 255  # Xen limits the toolstack's pause count to 255 (_domain_pause_by_systemcontroller)
+# The seeded wallclock at system time 0 falls in [2000-01-01, 2030-01-01) UTC: wc_sec fits shared_info's 32 bits.
+WALLCLOCK_FIRST_S = 946_684_800
+WALLCLOCK_SPAN_S = 946_771_200
+
+
+def boot_wallclock(seed: int) -> tuple[int, int]:
+    """The wallclock (seconds, ns since the Unix epoch) at virtual time 0, which every domain's shared_info shows
+    (wc_sec / wc_nsec: Xen's wallclock is the host's, one for all domains). A stream of its own, so one seed gives
+    one wallclock whatever else the seed decides."""
+    rng = random.Random(f"{seed}/wallclock")
+    return WALLCLOCK_FIRST_S + rng.randrange(WALLCLOCK_SPAN_S), rng.randrange(1_000_000_000)
 
 
 @attrs.frozen
@@ -197,6 +208,7 @@ class Hypervisor:
             self.outbox.append((dom, Stop(reason="destroy")))  # destroyed before its process connected
         elif isinstance(body, Hello) and dom.state is DomainState.BUILDING and not dom.hello:
             dom.hello = True
+            backends.prepare(dom)  # the toolstack's ports for the xenstore and console rings, before the build
             self.outbox.append((dom, faults.on_build(dom.faults, self._build_message(dom), dom.trace)))
         elif isinstance(body, BuildResult) and dom.state is DomainState.BUILDING and dom.hello:
             self._built(dom, body)
@@ -219,6 +231,7 @@ class Hypervisor:
 
     def _build_message(self, dom: Domain) -> Build:
         s: DomainSpec = dom.spec
+        wc_sec, wc_nsec = boot_wallclock(self.spec.cluster.seed)
         return Build(
             domid=dom.domid,
             name=dom.name,
@@ -237,6 +250,10 @@ class Hypervisor:
             mmio_ns=self.cost.mmio_ns,
             tlb_refill_ns=self.cost.tlb_refill_ns,
             image=dom.image,
+            store_evtchn=dom.store_port,
+            console_evtchn=dom.console_port,
+            wc_sec=wc_sec,
+            wc_nsec=wc_nsec,
         )
 
     def _built(self, dom: Domain, res: BuildResult) -> None:
@@ -248,6 +265,7 @@ class Hypervisor:
         if not all(0 <= mfn < dom.nr_pages for mfn in (res.l2_mfn, *res.l1_mfns)):
             raise ReportError(f"build result names page-table frames outside the domain ({res.l2_mfn})")
         dom.move(DomainState.RUNNING, "built")
+        backends.connect(dom, res)  # xenconsoled and xenstored bind their ports once the domain exists
         if dom.spec.backend != "native":
             # a paravirtualized guest's initial tables are validated and pinned, so it cannot map them writable
             dom.frames.pin(res.l2_mfn, 2)
@@ -262,12 +280,18 @@ class Hypervisor:
         boot.ready_ns = now
         self.printk(
             f"d{dom.domid} ({dom.name}): built {res.guest_os}, entry {res.entry:#x}, start_info "
-            f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}",
+            f"{res.start_info:#x}, {len(dom.vcpus)} vcpus, backend {dom.spec.backend}, boot {dom.spec.boot}; "
+            f"xenstore port {dom.store_port} page {dom.store_mfn:#x}, console port {dom.console_port} page "
+            f"{dom.console_mfn:#x}",
             dom=dom.domid,
             entry=res.entry,
             guest_os=res.guest_os,
             backend=dom.spec.backend,
             boot=dom.spec.boot,
+            store_port=dom.store_port,
+            store_mfn=dom.store_mfn,
+            console_port=dom.console_port,
+            console_mfn=dom.console_mfn,
         )
 
     def deliver(self, dom: Domain, effect: Effect, vt_ns: int) -> None:

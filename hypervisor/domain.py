@@ -76,6 +76,13 @@ class Domain:
     crash_detail: str = ""
     console: list[str] = attrs.Factory(list)
     _partial_line: str = ""
+    # The xenstore and console rings (hypervisor/backends.py): their ports and pages (0: none), and the console
+    # backend's out_cons.
+    store_port: int = 0
+    console_port: int = 0
+    store_mfn: int = 0
+    console_mfn: int = 0
+    console_cons: int = 0
     hello: bool = False
     joined: bool = False
     hypercalls: int = 0

@@ -52,8 +52,14 @@ INSN_PS: dict[InsnClass, int] = {
     InsnClass.LOCKED: 50000,
 }
 
-# The platform's clock port (CLOCK_PORT) is the guest's cycle counter: priced as RDTSC (~25 cycles), not as I/O.
+# The platform's clock port (CLOCK_PORT) is the guest's cycle counter: priced as RDTSC (~25 cycles), not as I/O. RDTSC
+# itself costs the same.
 CLOCK_READ_PS = 10000
+# The virtual TSC's rate: the modelled core's clock (0.4 ns a cycle). RDTSC returns the vCPU's virtual time in these
+# ticks, and vcpu_time_info's tsc_to_system_mul / tsc_shift are computed from it (pvcluster/abi/pvclock.py).
+TSC_HZ = 2_500_000_000
+PS_PER_TSC_TICK = 10**12 // TSC_HZ
+assert PS_PER_TSC_TICK * TSC_HZ == 10**12, "a TSC tick must be a whole number of ps"
 
 # Costs the hypervisor and the domain process charge outside instruction classes (virtual ns).
 IRQ_ENTRY_NS = 100  # delivering an interrupt or exception through a gate (or Xen's bounce frame): ~250 cycles

@@ -20,6 +20,9 @@ from pvcluster.spec import DOMAIN_FAULTS, IDENT_FAULT, ClusterSpec, parse_spec
 
 CTX = 0x2000
 EVT = 0x3000
+# The port _bind_ipi gets: the first free one, 1 and 2 being the xenstore and console rings' (allocated before the
+# build: hypervisor/backends.py).
+IPI_PORT = 3
 
 
 def _spec(seed: int = 7, pcpus: int = 2, extra: str = "", slice_ns: int = 30000) -> ClusterSpec:
@@ -57,7 +60,7 @@ def _ping_programs(rounds: int, compute: int) -> list[list[Op]]:
     """vCPU 0 wakes vCPU 1 with an event-channel IPI each round; vCPU 1 blocks between rounds."""
     boss: list[Op] = [("compute", 2000), *_up(1), _bind_ipi(1)]
     for r in range(rounds):
-        boss += [("compute", compute + 37 * r), _send(1), version_op()]
+        boss += [("compute", compute + 37 * r), _send(IPI_PORT), version_op()]
     boss += [("compute", 20_000), shutdown_op()]
     worker: list[Op] = []
     for _ in range(rounds + 1):
@@ -198,7 +201,7 @@ def test_a_domains_trace_does_not_change_when_an_unrelated_pinned_domain_is_adde
     with_gamma = attrs.evolve(base, domains=(*pinned, gamma))
     noisy: list[Op] = []
     for r in range(40):
-        noisy += [("compute", 777 + 13 * r), version_op(), _send(1)]
+        noisy += [("compute", 777 + 13 * r), version_op(), _send(IPI_PORT)]
     noisy.append(shutdown_op())
     a = _run(without)
     b = _run(with_gamma, extra={"gamma": [noisy, [block_op()]]})

@@ -54,7 +54,7 @@ cpus = [2, 3]
 name = "cli"
 vcpus = 1
 backend = "xen"
-cmdline = "workload=pingclient peer=3 port=2 rounds={rounds} shutdown=poweroff"
+cmdline = "workload=pingclient peer=3 port=4 rounds={rounds} shutdown=poweroff"
 cpus = [2, 3]
 """.replace("{sd_rounds}", str(SD_ROUNDS))
 
@@ -338,8 +338,9 @@ def test_kill_ends_the_domain_and_its_peer_blocked_on_the_port_is_woken_with_it_
     [exit_] = ending.hv_events("srv", "domain.process_exit")
     assert exit_["returncode"] == -9
     # the client, polling for an echo, is woken by the server's end closing and sees its port unbound
-    assert [e["port"] for e in ending.hv_events("cli", "evtchn.peer_closed")] == [2]
-    assert any("peer closed: port 2 status 1" in line for line in ending.consoles["cli"]), ending.consoles["cli"]
+    # (its port 4: 1 and 2 are its xenstore and console rings', 3 its IPI port)
+    assert [e["port"] for e in ending.hv_events("cli", "evtchn.peer_closed")] == [4]
+    assert any("peer closed: port 4 status 1" in line for line in ending.consoles["cli"]), ending.consoles["cli"]
     assert ending.final["cli"]["state"] == "dead"
     # what the dead domain held is reclaimed
     assert (srv["ports_open"], srv["frames_pinned"]) == (0, 0)
@@ -386,7 +387,7 @@ cmdline = "workload=pingserver peer=2 rounds=60 shutdown=poweroff"
 [[domain]]
 name = "cli"
 backend = "xen"
-cmdline = "workload=pingclient peer=1 port=2 rounds=60 shutdown=poweroff"
+cmdline = "workload=pingclient peer=1 port=4 rounds=60 shutdown=poweroff"
 """ + _faults({"kind": "delay", "target": "srv", "at_ns": 100_000, "delay_ns": 10_000, "jitter_ns": 12_000,
                "duration_ns": 2_000_000})
 

@@ -12,7 +12,7 @@ from helpers import RecordingLog
 from unicorn.x86_const import UC_X86_REG_CR0
 
 from domains import paging
-from domains.builder import build_domain
+from domains.builder import SPECIAL_PAGES, build_domain
 from domains.memory import GuestRam
 from domains.paging import PTE_PRESENT, PTE_RW, pte_address, read_virt, translate, write_virt
 from domains.runtime import DomainProcess
@@ -155,7 +155,10 @@ def test_builder_refuses_when_the_page_tables_do_not_fit() -> None:
     from domains.elf_load import ImageError
 
     _, boot = build_domain(_build("xen"))
-    needed = boot.cr3 + 3 * PAGE_SIZE  # under 4 MiB: the L2, one L1 for RAM, one for the APIC
+    # under 4 MiB: the L2, one L1 for RAM, one for the APIC; then the xenstore and console pages
+    needed = boot.cr3 + 3 * PAGE_SIZE + SPECIAL_PAGES * PAGE_SIZE
+    end = boot.l2_mfn + boot.nr_pt_frames  # the xenstore and console pages follow the tables
+    assert (boot.store_mfn, boot.console_mfn) == (end, end + 1)
     with pytest.raises(ImageError) as info:
         build_domain(_build("xen", memory=needed - PAGE_SIZE))
     assert info.value.code == "image-too-large" and "page tables" in info.value.message

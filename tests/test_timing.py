@@ -53,7 +53,7 @@ cmdline = "workload=pingserver peer=2 rounds=30 shutdown=poweroff"
 name = "cli"
 vcpus = 1
 backend = "xen"
-cmdline = "workload=pingclient peer=1 port=2 rounds=30 shutdown=poweroff"
+cmdline = "workload=pingclient peer=1 port=4 rounds=30 shutdown=poweroff"
 """
 
 

@@ -89,7 +89,9 @@ BUG_INVARIANT: dict[str, tuple[str, ...]] = {
     "lose-event": ("event-delivered-once",), "dup-event": ("event-delivered-once",),
     "corrupt-result": ("effects-applied",)}
 PING_PAIR = ("srv", "cli")
-SERVER_PORT = 2  # one vCPU: the xen backend binds port 1 for its IPIs, so the server's alloc_unbound gets port 2
+# One vCPU: ports 1 and 2 are the xenstore and console rings' (allocated before the build), the xen backend binds
+# port 3 for its IPIs, so the server's alloc_unbound gets port 4.
+SERVER_PORT = 4
 # When an armed bug starts (seeded, uniform): inside the workload it targets, even when faults make it shorter. The
 # shootdowns run from about 45 us to 1.2-2 ms; the ping-pong from about 20 us to 0.45-1.9 ms (it speeds up when
 # faults take other domains' vCPUs off the pCPUs).

@@ -1,5 +1,7 @@
 # The xen backend: every privileged operation becomes a hypercall through the hypercall page, or a write to
-# this vCPU's vcpu_info in shared_info (the virtual interrupt flag is evtchn_upcall_mask).
+# this vCPU's vcpu_info in shared_info (the virtual interrupt flag is evtchn_upcall_mask, which is set on every
+# vCPU at the start of day: vCPU 0 clears it at the end of xen_init, a secondary in its irq_enable or its first
+# SCHEDOP_block).
 # set_tss_desc is NULL: the native code runs instead (the null-entry rule). IPIs travel on one event channel
 # per vCPU (EVTCHNOP_bind_ipi); the upcall handler runs the same handler bodies as the native IDT vectors.
 
@@ -57,6 +59,9 @@ xen_init:
     inc esi
     jmp .Lxen_bind_next
 .Lxen_init_done:
+    call xen_irq_enable              # events start masked on every vCPU (the domain builder's shared_info); the
+                                     # boot vCPU takes them from here, its callback and IPI ports in place, as
+                                     # Linux's start_kernel turns interrupts on once early init is done
     pop ebx
     pop esi
     xor eax, eax

@@ -17,6 +17,11 @@
  * Python is called back only on a miss (it counts with capstone and this file stores the answer) and when the
  * bytes cannot be read here (not mapped, or not RAM nor ROM: Python reads them and counts, nothing is stored).
  *
+ * RDTSC (pv_rdtsc_hook, a UC_HOOK_INSN hook) returns the vCPU's virtual time in TSC ticks, never the host's
+ * counter: the clock before the running block was charged, plus what the block's instructions before the RDTSC
+ * cost (so it reads the instant of its own instruction, as a guest mark does). That prefix cost is asked of Python
+ * once per RDTSC site of a stored block and kept in the block's entry.
+ *
  * No Python.h and no libunicorn at link time: Unicorn's entry points come in as function pointers, from the
  * library the Python binding loaded. Plain C11 so a bare `gcc -shared` builds it.
  */
@@ -37,6 +42,7 @@
 #define RECENT 256
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef int (*emu_stop_fn)(void *uc);
 /* Count the block at addr: its size bytes, or NULL when this file could not read them. Returns the block's
  * instruction count (1..65535) in the low 16 bits and its cost in ps at ps_per_instr = 1000 above them; < 1 on
@@ -44,6 +50,11 @@ typedef int (*emu_stop_fn)(void *uc);
 typedef int64_t (*count_fn)(uint64_t addr, uint32_t size, const uint8_t *bytes);
 #define COUNT_BITS 16
 #define COUNT_MASK ((1 << COUNT_BITS) - 1)
+/* The cost in ps (at ps_per_instr = 1000) of the size instructions' bytes at addr (NULL: Python reads them); < 0 on
+ * error. Asked for the part of a block before an RDTSC. */
+typedef int64_t (*price_fn)(uint64_t addr, uint32_t size, const uint8_t *bytes);
+/* RDTSC sites whose prefix cost an entry keeps; a block with more asks Python for the rest each time. */
+#define TSC_SITES 4
 
 typedef struct entry {
     struct entry *next;
@@ -51,6 +62,9 @@ typedef struct entry {
     uint32_t size;
     int64_t packed; /* what count_fn returned: the instruction count and the cost */
     uint32_t writes_cr; /* the bytes hold the opcode of `mov crN, r32`: CR3 may differ after this block */
+    uint32_t tsc_sites; /* RDTSC sites priced so far: their offsets in the block and the cost before each */
+    uint32_t tsc_off[TSC_SITES];
+    int64_t tsc_before[TSC_SITES];
     uint8_t bytes[];
 } entry;
 
@@ -85,6 +99,19 @@ typedef struct {
     uint64_t cr3_known;  /* Python clears it before emu_start and whenever it loads CR3 */
     uint64_t block_addr; /* the block running now, and the clock before it was charged: Python prices an */
     uint64_t block_ps;   /* instruction's own instant from them (a guest mark, a clock read) */
+    /* RDTSC: the registers it writes, Unicorn's uc_reg_write, Python's price_fn, the base of clock_ps (Python's
+     * clock = base_ps + clock_ps, saturated), the ps in a TSC tick, and the stored entry of the block running now
+     * (NULL when its bytes could not be read here) */
+    reg_write_fn reg_write;
+    price_fn price;
+    int64_t eip_regid;
+    int64_t eax_regid;
+    int64_t edx_regid;
+    uint64_t base_ps;
+    uint64_t ps_per_tick;
+    entry *block_entry;
+    uint64_t tsc_reads; /* RDTSCs answered; of which tsc_priced asked Python for their prefix */
+    uint64_t tsc_priced;
     entry *recent[RECENT]; /* the entries this vCPU last used, by address: a hit here skips the shared table */
 } pv_vcpu;
 
@@ -290,6 +317,7 @@ static entry *miss(pv_vcpu *s, uint64_t addr, uint32_t size, const piece *pieces
     e->size = size;
     e->packed = n;
     e->writes_cr = may_write_cr(e->bytes, size);
+    e->tsc_sites = 0;
     if (t->used >= t->mask + 1)
         grow(t);
     uint64_t b = bucket_of(addr, size) & t->mask;
@@ -321,6 +349,7 @@ static entry *lookup(table *t, uint64_t addr, uint32_t size, const piece *pieces
 static int64_t block_count(pv_vcpu *s, void *uc, uint64_t addr, uint32_t size) {
     piece pieces[MAX_PIECES];
     int k = block_pieces(s, uc, addr, size, pieces);
+    s->block_entry = NULL;
     if (k < 0) {
         s->misses++;
         s->unreadable++;
@@ -340,6 +369,7 @@ static int64_t block_count(pv_vcpu *s, void *uc, uint64_t addr, uint32_t size) {
     }
     if (e->writes_cr)
         s->cr3_known = 0;
+    s->block_entry = e;
     return e->packed;
 }
 
@@ -369,4 +399,53 @@ void pv_block_hook(void *uc, uint64_t addr, uint32_t size, void *user_data) {
     s->block_addr = addr;
     s->block_ps = s->clock_ps;
     s->clock_ps = add_sat(s->clock_ps, cost);
+}
+
+/* The cost of the running block's instructions before the one at offset off: from its entry, or asked of Python
+ * (and kept, for up to TSC_SITES sites). < 0 when Python could not price it. */
+static int64_t cost_before(pv_vcpu *s, uint32_t off) {
+    entry *e = s->block_entry;
+    if (e == NULL || e->addr != s->block_addr || off > e->size)
+        return s->price(s->block_addr, off, NULL);
+    for (uint32_t i = 0; i < e->tsc_sites; i++)
+        if (e->tsc_off[i] == off)
+            return e->tsc_before[i];
+    s->tsc_priced++;
+    int64_t ps = s->price(s->block_addr, off, e->bytes);
+    if (ps >= 0 && e->tsc_sites < TSC_SITES) {
+        e->tsc_off[e->tsc_sites] = off;
+        e->tsc_before[e->tsc_sites++] = ps;
+    }
+    return ps;
+}
+
+/* UC_HOOK_INSN callback for UC_X86_INS_RDTSC (Unicorn's uc_cb_insn_cpuid_t): EDX:EAX = the virtual TSC at this
+ * instruction's instant; returning 1 skips the emulated RDTSC, which would read the host's counter. */
+uint32_t pv_rdtsc_hook(void *uc, void *user_data) {
+    pv_vcpu *s = user_data;
+    uint64_t eip = 0;
+    if (s->reg_read(uc, (int)s->eip_regid, &eip) != 0) {
+        s->failed = 1;
+        s->emu_stop(uc);
+        return 1;
+    }
+    uint32_t off = (uint32_t)eip - (uint32_t)s->block_addr; /* EIP is synced to the RDTSC before the hook */
+    int64_t before = off == 0 ? 0 : cost_before(s, off);
+    if (before < 0) {
+        s->failed = 1;
+        s->emu_stop(uc);
+        return 1;
+    }
+    uint64_t cost = (uint64_t)before;
+    if (s->ps_per_instr != 1000 && __builtin_mul_overflow(cost, s->ps_per_instr, &cost))
+        cost = CLOCK_MAX;
+    else if (s->ps_per_instr != 1000)
+        cost /= 1000;
+    uint64_t at = add_sat(add_sat(s->base_ps, s->block_ps), cost);
+    uint64_t tsc = at / s->ps_per_tick;
+    uint64_t lo = (uint32_t)tsc, hi = tsc >> 32;
+    s->reg_write(uc, (int)s->eax_regid, &lo);
+    s->reg_write(uc, (int)s->edx_regid, &hi);
+    s->tsc_reads++;
+    return 1;
 }

@@ -16,6 +16,7 @@ import attrs
 from hypervisor import mm
 from hypervisor.guestmem import GuestView
 from pvcluster.bus.effects import Effect
+from pvcluster.bus.messages import Region
 
 if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
@@ -47,6 +48,9 @@ class Call:
     work_ns: int = 0
     # How many of ``effects`` the guest-memory view has been told about (``settle``).
     settled: int = 0
+    # Shared rings the domain process copied with the trap, by machine address: the console ring, when the call
+    # notifies its backend (hypervisor/backends.py).
+    rings: list[Region] = attrs.Factory(list)
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF if i < len(self.args) else 0

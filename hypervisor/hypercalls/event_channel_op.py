@@ -11,7 +11,8 @@ out fields copied back whole after success; a failed copy-back leaves the port a
 Interdomain delivery acts on another domain's process: the handler puts the peer's ``SetPending`` in
 ``call.remote`` and the clock hands it to that domain in its next window, ``link_ns`` after the send.
 Closing one end of an interdomain channel (close, reset, or the domain dying) leaves the other end UNBOUND and
-raises an event on it, so its owner sees the peer go.
+raises an event on it, so its owner sees the peer go. A send on the xenstore or console ring's port (interdomain
+with dom0, whose daemons the hypervisor plays) goes to its backend (``hypervisor/backends.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from hypervisor import evtchn
+from hypervisor import backends, evtchn
 from hypervisor.guestmem import GuestFault
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
@@ -177,6 +178,10 @@ def _send(call: Call, ptr: int, raw: bytes) -> int:
         return 0
     if p.state is evtchn.PortState.UNBOUND:
         call.trace("evtchn.send_dropped", port=port)  # nobody at the far end yet: Xen drops it silently
+        return 0
+    if backends.is_backend_port(p):  # the console or xenstore ring's port: its backend is the hypervisor's
+        call.trace("evtchn.send", port=port, remote_dom=p.remote_dom, remote_port=p.remote_port)
+        backends.notified(call, p)
         return 0
     if p.state is evtchn.PortState.INTERDOMAIN:
         assert p.remote_dom is not None and p.remote_port is not None

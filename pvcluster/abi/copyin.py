@@ -23,7 +23,7 @@ import attrs
 
 from pvcluster.abi import layouts, structs
 from pvcluster.abi.platform import MAX_GRANT_FRAMES
-from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, GnttabOp, Hypercall, MemoryOp, SchedOp, VcpuOp
+from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, EvtchnOp, GnttabOp, Hypercall, MemoryOp, SchedOp, VcpuOp
 
 Reader = Callable[[int, int], bytes | None]
 _U32 = 0xFFFFFFFF
@@ -214,6 +214,15 @@ DESCRIPTORS: dict[int, Descriptor] = {
     Hypercall.set_callbacks: _none,
     Hypercall.set_timer_op: _none,
 }
+
+
+def notified_port(nr: int, args: list[int], read: Reader) -> int | None:
+    """The port an ``EVTCHNOP_send`` trap notifies (None for any other trap, or an unreadable struct): the domain
+    process copies a backend's ring with the trap that notifies it. A send inside a multicall is not looked at."""
+    if nr != Hypercall.event_channel_op or (args[0] if args else -1) != EvtchnOp.send or len(args) < 2:
+        return None
+    raw = read(args[1] & _U32, layouts.EVTCHN_SEND.size)
+    return None if raw is None else int(struct.unpack_from("<I", raw)[0])
 
 
 def describe(nr: int, args: list[int], read: Reader) -> list[Span]:

@@ -125,6 +125,15 @@ XEN_MEMORY_DOMAIN = Layout("struct xen_memory_domain", "XEN_MEMORY_DOMAIN", 2, {
 XEN_MACHPHYS_MFN_LIST = Layout("struct xen_machphys_mfn_list", "XEN_MACHPHYS_MFN_LIST", 12,
                                {"max_extents": 0, "extent_start": 4, "nr_extents": 8})
 
+# xen/include/public/io/console.h: the console ring, in a page of the domain's (start_info.console.domU.mfn). Not in
+# the kernel's include (the built-in kernel writes through console_io); the backend and the tests read it.
+XENCONS_IN_SIZE = 1024
+XENCONS_OUT_SIZE = 2048
+XENCONS_INTERFACE = Layout("struct xencons_interface", "XENCONS", 3088, {
+    "in": 0, "out": XENCONS_IN_SIZE, "in_cons": 3072, "in_prod": 3076, "out_cons": 3080, "out_prod": 3084,
+})
+assert XENCONS_INTERFACE.offset("in_cons") == XENCONS_IN_SIZE + XENCONS_OUT_SIZE
+
 # The argument struct of each event_channel_op command this ABI offers (not the FIFO ABI's init_control,
 # expand_array, set_priority).
 EVTCHN_OP_LAYOUTS: Mapping[EvtchnOp, Layout] = MappingProxyType({

@@ -18,9 +18,9 @@ VIRT_BASE = 0xC0000000
 KERNEL_CS = 0x08
 KERNEL_DS = 0x10
 
-# I/O ports. `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns (low 32 bits): rdtsc cannot be hooked
-# in Unicorn's Python binding and would read the host's clock. A write to MARK_PORT puts a guest mark in the trace
-# at the exact virtual time: value = code | detail << MARK_DETAIL_SHIFT (the detail is a round or a count).
+# I/O ports. `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns (low 32 bits), priced as RDTSC (which
+# returns the same time in TSC ticks: pvcluster/costs.py's TSC_HZ). A write to MARK_PORT puts a guest mark in the
+# trace at the exact virtual time: value = code | detail << MARK_DETAIL_SHIFT (the detail is a round or a count).
 CLOCK_PORT = 0x5C
 MARK_PORT = 0x5D
 MARK_DETAIL_SHIFT = 8
@@ -42,6 +42,11 @@ class Mark(enum.IntEnum):
     PING_SENT = 0x51  # workload=pingclient: event sent (detail: round)
     PING_ECHO = 0x52  # its echo seen (detail: round)
 
+
+# The domain the console and xenstore backends belong to: in Xen, dom0's xenconsoled and xenstored; here the
+# hypervisor plays them, so a domain's console and store ports are bound to dom0, which is never a guest (domids
+# start at 1).
+BACKEND_DOMID = 0
 
 # The local APIC: one trapped MMIO page. The ICR's high word holds the destination APIC ID in its top byte, as the
 # ID register does.

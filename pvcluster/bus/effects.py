@@ -221,7 +221,7 @@ class SetSpeed:
 @attrs.frozen
 class SetClockSkew:
     """Skew the system time the domain publishes in every vcpu_time_info: ``offset_ns`` plus ``ppm`` parts per
-    million of the true time (the ``skew`` fault: a drifting clock source)."""
+    million of the true time, and its TSC scale by the same ppm (the ``skew`` fault: a drifting clock source)."""
 
     TAG: ClassVar[int] = 18
     KIND: ClassVar[str] = "set_clock_skew"

@@ -60,6 +60,13 @@ class Build:
     # The kernel image, read by the hypervisor (a file kernel only after checking the requester could read it), so
     # a domain process on another host needs no file of its own; empty: the process loads ``kernel`` itself.
     image: bytes = b""
+    # Start of day, as the toolstack hands them to Xen's domain builder: the xenstore and console event channels it
+    # allocated (start_info.store_evtchn, console.domU.evtchn; 0: none), and the wallclock at system time 0
+    # (shared_info.wc_sec / wc_nsec).
+    store_evtchn: int = 0
+    console_evtchn: int = 0
+    wc_sec: int = 0
+    wc_nsec: int = 0
 
 
 @attrs.frozen
@@ -73,6 +80,9 @@ class BuildResult:
     guest_os: str
     l2_mfn: int = 0  # the initial page directory, pinned by the hypervisor as Xen's builder pins it
     l1_mfns: list[int] = attrs.Factory(list)
+    # the pages the builder gave the xenstore and console rings (start_info.store_mfn, console.domU.mfn; 0: none)
+    store_mfn: int = 0
+    console_mfn: int = 0
 
 
 @attrs.frozen
@@ -101,6 +111,9 @@ class HypercallReq:
     nr: int
     args: list[int]
     regions: list[Region]
+    # Shared rings a backend reads when this trap notifies it (the console ring, for an EVTCHNOP_send on the console
+    # port), by machine address, copied at the trap like ``regions``.
+    rings: list[Region] = attrs.Factory(list)
 
 
 @attrs.frozen
