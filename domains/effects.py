@@ -26,8 +26,10 @@ from pvcluster.bus.effects import (
     SetClockSkew,
     SetContext,
     SetCr3,
+    SetGdt,
     SetPending,
     SetSpeed,
+    SetTs,
     SetVaPte,
     Unmask,
     VcpuDown,
@@ -171,6 +173,16 @@ def _set_clock_skew(proc: DomainProcess, e: SetClockSkew, vt_ns: int, caller: in
     proc.trace("clock.skew", vt_ns=vt_ns, offset_ns=e.offset_ns, ppm=e.ppm)
 
 
+def _set_gdt(proc: DomainProcess, e: SetGdt, vt_ns: int, caller: int) -> None:
+    v = _vcpu(proc, e)
+    v.gdt_frames, v.gdt_ents = list(e.frames), e.entries
+    proc.trace("vcpu.gdt", vt_ns=vt_ns, vcpu=e.vcpu, frames=list(e.frames), entries=e.entries)
+
+
+def _set_ts(proc: DomainProcess, e: SetTs, vt_ns: int, caller: int) -> None:
+    _vcpu(proc, e).set_ts(e.ts)
+
+
 _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
     SetPending: _set_pending,
     Unmask: _unmask,
@@ -190,4 +202,6 @@ _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
     RestartHypercall: _restart,
     SetSpeed: _set_speed,
     SetClockSkew: _set_clock_skew,
+    SetGdt: _set_gdt,
+    SetTs: _set_ts,
 }

@@ -61,6 +61,7 @@ from pvcluster.abi.platform import (
     KERNEL_DS,
     MARK_PORT,
 )
+from pvcluster.abi.x86 import CR0_TS
 from pvcluster.abi.xen import HYPERCALL_VECTOR
 from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
@@ -219,6 +220,11 @@ class Vcpu:
         self.upcall_eip: int | None = None
         # SCHEDOP_poll in progress: the ports it waits on (it does not wake on other events)
         self.poll_ports: list[int] | None = None
+        # The GDT the guest installed with set_gdt (machine frames, entries), as the hypervisor validated it. The
+        # CPU keeps running on the flat segments of the hypervisor's GDT frame (Xen's reserved entries stand in
+        # the same way for a PV kernel's FLAT_RING1_CS/DS); loading the guest's own selectors is not modelled.
+        self.gdt_frames: list[int] = []
+        self.gdt_ents = 0
         self.ipi_sink: IpiSink | None = None
         self._icr_high = 0
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
@@ -246,6 +252,15 @@ class Vcpu:
         """Load CR3 (which, as on the CPU, drops this vCPU's TLB)."""
         self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
         self._st.cr3_known = 0  # the block hook's memo of it
+
+    def set_ts(self, ts: bool) -> None:
+        """CR0.TS as fpu_taskswitch asked: set, the vCPU's next FPU or SSE instruction raises #NM."""
+        cr0 = int(self.uc.reg_read(X.UC_X86_REG_CR0))
+        self.uc.reg_write(X.UC_X86_REG_CR0, cr0 | CR0_TS if ts else cr0 & ~CR0_TS)
+
+    @property
+    def cr0(self) -> int:
+        return int(self.uc.reg_read(X.UC_X86_REG_CR0))
 
     @property
     def cr3(self) -> int:

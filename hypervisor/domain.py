@@ -72,6 +72,7 @@ class Domain:
     evtchn: EvtchnTable = attrs.Factory(EvtchnTable)
     frames: Frames = attrs.Factory(Frames)
     grant: GrantTable = attrs.Factory(GrantTable)
+    vm_assist: int = 0  # the VMASST_TYPE_* bits the guest enabled (vm_assist)
     shutdown_reason: ShutdownReason | None = None
     crash_detail: str = ""
     console: list[str] = attrs.Factory(list)

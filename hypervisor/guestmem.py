@@ -39,8 +39,10 @@ from pvcluster.bus.effects import (
     SetClockSkew,
     SetContext,
     SetCr3,
+    SetGdt,
     SetPending,
     SetSpeed,
+    SetTs,
     SetVaPte,
     Unmask,
     VcpuDown,
@@ -54,7 +56,7 @@ _PAGE_SHIFT = 12
 _PAGE = 1 << _PAGE_SHIFT
 # Effects that change no guest memory the domain process copies from (its copy-in walks the tables, not a TLB).
 _NO_MEMORY = (FlushTlb, Invlpg, SetContext, SetCallback, VcpuUp, VcpuDown, Poll, PollTimeout, RestartHypercall,
-              SetSpeed, SetClockSkew)
+              SetSpeed, SetClockSkew, SetGdt, SetTs)
 # Effects that write event bits into the shared_info frame.
 _SHARED_INFO = (SetPending, Unmask, ClearPending, Block)
 

@@ -35,10 +35,13 @@ if TYPE_CHECKING:
 
 
 class Frames:
-    """A domain's page-table pins: mfn -> level (1 = L1, 2 = L2)."""
+    """A domain's page-table pins: mfn -> level (1 = L1, 2 = L2); and its descriptor-table frames (Xen's
+    PGT_seg_desc_page): mfn -> how many vCPU GDTs use it. A frame has one type at a time, as in Xen: a GDT frame
+    cannot be pinned, nor a pinned frame become a GDT, and neither may be mapped writable."""
 
     def __init__(self) -> None:
         self.pinned: dict[int, int] = {}
+        self.seg_desc: dict[int, int] = {}
 
     def pin(self, mfn: int, level: int) -> bool:
         """Pin ``mfn`` as a level-``level`` table; False if it is already pinned (at any level)."""
@@ -46,6 +49,27 @@ class Frames:
             return False
         self.pinned[mfn] = level
         return True
+
+    def use_seg_desc(self, mfn: int) -> None:
+        self.seg_desc[mfn] = self.seg_desc.get(mfn, 0) + 1
+
+    def drop_seg_desc(self, mfn: int) -> None:
+        left = self.seg_desc.get(mfn, 0) - 1
+        if left > 0:
+            self.seg_desc[mfn] = left
+        else:
+            self.seg_desc.pop(mfn, None)
+
+    def is_seg_desc(self, mfn: int) -> bool:
+        return mfn in self.seg_desc
+
+    def write_protected(self, mfn: int) -> str | None:
+        """Why ``mfn`` may not be mapped writable (a pinned page table, a descriptor table), or None."""
+        if mfn in self.pinned:
+            return "writable-pagetable"
+        if mfn in self.seg_desc:
+            return "writable-descriptor-table"
+        return None
 
     def unpin(self, mfn: int) -> bool:
         """False if ``mfn`` was not pinned."""
@@ -59,6 +83,7 @@ class Frames:
 
     def clear(self) -> None:
         self.pinned.clear()
+        self.seg_desc.clear()
 
 
 def owned(dom: Domain, mfn: int) -> bool:

@@ -73,6 +73,14 @@ class Vcpu:
     instructions: int = 0
     hypercalls: int = 0
     timers: VcpuTimers = attrs.Factory(VcpuTimers)
+    # Descriptor-table and FPU state a PV guest sets by hypercall (Xen's arch.pv): the frames of its GDT (set_gdt)
+    # and how many entries they hold, the ring-1 stack for ring 3 -> 1 transitions (stack_switch), and the CR0.TS
+    # the guest asked for (fpu_taskswitch).
+    gdt_frames: tuple[int, ...] = ()
+    gdt_ents: int = 0
+    kernel_ss: int = 0
+    kernel_sp: int = 0
+    cr0_ts: bool = False
 
     @property
     def key(self) -> tuple[int, int]:

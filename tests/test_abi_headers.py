@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import assert_matches_xen_headers
 
-from pvcluster.abi import asm, layouts, structs
+from pvcluster.abi import asm, layouts, structs, xen
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import (
     DOMID_INVALID,
@@ -62,6 +62,9 @@ def _checks() -> list[tuple[str, int]]:
         ("offsetof(struct vcpu_guest_context, user_regs)", layouts.VCPU_GUEST_CONTEXT.offset("user_regs")),
     ]
     out += [(f"offsetof(struct cpu_user_regs, {r})", off) for r, off in structs.CPU_USER_REGS_OFFSETS.items()]
+    out += [(name, int(getattr(xen, name))) for name in dir(xen) if name.startswith(("VMASST_CMD_", "VMASST_TYPE_"))]
+    out += [(name, int(getattr(xen, name))) for name in ("FIRST_RESERVED_GDT_PAGE", "FIRST_RESERVED_GDT_BYTE",
+                                                         "FIRST_RESERVED_GDT_ENTRY", "FLAT_RING1_CS")]
     return out
 
 

@@ -26,8 +26,10 @@ from pvcluster.bus.effects import (
     SetClockSkew,
     SetContext,
     SetCr3,
+    SetGdt,
     SetPending,
     SetSpeed,
+    SetTs,
     SetVaPte,
     Unmask,
     VcpuDown,
@@ -100,7 +102,8 @@ SAMPLES: dict[type, list[Any]] = {
             HypercallResult(
                 vcpu=1, seq=11, vt_ns=113_000, value=0, writes=[],
                 effects=[Poll(vcpu=1, ports=[1, 5, 1023]), Poll(vcpu=0, ports=[]), SetPending(vcpu=0, port=3),
-                         Unmask(vcpu=1, port=3), ClearPending(port=4), VcpuDown(vcpu=1)],
+                         Unmask(vcpu=1, port=3), ClearPending(port=4), VcpuDown(vcpu=1),
+                         SetGdt(vcpu=1, frames=[0x300, 0x301], entries=600), SetTs(vcpu=1, ts=True)],
                 complete=False,
             ),
         ]),
@@ -431,7 +434,7 @@ def test_effect_tags_are_unique_and_stable() -> None:
     assert {cls: cls.TAG for cls in EFFECTS} == {  # type: ignore[attr-defined]
         SetPending: 1, Unmask: 2, ClearPending: 3, FlushTlb: 4, Invlpg: 5, SetCr3: 6, WriteMachine: 7, SetVaPte: 8,
         SetContext: 9, SetCallback: 10, VcpuUp: 11, VcpuDown: 12, Block: 13, Poll: 14, PollTimeout: 15,
-        RestartHypercall: 16, SetSpeed: 17, SetClockSkew: 18,
+        RestartHypercall: 16, SetSpeed: 17, SetClockSkew: 18, SetGdt: 19, SetTs: 20,
     }
     assert set(EFFECTS) == set(Effect.__args__)  # type: ignore[attr-defined]
 
@@ -451,7 +454,7 @@ def _in_a_delivery(effect: Any) -> Any:
     return [3, 30_000, [], [], [], [[125_000, effect, 0]], 20_000, 0, 0]
 
 
-@pytest.mark.parametrize("tag", [0, 19, 99, -1, 2**32], ids=repr)
+@pytest.mark.parametrize("tag", [0, 21, 99, -1, 2**32], ids=repr)
 def test_an_effect_with_an_unknown_tag_is_rejected(tag: int) -> None:
     err = bad_field(code_of(Window), _in_a_result([tag, [0, 1]]))
     assert err.detail == f"Window.results[0].effects[0]: unknown record tag {tag}"

@@ -13,6 +13,7 @@ from hypervisor.hypercalls import (
     callback_op,
     console_io,
     event_channel_op,
+    fpu_taskswitch,
     grant_table_op,
     memory_op,
     mmu_update,
@@ -20,9 +21,13 @@ from hypervisor.hypercalls import (
     multicall,
     sched_op,
     set_callbacks,
+    set_gdt,
     set_timer_op,
+    stack_switch,
+    update_descriptor,
     update_va_mapping,
     vcpu_op,
+    vm_assist,
     xen_version,
 )
 from hypervisor.hypercalls.base import Call
@@ -47,6 +52,11 @@ FAMILIES: dict[int, Handler] = {
         set_timer_op,
         memory_op,
         grant_table_op,
+        set_gdt,
+        stack_switch,
+        fpu_taskswitch,
+        update_descriptor,
+        vm_assist,
     )
 }
 

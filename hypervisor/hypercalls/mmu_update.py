@@ -47,8 +47,8 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
         level = call.dom.frames.level(frame)
         # Only an L1 entry maps its frame as data; an L2 entry's RW bit governs the pages of the L1 it names.
         # Entries of unpinned frames are plain data to the hypervisor, as in Xen until the frame is pinned.
-        if level == 1 and val & PTE_RW and call.dom.frames.is_pinned(target):
-            return mm.deny(call, Errno.EPERM, "writable-pagetable", index=i, mfn=target)
+        if level == 1 and val & PTE_RW and (why := call.dom.frames.write_protected(target)):
+            return mm.deny(call, Errno.EPERM, why, index=i, mfn=target)
         if level == 2 and val & PTE_PSE:
             # A 4 MiB superpage would map 1024 frames past every ownership check; Xen refuses PSE to PV guests.
             return mm.deny(call, Errno.EINVAL, "superpage", index=i, val=val)

@@ -31,6 +31,8 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
     if cmd in (_C.PIN_L1_TABLE, _C.PIN_L2_TABLE):
         if not mm.owned(dom, arg1):
             return mm.deny(call, Errno.EPERM, "pin-frame-not-owned", index=i, mfn=arg1)
+        if dom.frames.is_seg_desc(arg1):  # a frame has one type: Xen's get_page_type fails, pinning is -EINVAL
+            return mm.deny(call, Errno.EINVAL, "pin-descriptor-table", index=i, mfn=arg1)
         if not dom.frames.pin(arg1, level=cmd - _C.PIN_L1_TABLE + 1):
             return mm.deny(call, Errno.EINVAL, "already-pinned", index=i, mfn=arg1)
     elif cmd in (_C.PIN_L3_TABLE, _C.PIN_L4_TABLE):

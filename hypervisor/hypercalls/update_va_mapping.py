@@ -32,8 +32,8 @@ def handle(call: Call) -> int:
         if not mm.mappable(call.dom, frame):
             return mm.deny(call, Errno.EPERM, "maps-unowned-frame", va=va, mfn=frame)
         # The entry for a va is always an L1 entry, so a writable one maps its frame as data.
-        if lo & PTE_RW and call.dom.frames.is_pinned(frame):
-            return mm.deny(call, Errno.EPERM, "writable-pagetable", va=va, mfn=frame)
+        if lo & PTE_RW and (why := call.dom.frames.write_protected(frame)):
+            return mm.deny(call, Errno.EPERM, why, va=va, mfn=frame)
     targets: list[int] = []
     if kind != UVMF_NONE:
         ptr = uvmf_bitmap_ptr(flags)

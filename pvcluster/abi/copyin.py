@@ -23,7 +23,18 @@ import attrs
 
 from pvcluster.abi import layouts, structs
 from pvcluster.abi.platform import MAX_GRANT_FRAMES
-from pvcluster.abi.xen import MMU_UPDATE_PREEMPTED, ConsoleIO, EvtchnOp, GnttabOp, Hypercall, MemoryOp, SchedOp, VcpuOp
+from pvcluster.abi.xen import (
+    FIRST_RESERVED_GDT_ENTRY,
+    GDT_ENTRIES_PER_FRAME,
+    MMU_UPDATE_PREEMPTED,
+    ConsoleIO,
+    EvtchnOp,
+    GnttabOp,
+    Hypercall,
+    MemoryOp,
+    SchedOp,
+    VcpuOp,
+)
 
 Reader = Callable[[int, int], bytes | None]
 _U32 = 0xFFFFFFFF
@@ -172,6 +183,13 @@ def _memory_op(args: list[int], read: Reader) -> list[Span]:
     return spans
 
 
+def _set_gdt(args: list[int], read: Reader) -> list[Span]:
+    """The frame list: one 32-bit frame number per 512 entries; nothing when the count is refused before the copy."""
+    entries = args[1]
+    nr = -(-entries // GDT_ENTRIES_PER_FRAME)
+    return [Span(args[0], 4 * nr)] if 0 < entries <= FIRST_RESERVED_GDT_ENTRY else []
+
+
 def _multicall(args: list[int], read: Reader) -> list[Span]:
     entries, count = args[0], args[1]
     n = min(count, MAX_MULTICALL_COPY)
@@ -213,6 +231,11 @@ DESCRIPTORS: dict[int, Descriptor] = {
     Hypercall.memory_op: _memory_op,
     Hypercall.set_callbacks: _none,
     Hypercall.set_timer_op: _none,
+    Hypercall.set_gdt: _set_gdt,
+    Hypercall.stack_switch: _none,
+    Hypercall.fpu_taskswitch: _none,
+    Hypercall.update_descriptor: _none,
+    Hypercall.vm_assist: _none,
 }
 
 

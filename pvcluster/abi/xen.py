@@ -385,3 +385,41 @@ LIBELF_FEATURE_NAMES = (
     XenFeat.hvm_callback_vector,
     XenFeat.dom0,
 )
+
+
+# vm_assist (xen.h): VMASST_CMD_* and the VMASST_TYPE_* bit numbers, with Xen's own names (a type name starts with a
+# digit, so these are module constants rather than enum members).
+VMASST_CMD_enable = 0
+VMASST_CMD_disable = 1
+VMASST_TYPE_4gb_segments = 0
+VMASST_TYPE_4gb_segments_notify = 1
+VMASST_TYPE_writable_pagetables = 2
+VMASST_TYPE_pae_extended_cr3 = 3
+VMASST_TYPE_architectural_iopl = 4
+VMASST_TYPE_runstate_update_flag = 5
+VMASST_TYPE_m2p_strict = 32
+# The assists Xen 4.17 offers a 32-bit PV guest: PV32_VM_ASSIST_MASK (xen/arch/x86/include/asm/domain.h), which
+# do_vm_assist (xen/common/domain.c) checks a type against; m2p_strict is for 64-bit guests only. do_vm_assist tests
+# the type against an unsigned long: BITS_PER_LONG is 64 in 4.17's (x86-64) hypervisor.
+PV32_VM_ASSIST_MASK = (
+    (1 << VMASST_TYPE_4gb_segments)
+    | (1 << VMASST_TYPE_4gb_segments_notify)
+    | (1 << VMASST_TYPE_writable_pagetables)
+    | (1 << VMASST_TYPE_pae_extended_cr3)
+    | (1 << VMASST_TYPE_architectural_iopl)
+    | (1 << VMASST_TYPE_runstate_update_flag)
+)
+VM_ASSIST_BITS_PER_LONG = 64
+
+# The guest's part of a vCPU's GDT (arch-x86/xen.h): entries past FIRST_RESERVED_GDT_ENTRY are Xen's own, so set_gdt
+# takes at most that many entries, in frames of GDT_ENTRIES_PER_FRAME 8-byte descriptors.
+FIRST_RESERVED_GDT_PAGE = 14
+FIRST_RESERVED_GDT_BYTE = FIRST_RESERVED_GDT_PAGE * 4096
+FIRST_RESERVED_GDT_ENTRY = FIRST_RESERVED_GDT_BYTE // 8
+GDT_ENTRIES_PER_FRAME = PAGE_SIZE // 8
+# Xen's flat ring-1 kernel code selector in its reserved GDT entries (arch-x86/xen-x86_32.h; 4.17's compat
+# FLAT_COMPAT_KERNEL_CS has the same value): the one reserved selector a guest's call gate may target.
+FLAT_RING1_CS = 0xE019
+# A 32-bit PV guest kernel runs in ring 1 (Xen's GUEST_KERNEL_RPL for a 32-bit domain): selectors and descriptor
+# privilege levels below it are raised to it.
+GUEST_KERNEL_RPL = 1

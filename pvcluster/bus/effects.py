@@ -229,6 +229,28 @@ class SetClockSkew:
     ppm: int
 
 
+@attrs.frozen
+class SetGdt:
+    """set_gdt: ``vcpu``'s GDT is now the first ``entries`` descriptors of machine ``frames`` (validated and typed
+    by the hypervisor); the vCPU's TLB goes with the old one, as Xen's flush_tlb_local after pv_set_gdt."""
+
+    TAG: ClassVar[int] = 19
+    KIND: ClassVar[str] = "set_gdt"
+    vcpu: int
+    frames: list[int]
+    entries: int
+
+
+@attrs.frozen
+class SetTs:
+    """fpu_taskswitch: set (``ts``) or clear CR0.TS of ``vcpu``, so that its next FPU instruction raises #NM."""
+
+    TAG: ClassVar[int] = 20
+    KIND: ClassVar[str] = "set_ts"
+    vcpu: int
+    ts: bool
+
+
 Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to decode tagged records
     SetPending,
     Unmask,
@@ -248,6 +270,8 @@ Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to de
     RestartHypercall,
     SetSpeed,
     SetClockSkew,
+    SetGdt,
+    SetTs,
 ]
 
 EFFECTS: tuple[type, ...] = (
@@ -269,6 +293,8 @@ EFFECTS: tuple[type, ...] = (
     RestartHypercall,
     SetSpeed,
     SetClockSkew,
+    SetGdt,
+    SetTs,
 )
 
 # Effects that flush translations: a hypervisor that skips them is the fault the stale-TLB checker must catch.
