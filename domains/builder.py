@@ -1,13 +1,19 @@
 """The domain builder: loads a guest ELF into guest RAM and lays out what Xen's builder would.
 
-Layout (guest-physical, page granular), as xc_dom_core does it for a PV x86-32 guest:
-``[kernel image][start_info][boot stack][L2][L1...][xenstore][console]`` and ``shared_info`` and the GDT frame
-after guest RAM. The xenstore and console rings are ordinary zeroed pages of the guest's, as alloc_magic_pages_pv
-(tools/libs/guest/xg_dom_x86.c) allocates them. The initial page tables (non-PAE, 4 KiB pages) map ``[virt_base,
-virt_base + RAM + 2 pages)`` (shared_info and the GDT frame; not the grant frames after them) linearly onto
-physical 0 onwards, the local APIC page at 0xFEE00000 (uncached) and, when there is one, the VMI ROM at 0xFFFF0000
-(read-only), each at its own physical address. For the ``xen`` and ``vmi`` backends the page-table frames are
-read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update); a ``native``
+Layout (guest-physical, page granular):
+``[kernel image][p2m][start_info][boot stack][L2][L1...][xenstore][console]`` and ``shared_info``, the GDT frame,
+the grant frames and the m2p's frames after guest RAM. The p2m (``start_info.mfn_list``: one u32 mfn per pfn, the
+identity here) sits where xc_dom_build_image puts the "phys2mach" segment: right after the kernel, before
+alloc_magic_pages_pv's start_info (alloc_p2m_list_x86_32 in tools/libs/guest/xg_dom_x86.c; setup_pgtables_x86_32_pae
+fills it). The rest keeps this builder's order, not xc_dom's (start_info, xenstore, console, page tables, boot
+stack): the tests pin it, and no guest may rely on either. The xenstore and console rings are ordinary zeroed pages
+of the guest's, as alloc_magic_pages_pv allocates them. The initial page tables (non-PAE, 4 KiB pages) map
+``[virt_base, virt_base + RAM + 2 pages)`` (shared_info and the GDT frame; not the grant frames after them) linearly
+onto physical 0 onwards, the local APIC page at 0xFEE00000 (uncached), when there is one, the VMI ROM at 0xFFFF0000
+(read-only), each at its own physical address, and for the ``xen`` backend the m2p table read-only at
+MACH2PHYS_VIRT_START (0xFC000000), where Xen's hypervisor hole has it in every non-PAE PV guest (entry mfn holds
+pfn; only the pages covering this domain's frames exist). For the ``xen`` and ``vmi`` backends the page-table frames
+are read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update); a ``native``
 kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2), ``%esi`` =
 virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
 
@@ -24,7 +30,7 @@ import attrs
 
 from domains.elf_load import GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kernel
-from domains.memory import GuestRam
+from domains.memory import GuestRam, identity_table
 from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
 from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, SHARED_INFO, VCPU_INFO, StartInfo
 from pvcluster.abi.platform import APIC_BASE, GRANT_FRAME_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
@@ -32,6 +38,7 @@ from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, XEN_LEGACY_MAX_VCPUS
 from pvcluster.bus.messages import Build
 
 BOOT_STACK_PAGES = 4
+P2M_ENTRY_BYTES = 4  # x86-32's sizeof_pfn: the p2m holds one 32-bit mfn per pfn
 SPECIAL_PAGES = 2  # after the page tables: the xenstore ring, then the console ring (xc_dom's order)
 # %ebx under the "ebx" boot protocol: the hypervisor type the kernel switches its paravirt_ops on.
 HYPERVISOR_TYPE: dict[str, int] = {t.name: int(t) for t in HypervisorType}
@@ -59,6 +66,7 @@ class BootState:
     l1_mfns: tuple[int, ...] = ()
     store_mfn: int = 0  # the xenstore ring's page
     console_mfn: int = 0  # the console ring's page (struct xencons_interface)
+    mfn_list: int = 0  # virtual address of the p2m (start_info.mfn_list)
 
     @property
     def nr_pt_frames(self) -> int:
@@ -142,14 +150,16 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
                 "bad-metadata", f"hypercall page {image.hypercall_page:#x} is outside guest memory"
             )
         ram.write_pa(pa, req.hypercall_page)
-    si_pa = _page_up(image.image_end - image.virt_base)
+    p2m_pa = _page_up(image.image_end - image.virt_base)
+    si_pa = p2m_pa + _page_up(ram.nr_pages * P2M_ENTRY_BYTES)
     stack_top_pa = si_pa + PAGE_SIZE * (1 + BOOT_STACK_PAGES)
     rom_pages = tuple(VMI_ROM_BASE + off for off in range(0, len(req.rom or b""), PAGE_SIZE))
     try:
         # RAM, shared_info and the GDT frame: not the grant frames, which the guest maps once its table has grown
         # to them (grant_table_op setup_table), as on Xen
         mapped = req.memory_bytes + GRANT_FRAME_BASE * PAGE_SIZE
-        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages)
+        m2p = tuple(ram.m2p_paddr + i * PAGE_SIZE for i in range(ram.m2p_pages)) if req.backend == "xen" else ()
+        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages, m2p=m2p)
     except ValueError as exc:
         raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
     pt_pa = stack_top_pa
@@ -157,9 +167,10 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     if pt_end_pa + SPECIAL_PAGES * PAGE_SIZE > req.memory_bytes:
         raise ImageError(
             "image-too-large",
-            f"image, start_info, boot stack, page tables and the xenstore and console pages need "
+            f"image, p2m, start_info, boot stack, page tables and the xenstore and console pages need "
             f"{pt_end_pa + SPECIAL_PAGES * PAGE_SIZE} bytes; the domain has {req.memory_bytes}",
         )
+    ram.write_pa(p2m_pa, identity_table(ram.nr_pages))  # setup_pgtables_x86_32_pae's copy of dom->pv_p2m[]
     tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
     store_mfn, console_mfn = _special_pages(ram, pt_end_pa)
     init_shared_info(ram, req.wc_sec, req.wc_nsec)
@@ -177,6 +188,7 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         store_evtchn=req.store_evtchn,
         console_mfn=console_mfn,
         console_evtchn=req.console_evtchn,
+        mfn_list=image.virt_base + p2m_pa,
     )
     block = bytearray(start_info.pack(magic=START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])))
     if req.start_info_ident is not None:  # the "ident" fault (hypervisor/faults.py): an ident no backend knows
@@ -204,4 +216,5 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         l1_mfns=frames[1:],
         store_mfn=store_mfn,
         console_mfn=console_mfn,
+        mfn_list=image.virt_base + p2m_pa,
     )

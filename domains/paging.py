@@ -22,7 +22,7 @@ import attrs
 
 from domains.memory import GuestRam
 from pvcluster.abi.x86 import PTE_ACCESSED, PTE_DIRTY, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_RW, PTE_USER
-from pvcluster.abi.xen import PAGE_SIZE
+from pvcluster.abi.xen import MACH2PHYS_VIRT_END_NONPAE, MACH2PHYS_VIRT_START_NONPAE, PAGE_SIZE
 
 # What the builder writes (the values Xen's PV builder uses for x86-32 non-PAE).
 PDE_FLAGS = PTE_PRESENT | PTE_RW | PTE_USER | PTE_ACCESSED  # 0x27
@@ -30,6 +30,7 @@ PTE_RAM = PTE_PRESENT | PTE_RW | PTE_ACCESSED | PTE_DIRTY  # 0x63
 PTE_RAM_RO = PTE_RAM & ~PTE_RW  # 0x61: page-table frames as a PV guest must see them
 PTE_MMIO = PTE_PRESENT | PTE_RW | PTE_PCD | PTE_PWT  # 0x1b
 PTE_ROM = PTE_PRESENT  # read-only
+PTE_M2P = PTE_RAM_RO  # the machine-to-phys table: the guest reads it, never writes it
 
 ENTRIES = 1024
 _FRAME = 0xFFFFF000
@@ -153,19 +154,26 @@ class InitialTables:
 
 
 def initial_mappings(
-    virt_base: int, linear_bytes: int, mmio: tuple[int, ...] = (), rom: tuple[int, ...] = ()
+    virt_base: int, linear_bytes: int, mmio: tuple[int, ...] = (), rom: tuple[int, ...] = (),
+    m2p: tuple[int, ...] = (),
 ) -> dict[int, tuple[int, int]]:
     """va page -> (pa, flags) before page-table frames are known: ``[virt_base, virt_base+linear_bytes)`` to
     physical 0 onwards (RAM, writable), each page of ``mmio`` identity-mapped uncached, each of ``rom``
-    identity-mapped read-only. Raises ValueError when two of them overlap or one leaves the address space."""
+    identity-mapped read-only, and the pages at physical ``m2p`` read-only from MACH2PHYS_VIRT_START on (the
+    machine-to-phys table, where Xen maps it in a non-PAE guest's hypervisor hole). Raises ValueError when two of
+    them overlap or one leaves the address space."""
     if virt_base % PAGE_SIZE or linear_bytes % PAGE_SIZE or virt_base + linear_bytes > _ADDR_LIMIT:
         raise ValueError(f"linear map [{virt_base:#x}, +{linear_bytes:#x}) is not page-aligned in 4 GiB")
+    if len(m2p) * PAGE_SIZE > MACH2PHYS_VIRT_END_NONPAE - MACH2PHYS_VIRT_START_NONPAE:
+        raise ValueError(f"an m2p of {len(m2p)} pages does not fit below MACH2PHYS_VIRT_END")
     maps = {virt_base + off: (off, PTE_RAM) for off in range(0, linear_bytes, PAGE_SIZE)}
-    for pages, flags in ((mmio, PTE_MMIO), (rom, PTE_ROM)):
-        for va in pages:
+    placed = ((mmio, PTE_MMIO, mmio), (rom, PTE_ROM, rom),
+              (tuple(MACH2PHYS_VIRT_START_NONPAE + i * PAGE_SIZE for i in range(len(m2p))), PTE_M2P, m2p))
+    for pages, flags, pas in placed:
+        for va, pa in zip(pages, pas, strict=True):
             if va in maps:
                 raise ValueError(f"page {va:#010x} is mapped twice")
-            maps[va] = (va, flags)
+            maps[va] = (pa, flags)
     return maps
 
 

@@ -97,7 +97,9 @@ def shared_info_frame(dom: Domain) -> int:
 
 def mappable(dom: Domain, mfn: int) -> bool:
     """A frame a present PTE of ``dom`` may name: its own RAM, its shared_info frame, or a frame its grant table
-    has grown to. Never a page table's frame, nor one to pin: those must be ``owned``."""
+    has grown to. Never a page table's frame, nor one to pin: those must be ``owned``. Nor, writable or read-only,
+    the GDT frame or the m2p table's frames: Xen shares the m2p read-only with privileged domains only
+    (subarch_init_memory), and an unprivileged guest sees it only where Xen maps it, at MACH2PHYS_VIRT_START."""
     return (owned(dom, mfn) or mfn == shared_info_frame(dom)
             or gnttab.frame_index(dom.nr_pages, dom.grant, mfn) is not None)
 

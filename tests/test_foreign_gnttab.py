@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pvcluster.abi.platform import GRANT_FRAME_BASE, MAX_GRANT_FRAMES
+from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES
 from pvcluster.abi.xen import FEATURES_SUBMAP0, XEN_CAPABILITIES, XEN_EXTRAVERSION, GnttabOp, Hypercall
 from pvcluster.cluster import Cluster
 from pvcluster.spec import parse_spec
@@ -27,6 +27,8 @@ NR_PAGES = 1024  # memory_mib = 4
 GUEST_C = r"""
 /* A PV guest that checks the grant-table, memory and version hypercalls, built against Xen's public headers. */
 #define __XEN_INTERFACE_VERSION__ 0x0003020a /* GNTTABOP_set_version exists from here on */
+/* The headers place the m2p where a PAE hypervisor has it; this is a non-PAE guest (xen-x86_32.h lets it say so). */
+#define machine_to_phys_mapping ((unsigned long *)MACH2PHYS_VIRT_START_NONPAE)
 #include <stdint.h>
 #include <xen/xen.h>
 #include <xen/sched.h>
@@ -212,6 +214,8 @@ void start_kernel(start_info_t *si)
     domid_t domid;
     struct xen_machphys_mfn_list xmml;
     xen_pfn_t m2p[2];
+    const unsigned long *p2m, *l2, *l1;
+    unsigned long pfn, bad;
     gnttab_query_size_t qs;
     gnttab_set_version_t sv;
     gnttab_setup_table_t st;
@@ -249,7 +253,34 @@ void start_kernel(start_info_t *si)
     set_xen_guest_handle(xmml.extent_start, m2p);
     xmml.nr_extents = 99;
     check("machphys_mfn_list rc", HYPERVISOR_memory_op(XENMEM_machphys_mfn_list, &xmml), 0);
-    check("machphys_mfn_list nr_extents", xmml.nr_extents, 0);
+    check("machphys_mfn_list nr_extents", xmml.nr_extents, 1);
+    check("machphys_mfn_list extent 0", (long)m2p[0], @M2P_MFN@);
+
+    /* The p2m the builder left at start_info.mfn_list and the m2p at MACH2PHYS_VIRT_START: both the identity */
+    p2m = (const unsigned long *)si->mfn_list;
+    check("mfn_list set", si->mfn_list != 0, 1);
+    bad = 0;
+    for (pfn = 0; pfn < si->nr_pages; pfn++)
+        bad += p2m[pfn] != pfn;
+    check("p2m is the identity", bad, 0);
+    bad = 0;
+    for (pfn = 0; pfn < si->nr_pages; pfn++)
+        bad += machine_to_phys_mapping[p2m[pfn]] != pfn;
+    check("m2p inverts the p2m", bad, 0);
+    check("m2p of the page directory frame", (long)machine_to_phys_mapping[p2m[(si->pt_base - 0xC0000000) >> 12]],
+          (long)((si->pt_base - 0xC0000000) >> 12));
+    /* Its PTE, read through the guest's own tables: present and read-only, naming the extent's first frame */
+    l2 = (const unsigned long *)si->pt_base;
+    check("m2p pde present", l2[MACH2PHYS_VIRT_START_NONPAE >> 22] & 1, 1);
+    l1 = (const unsigned long *)(0xC0000000 + (l2[MACH2PHYS_VIRT_START_NONPAE >> 22] & ~0xfffUL));
+    check("m2p pte present", l1[0] & 1, 1);
+    check("m2p pte read-only", l1[0] & 2, 0);
+    check("m2p pte frame", (long)(l1[0] >> 12), (long)m2p[0]);
+    /* The m2p's frames are Xen's: the guest may map them neither writable nor read-only */
+    check("map m2p frame rw", HYPERVISOR_update_va_mapping((unsigned long)window_b, (m2p[0] << 12) | pte_flags,
+                                                           UVMF_INVLPG | UVMF_LOCAL), -XEN_EPERM);
+    check("map m2p frame ro", HYPERVISOR_update_va_mapping((unsigned long)window_b, (m2p[0] << 12) | 0x61,
+                                                           UVMF_INVLPG | UVMF_LOCAL), -XEN_EPERM);
 
     /* grant_table_op: sizes and versions */
     qs.dom = DOMID_SELF;
@@ -324,6 +355,7 @@ def _guest_source() -> str:
         "@CAPABILITIES@": XEN_CAPABILITIES.decode(),
         "@SUBMAP@": str(FEATURES_SUBMAP0),
         "@MAX_FRAMES@": str(MAX_GRANT_FRAMES),
+        "@M2P_MFN@": str(NR_PAGES + M2P_FRAME_BASE),
     }
     text = GUEST_C
     for key, value in subst.items():
@@ -389,4 +421,5 @@ kernel = "{elf}"
                    (GnttabOp.set_version, -38), (GnttabOp.setup_table, 0), (GnttabOp.query_size, 0),
                    (GnttabOp.setup_table, 0)]
     maps = [(e["args"][1] >> 12, e["result"]) for e in calls if e["nr"] == Hypercall.update_va_mapping]
-    assert maps == [(grant0 + 1, 0), (grant0 + 1, 0), (grant0 + 2, -1)]
+    m2p = NR_PAGES + M2P_FRAME_BASE
+    assert maps == [(m2p, -1), (m2p, -1), (grant0 + 1, 0), (grant0 + 1, 0), (grant0 + 2, -1)]

@@ -16,12 +16,12 @@ from helpers import assert_matches_xen_headers, call_events, core, make_call, ru
 
 from hypervisor import mm
 from hypervisor.domain import Domain
-from hypervisor.hypercalls import grant_table_op, memory_op, mmuext_op, update_va_mapping, xen_version
+from hypervisor.hypercalls import grant_table_op, memory_op, mmu_update, mmuext_op, update_va_mapping, xen_version
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi import layouts
 from pvcluster.abi.copyin import Span, copy_in
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.platform import GRANT_FRAME_BASE, MAX_GRANT_FRAMES
+from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES, m2p_frames
 from pvcluster.abi.xen import (
     DOMID_SELF,
     FEATURES_SUBMAP0,
@@ -33,6 +33,7 @@ from pvcluster.abi.xen import (
     GnttabOp,
     Hypercall,
     MemoryOp,
+    MmuCmd,
     MmuextCmd,
     XenFeat,
     XenVer,
@@ -157,20 +158,33 @@ def test_unimplemented_memory_ops_are_enosys(g: Guest) -> None:
 
 
 @pytest.mark.parametrize("op", [MemoryOp.machphys_mfn_list, MemoryOp.machphys_compat_mfn_list])
-def test_machphys_mfn_list_without_an_m2p_table_lists_no_extents(g: Guest, op: MemoryOp) -> None:
+def test_machphys_mfn_list_lists_the_m2p_in_one_extent(g: Guest, op: MemoryOp) -> None:
+    # 1024 pages: 4 KiB of m2p, one frame after the grant frames, so one 2 MiB extent starting there
+    first = g.dom.nr_pages + M2P_FRAME_BASE
+    assert M2P_FRAME_BASE == GRANT_FRAME_BASE + MAX_GRANT_FRAMES and m2p_frames(g.dom.nr_pages) == 1
     g.put(ARG, struct.pack("<III", 8, LIST, 0xDEAD))
     g.put(LIST, b"\xee" * 32)
     rc, c = g.call(memory_op, Hypercall.memory_op, [op, ARG])
     assert rc == 0
-    assert g.u32s(ARG, 3) == (8, LIST, 0)  # nr_extents = 0
-    assert g.read(LIST, 32) == b"\xee" * 32  # no extent written
+    assert g.u32s(ARG, 3) == (8, LIST, 1)  # nr_extents = 1
+    assert g.u32s(LIST, 1) == (first,) and g.read(LIST + 4, 28) == b"\xee" * 28  # one extent written
+    g.put(ARG, struct.pack("<III", 0, LIST, 0xDEAD))
+    assert g.call(memory_op, Hypercall.memory_op, [op, ARG])[0] == 0 and g.u32s(ARG, 3) == (0, LIST, 0)
     assert g.call(memory_op, Hypercall.memory_op, [op, UNMAPPED])[0] == -Errno.EFAULT
 
 
+def test_machphys_mfn_list_extents_follow_the_table_size() -> None:
+    # one extent per 2 MiB of table (512 Ki entries), each starting 512 frames after the last; at most 2
+    assert memory_op.m2p_extent_mfns(1024) == (1024 + M2P_FRAME_BASE,)
+    assert memory_op.m2p_extent_mfns(512 * 1024) == (512 * 1024 + M2P_FRAME_BASE,)
+    n = 512 * 1024 + 1
+    assert memory_op.m2p_extent_mfns(n) == (n + M2P_FRAME_BASE, n + M2P_FRAME_BASE + 512)
+
+
 def test_machphys_mfn_list_writes_at_most_max_extents(g: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The seam for an m2p table: its extents' frames, at most (END - START) / 2 MiB of them.
+    # The seam for a larger m2p table: its extents' frames, at most (END - START) / 2 MiB of them.
     assert (MACH2PHYS_VIRT_END_NONPAE - MACH2PHYS_VIRT_START_NONPAE) >> 21 == 2
-    monkeypatch.setattr(memory_op, "M2P_EXTENT_MFNS", (0x500, 0x700))
+    monkeypatch.setattr(memory_op, "m2p_extent_mfns", lambda nr_pages: (0x500, 0x700))
     for max_extents, want in ((1, (0x500,)), (2, (0x500, 0x700)), (100, (0x500, 0x700))):
         g.put(ARG, struct.pack("<III", max_extents, LIST, 0))
         g.put(LIST, bytes(8))
@@ -302,6 +316,20 @@ def test_a_grant_frame_is_no_page_table(g: Guest) -> None:
     g.put(ARG, struct.pack("<III", MmuextCmd.PIN_L1_TABLE, GRANT0, 0))
     rc, _ = g.call(mmuext_op, Hypercall.mmuext_op, [ARG, 1, 0, DOMID_SELF])
     assert rc == -Errno.EPERM and not g.dom.frames.is_pinned(GRANT0)
+
+
+def test_no_guest_pte_may_name_an_m2p_frame(g: Guest) -> None:
+    # Xen shares the m2p read-only with privileged domains only: a domU maps it neither writable nor read-only
+    m2p = g.dom.nr_pages + M2P_FRAME_BASE
+    assert not mm.mappable(g.dom, m2p) and not mm.owned(g.dom, m2p)
+    for flags in (P | RW, P):
+        rc, c = g.call(update_va_mapping, Hypercall.update_va_mapping, [0xC0300000, m2p << 12 | flags, 0, 0])
+        assert rc == -Errno.EPERM and _denied(c, "mmu.denied") == ["maps-unowned-frame"] and not c.effects
+        g.put(ARG, struct.pack("<QQ", 0x10 << 12 | MmuCmd.NORMAL_PT_UPDATE, m2p << 12 | flags))
+        rc, c = g.call(mmu_update, Hypercall.mmu_update, [ARG, 1, 0, DOMID_SELF])
+        assert rc == -Errno.EPERM and _denied(c, "mmu.denied") == ["maps-unowned-frame"] and not c.effects
+    g.put(ARG, struct.pack("<III", MmuextCmd.PIN_L1_TABLE, m2p, 0))
+    assert g.call(mmuext_op, Hypercall.mmuext_op, [ARG, 1, 0, DOMID_SELF])[0] == -Errno.EPERM
 
 
 # -- what the domain process copies in -----------------------------------------------------------------------------

@@ -195,9 +195,11 @@ def test_a_virt_base_0_guest_is_built_with_its_linear_map_at_0() -> None:
     build = Build(domid=1, name="low", vcpus=1, memory_bytes=4 << 20, kernel="low.elf", cmdline="hi", backend="xen",
                   boot="ebx", patching=True, hypercall_page=hypercall_page(), ps_per_instr=1000, rom=b"", image=data)
     ram, boot = build_domain(build)
-    assert boot.regs["eip"] == 0 and boot.start_info == boot.regs["esi"] == 3 * PAGE_SIZE
+    # the kernel's 3 pages, the p2m's page, then start_info
+    assert boot.regs["eip"] == 0 and boot.mfn_list == 3 * PAGE_SIZE
+    assert boot.start_info == boot.regs["esi"] == 4 * PAGE_SIZE
     assert boot.pt_base == boot.cr3  # virtual = physical
-    for va in (0, PAGE_SIZE, boot.start_info, boot.stack_top - 4):
+    for va in (0, PAGE_SIZE, boot.mfn_list, boot.start_info, boot.stack_top - 4):
         assert paging.translate(ram, boot.cr3, va, write=False) == va
     assert ram.read_pa(PAGE_SIZE, 32) == hypercall_page()[:32]
 

@@ -20,8 +20,8 @@ from domains.vcpu import APIC_BASE, InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercall_page import hypercall_page
 from hypervisor.vmi_rom import VMI_ROM_BASE, vmi_rom
 from pvcluster.abi.layouts import StartInfo
-from pvcluster.abi.platform import GRANT_FRAME_BASE
-from pvcluster.abi.xen import PAGE_SIZE
+from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES
+from pvcluster.abi.xen import MACH2PHYS_VIRT_START_NONPAE, PAGE_SIZE
 from pvcluster.bus.effects import Effect, SetVaPte
 from pvcluster.bus.messages import Build, HypercallResult, MemWrite
 
@@ -117,8 +117,8 @@ def test_builder_maps_ram_linearly_with_read_only_tables_for_pv(backend: str) ->
     cr3 = boot.cr3
     frames = (boot.l2_mfn, *boot.l1_mfns)
     assert cr3 == boot.l2_mfn * PAGE_SIZE and boot.pt_base == BASE + cr3
-    # 4 MiB + 2 pages of RAM need two L1 tables, the APIC page one more, and the ROM another
-    assert len(boot.l1_mfns) == (3 if not rom else 4)
+    # 4 MiB + 2 pages of RAM need two L1 tables, the APIC page one more, the ROM another, and xen's m2p another
+    assert len(boot.l1_mfns) == 3 + bool(rom) + (backend == "xen")
     assert all(pa * PAGE_SIZE < 4 << 20 for pa in frames)
     assert boot.l1_mfns == tuple(range(boot.l2_mfn + 1, boot.l2_mfn + 1 + len(boot.l1_mfns)))
     assert boot.l2_mfn * PAGE_SIZE >= boot.stack_top - BASE  # after the boot stack
@@ -146,6 +146,44 @@ def test_builder_maps_ram_linearly_with_read_only_tables_for_pv(backend: str) ->
     assert _u32(ram, pte_address(ram, cr3, BASE) or -1) & 0xFFF == 0x63
 
 
+@pytest.mark.parametrize("memory", [4 << 20, 6 << 20])
+def test_builder_fills_mfn_list_with_the_identity_p2m_after_the_kernel(memory: int) -> None:
+    ram, boot = build_domain(_build("xen", memory))
+    mfn_list = struct.unpack_from("<I", ram.read_pa(boot.start_info - BASE, 72), 68)[0]  # start_info.mfn_list
+    assert mfn_list == boot.mfn_list
+    # xc_dom's "phys2mach" segment: page-aligned right after the kernel, before start_info
+    assert mfn_list == (boot.image.image_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    assert mfn_list + ram.nr_pages * 4 <= boot.start_info
+    # read through the guest's initial tables, as the guest reads it
+    table = read_virt(ram, boot.cr3, mfn_list, ram.nr_pages * 4)
+    assert table is not None and struct.unpack(f"<{ram.nr_pages}I", table) == tuple(range(ram.nr_pages))
+    assert translate(ram, boot.cr3, mfn_list, True) is not None  # the guest's own page: it may update its p2m
+
+
+@pytest.mark.parametrize("backend", ["xen", "native", "vmi"])
+@pytest.mark.parametrize("memory", [4 << 20, 6 << 20])
+def test_builder_maps_the_m2p_read_only_at_mach2phys_virt_start(backend: str, memory: int) -> None:
+    ram, boot = build_domain(_build(backend, memory, rom=vmi_rom() if backend == "vmi" else b""))
+    pages = -(-ram.nr_pages * 4 // PAGE_SIZE)
+    assert (ram.m2p_pages, ram.m2p_paddr) == (pages, memory + M2P_FRAME_BASE * PAGE_SIZE)
+    assert M2P_FRAME_BASE == GRANT_FRAME_BASE + MAX_GRANT_FRAMES  # after the grant frames
+    assert ram.size == ram.m2p_paddr + pages * PAGE_SIZE
+    m2p = MACH2PHYS_VIRT_START_NONPAE
+    if backend != "xen":  # Xen's hypervisor hole: only a Xen guest finds the table there
+        assert translate(ram, boot.cr3, m2p, False) is None
+        return
+    for i in range(pages):
+        assert translate(ram, boot.cr3, m2p + i * PAGE_SIZE, False) == ram.m2p_paddr + i * PAGE_SIZE
+        assert translate(ram, boot.cr3, m2p + i * PAGE_SIZE, True) is None  # read-only
+        assert _u32(ram, pte_address(ram, boot.cr3, m2p + i * PAGE_SIZE) or -1) & 0xFFF == 0x61
+    assert translate(ram, boot.cr3, m2p + pages * PAGE_SIZE, False) is None  # only this domain's frames
+    table = read_virt(ram, boot.cr3, m2p, ram.nr_pages * 4)
+    assert table is not None and struct.unpack(f"<{ram.nr_pages}I", table) == tuple(range(ram.nr_pages))
+    assert not write_virt(ram, boot.cr3, m2p, b"\0\0\0\0")
+    # the m2p's frames are outside the linear map of RAM + shared_info + GDT frame
+    assert translate(ram, boot.cr3, BASE + ram.m2p_paddr, False) is None
+
+
 def test_start_info_packs_the_page_tables() -> None:
     packed = StartInfo(nr_pages=1, shared_info=0, pt_base=0xC0123000, nr_pt_frames=3).pack()
     assert struct.unpack_from("<II", packed, 60) == (0xC0123000, 3)
@@ -155,15 +193,15 @@ def test_builder_refuses_when_the_page_tables_do_not_fit() -> None:
     from domains.elf_load import ImageError
 
     _, boot = build_domain(_build("xen"))
-    # under 4 MiB: the L2, one L1 for RAM, one for the APIC; then the xenstore and console pages
-    needed = boot.cr3 + 3 * PAGE_SIZE + SPECIAL_PAGES * PAGE_SIZE
+    # under 4 MiB: the L2, one L1 for RAM, one for the APIC, one for the m2p; then the xenstore and console pages
+    needed = boot.cr3 + 4 * PAGE_SIZE + SPECIAL_PAGES * PAGE_SIZE
     end = boot.l2_mfn + boot.nr_pt_frames  # the xenstore and console pages follow the tables
     assert (boot.store_mfn, boot.console_mfn) == (end, end + 1)
     with pytest.raises(ImageError) as info:
         build_domain(_build("xen", memory=needed - PAGE_SIZE))
     assert info.value.code == "image-too-large" and "page tables" in info.value.message
     _, small = build_domain(_build("xen", memory=needed))  # exactly enough
-    assert small.nr_pt_frames == 3
+    assert small.nr_pt_frames == 4
 
 
 # -- vCPUs: per-vCPU TLBs, faults -------------------------------------------------------------------------------

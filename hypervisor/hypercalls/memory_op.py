@@ -8,11 +8,12 @@ increase_reservation is not implemented), so its current and maximum reservation
 hypervisor's own frames after it (shared_info, grant frames) are Xen heap pages, which ``tot_pages`` does not count.
 
 machphys_mfn_list (and machphys_compat_mfn_list, which is the same call for a compat guest) follows
-arch/x86/x86_64/compat/mm.c ``compat_arch_memory_op``: it lists the machine frames of the m2p table in 2 MiB
-extents, bounded by the table's size, and returns 0 with ``nr_extents`` = the number written. This hypervisor maps
-no m2p table yet (``M2P_EXTENT_MFNS`` is empty), so the answer is 0 with ``nr_extents`` = 0: what the loop gives
-for a table with no extents, as the x86-32 build's loop stopped at the first L2 slot of the table that was not
-present. Every other sub-op is -ENOSYS.
+arch/x86/x86_64/compat/mm.c ``compat_arch_memory_op`` (as the old x86-32 build's ``subarch_memory_op`` did, extent
+i's mfn being its L2 slot's frame): it lists the machine frames of the m2p table in 2 MiB extents, the first mfn of
+each (the table is machine-contiguous within an extent), at most ``max_extents`` and at most as many as the table
+has, and returns 0 with ``nr_extents`` = the number written. The table is the domain's m2p frames after its grant
+frames (pvcluster.abi.platform ``m2p_frames``, contiguous): one extent for a domain of up to 512 Ki pages, with as
+many of its frames backed as the domain's RAM needs entries. Every other sub-op is -ENOSYS.
 """
 
 from __future__ import annotations
@@ -24,12 +25,26 @@ from hypervisor.guestmem import GuestFault
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.layouts import XEN_MACHPHYS_MFN_LIST, XEN_MEMORY_DOMAIN
-from pvcluster.abi.xen import DOMID_SELF, MEMOP_CMD_MASK, MEMOP_EXTENT_SHIFT, Hypercall, MemoryOp
+from pvcluster.abi.platform import M2P_FRAME_BASE, m2p_frames
+from pvcluster.abi.structs import MACHPHYS_MAX_EXTENTS
+from pvcluster.abi.xen import (
+    DOMID_SELF,
+    MACHPHYS_EXTENT_SHIFT,
+    MEMOP_CMD_MASK,
+    MEMOP_EXTENT_SHIFT,
+    PAGE_SHIFT,
+    Hypercall,
+    MemoryOp,
+)
 
 NR = Hypercall.memory_op
-# The machine frame that starts each 2 MiB extent of the m2p table: none until one is mapped at
-# MACH2PHYS_VIRT_START_NONPAE.
-M2P_EXTENT_MFNS: tuple[int, ...] = ()
+EXTENT_FRAMES = 1 << (MACHPHYS_EXTENT_SHIFT - PAGE_SHIFT)
+
+
+def m2p_extent_mfns(nr_pages: int) -> tuple[int, ...]:
+    """The machine frame that starts each 2 MiB extent of the m2p table of a domain with ``nr_pages`` of RAM."""
+    first, frames = nr_pages + M2P_FRAME_BASE, m2p_frames(nr_pages)
+    return tuple(first + i for i in range(0, frames, EXTENT_FRAMES))[:MACHPHYS_MAX_EXTENTS]
 
 
 def handle(call: Call) -> int:
@@ -68,7 +83,7 @@ def _machphys_mfn_list(call: Call, arg: int) -> int:
     raw = call.mem.read(arg, lay.size)
     max_extents, extent_start = (int(struct.unpack_from("<I", raw, lay.offset(m))[0])
                                  for m in ("max_extents", "extent_start"))
-    extents = M2P_EXTENT_MFNS[:max_extents]
+    extents = m2p_extent_mfns(call.dom.nr_pages)[:max_extents]
     for i, mfn in enumerate(extents):
         call.mem.write_u32(extent_start + 4 * i, mfn)  # copy_to_compat_offset: a fault is -EFAULT
     out = bytearray(raw)

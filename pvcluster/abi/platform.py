@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 from pvcluster.abi.layouts import START_INFO_MAGIC, Layout
+from pvcluster.abi.xen import PAGE_SIZE
 
 # Where the built-in kernel links itself and maps guest RAM linearly; the VMI ROM's set_pte relies on it too.
 VIRT_BASE = 0xC0000000
@@ -106,4 +107,18 @@ SHARED_INFO_FRAME = 0
 GDT_FRAME = 1
 GRANT_FRAME_BASE = 2
 MAX_GRANT_FRAMES = 4
-HYPERVISOR_FRAMES = GRANT_FRAME_BASE + MAX_GRANT_FRAMES
+HYPERVISOR_FRAMES = GRANT_FRAME_BASE + MAX_GRANT_FRAMES  # the fixed ones: the m2p's frames follow them
+
+# Then the machine-to-phys table's frames (frame nr_pages + M2P_FRAME_BASE on): one u32 per machine frame of the
+# domain's RAM holding its pfn (the identity here), in as many pages as that takes (a 4 MiB domain: 1024 entries,
+# one page). Xen's table is global and its frames are dom_xen's, shared read-only with privileged domains only
+# (subarch_init_memory: share_xen_page_with_privileged_guests(..., XENSHARE_readonly)); it maps the table into
+# every PV guest's hypervisor hole at MACH2PHYS_VIRT_START itself. Here each domain's process holds the part
+# covering its own frames, the builder maps it read-only there, and no guest PTE may name these frames.
+M2P_FRAME_BASE = HYPERVISOR_FRAMES
+M2P_ENTRY_BYTES = 4  # unsigned long on x86-32
+
+
+def m2p_frames(nr_pages: int) -> int:
+    """How many frames the m2p entries of ``nr_pages`` machine frames take."""
+    return -(-nr_pages * M2P_ENTRY_BYTES // PAGE_SIZE)
