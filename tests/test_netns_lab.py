@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,12 @@ def test_cleanup_stale_removes_namespaces_of_dead_processes() -> None:
         for name in (stale, reused, live):
             subprocess.run(["ip", "netns", "add", name], check=True)
         left_running = subprocess.Popen([*exec_prefix(stale), "sleep", "60"])
+        # only once it is inside the namespace can the cleanup find it there (nsenter may still be starting)
+        deadline = time.monotonic() + 30
+        while str(left_running.pid) not in subprocess.run(["ip", "netns", "pids", stale], capture_output=True,
+                                                           text=True).stdout.split():
+            assert time.monotonic() < deadline, "the process never entered the namespace"
+            time.sleep(0.02)
         assert cleanup_stale(prefix) == sorted([stale, reused])
         assert left_running.wait(timeout=10) == -9
         names = listed()
