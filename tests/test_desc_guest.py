@@ -6,12 +6,11 @@ does."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes
 
 from pvcluster.abi.xen import Hypercall
 from pvcluster.cluster import Cluster
@@ -20,7 +19,6 @@ from pvcluster.trace import read_events
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
-VIRT_BASE = 0xC0000000
 XEN_HEADER = Path("/usr/include/xen/arch-x86/xen-x86_32.h")
 
 GUEST_C = r"""
@@ -32,99 +30,15 @@ GUEST_C = r"""
 #include <xen/elfnote.h>
 #include <xen/errno.h>
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
-#define ELFNOTE(type, desc)                                 \
-    ".pushsection .note.Xen,\"a\",@note\n"                  \
-    ".balign 4\n"                                           \
-    ".long 2f - 1f, 4f - 3f, " STR(type) "\n"               \
-    "1: .asciz \"Xen\"\n"                                   \
-    "2: .balign 4\n"                                        \
-    "3: " desc "\n"                                         \
-    "4: .balign 4\n"                                        \
-    ".popsection\n"
-
-__asm__(
-    ELFNOTE(XEN_ELFNOTE_GUEST_OS, ".asciz \"mini-desc\"")
-    ELFNOTE(XEN_ELFNOTE_XEN_VERSION, ".asciz \"xen-3.0\"")
-    ELFNOTE(XEN_ELFNOTE_LOADER, ".asciz \"generic\"")
-    ELFNOTE(XEN_ELFNOTE_VIRT_BASE, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_PADDR_OFFSET, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_ENTRY, ".long _start")
-    ELFNOTE(XEN_ELFNOTE_HYPERCALL_PAGE, ".long hypercall_page")
-);
-
-/* Entry with %esi = start_info; the hypercall page is a page of .text the domain builder fills. A page-aligned
- * .bss page becomes the guest's GDT. */
-__asm__(
-    ".pushsection .text\n"
-    ".globl _start\n"
-    "_start:\n"
-    "    cld\n"
-    "    movl $boot_stack_top, %esp\n"
-    "    pushl %esi\n"
-    "    call start_kernel\n"
-    "5:  hlt\n"
-    "    jmp 5b\n"
-    ".balign 4096\n"
-    ".globl hypercall_page\n"
-    "hypercall_page:\n"
-    "    .skip 4096\n"
-    ".popsection\n"
-    ".pushsection .bss\n"
-    ".balign 4096\n"
+""" + C_ELFNOTE + c_xen_notes("mini-desc") + c_entry(4096, r"""
     ".globl gdt_page\n"
     "gdt_page:\n"
     "    .skip 4096\n"
-    "boot_stack:\n"
-    "    .skip 8192\n"
-    "boot_stack_top:\n"
-    ".popsection\n"
-);
-
+""") + r"""
+/* A page-aligned .bss page becomes the guest's GDT. */
 extern char hypercall_page[4096];
 extern unsigned char gdt_page[4096];
-
-/* Linux's _hypercallN on x86-32: call the stub of `name`, arguments in ebx, ecx, edx, esi. */
-#define _hypercall1(type, name, a1)                                               \
-({                                                                               \
-    long __res, __ign1;                                                          \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1)                              \
-                      : "1" ((long)(a1))                                         \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-#define _hypercall2(type, name, a1, a2)                                           \
-({                                                                               \
-    long __res, __ign1, __ign2;                                                  \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2)               \
-                      : "1" ((long)(a1)), "2" ((long)(a2))                       \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-#define _hypercall3(type, name, a1, a2, a3)                                       \
-({                                                                               \
-    long __res, __ign1, __ign2, __ign3;                                          \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3) \
-                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3))      \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-#define _hypercall4(type, name, a1, a2, a3, a4)                                   \
-({                                                                               \
-    long __res, __ign1, __ign2, __ign3, __ign4;                                  \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3), \
-                        "=S" (__ign4)                                            \
-                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3)),     \
-                        "4" ((long)(a4))                                         \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
+""" + C_HYPERCALLS + r"""
 static int HYPERVISOR_console_io(int cmd, int count, const char *str)
 { return _hypercall3(int, console_io, cmd, count, str); }
 static int HYPERVISOR_sched_op(int cmd, void *arg)
@@ -146,45 +60,7 @@ static int HYPERVISOR_vm_assist(unsigned int cmd, unsigned int type)
 static char line[256];
 static unsigned int len;
 static int failures;
-
-static void put_str(const char *s)
-{
-    while (*s && len < sizeof(line) - 1)
-        line[len++] = *s++;
-}
-
-static void put_dec(long v)
-{
-    char digits[12];
-    unsigned long u = v < 0 ? -(unsigned long)v : (unsigned long)v;
-    int n = 0;
-    if (v < 0)
-        put_str("-");
-    do {
-        digits[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    while (n && len < sizeof(line) - 1)
-        line[len++] = digits[--n];
-}
-
-static void check(const char *what, long got, long want)
-{
-    len = 0;
-    put_str(what);
-    if (got == want) {
-        put_str(" ok\n");
-    } else {
-        put_str(" FAIL got ");
-        put_dec(got);
-        put_str(" want ");
-        put_dec(want);
-        put_str("\n");
-        failures++;
-    }
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-}
-
+""" + C_PUT + C_CHECK + r"""
 static unsigned long read_cr0(void)
 {
     unsigned long cr0;
@@ -270,29 +146,6 @@ void start_kernel(start_info_t *si)
 }
 """
 
-CFLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-static", "-O1", "-no-pie",
-          "-fno-builtin"]
-LDFLAGS = [f"-Wl,-Ttext-segment={VIRT_BASE:#x}", "-Wl,--build-id=none"]
-
-
-def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def _build(work: Path) -> Path:
-    if not XEN_HEADER.exists():
-        pytest.skip(f"{XEN_HEADER} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc on PATH")
-    (work / "probe.c").write_text("void _start(void) { for (;;) ; }\n")
-    res = _gcc([*CFLAGS, *LDFLAGS, "-o", "probe.elf", "probe.c"], work)
-    if res.returncode != 0:
-        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
-    (work / "guest.c").write_text(GUEST_C)
-    res = _gcc([*CFLAGS, "-Wall", "-Werror", *LDFLAGS, "-o", "guest.elf", "guest.c"], work)
-    assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
-    return work / "guest.elf"
-
 
 def _hv_events(run_dir: Path, domid: int, event: str) -> list[dict[str, Any]]:
     return [e for e in read_events(run_dir / "trace" / "hypervisor.jsonl")
@@ -302,7 +155,7 @@ def _hv_events(run_dir: Path, domid: int, event: str) -> list[dict[str, Any]]:
 def test_c_guest_checks_descriptor_tables_stack_switch_fpu_taskswitch_and_vm_assist(run_dir: Path) -> None:
     work = run_dir / "descguest"
     work.mkdir()
-    elf = _build(work)
+    elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     spec = parse_spec(f"""
 [cluster]
 name = "desc"

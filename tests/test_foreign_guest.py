@@ -3,13 +3,12 @@ whose only Xen metadata is a legacy ``__xen_guest`` section."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import keystone
 import pytest
+from cguest import C_ELFNOTE, C_HYPERCALLS, C_PUT, VIRT_BASE, build_guest, c_entry, c_xen_notes
 
 from domains.elf_load import parse_guest_image
 from domains.elf_pack import Segment, pack_elf32
@@ -21,8 +20,6 @@ from pvcluster.trace import read_events
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
-VIRT_BASE = 0xC0000000
-XEN_HEADER = Path("/usr/include/xen/xen.h")
 CMDLINE = "hello-from-test"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,78 +33,9 @@ GUEST_C = r"""
 #include <xen/sched.h>
 #include <xen/elfnote.h>
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
-
-/* The classic ELFNOTE pattern (Linux's include/linux/elfnote.h, assembler flavour). */
-#define ELFNOTE(type, desc)                                 \
-    ".pushsection .note.Xen,\"a\",@note\n"                  \
-    ".balign 4\n"                                           \
-    ".long 2f - 1f, 4f - 3f, " STR(type) "\n"               \
-    "1: .asciz \"Xen\"\n"                                   \
-    "2: .balign 4\n"                                        \
-    "3: " desc "\n"                                         \
-    "4: .balign 4\n"                                        \
-    ".popsection\n"
-
-__asm__(
-    ELFNOTE(XEN_ELFNOTE_GUEST_OS, ".asciz \"mini-c\"")
-    ELFNOTE(XEN_ELFNOTE_XEN_VERSION, ".asciz \"xen-3.0\"")
-    ELFNOTE(XEN_ELFNOTE_LOADER, ".asciz \"generic\"")
-    ELFNOTE(XEN_ELFNOTE_VIRT_BASE, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_PADDR_OFFSET, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_ENTRY, ".long _start")
-    ELFNOTE(XEN_ELFNOTE_HYPERCALL_PAGE, ".long hypercall_page")
-);
-
-/* Entry with %esi = start_info. Its own stack in .bss; the hypercall page is a page of .text (as in Linux's
- * hypercall_page) that the domain builder fills with the hypervisor's stubs. */
-__asm__(
-    ".pushsection .text\n"
-    ".globl _start\n"
-    "_start:\n"
-    "    cld\n"
-    "    movl $boot_stack_top, %esp\n"
-    "    pushl %esi\n"
-    "    call start_kernel\n"
-    "5:  hlt\n"
-    "    jmp 5b\n"
-    ".balign 4096\n"
-    ".globl hypercall_page\n"
-    "hypercall_page:\n"
-    "    .skip 4096\n"
-    ".popsection\n"
-    ".pushsection .bss\n"
-    ".balign 16\n"
-    "boot_stack:\n"
-    "    .skip 8192\n"
-    "boot_stack_top:\n"
-    ".popsection\n"
-);
-
+""" + C_ELFNOTE + c_xen_notes("mini-c") + c_entry() + r"""
 extern char hypercall_page[4096];
-
-/* Linux's _hypercall2/_hypercall3 on x86-32: call the stub of `name`, arguments in ebx, ecx, edx. */
-#define _hypercall3(type, name, a1, a2, a3)                                       \
-({                                                                               \
-    long __res, __ign1, __ign2, __ign3;                                          \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3) \
-                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3))      \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
-#define _hypercall2(type, name, a1, a2)                                           \
-({                                                                               \
-    long __res, __ign1, __ign2;                                                  \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2)               \
-                      : "1" ((long)(a1)), "2" ((long)(a2))                       \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
+""" + C_HYPERCALLS + r"""
 static int HYPERVISOR_console_io(int cmd, int count, const char *str)
 {
     return _hypercall3(int, console_io, cmd, count, str);
@@ -120,24 +48,7 @@ static int HYPERVISOR_sched_op(int cmd, void *arg)
 
 static char line[256 + MAX_GUEST_CMDLINE];
 static unsigned int len;
-
-static void put_str(const char *s)
-{
-    while (*s && len < sizeof(line) - 1)
-        line[len++] = *s++;
-}
-
-static void put_dec(unsigned long v)
-{
-    char digits[12];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n && len < sizeof(line) - 1)
-        line[len++] = digits[--n];
-}
+""" + C_PUT + r"""
 
 void start_kernel(start_info_t *si)
 {
@@ -156,32 +67,6 @@ void start_kernel(start_info_t *si)
         ;
 }
 """
-
-CFLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-static", "-O1", "-no-pie"]
-# -Ttext-segment puts the first PT_LOAD (ELF headers and .note.Xen) at VIRT_BASE and .text at VIRT_BASE + 4 KiB;
-# a plain -Ttext would leave the header segment at the default 0x08048000, below VIRT_BASE.
-LDFLAGS = [f"-Wl,-Ttext-segment={VIRT_BASE:#x}", "-Wl,--build-id=none"]
-
-
-def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def _build_c_guest(work: Path) -> Path:
-    """Compile the C guest, or skip if this machine cannot build a 32-bit freestanding image."""
-    if not XEN_HEADER.exists():
-        pytest.skip(f"{XEN_HEADER} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc on PATH")
-    probe = work / "probe.c"
-    probe.write_text("void _start(void) { for (;;) ; }\n")
-    res = _gcc([*CFLAGS, *LDFLAGS, "-o", "probe.elf", "probe.c"], work)
-    if res.returncode != 0:
-        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
-    (work / "guest.c").write_text(GUEST_C)
-    res = _gcc([*CFLAGS, "-Wall", "-Werror", *LDFLAGS, "-o", "guest.elf", "guest.c"], work)
-    assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
-    return work / "guest.elf"
 
 
 def _run_one(run_dir: Path, kernel: Path, cmdline: str, name: str) -> tuple[dict[str, Any], list[str]]:
@@ -215,7 +100,7 @@ def _hypercalls(run_dir: Path, domid: int) -> list[dict[str, Any]]:
 def test_c_guest_built_with_xen_headers_boots_unchanged(run_dir: Path) -> None:
     work = run_dir / "cguest"
     work.mkdir()
-    elf = _build_c_guest(work)
+    elf = build_guest(work, GUEST_C)
 
     image = parse_guest_image(elf.read_bytes(), 4 << 20)
     assert image.metadata_source == "notes"

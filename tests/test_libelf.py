@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import pytest
+from cguest import gcc, require_toolchain
 from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import NoteSegment
 
@@ -530,28 +531,16 @@ C_GUESTS = (
 BOOTING = tuple(g for g in C_GUESTS if g.code is None)
 
 
-def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
 def _build_c_guests(work: Path, guests: tuple[CGuest, ...]) -> dict[str, Path]:
     """Compile each guest, or skip if this machine cannot build 32-bit freestanding images with Xen's headers."""
-    if not XEN_HEADERS.exists():
-        pytest.skip(f"{XEN_HEADERS} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc on PATH")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "probe.c").write_text("void _start(void) { for (;;) ; }\n")
-    res = _gcc([*CFLAGS, "-o", "probe.elf", "probe.c"], work)
-    if res.returncode != 0:
-        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
+    require_toolchain(work, (XEN_HEADERS,), CFLAGS)
     (work / "guest.c").write_text(GUEST_C)
     out = {}
     for guest in guests:
         defines = [f'-DGUEST_NAME="{guest.name}"', f"-DEXTRA_NOTES={guest.extra_notes}",
                    f'-DNOTE_FLAGS="\\"{guest.note_flags}\\""']
         elf = f"{guest.name}.elf"
-        res = _gcc([*CFLAGS, *defines, f"-Wl,-Ttext-segment={guest.link_base:#x}", "-o", elf, "guest.c"], work)
+        res = gcc([*CFLAGS, *defines, f"-Wl,-Ttext-segment={guest.link_base:#x}", "-o", elf, "guest.c"], work)
         assert res.returncode == 0, f"{guest.name} did not compile:\n{res.stderr}"
         out[guest.name] = work / elf
     return out

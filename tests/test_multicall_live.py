@@ -11,13 +11,12 @@ built against Xen's public headers that issues such a dependent multicall and ch
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cguest import C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes
 from helpers import RecordingLog, call_events, core, make_call, run_handler
 
 from domains.memory import GuestRam
@@ -350,9 +349,6 @@ def test_an_entry_runs_only_with_all_its_buffers() -> None:
 
 # -- a C guest built against Xen's headers ----------------------------------------------------------------------
 
-VIRT_BASE = 0xC0000000
-XEN_HEADER = Path("/usr/include/xen/xen.h")
-
 GUEST_C = r"""
 /* A PV guest built against Xen's public headers that issues one multicall whose entries depend on each other. */
 #define __XEN_INTERFACE_VERSION__ 0x00030205
@@ -362,71 +358,7 @@ GUEST_C = r"""
 #include <xen/event_channel.h>
 #include <xen/elfnote.h>
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
-#define ELFNOTE(type, desc)                                 \
-    ".pushsection .note.Xen,\"a\",@note\n"                  \
-    ".balign 4\n"                                           \
-    ".long 2f - 1f, 4f - 3f, " STR(type) "\n"               \
-    "1: .asciz \"Xen\"\n"                                   \
-    "2: .balign 4\n"                                        \
-    "3: " desc "\n"                                         \
-    "4: .balign 4\n"                                        \
-    ".popsection\n"
-
-__asm__(
-    ELFNOTE(XEN_ELFNOTE_GUEST_OS, ".asciz \"mc-c\"")
-    ELFNOTE(XEN_ELFNOTE_XEN_VERSION, ".asciz \"xen-3.0\"")
-    ELFNOTE(XEN_ELFNOTE_LOADER, ".asciz \"generic\"")
-    ELFNOTE(XEN_ELFNOTE_VIRT_BASE, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_PADDR_OFFSET, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_ENTRY, ".long _start")
-    ELFNOTE(XEN_ELFNOTE_HYPERCALL_PAGE, ".long hypercall_page")
-);
-
-__asm__(
-    ".pushsection .text\n"
-    ".globl _start\n"
-    "_start:\n"
-    "    cld\n"
-    "    movl $boot_stack_top, %esp\n"
-    "    pushl %esi\n"
-    "    call start_kernel\n"
-    "5:  hlt\n"
-    "    jmp 5b\n"
-    ".balign 4096\n"
-    ".globl hypercall_page\n"
-    "hypercall_page:\n"
-    "    .skip 4096\n"
-    ".popsection\n"
-    ".pushsection .bss\n"
-    ".balign 16\n"
-    "boot_stack:\n"
-    "    .skip 8192\n"
-    "boot_stack_top:\n"
-    ".popsection\n"
-);
-
-#define _hypercall2(type, name, a1, a2)                                           \
-({                                                                               \
-    long __res, __ign1, __ign2;                                                  \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2)               \
-                      : "1" ((long)(a1)), "2" ((long)(a2))                       \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
-#define _hypercall3(type, name, a1, a2, a3)                                       \
-({                                                                               \
-    long __res, __ign1, __ign2, __ign3;                                          \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3) \
-                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3))      \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
+""" + C_ELFNOTE + c_xen_notes("mc-c") + c_entry() + C_HYPERCALLS + r"""
 #define PAGE_FLAGS 0x63UL /* present, writable, accessed, dirty */
 
 /* Xen's hypercall page is a page of .text, filled by the domain builder. */
@@ -442,18 +374,7 @@ static struct evtchn_alloc_unbound alloc;
 static char line[128];
 static unsigned int len;
 
-static void put_str(const char *s) { while (*s && len < sizeof(line) - 1) line[len++] = *s++; }
-
-static void put_dec(long v)
-{
-    char digits[12];
-    int n = 0;
-    unsigned long u = v < 0 ? -v : v;
-    if (v < 0) put_str("-");
-    do { digits[n++] = (char)('0' + u % 10); u /= 10; } while (u);
-    while (n && len < sizeof(line) - 1) line[len++] = digits[--n];
-}
-
+""" + C_PUT + r"""
 static void entry(int i, unsigned long op, unsigned long a0, unsigned long a1, unsigned long a2,
                   unsigned long a3)
 {
@@ -516,36 +437,12 @@ void start_kernel(start_info_t *si)
 }
 """
 
-CFLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-static", "-O1", "-no-pie"]
-LDFLAGS = [f"-Wl,-Ttext-segment={VIRT_BASE:#x}", "-Wl,--build-id=none"]
-
-
-def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def _build_c_guest(work: Path) -> Path:
-    """Compile the C guest, or skip if this machine cannot build a 32-bit freestanding image."""
-    if not XEN_HEADER.exists():
-        pytest.skip(f"{XEN_HEADER} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc on PATH")
-    (work / "probe.c").write_text("void _start(void) { for (;;) ; }\n")
-    res = _gcc([*CFLAGS, *LDFLAGS, "-o", "probe.elf", "probe.c"], work)
-    if res.returncode != 0:
-        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
-    (work / "guest.c").write_text(GUEST_C)
-    res = _gcc([*CFLAGS, "-Wall", "-Werror", *LDFLAGS, "-o", "guest.elf", "guest.c"], work)
-    assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
-    return work / "guest.elf"
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_c_guest_multicall_entries_see_the_entries_before_them(run_dir: Path) -> None:
     work = run_dir / "cguest"
     work.mkdir()
-    kernel = _build_c_guest(work)
+    kernel = build_guest(work, GUEST_C)
     spec = parse_spec(f"""
 [cluster]
 name = "mc-c"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_foreign_guest import CFLAGS, LDFLAGS, VIRT_BASE, XEN_HEADER, _gcc, _hypercalls
+from cguest import C_ELFNOTE, C_HYPERCALLS, VIRT_BASE, XEN_HEADER, build_guest, c_xen_notes
+from test_foreign_guest import _hypercalls
 
 from hypervisor.core import boot_wallclock
 from pvcluster.abi.platform import BACKEND_DOMID
@@ -42,34 +43,13 @@ GUEST_C = r"""
 #include <xen/elfnote.h>
 #include <xen/io/console.h>
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
 #define VIRT_BASE @VIRT_BASE@UL
 #define DELAY_NS @DELAY_NS@ULL
 #define RING_LINES @RING_LINES@
 #define RING_LINE_LEN @RING_LINE_LEN@
 #define barrier() __asm__ volatile ("" ::: "memory")
 
-#define ELFNOTE(type, desc)                                 \
-    ".pushsection .note.Xen,\"a\",@note\n"                  \
-    ".balign 4\n"                                           \
-    ".long 2f - 1f, 4f - 3f, " STR(type) "\n"               \
-    "1: .asciz \"Xen\"\n"                                   \
-    "2: .balign 4\n"                                        \
-    "3: " desc "\n"                                         \
-    "4: .balign 4\n"                                        \
-    ".popsection\n"
-
-__asm__(
-    ELFNOTE(XEN_ELFNOTE_GUEST_OS, ".asciz \"sod-c\"")
-    ELFNOTE(XEN_ELFNOTE_XEN_VERSION, ".asciz \"xen-3.0\"")
-    ELFNOTE(XEN_ELFNOTE_LOADER, ".asciz \"generic\"")
-    ELFNOTE(XEN_ELFNOTE_VIRT_BASE, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_PADDR_OFFSET, ".long 0xC0000000")
-    ELFNOTE(XEN_ELFNOTE_ENTRY, ".long _start")
-    ELFNOTE(XEN_ELFNOTE_HYPERCALL_PAGE, ".long hypercall_page")
-);
-
+""" + C_ELFNOTE + c_xen_notes("sod-c") + r"""
 /* vCPU 0 enters at _start (%esi = start_info); vCPU 1 at secondary_start, on the stack its context names. */
 __asm__(
     ".pushsection .text\n"
@@ -106,26 +86,7 @@ __asm__(
 extern char hypercall_page[4096], secondary_stack_top[];
 void secondary_start(void);
 
-#define _hypercall2(type, name, a1, a2)                                           \
-({                                                                               \
-    long __res, __ign1, __ign2;                                                  \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2)               \
-                      : "1" ((long)(a1)), "2" ((long)(a2))                       \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
-#define _hypercall3(type, name, a1, a2, a3)                                       \
-({                                                                               \
-    long __res, __ign1, __ign2, __ign3;                                          \
-    __asm__ volatile ("call hypercall_page + (" STR(__HYPERVISOR_##name) " * 32)" \
-                      : "=a" (__res), "=b" (__ign1), "=c" (__ign2), "=d" (__ign3) \
-                      : "1" ((long)(a1)), "2" ((long)(a2)), "3" ((long)(a3))      \
-                      : "memory");                                               \
-    (type)__res;                                                                 \
-})
-
+""" + C_HYPERCALLS + r"""
 static int console_io(int cmd, int count, const char *str) { return _hypercall3(int, console_io, cmd, count, str); }
 static int sched_op(int cmd, void *arg) { return _hypercall2(int, sched_op, cmd, arg); }
 static int event_channel_op(int cmd, void *arg) { return _hypercall2(int, event_channel_op, cmd, arg); }
@@ -369,27 +330,6 @@ def _source() -> str:
     return re.sub(r"@(\w+)@", lambda m: str(values[m.group(1)]), GUEST_C)
 
 
-def _build_guest(work: Path) -> Path:
-    """Compile the guest, or skip where this machine has no Xen headers or cannot build 32-bit freestanding code."""
-    if not XEN_HEADER.exists():
-        pytest.skip(f"{XEN_HEADER} is absent (install Xen's public headers, e.g. Debian's libxen-dev)")
-    if not Path("/usr/include/xen/io/console.h").exists():
-        pytest.skip("xen/io/console.h is absent")
-    work.mkdir(parents=True, exist_ok=True)
-    probe = work / "probe.c"
-    probe.write_text("void _start(void) { for (;;) ; }\n")
-    try:
-        res = _gcc([*CFLAGS, *LDFLAGS, "-o", "probe.elf", "probe.c"], work)
-    except FileNotFoundError:
-        pytest.skip("no gcc on PATH")
-    if res.returncode != 0:
-        pytest.skip(f"gcc cannot build and link 32-bit freestanding code here: {res.stderr.strip()[-400:]}")
-    (work / "sod.c").write_text(_source())
-    res = _gcc([*CFLAGS, "-Wall", "-Werror", *LDFLAGS, "-o", "sod.elf", "sod.c"], work)
-    assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
-    return work / "sod.elf"
-
-
 def _run(run_dir: Path, kernel: Path) -> tuple[dict[str, Any], list[str]]:
     spec = parse_spec(f"""
 [cluster]
@@ -411,7 +351,8 @@ kernel = "{kernel}"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[Path, dict[str, Any], list[str]]]]:
     """Two runs of the guest with the same spec and seed."""
-    elf = _build_guest(tmp_path_factory.mktemp("sodguest"))
+    elf = build_guest(tmp_path_factory.mktemp("sodguest"), _source(), name="sod",
+                      headers=(XEN_HEADER, Path("/usr/include/xen/io/console.h")))
     with contextlib.ExitStack() as stack:
         out = []
         for _ in range(2):  # short run directories: ipc:// socket paths must stay under ~100 bytes
