@@ -4,6 +4,7 @@ attempt got back: null for nothing at all, else the kind of the answer."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -14,18 +15,22 @@ from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlRequest, Hello
 from pvcluster.keys import KeyStore, Role
 
-WAIT_MS = 3000
+WAIT_MS = 3000  # for an answer that must not come
+ANSWER_MS = 20_000  # for one that must (a loaded machine may take a while)
+# If anything here ever blocks, say where (the test shows stderr) instead of hanging until the test's timeout.
+WATCHDOG_S = 90
 
 
-def attempt(endpoint: str, body: object, curve: tuple[bytes, bytes, bytes] | None = None) -> str | None:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+def attempt(ctx: zmq.Context, endpoint: str, body: object, curve: tuple[bytes, bytes, bytes] | None = None,
+            wait_ms: int = WAIT_MS) -> str | None:
+    sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
     sock.connect(endpoint)
     try:
         sock.send(codec.encode(body, seq=1, vt_ns=0))
-        if not sock.poll(WAIT_MS):
+        if not sock.poll(wait_ms):
             return None
         answer = codec.decode(sock.recv()).body
     finally:
@@ -34,6 +39,7 @@ def attempt(endpoint: str, body: object, curve: tuple[bytes, bytes, bytes] | Non
 
 
 def main() -> int:
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     bus, control, keys = sys.argv[1], sys.argv[2], KeyStore(Path(sys.argv[3]))
     server = keys.public(Role.cluster())
     stolen = (*keys.keypair(Role("domain", "victim")), server)
@@ -41,14 +47,18 @@ def main() -> int:
     wrong_server = (*zmq.curve_keypair(), zmq.curve_keypair()[0])
     shadow = CtlRequest(cmd="create", args={"domain": {"name": "evil", "kernel": "/etc/shadow"}})
     destroy = CtlRequest(cmd="destroy", args={"dom": "victim"})
-    print(json.dumps({
-        "no-key-control": attempt(control, shadow),
-        "no-key-bus": attempt(bus, Hello(pid=1, name="victim")),
-        "wrong-key-control": attempt(control, destroy, stranger),
-        "wrong-server-key-control": attempt(control, destroy, wrong_server),
-        "domain-key-control": attempt(control, destroy, stolen),
-        "domain-key-bus-other": attempt(bus, Hello(pid=1, name="other"), stolen),
-    }))
+    ctx = zmq.Context()
+    try:
+        print(json.dumps({
+            "no-key-control": attempt(ctx, control, shadow),
+            "no-key-bus": attempt(ctx, bus, Hello(pid=1, name="victim")),
+            "wrong-key-control": attempt(ctx, control, destroy, stranger),
+            "wrong-server-key-control": attempt(ctx, control, destroy, wrong_server),
+            "domain-key-control": attempt(ctx, control, destroy, stolen),
+            "domain-key-bus-other": attempt(ctx, bus, Hello(pid=1, name="other"), stolen, wait_ms=ANSWER_MS),
+        }), flush=True)
+    finally:
+        ctx.destroy(linger=0)  # nothing left for interpreter exit to wait on
     return 0
 
 
