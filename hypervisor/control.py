@@ -40,8 +40,9 @@ class ControlServer:
         self.hvp = hvp
         self.core = hvp.core
         self._seq = 0
-        # who sent the request being served: a toolstack key's user on tcp, this process's user on ipc
-        self.requester = Requester.this_process()
+        # who sent the request being served: a toolstack key's user on tcp, None (this process's user) on ipc; looked
+        # up in the user database only by the command that needs it (create), not for every status poll
+        self.requester_user: str | None = None
         self.commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "create": self.cmd_create,
             "list": self.cmd_list,
@@ -75,8 +76,7 @@ class ControlServer:
                 self.hvp.log.warning("control.refused", vt_ns=self.core.clock.now_ns, key=str(user_id)[:80])
                 reply, done = CtlReply(ok=False, data=None, error="only a toolstack key may send commands"), False
             else:
-                self.requester = Requester.named(str(user_id)[len("toolstack:"):]) if secured \
-                    else Requester.this_process()
+                self.requester_user = str(user_id)[len("toolstack:"):] if secured else None
                 reply, done = await self._handle(payload)
             self.hvp.flush_trace()  # a client that got its answer can read every event that led to it
             self._seq += 1
@@ -131,10 +131,11 @@ class ControlServer:
             spec = parse_domain_dict(args.get("domain"), pcpus=self.core.spec.hypervisor.pcpus, check_files=False)
         except SpecError as exc:
             raise CommandError(str(exc)) from None
+        requester = Requester.this_process() if self.requester_user is None else Requester.named(self.requester_user)
         try:
-            dom = self.hvp.create_domain(spec, self.requester)
+            dom = self.hvp.create_domain(spec, requester)
         except (KernelFileError, ValueError, OSError) as exc:
-            self.hvp.log.warning("control.create_refused", vt_ns=self.core.clock.now_ns, user=self.requester.name,
+            self.hvp.log.warning("control.create_refused", vt_ns=self.core.clock.now_ns, user=requester.name,
                                  error=str(exc)[:400])
             raise CommandError(str(exc)) from None
         return {"domid": dom.domid, "name": dom.name}
