@@ -8,8 +8,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from pvcluster.cluster import Cluster
+from pvcluster.spec import parse_spec
 
 VIRT_BASE = 0xC0000000
 XEN_HEADER = Path("/usr/include/xen/xen.h")
@@ -198,3 +202,22 @@ def build_guest(work: Path, source: str, *, name: str = "guest", headers: tuple[
     res = gcc([*cflags, "-Wall", "-Werror", *LDFLAGS, "-o", f"{name}.elf", f"{name}.c"], work)
     assert res.returncode == 0, f"the guest did not compile against the Xen headers:\n{res.stderr}"
     return work / f"{name}.elf"
+
+
+def run_one(run_dir: Path, name: str, elf: Path) -> tuple[dict[str, Any], list[str]]:
+    """Boot ``elf`` as the only domain (1 vCPU, 4 MiB) of a real cluster until it ends: its final status and
+    its console lines."""
+    spec = parse_spec(f"""
+[cluster]
+name = "{name}"
+[[domain]]
+name = "{name}"
+vcpus = 1
+memory_mib = 4
+kernel = "{elf}"
+""")
+    with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
+        final = cluster.wait(timeout_s=120)
+        (dom,) = final["domains"]
+        console: list[str] = cluster.client.call("console", dom=dom["domid"])
+    return dom, console

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes
+from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
 
 from pvcluster.abi.xen import Hypercall
-from pvcluster.cluster import Cluster
-from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -156,19 +154,7 @@ def test_c_guest_checks_descriptor_tables_stack_switch_fpu_taskswitch_and_vm_ass
     work = run_dir / "descguest"
     work.mkdir()
     elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
-    spec = parse_spec(f"""
-[cluster]
-name = "desc"
-[[domain]]
-name = "desc"
-vcpus = 1
-memory_mib = 4
-kernel = "{elf}"
-""")
-    with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
-        final = cluster.wait(timeout_s=120)
-        (dom,) = final["domains"]
-        console = cluster.client.call("console", dom=dom["domid"])
+    dom, console = run_one(run_dir, "desc", elf)
     failed = [line for line in console if "FAIL" in line]
     assert not failed, console
     assert console[-1] == "mini-desc: 0 failures", console

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes
+from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
 
 from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES
 from pvcluster.abi.xen import FEATURES_SUBMAP0, XEN_CAPABILITIES, XEN_EXTRAVERSION, GnttabOp, Hypercall
-from pvcluster.cluster import Cluster
-from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -253,19 +251,7 @@ def test_c_guest_checks_grant_tables_memory_op_and_version(run_dir: Path) -> Non
     work = run_dir / "gntguest"
     work.mkdir()
     elf = build_guest(work, _guest_source(), headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
-    spec = parse_spec(f"""
-[cluster]
-name = "gnt"
-[[domain]]
-name = "gnt"
-vcpus = 1
-memory_mib = 4
-kernel = "{elf}"
-""")
-    with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
-        final = cluster.wait(timeout_s=120)
-        (dom,) = final["domains"]
-        console = cluster.client.call("console", dom=dom["domid"])
+    dom, console = run_one(run_dir, "gnt", elf)
     failed = [line for line in console if "FAIL" in line]
     assert not failed, console
     assert console[-1] == "mini-gnt: 0 failures", console
