@@ -28,6 +28,7 @@ from pathlib import Path
 
 import attrs
 
+from domains import rings
 from domains.elf_load import GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kernel
 from domains.memory import GuestRam, identity_table
@@ -51,6 +52,10 @@ IDENT_ENTRY_SYMBOL = "pv_entry_ident"
 NO_PATCHING_FLAG = "noreplace-paravirt"
 # Backends whose kernel must see its own page tables read-only (it updates them through the hypervisor).
 READ_ONLY_PAGE_TABLES = frozenset({"xen", "vmi"})
+# Backends whose kernel runs in ring 1 under the hypervisor hole (domains/rings.py): Xen's PV kernels. The vmi
+# backend keeps ring 0, with native (see README: "Privilege").
+RING1_BACKENDS = frozenset({"xen"})
+HOLE_SLOTS = (rings.M2P_SLOT, rings.PERDOMAIN_SLOT)
 
 
 @attrs.frozen
@@ -158,8 +163,9 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         # RAM, shared_info and the GDT frame: not the grant frames, which the guest maps once its table has grown
         # to them (grant_table_op setup_table), as on Xen
         mapped = req.memory_bytes + GRANT_FRAME_BASE * PAGE_SIZE
-        m2p = tuple(ram.m2p_paddr + i * PAGE_SIZE for i in range(ram.m2p_pages)) if req.backend == "xen" else ()
-        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages, m2p=m2p)
+        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages)
+        if req.backend in RING1_BACKENDS and any(va >> 22 in HOLE_SLOTS for va in maps):
+            raise ValueError("it reaches into the hypervisor hole at 0xFC000000")
     except ValueError as exc:
         raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
     pt_pa = stack_top_pa
@@ -172,6 +178,9 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         )
     ram.write_pa(p2m_pa, identity_table(ram.nr_pages))  # setup_pgtables_x86_32_pae's copy of dom->pv_p2m[]
     tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
+    if req.backend in RING1_BACKENDS:
+        rings.init_hole(ram)
+        rings.install_hole(ram, tables.l2)
     store_mfn, console_mfn = _special_pages(ram, pt_end_pa)
     init_shared_info(ram, req.wc_sec, req.wc_nsec)
     cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()

@@ -27,8 +27,10 @@ from pvcluster.bus.effects import (
     SetContext,
     SetCr3,
     SetGdt,
+    SetKernelStack,
     SetPending,
     SetSpeed,
+    SetTrapTable,
     SetTs,
     SetVaPte,
     Unmask,
@@ -106,6 +108,8 @@ def _set_va_pte(proc: DomainProcess, e: SetVaPte, vt_ns: int, caller: int) -> No
 def _set_context(proc: DomainProcess, e: SetContext, vt_ns: int, caller: int) -> None:
     v = _vcpu(proc, e)
     v.set_regs(e.regs.as_dict())
+    if v.pv is not None:
+        v.enter_kernel()
     v.initialised = True
 
 
@@ -175,12 +179,27 @@ def _set_clock_skew(proc: DomainProcess, e: SetClockSkew, vt_ns: int, caller: in
 
 def _set_gdt(proc: DomainProcess, e: SetGdt, vt_ns: int, caller: int) -> None:
     v = _vcpu(proc, e)
-    v.gdt_frames, v.gdt_ents = list(e.frames), e.entries
+    v.load_gdt(list(e.frames))
+    v.gdt_ents = e.entries
     proc.trace("vcpu.gdt", vt_ns=vt_ns, vcpu=e.vcpu, frames=list(e.frames), entries=e.entries)
 
 
 def _set_ts(proc: DomainProcess, e: SetTs, vt_ns: int, caller: int) -> None:
     _vcpu(proc, e).set_ts(e.ts)
+
+
+def _set_trap_table(proc: DomainProcess, e: SetTrapTable, vt_ns: int, caller: int) -> None:
+    v = _vcpu(proc, e)
+    if v.pv is None:  # a ring-0 kernel (native, vmi) takes its exceptions through its own IDT
+        proc.trace("vcpu.trap_table_ignored", vt_ns=vt_ns, vcpu=e.vcpu, entries=len(e.traps))
+        return
+    v.pv.set_traps(e.traps, e.clear)
+
+
+def _set_kernel_stack(proc: DomainProcess, e: SetKernelStack, vt_ns: int, caller: int) -> None:
+    v = _vcpu(proc, e)
+    if v.pv is not None:
+        v.pv.kernel_ss, v.pv.kernel_sp = e.ss, e.esp
 
 
 _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
@@ -203,5 +222,7 @@ _APPLY: dict[type, Callable[[DomainProcess, Any, int, int], None]] = {
     SetSpeed: _set_speed,
     SetClockSkew: _set_clock_skew,
     SetGdt: _set_gdt,
+    SetTrapTable: _set_trap_table,
+    SetKernelStack: _set_kernel_stack,
     SetTs: _set_ts,
 }

@@ -82,3 +82,9 @@ def upcall_masked(ram: GuestRam, vcpu: int) -> bool:
 
 def set_upcall_mask(ram: GuestRam, vcpu: int, masked: bool) -> None:
     ram.write_pa(ram.shared_info_paddr + _vcpu_info(ram, vcpu) + _UPCALL_MASK, b"\x01" if masked else b"\x00")
+
+
+def set_arch_cr2(ram: GuestRam, vcpu: int, cr2: int) -> None:
+    """vcpu_info.arch.cr2: where Xen tells a PV guest the faulting address of the page fault it bounces to it."""
+    at = ram.shared_info_paddr + _vcpu_info(ram, vcpu) + VCPU_INFO.offset("arch")
+    ram.write_pa(at, (cr2 & 0xFFFFFFFF).to_bytes(4, "little"))

@@ -6,7 +6,14 @@ import ctypes
 import mmap
 import struct
 
-from pvcluster.abi.platform import GDT_FRAME, HYPERVISOR_FRAMES, M2P_FRAME_BASE, SHARED_INFO_FRAME, m2p_frames
+from pvcluster.abi.platform import (
+    GDT_FRAME,
+    HOLE_FRAMES,
+    HYPERVISOR_FRAMES,
+    M2P_FRAME_BASE,
+    SHARED_INFO_FRAME,
+    m2p_frames,
+)
 from pvcluster.abi.xen import PAGE_SIZE
 
 
@@ -20,7 +27,8 @@ class GuestRam:
     pvcluster.abi.platform): ``shared_info``, the GDT the vCPUs run with (flat code and data segments, as Xen's
     reserved GDT entries provide) and the grant table's frames, zeroed as Xen clears them; then the machine-to-phys
     table's frames for the domain's RAM (``m2p_frames``), entry mfn holding pfn: the identity, written here once
-    as Xen's set_gpfn_from_mfn writes each entry when it gives the domain its frames.
+    as Xen's set_gpfn_from_mfn writes each entry when it gives the domain its frames; then the hypervisor hole's
+    frames (``HoleFrame``), which only a ring-1 guest's tables point at (``domains/rings.py``).
 
     Each vCPU maps the buffer at physical address 0 and runs with paging on; the builder's initial tables map it
     linearly at ``virt_base`` (so the GDT, for one, is at virtual ``virt_base + gdt_paddr``). Access by virtual
@@ -33,7 +41,7 @@ class GuestRam:
         self.nr_pages = memory_bytes // PAGE_SIZE
         self.m2p_paddr = memory_bytes + M2P_FRAME_BASE * PAGE_SIZE
         self.m2p_pages = m2p_frames(self.nr_pages)
-        self.size = memory_bytes + (HYPERVISOR_FRAMES + self.m2p_pages) * PAGE_SIZE
+        self.size = memory_bytes + (HYPERVISOR_FRAMES + self.m2p_pages + HOLE_FRAMES) * PAGE_SIZE
         self.virt_base = virt_base
         self.shared_info_paddr = memory_bytes + SHARED_INFO_FRAME * PAGE_SIZE
         self.gdt_paddr = memory_bytes + GDT_FRAME * PAGE_SIZE

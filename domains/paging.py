@@ -22,7 +22,7 @@ import attrs
 
 from domains.memory import GuestRam
 from pvcluster.abi.x86 import PTE_ACCESSED, PTE_DIRTY, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_RW, PTE_USER
-from pvcluster.abi.xen import MACH2PHYS_VIRT_END_NONPAE, MACH2PHYS_VIRT_START_NONPAE, PAGE_SIZE
+from pvcluster.abi.xen import PAGE_SIZE
 
 # What the builder writes (the values Xen's PV builder uses for x86-32 non-PAE).
 PDE_FLAGS = PTE_PRESENT | PTE_RW | PTE_USER | PTE_ACCESSED  # 0x27
@@ -155,25 +155,19 @@ class InitialTables:
 
 def initial_mappings(
     virt_base: int, linear_bytes: int, mmio: tuple[int, ...] = (), rom: tuple[int, ...] = (),
-    m2p: tuple[int, ...] = (),
 ) -> dict[int, tuple[int, int]]:
     """va page -> (pa, flags) before page-table frames are known: ``[virt_base, virt_base+linear_bytes)`` to
-    physical 0 onwards (RAM, writable), each page of ``mmio`` identity-mapped uncached, each of ``rom``
-    identity-mapped read-only, and the pages at physical ``m2p`` read-only from MACH2PHYS_VIRT_START on (the
-    machine-to-phys table, where Xen maps it in a non-PAE guest's hypervisor hole). Raises ValueError when two of
-    them overlap or one leaves the address space."""
+    physical 0 onwards (RAM, writable), each page of ``mmio`` identity-mapped uncached and each of ``rom``
+    identity-mapped read-only. (The m2p at MACH2PHYS_VIRT_START is the hypervisor hole's: ``domains/rings.py``.)
+    Raises ValueError when two of them overlap or one leaves the address space."""
     if virt_base % PAGE_SIZE or linear_bytes % PAGE_SIZE or virt_base + linear_bytes > _ADDR_LIMIT:
         raise ValueError(f"linear map [{virt_base:#x}, +{linear_bytes:#x}) is not page-aligned in 4 GiB")
-    if len(m2p) * PAGE_SIZE > MACH2PHYS_VIRT_END_NONPAE - MACH2PHYS_VIRT_START_NONPAE:
-        raise ValueError(f"an m2p of {len(m2p)} pages does not fit below MACH2PHYS_VIRT_END")
     maps = {virt_base + off: (off, PTE_RAM) for off in range(0, linear_bytes, PAGE_SIZE)}
-    placed = ((mmio, PTE_MMIO, mmio), (rom, PTE_ROM, rom),
-              (tuple(MACH2PHYS_VIRT_START_NONPAE + i * PAGE_SIZE for i in range(len(m2p))), PTE_M2P, m2p))
-    for pages, flags, pas in placed:
-        for va, pa in zip(pages, pas, strict=True):
+    for pages, flags in ((mmio, PTE_MMIO), (rom, PTE_ROM)):
+        for va in pages:
             if va in maps:
                 raise ValueError(f"page {va:#010x} is mapped twice")
-            maps[va] = (pa, flags)
+            maps[va] = (va, flags)
     return maps
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from domains import effects, timeinfo
-from domains.builder import BootState, build_domain
+from domains.builder import RING1_BACKENDS, BootState, build_domain
 from domains.elf_load import ImageError
 from domains.join import Connection
 from domains.link import LinkReceiver
@@ -222,7 +222,8 @@ class DomainProcess:
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
         # may name other ones (the hypervisor then sends set_cr3).
-        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3) for v in range(req.vcpus)]
+        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3, ring1=req.backend in RING1_BACKENDS)
+                      for v in range(req.vcpus)]
         for vcpu in self.vcpus:
             vcpu.irq_entry_ps, vcpu.mmio_ps = req.irq_entry_ns * 1000, req.mmio_ns * 1000
             vcpu.refill_ps = req.tlb_refill_ns * 1000
@@ -234,6 +235,8 @@ class DomainProcess:
                 vcpu.map_rom(VMI_ROM_BASE, req.rom)
         boot_vcpu = self.vcpus[0]
         boot_vcpu.set_regs(boot.regs)
+        if boot_vcpu.pv is not None:
+            boot_vcpu.enter_kernel()
         boot_vcpu.initialised = True
         boot_vcpu.state = VcpuState.RUNNING
         boot_vcpu.advance_to(self.vt_ns)

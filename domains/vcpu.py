@@ -32,6 +32,7 @@ import capstone
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
     UC_HOOK_MEM_INVALID,
@@ -45,7 +46,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from domains import events
+from domains import events, privop, rings, traps
 from domains.blockhook import BlockHook, CountTable
 from domains.insn_cost import BlockPricer
 from domains.memory import GuestRam
@@ -62,7 +63,7 @@ from pvcluster.abi.platform import (
     MARK_PORT,
 )
 from pvcluster.abi.x86 import CR0_TS
-from pvcluster.abi.xen import HYPERCALL_VECTOR
+from pvcluster.abi.xen import FLAT_RING1_CS, FLAT_RING1_DS, HYPERCALL_VECTOR, HYPERVISOR_CS, HYPERVISOR_DS, Hypercall
 from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
 _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
@@ -123,6 +124,16 @@ class Trap:
 
 
 @attrs.frozen
+class Exception_:
+    """An exception or software interrupt a ring-1 vCPU took, waiting for the domain process to act on it outside
+    emulation (``Vcpu._take_exception``): ``eip`` where it stopped (after an ``int n``, at a faulting instruction)."""
+
+    intno: int
+    eip: int
+    cr2: int
+
+
+@attrs.frozen
 class Fault:
     vt_ns: int
     kind: str
@@ -173,9 +184,11 @@ class InsnCounter:
 
 
 class Vcpu:
-    def __init__(self, vid: int, ram: GuestRam, counter: InsnCounter, ps_per_instr: int, cr3: int) -> None:
+    def __init__(self, vid: int, ram: GuestRam, counter: InsnCounter, ps_per_instr: int, cr3: int,
+                 ring1: bool = False) -> None:
         """A vCPU with paging on over the page directory at physical ``cr3`` (the domain builder's), which must
-        map the GDT at ``ram.virt_base + ram.gdt_paddr``."""
+        map the GDT at ``ram.virt_base + ram.gdt_paddr``; or, with ``ring1`` (a Xen PV kernel), the hypervisor hole
+        (``domains/rings.py``), whose GDT window it then runs on."""
         self.vid = vid
         self.ram = ram
         self.counter = counter
@@ -226,11 +239,26 @@ class Vcpu:
         self.gdt_frames: list[int] = []
         self.gdt_ents = 0
         self.ipi_sink: IpiSink | None = None
+        # A ring-1 vCPU's part of Xen's pv_vcpu (trap table, kernel stack) and virtual CR2/CR4; the exception it
+        # stopped on, taken outside emulation.
+        self.pv: traps.PvCpu | None = traps.PvCpu(callback_cs=FLAT_RING1_CS) if ring1 else None
+        self.virt_cr2 = 0
+        self.virt_cr4 = 0
+        self._exc: Exception_ | None = None
+        if ring1:  # Unicorn reports #UD to this hook, not as an interrupt: Xen's #UD path (forced emulation)
+            self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         self._icr_high = 0
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
         # Paging first: loading the segment registers reads their descriptors from the GDT by virtual address.
         self.uc.reg_write(X.UC_X86_REG_CR3, cr3 & 0xFFFFF000)
         self.uc.reg_write(X.UC_X86_REG_CR0, int(self.uc.reg_read(X.UC_X86_REG_CR0)) | CR0_PG | CR0_WP)
+        if ring1:  # on the hypervisor's ring-0 selectors until enter_kernel moves it to ring 1
+            self.uc.reg_write(X.UC_X86_REG_GDTR, (0, rings.gdt_base(vid), rings.GDT_LIMIT, 0))
+            self.uc.reg_write(X.UC_X86_REG_CS, HYPERVISOR_CS)
+            self.uc.reg_write(X.UC_X86_REG_SS, HYPERVISOR_DS)
+            for seg in (X.UC_X86_REG_DS, X.UC_X86_REG_ES, X.UC_X86_REG_FS, X.UC_X86_REG_GS):
+                self.uc.reg_write(seg, FLAT_RING1_DS)
+            return
         gdt_va = ram.virt_base + ram.gdt_paddr
         self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_va, 23, 0))
         self.uc.reg_write(X.UC_X86_REG_CS, KERNEL_CS)
@@ -249,7 +277,10 @@ class Vcpu:
         self._hook.map_rom(ctypes.addressof(anchor), base, len(image))
 
     def set_cr3(self, value: int) -> None:
-        """Load CR3 (which, as on the CPU, drops this vCPU's TLB)."""
+        """Load CR3 (which, as on the CPU, drops this vCPU's TLB). A ring-1 vCPU's new page directory gets the
+        hypervisor hole first."""
+        if self.pv is not None:
+            rings.install_hole(self.ram, value & 0xFFFFF000)
         self.uc.reg_write(X.UC_X86_REG_CR3, value & 0xFFFFFFFF)
         self._st.cr3_known = 0  # the block hook's memo of it
 
@@ -257,6 +288,35 @@ class Vcpu:
         """CR0.TS as fpu_taskswitch asked: set, the vCPU's next FPU or SSE instruction raises #NM."""
         cr0 = int(self.uc.reg_read(X.UC_X86_REG_CR0))
         self.uc.reg_write(X.UC_X86_REG_CR0, cr0 | CR0_TS if ts else cr0 & ~CR0_TS)
+
+    # -- rings (a ring-1 vCPU: domains/rings.py, domains/traps.py) ---------------------------------------------
+
+    def pv_state(self) -> traps.PvCpu:
+        if self.pv is None:
+            raise RuntimeError(f"vCPU {self.vid} is not a ring-1 vCPU")
+        return self.pv
+
+    def segment(self, name: str) -> int:
+        return int(self.uc.reg_read({"cs": X.UC_X86_REG_CS, "ss": X.UC_X86_REG_SS}[name]))
+
+    def transfer(self, eip: int, cs: int, eflags: int, esp: int, ss: int) -> None:
+        """Continue at cs:eip, ss:esp in the ring ``cs`` names. The trampoline's one ``iretd`` is Xen's own exit
+        path, not guest work: its cost is taken back from the clock before its block charges it."""
+        if rings.transfer(self.uc, self.ram, self.vid, eip, cs, eflags, esp, ss):
+            iret = rings.trampoline_iret()
+            self._charge(-self.counter.pricer.price(rings.trampoline_va(self.vid), iret)[1])
+
+    def enter_kernel(self) -> None:
+        """Start a ring-1 vCPU where its registers say, in ring 1 on Xen's flat selectors (its boot or its
+        VCPUOP_initialise context), with events as the real interrupt flag Xen always leaves on."""
+        self.transfer(self.reg("eip"), FLAT_RING1_CS, self.reg("eflags") | EFLAGS_IF, self.reg("esp"),
+                      FLAT_RING1_DS)
+
+    def load_gdt(self, frames: list[int]) -> None:
+        """set_gdt's frames, shown in this vCPU's GDT window (a ring-1 vCPU; the others only record them)."""
+        self.gdt_frames = list(frames)
+        if self.pv is not None:
+            rings.map_gdt(self.ram, self.vid, self.gdt_frames)
 
     @property
     def cr0(self) -> int:
@@ -374,11 +434,27 @@ class Vcpu:
             return
         if (self.upcall_eip is not None and events.upcall_pending(self.ram, self.vid)
                 and not events.upcall_masked(self.ram, self.vid)):
+            taken = self.clock_ns
+            if self.pv is not None:
+                self._upcall_ring1(taken)
+                return
             # Xen masks further upcalls on entry; the guest's handler unmasks before it returns
             events.set_upcall_mask(self.ram, self.vid, True)
-            taken = self.clock_ns
             if self._enter(self.upcall_eip, clear_if=False) and self.irq_sink is not None:
                 self.irq_sink(self.vid, None, taken)
+
+    def _upcall_ring1(self, taken: int) -> None:
+        """The event upcall of a ring-1 vCPU: a bounce frame that masks events (TBF_INTERRUPT)."""
+        assert self.pv is not None and self.upcall_eip is not None
+        try:
+            traps.bounce(self, self.pv.callback_cs, self.upcall_eip, None, mask_events=True)
+        except traps.GuestCrash as crash:
+            self._set_fault("double-fault", f"event upcall: {crash}", self.reg("eip"))
+            self.state = VcpuState.CRASHED
+            return
+        self._charge(self.irq_entry_ps)
+        if self.irq_sink is not None:
+            self.irq_sink(self.vid, None, taken)
 
     def _wake(self, end_ps: int) -> None:
         """A halted vCPU resumes on an interrupt it can take; one blocked in SCHEDOP_block on an event."""
@@ -477,6 +553,12 @@ class Vcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _: object) -> None:
         eip = int(uc.reg_read(X.UC_X86_REG_EIP))
+        if self.pv is not None and (intno != HYPERCALL_VECTOR or rings.cpl(uc) > 1
+                                    or int(uc.reg_read(X.UC_X86_REG_EAX)) == Hypercall.iret):
+            # everything but a ring-1 hypercall is Xen's entry path: taken outside emulation (_take_exception)
+            self._exc = Exception_(intno, eip, int(uc.reg_read(X.UC_X86_REG_CR2)))
+            uc.emu_stop()
+            return
         if intno == HYPERCALL_VECTOR:
             self._trap_seq += 1
             args = [int(uc.reg_read(r)) for r in _ARG_REGS]
@@ -488,6 +570,11 @@ class Vcpu:
             self._set_fault("trap", f"unhandled exception or interrupt vector {intno}", eip)
         uc.emu_stop()
 
+    def _on_invalid(self, uc: Uc, _: object) -> bool:
+        self._exc = Exception_(traps.UD_VECTOR, int(uc.reg_read(X.UC_X86_REG_EIP)), 0)
+        uc.emu_stop()
+        return True
+
     def _on_bad_access(self, uc: Uc, access: int, addr: int, size: int, value: int, _: object) -> bool:
         eip = int(uc.reg_read(X.UC_X86_REG_EIP))
         self._set_fault(
@@ -496,17 +583,88 @@ class Vcpu:
         return False
 
     def _page_fault(self, cr2: int, eip: int) -> None:
-        """Unicorn hands over #PF without its error code: tell the access from the tables and the instruction.
-        A present page can fault only on a write (CPL 0, no NX without PAE); a missing one on any access."""
+        """A page fault the guest cannot handle ends it, with the access it made."""
+        access, write, present = self._pf_access(cr2, eip)
+        why = "page is read-only" if present else "page not present"
+        if present and self.pv is not None and rings.cpl(self.uc) == 3:
+            why = "page is read-only or not a user page"
+        self._set_fault("page-fault", f"{access} at cr2={cr2:#010x}: {why}", eip, cr2=cr2, write=write)
+
+    def _pf_access(self, cr2: int, eip: int) -> tuple[str, bool, bool]:
+        """Unicorn hands over #PF without its error code: tell the access from the tables and the instruction
+        (access, write, present). In a supervisor ring a present page can fault only on a write (no NX without
+        PAE); in ring 3 a read of a supervisor page faults too; a missing page on any access."""
         code = self.fetch(eip, 15)
         present = translate(self.ram, self.cr3, cr2, False) is not None
         if not code or (eip <= cr2 < eip + 15 and not present):
-            access, write = "instruction fetch", False
+            return "instruction fetch", False, present
+        user = self.pv is not None and rings.cpl(self.uc) == 3
+        write = (present and not user) or self.counter.writes_memory(eip, code)
+        return ("write" if write else "read"), write, present
+
+    # -- a ring-1 vCPU's exceptions (Xen's entry paths: domains/traps.py) -----------------------------------
+
+    def _take_exception(self) -> None:
+        """Act on the exception a ring-1 vCPU stopped on: emulate a privileged instruction, return from
+        HYPERVISOR_iret, bounce it to the guest's handler, or end the domain when it has none."""
+        exc, self._exc = self._exc, None
+        if exc is None:
+            return
+        rings.clear_exception(self.uc)
+        try:
+            if not self._dispatch(exc):
+                self._unhandled(exc)
+        except traps.GuestCrash as crash:
+            self._set_fault("trap", str(crash), exc.eip)
+        if self.fault is not None:
+            self.state = VcpuState.CRASHED
+
+    def _dispatch(self, exc: Exception_) -> bool:
+        intno, eip = exc.intno, exc.eip
+        if 0 <= eip - rings.trampoline_va(self.vid) < _PAGE:
+            raise traps.GuestCrash("the context it returned to could not be loaded (a fault in the iret)")
+        if intno == HYPERCALL_VECTOR and rings.cpl(self.uc) <= 1:
+            self._charge(self.irq_entry_ps)
+            traps.iret(self)
+            return True
+        if intno >= 32:  # `int n`: EIP is past the two-byte instruction
+            return traps.software_interrupt(self, intno, 2)
+        if intno in (3, 4):  # int3 and into: traps, delivered at the instruction after them
+            return traps.exception(self, intno, 0)
+        code = self.fetch(eip, 15)
+        emulate = {traps.GP_VECTOR: privop.emulate_gp, traps.UD_VECTOR: privop.emulate_ud}.get(intno)
+        length = emulate(self, code) if emulate is not None and code else None
+        if length is not None:
+            self._rewind(eip + length)
+            self._charge(self.irq_entry_ps)
+            self.set_regs({"eip": eip + length})
+            return True
+        self._rewind(eip)
+        if intno == traps.PF_VECTOR and rings.set_descriptor_accessed(self.ram, self.vid, exc.cr2):
+            return True  # the CPU's own accessed-bit write: the instruction runs again
+        if intno == traps.PF_VECTOR:
+            _, write, present = self._pf_access(exc.cr2, eip)
+            code_bits = int(present) | int(write) << 1 | int(rings.cpl(self.uc) == 3) << 2
+            return traps.exception(self, intno, code_bits, exc.cr2)
+        return traps.exception(self, intno, 0)
+
+    def _unhandled(self, exc: Exception_) -> None:
+        if exc.intno == traps.PF_VECTOR:
+            self._page_fault(exc.cr2, exc.eip)
+        elif exc.intno >= 32:
+            self._set_fault("trap", f"int {exc.intno:#x}: no handler admits it in the trap table", exc.eip - 2)
         else:
-            write = present or self.counter.writes_memory(eip, code)
-            access = "write" if write else "read"
-        why = "page is read-only" if present else "page not present"
-        self._set_fault("page-fault", f"{access} at cr2={cr2:#010x}: {why}", eip, cr2=cr2, write=write)
+            self._set_fault("trap", f"unhandled exception or interrupt vector {exc.intno}", exc.eip)
+
+    def _rewind(self, eip: int) -> None:
+        """The C hook charged the whole block before it ran; an exception stopped it at ``eip``: count only the
+        instructions before it, since the rest runs again (and is charged again) from there."""
+        start = int(self._st.block_addr)
+        if not 0 <= eip - start < _PAGE:
+            return
+        before = self.fetch(start, eip - start) if eip > start else b""
+        cost = self.counter.pricer.price(start, before)[1] if before else 0
+        self._st.clock_ps = int(self._st.block_ps) + cost * self.ps_per_instr // 1000
 
     def _set_fault(self, kind: str, detail: str, eip: int, cr2: int | None = None,
                    write: bool | None = None) -> None:
@@ -540,6 +698,9 @@ class Vcpu:
             except UcError as exc:
                 if self.fault is None:
                     self._set_fault("cpu", str(exc), self.reg("eip"))
+            if self._exc is not None:
+                self._take_exception()
+                continue
             if self.stop_requested and self.fault is None and self.trap is None:
                 return  # asked to stop (request_stop): the hook ended emulation at a block boundary
             if self.fault is not None:

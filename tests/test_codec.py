@@ -27,8 +27,10 @@ from pvcluster.bus.effects import (
     SetContext,
     SetCr3,
     SetGdt,
+    SetKernelStack,
     SetPending,
     SetSpeed,
+    SetTrapTable,
     SetTs,
     SetVaPte,
     Unmask,
@@ -103,7 +105,9 @@ SAMPLES: dict[type, list[Any]] = {
                 vcpu=1, seq=11, vt_ns=113_000, value=0, writes=[],
                 effects=[Poll(vcpu=1, ports=[1, 5, 1023]), Poll(vcpu=0, ports=[]), SetPending(vcpu=0, port=3),
                          Unmask(vcpu=1, port=3), ClearPending(port=4), VcpuDown(vcpu=1),
-                         SetGdt(vcpu=1, frames=[0x300, 0x301], entries=600), SetTs(vcpu=1, ts=True)],
+                         SetGdt(vcpu=1, frames=[0x300, 0x301], entries=600), SetTs(vcpu=1, ts=True),
+                         SetTrapTable(vcpu=1, traps=[[14, 0, 0xE019, 0xC0001000]], clear=True),
+                         SetKernelStack(vcpu=1, ss=0xE021, esp=0xC0200000)],
                 complete=False,
             ),
         ]),
@@ -435,6 +439,7 @@ def test_effect_tags_are_unique_and_stable() -> None:
         SetPending: 1, Unmask: 2, ClearPending: 3, FlushTlb: 4, Invlpg: 5, SetCr3: 6, WriteMachine: 7, SetVaPte: 8,
         SetContext: 9, SetCallback: 10, VcpuUp: 11, VcpuDown: 12, Block: 13, Poll: 14, PollTimeout: 15,
         RestartHypercall: 16, SetSpeed: 17, SetClockSkew: 18, SetGdt: 19, SetTs: 20,
+        SetTrapTable: 21, SetKernelStack: 22,
     }
     assert set(EFFECTS) == set(Effect.__args__)  # type: ignore[attr-defined]
 
@@ -454,7 +459,7 @@ def _in_a_delivery(effect: Any) -> Any:
     return [3, 30_000, [], [], [], [[125_000, effect, 0]], 20_000, 0, 0]
 
 
-@pytest.mark.parametrize("tag", [0, 21, 99, -1, 2**32], ids=repr)
+@pytest.mark.parametrize("tag", [0, 23, 99, -1, 2**32], ids=repr)
 def test_an_effect_with_an_unknown_tag_is_rejected(tag: int) -> None:
     err = bad_field(code_of(Window), _in_a_result([tag, [0, 1]]))
     assert err.detail == f"Window.results[0].effects[0]: unknown record tag {tag}"

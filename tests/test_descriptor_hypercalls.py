@@ -41,7 +41,7 @@ from pvcluster.abi.xen import (
     VMASST_TYPE_runstate_update_flag,
     VMASST_TYPE_writable_pagetables,
 )
-from pvcluster.bus.effects import FlushTlb, SetGdt, SetTs, WriteMachine
+from pvcluster.bus.effects import FlushTlb, SetGdt, SetKernelStack, SetTs, WriteMachine
 from pvcluster.bus.messages import Region
 
 LIST, OPS, DONE = 0x10000, 0x20000, 0x30000
@@ -226,7 +226,8 @@ def test_update_descriptor_into_a_gdt_frame_is_allowed(dom: Domain) -> None:
 @pytest.mark.parametrize(("ss", "kernel_ss"), [(0x21, 0x21), (0x20, 0x21), (0x23, 0x23), (0xE021, 0xE021)])
 def test_stack_switch_records_the_stack_with_its_rpl_raised_to_ring1(dom: Domain, ss: int, kernel_ss: int) -> None:
     call = _call(dom, Hypercall.stack_switch, [ss, 0xC0123FF0], vcpu=1)
-    assert run_handler(stack_switch, call) == 0 and call.effects == []
+    assert run_handler(stack_switch, call) == 0
+    assert call.effects == [SetKernelStack(vcpu=1, ss=kernel_ss, esp=0xC0123FF0)]
     assert (dom.vcpus[1].kernel_ss, dom.vcpus[1].kernel_sp) == (kernel_ss, 0xC0123FF0)
 
 

@@ -20,7 +20,14 @@ from domains.vcpu import APIC_BASE, InsnCounter, Vcpu, VcpuState, flat_gdt
 from hypervisor.hypercall_page import hypercall_page
 from hypervisor.vmi_rom import VMI_ROM_BASE, vmi_rom
 from pvcluster.abi.layouts import StartInfo
-from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES
+from pvcluster.abi.platform import (
+    GRANT_FRAME_BASE,
+    HOLE_FRAMES,
+    M2P_FRAME_BASE,
+    MAX_GRANT_FRAMES,
+    HoleFrame,
+    hole_frame,
+)
 from pvcluster.abi.xen import MACH2PHYS_VIRT_START_NONPAE, PAGE_SIZE
 from pvcluster.bus.effects import Effect, SetVaPte
 from pvcluster.bus.messages import Build, HypercallResult, MemWrite
@@ -117,8 +124,9 @@ def test_builder_maps_ram_linearly_with_read_only_tables_for_pv(backend: str) ->
     cr3 = boot.cr3
     frames = (boot.l2_mfn, *boot.l1_mfns)
     assert cr3 == boot.l2_mfn * PAGE_SIZE and boot.pt_base == BASE + cr3
-    # 4 MiB + 2 pages of RAM need two L1 tables, the APIC page one more, the ROM another, and xen's m2p another
-    assert len(boot.l1_mfns) == 3 + bool(rom) + (backend == "xen")
+    # 4 MiB + 2 pages of RAM need two L1 tables, the APIC page one more, the ROM another (xen's m2p is mapped by the
+    # hypervisor's own L1, in the hole)
+    assert len(boot.l1_mfns) == 3 + bool(rom)
     assert all(pa * PAGE_SIZE < 4 << 20 for pa in frames)
     assert boot.l1_mfns == tuple(range(boot.l2_mfn + 1, boot.l2_mfn + 1 + len(boot.l1_mfns)))
     assert boot.l2_mfn * PAGE_SIZE >= boot.stack_top - BASE  # after the boot stack
@@ -167,7 +175,7 @@ def test_builder_maps_the_m2p_read_only_at_mach2phys_virt_start(backend: str, me
     pages = -(-ram.nr_pages * 4 // PAGE_SIZE)
     assert (ram.m2p_pages, ram.m2p_paddr) == (pages, memory + M2P_FRAME_BASE * PAGE_SIZE)
     assert M2P_FRAME_BASE == GRANT_FRAME_BASE + MAX_GRANT_FRAMES  # after the grant frames
-    assert ram.size == ram.m2p_paddr + pages * PAGE_SIZE
+    assert ram.size == ram.m2p_paddr + (pages + HOLE_FRAMES) * PAGE_SIZE  # then the hole's frames
     m2p = MACH2PHYS_VIRT_START_NONPAE
     if backend != "xen":  # Xen's hypervisor hole: only a Xen guest finds the table there
         assert translate(ram, boot.cr3, m2p, False) is None
@@ -176,12 +184,19 @@ def test_builder_maps_the_m2p_read_only_at_mach2phys_virt_start(backend: str, me
         assert translate(ram, boot.cr3, m2p + i * PAGE_SIZE, False) == ram.m2p_paddr + i * PAGE_SIZE
         assert translate(ram, boot.cr3, m2p + i * PAGE_SIZE, True) is None  # read-only
         assert _u32(ram, pte_address(ram, boot.cr3, m2p + i * PAGE_SIZE) or -1) & 0xFFF == 0x61
+    # the L2 slot points at the hypervisor's L1 (a hole frame), not at one of the guest's page-table frames
+    m2p_l1 = hole_frame(ram.nr_pages, HoleFrame.m2p_l1)
+    assert _u32(ram, boot.cr3 + (m2p >> 22) * 4) >> 12 == m2p_l1 and m2p_l1 not in boot.l1_mfns
     assert translate(ram, boot.cr3, m2p + pages * PAGE_SIZE, False) is None  # only this domain's frames
     table = read_virt(ram, boot.cr3, m2p, ram.nr_pages * 4)
     assert table is not None and struct.unpack(f"<{ram.nr_pages}I", table) == tuple(range(ram.nr_pages))
     assert not write_virt(ram, boot.cr3, m2p, b"\0\0\0\0")
     # the m2p's frames are outside the linear map of RAM + shared_info + GDT frame
     assert translate(ram, boot.cr3, BASE + ram.m2p_paddr, False) is None
+    # the vCPUs' GDT windows: Xen's reserved entries at 0xe000 in each, read-only
+    gdt = 0xFC400000
+    assert read_virt(ram, boot.cr3, gdt + 0xE018, 8) == struct.pack("<II", 0xFFFF, 0x00CFBB00)
+    assert not write_virt(ram, boot.cr3, gdt + 0xE018, bytes(8))
 
 
 def test_start_info_packs_the_page_tables() -> None:
@@ -193,15 +208,15 @@ def test_builder_refuses_when_the_page_tables_do_not_fit() -> None:
     from domains.elf_load import ImageError
 
     _, boot = build_domain(_build("xen"))
-    # under 4 MiB: the L2, one L1 for RAM, one for the APIC, one for the m2p; then the xenstore and console pages
-    needed = boot.cr3 + 4 * PAGE_SIZE + SPECIAL_PAGES * PAGE_SIZE
+    # under 4 MiB: the L2, one L1 for RAM, one for the APIC; then the xenstore and console pages
+    needed = boot.cr3 + 3 * PAGE_SIZE + SPECIAL_PAGES * PAGE_SIZE
     end = boot.l2_mfn + boot.nr_pt_frames  # the xenstore and console pages follow the tables
     assert (boot.store_mfn, boot.console_mfn) == (end, end + 1)
     with pytest.raises(ImageError) as info:
         build_domain(_build("xen", memory=needed - PAGE_SIZE))
     assert info.value.code == "image-too-large" and "page tables" in info.value.message
     _, small = build_domain(_build("xen", memory=needed))  # exactly enough
-    assert small.nr_pt_frames == 4
+    assert small.nr_pt_frames == 3
 
 
 # -- vCPUs: per-vCPU TLBs, faults -------------------------------------------------------------------------------

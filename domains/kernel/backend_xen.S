@@ -2,7 +2,9 @@
 # this vCPU's vcpu_info in shared_info (the virtual interrupt flag is evtchn_upcall_mask, which is set on every
 # vCPU at the start of day: vCPU 0 clears it at the end of xen_init, a secondary in its irq_enable or its first
 # SCHEDOP_block).
-# set_tss_desc is NULL: the native code runs instead (the null-entry rule). IPIs travel on one event channel
+# The kernel runs in ring 1 on Xen's flat selectors (FLAT_RING1_CS/DS). set_tss_desc is NULL: the native code runs
+# instead (the null-entry rule), which needs no privilege: it writes the descriptor into the kernel's own table,
+# never the CPU's GDT (Linux's Xen backend goes further and ignores TSS descriptors, since Xen keeps its own TSS). IPIs travel on one event channel
 # per vCPU (EVTCHNOP_bind_ipi); the upcall handler runs the same handler bodies as the native IDT vectors.
 
 .include "abi.inc"
@@ -503,7 +505,7 @@ xen_ops:
 xen_shared_info: .long 0
 xen_callback_reg:                    # struct callback_register: type, flags, address (cs, eip)
     .word CALLBACKTYPE_event, 0
-    .long KERNEL_CS, xen_hypervisor_callback
+    .long FLAT_RING1_CS, xen_hypervisor_callback   # ring 1, on Xen's flat kernel selector (as Linux's)
 xen_bind_ipi: .space EVTCHN_BIND_IPI_SIZE    # struct evtchn_bind_ipi: vcpu, port (out)
 xen_ipi_port: .space 4 * MAX_VCPUS
 xen_ipi_vectors: .space 4 * MAX_VCPUS

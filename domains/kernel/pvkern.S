@@ -239,7 +239,7 @@ vcpu_start:
     mov dword ptr [vcpu_ctx + VCPUGCTX_user_regs_ebx], ebx
     cmp dword ptr [backend_id], HYPERVISOR_TYPE_XEN
     jne .Lctx_no_callback
-    mov dword ptr [vcpu_ctx + VCPUGCTX_event_callback_cs], KERNEL_CS
+    mov dword ptr [vcpu_ctx + VCPUGCTX_event_callback_cs], FLAT_RING1_CS
     mov dword ptr [vcpu_ctx + VCPUGCTX_event_callback_eip], xen_hypervisor_callback
 .Lctx_no_callback:
     mov eax, ebx

@@ -5,12 +5,21 @@ from __future__ import annotations
 import struct
 
 from hypervisor import timers
+from hypervisor.descriptors import fixup_selector
 from hypervisor.guestmem import GuestFault
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi import layouts, structs
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.xen import VCPU_SSHOTTMR_FUTURE, Hypercall, VcpuOp
-from pvcluster.bus.effects import SetCallback, SetContext, VcpuDown, VcpuRegs, VcpuUp
+from pvcluster.abi.xen import TRAP_INFO_SIZE, VCPU_SSHOTTMR_FUTURE, Hypercall, VcpuOp
+from pvcluster.bus.effects import (
+    SetCallback,
+    SetContext,
+    SetKernelStack,
+    SetTrapTable,
+    VcpuDown,
+    VcpuRegs,
+    VcpuUp,
+)
 
 NR = Hypercall.vcpu_op
 
@@ -18,6 +27,7 @@ MIN_PERIOD_NS = 1_000_000  # Xen refuses periods under MILLISECS(1)
 STIME_DELTA_MAX = (1 << 62) - 1
 # EFLAGS bits a guest may hand a new vCPU: the arithmetic flags and DF; IF and IOPL come from the hypervisor.
 _GUEST_EFLAGS = 0x00000CD5
+_TRAP_CTXT_ENTRIES = 256  # vcpu_guest_context.trap_ctxt: one struct trap_info per vector
 _TIMER_OPS = (VcpuOp.set_periodic_timer, VcpuOp.stop_periodic_timer, VcpuOp.set_singleshot_timer,
               VcpuOp.stop_singleshot_timer)
 
@@ -63,9 +73,13 @@ def _initialise(call: Call, vid: int) -> int:
     if target.initialised:
         return -Errno.EEXIST
     base = call.arg(2)
+    lay = layouts.VCPU_GUEST_CONTEXT
     try:
-        ctx = call.mem.read(base + layouts.VCPU_GUEST_CONTEXT.offset("user_regs"), structs.VCPUGCTX_USER_REGS_SPAN)
-        callback_eip = call.mem.u32(base + layouts.VCPU_GUEST_CONTEXT.offset("event_callback_eip"))
+        ctx = call.mem.read(base + lay.offset("user_regs"), structs.VCPUGCTX_USER_REGS_SPAN)
+        callback_eip = call.mem.u32(base + lay.offset("event_callback_eip"))
+        trap_ctxt = call.mem.read(base + lay.offset("trap_ctxt"), _TRAP_CTXT_ENTRIES * TRAP_INFO_SIZE)
+        kernel_ss = call.mem.u32(base + lay.offset("kernel_ss"))
+        kernel_sp = call.mem.u32(base + lay.offset("kernel_sp"))
     except GuestFault:
         return -Errno.EFAULT
     regs = {name: struct.unpack_from("<I", ctx, off)[0] for name, off in structs.CPU_USER_REGS_OFFSETS.items()}
@@ -74,6 +88,12 @@ def _initialise(call: Call, vid: int) -> int:
     call.effects.append(SetContext(vcpu=vid, regs=VcpuRegs(**regs)))
     if callback_eip:  # callbacks are per vCPU: a secondary gets its event callback from its first context
         call.effects.append(SetCallback(vcpu=vid, eip=callback_eip))
+    # arch_set_info_guest: the context's virtual IDT (indexed by vector) and kernel stack, selectors raised to ring 1
+    traps = [[vector, flags, fixup_selector(cs), address]
+             for vector, (_, flags, cs, address) in enumerate(struct.iter_unpack("<BBHI", trap_ctxt)) if address]
+    target.kernel_ss, target.kernel_sp = fixup_selector(kernel_ss & 0xFFFF), kernel_sp
+    call.effects += [SetTrapTable(vcpu=vid, traps=traps, clear=True),
+                     SetKernelStack(vcpu=vid, ss=target.kernel_ss, esp=kernel_sp)]
     call.trace("vcpu.initialise", target=vid, eip=regs["eip"], esp=regs["esp"])
     return 0
 

@@ -82,6 +82,8 @@ def _hypercalls() -> list[AsmConstant]:
         out += _xen_enum(members, prefix)
     out += [
         _xen_value("DOMID_SELF", xen.DOMID_SELF, hex=True),
+        _xen_value("FLAT_RING1_CS", xen.FLAT_RING1_CS, hex=True),
+        _xen_value("FLAT_RING1_DS", xen.FLAT_RING1_DS, hex=True),
         _xen_value("DOMID_IO", xen.DOMID_IO, hex=True),
         _xen_value("DOMID_XEN", xen.DOMID_XEN, hex=True),
         _xen_value("DOMID_INVALID", xen.DOMID_INVALID, hex=True),

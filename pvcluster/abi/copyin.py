@@ -27,6 +27,7 @@ from pvcluster.abi.xen import (
     FIRST_RESERVED_GDT_ENTRY,
     GDT_ENTRIES_PER_FRAME,
     MMU_UPDATE_PREEMPTED,
+    TRAP_INFO_SIZE,
     ConsoleIO,
     EvtchnOp,
     GnttabOp,
@@ -46,6 +47,7 @@ MAX_SPAN = 64 * 1024
 MAX_TOTAL = 256 * 1024
 MAX_BATCH_COPY = 512
 MAX_MULTICALL_COPY = 128
+_TRAP_TABLE_MAX = 256  # entries: one per vector (hypervisor/hypercalls/set_trap_table.py stops there too)
 # Xen copies a console write in chunks and has no upper bound; one trap here carries at most this much, the rest
 # is dropped and traced.
 MAX_CONSOLE_WRITE = 16 * 1024
@@ -190,6 +192,23 @@ def _set_gdt(args: list[int], read: Reader) -> list[Span]:
     return [Span(args[0], 4 * nr)] if 0 < entries <= FIRST_RESERVED_GDT_ENTRY else []
 
 
+def _set_trap_table(args: list[int], read: Reader) -> list[Span]:
+    """The trap_info array up to and including its terminating entry (address 0), at most one entry per vector. The
+    span ends where the guest's memory stops being readable: the handler then fails with -EFAULT there."""
+    base = args[0]
+    if base == 0:
+        return []
+    size = 0
+    while size < _TRAP_TABLE_MAX * TRAP_INFO_SIZE:
+        raw = read(base + size, TRAP_INFO_SIZE)
+        if raw is None:
+            break
+        size += TRAP_INFO_SIZE
+        if struct.unpack_from("<I", raw, 4)[0] == 0:
+            break
+    return [Span(base, size)] if size else []
+
+
 def _multicall(args: list[int], read: Reader) -> list[Span]:
     entries, count = args[0], args[1]
     n = min(count, MAX_MULTICALL_COPY)
@@ -233,6 +252,7 @@ DESCRIPTORS: dict[int, Descriptor] = {
     Hypercall.set_timer_op: _none,
     Hypercall.set_gdt: _set_gdt,
     Hypercall.stack_switch: _none,
+    Hypercall.set_trap_table: _set_trap_table,
     Hypercall.fpu_taskswitch: _none,
     Hypercall.update_descriptor: _none,
     Hypercall.vm_assist: _none,

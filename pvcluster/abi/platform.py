@@ -122,3 +122,34 @@ M2P_ENTRY_BYTES = 4  # unsigned long on x86-32
 def m2p_frames(nr_pages: int) -> int:
     """How many frames the m2p entries of ``nr_pages`` machine frames take."""
     return -(-nr_pages * M2P_ENTRY_BYTES // PAGE_SIZE)
+
+
+# Then, after the m2p's frames, the frames of the hypervisor hole a ring-1 (``xen`` backend) guest runs under
+# (domains/rings.py): the L1 that maps the m2p at MACH2PHYS_VIRT_START, the per-domain L1 that maps every vCPU's GDT
+# window, the page of Xen's reserved GDT entries (the flat ring-0/1/3 selectors), a zero page for the GDT pages a
+# guest has not supplied, and the trampoline page (the ``iretd`` the domain process changes rings through, and each
+# vCPU's frame for it). All are the hypervisor's: no guest PTE may name them, and only the hole's L2 slots, which
+# the guest cannot update, point at the two L1s.
+class HoleFrame(enum.IntEnum):
+    m2p_l1 = 0
+    perdomain_l1 = 1
+    xen_gdt = 2
+    zero = 3
+    trampoline = 4
+
+
+HOLE_FRAMES = len(HoleFrame)
+
+
+def hole_frame(nr_pages: int, which: HoleFrame) -> int:
+    """Machine frame of one of the hole's frames in a domain of ``nr_pages`` pages."""
+    return nr_pages + M2P_FRAME_BASE + m2p_frames(nr_pages) + int(which)
+
+
+# Where the hole maps them (non-PAE): the m2p from MACH2PHYS_VIRT_START (L2 slot 1008), and the per-domain area in
+# the next 4 MiB (slot 1009), as Xen's x86_32 builds laid out their PERDOMAIN area: vCPU v's window starts at
+# PERDOMAIN_VIRT_START + (v << GDT_VCPU_VA_SHIFT), 32 pages of which the first FIRST_RESERVED_GDT_PAGE (14) show the
+# guest's GDT frames, page 14 Xen's reserved entries and page 15 the trampoline.
+PERDOMAIN_VIRT_START = 0xFC400000
+GDT_VCPU_VA_SHIFT = 17
+TRAMPOLINE_WINDOW_PAGE = 15

@@ -420,6 +420,28 @@ GDT_ENTRIES_PER_FRAME = PAGE_SIZE // 8
 # Xen's flat ring-1 kernel code selector in its reserved GDT entries (arch-x86/xen-x86_32.h; 4.17's compat
 # FLAT_COMPAT_KERNEL_CS has the same value): the one reserved selector a guest's call gate may target.
 FLAT_RING1_CS = 0xE019
+# The other reserved flat selectors of arch-x86/xen-x86_32.h: ring-1 data, ring-3 code and data (user mode), and the
+# hypervisor's own ring-0 code and data (__HYPERVISOR_CS / __HYPERVISOR_DS), which only the hypervisor's entry paths
+# use (domains/rings.py).
+FLAT_RING1_DS = 0xE021
+FLAT_RING3_CS = 0xE02B
+FLAT_RING3_DS = 0xE033
+HYPERVISOR_CS = 0xE008
+HYPERVISOR_DS = 0xE010
 # A 32-bit PV guest kernel runs in ring 1 (Xen's GUEST_KERNEL_RPL for a 32-bit domain): selectors and descriptor
 # privilege levels below it are raised to it.
 GUEST_KERNEL_RPL = 1
+
+
+# struct trap_info (arch-x86/xen.h): one virtual IDT entry of set_trap_table, 8 bytes on x86-32. ``flags`` holds the
+# gate's DPL in bits 0-1 (TI_GET_DPL) and "mask events on entry" in bit 2 (TI_GET_IF, TI_SET_IF).
+TRAP_INFO_SIZE = 8
+TI_DPL_MASK = 3
+TI_MASK_EVENTS = 4
+# Xen's hypervisor CPUID leaves (arch-x86/cpuid.h), found through the forced-emulation prefix by a PV guest.
+XEN_CPUID_FIRST_LEAF = 0x40000000
+XEN_CPUID_SIGNATURE_EBX = 0x566E6558  # "XenV"
+XEN_CPUID_SIGNATURE_ECX = 0x65584D4D  # "MMXe"
+XEN_CPUID_SIGNATURE_EDX = 0x4D4D566E  # "nVMM"
+# The forced-emulation prefix (arch-x86/xen.h XEN_EMULATE_PREFIX): ud2a; .ascii "xen"; then the instruction.
+XEN_EMULATE_PREFIX = b"\x0f\x0bxen"

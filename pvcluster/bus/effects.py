@@ -251,6 +251,31 @@ class SetTs:
     ts: bool
 
 
+@attrs.frozen
+class SetTrapTable:
+    """set_trap_table: ``vcpu``'s virtual IDT. ``traps`` are the entries the guest listed, each ``[vector, flags,
+    cs, address]`` (cs already raised to ring 1), which replace those vectors only; ``clear`` empties the whole
+    table first (the guest passed NULL), as compat_set_trap_table does."""
+
+    TAG: ClassVar[int] = 21
+    KIND: ClassVar[str] = "set_trap_table"
+    vcpu: int
+    traps: list[list[int]]
+    clear: bool = False
+
+
+@attrs.frozen
+class SetKernelStack:
+    """stack_switch: the ring-1 stack (``ss``:``esp``) ``vcpu`` lands on when a trap or event takes it from ring 3
+    to ring 1 (Xen's kernel_ss / kernel_sp)."""
+
+    TAG: ClassVar[int] = 22
+    KIND: ClassVar[str] = "set_kernel_stack"
+    vcpu: int
+    ss: int
+    esp: int
+
+
 Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to decode tagged records
     SetPending,
     Unmask,
@@ -272,6 +297,8 @@ Effect = Union[  # noqa: UP007 - the codec reads the members of this Union to de
     SetClockSkew,
     SetGdt,
     SetTs,
+    SetTrapTable,
+    SetKernelStack,
 ]
 
 EFFECTS: tuple[type, ...] = (
@@ -295,6 +322,8 @@ EFFECTS: tuple[type, ...] = (
     SetClockSkew,
     SetGdt,
     SetTs,
+    SetTrapTable,
+    SetKernelStack,
 )
 
 # Effects that flush translations: a hypervisor that skips them is the fault the stale-TLB checker must catch.
