@@ -104,6 +104,7 @@ class PvVcpu(ctypes.Structure):
         ("tsc_reads", ctypes.c_uint64),
         ("tsc_priced", ctypes.c_uint64),
         ("recent", ctypes.c_void_p * RECENT),
+        ("ecx_regid", ctypes.c_int64),
     ]
 
 
@@ -260,11 +261,13 @@ class BlockHook:
             count=_address(self._callback), counts=table.ptr, ram=ram_addr, ram_size=ram_size,
             cr3_regid=cr3_regid, end_ps=0, reg_write=_address(uclib.uc_reg_write),
             price=_address(self._price_callback), eip_regid=X.UC_X86_REG_EIP, eax_regid=X.UC_X86_REG_EAX,
-            edx_regid=X.UC_X86_REG_EDX, ps_per_tick=PS_PER_TSC_TICK,
+            edx_regid=X.UC_X86_REG_EDX, ps_per_tick=PS_PER_TSC_TICK, ecx_regid=X.UC_X86_REG_ECX,
         )
         self.handle = _hook_add(uc, UC_HOOK_BLOCK, _address(library().pv_block_hook), self.state)
         self.rdtsc_handle = _hook_add(uc, UC_HOOK_INSN, _address(library().pv_rdtsc_hook), self.state,
                                       X.UC_X86_INS_RDTSC)
+        self.rdtscp_handle = _hook_add(uc, UC_HOOK_INSN, _address(library().pv_rdtscp_hook), self.state,
+                                       X.UC_X86_INS_RDTSCP)
 
     def map_rom(self, addr: int, base: int, size: int) -> None:
         """Code at physical ``[base, base+size)`` is read from host memory at ``addr`` (kept alive by the caller)."""

@@ -9,12 +9,13 @@ fills it). The rest keeps this builder's order, not xc_dom's (start_info, xensto
 stack): the tests pin it, and no guest may rely on either. The xenstore and console rings are ordinary zeroed pages
 of the guest's, as alloc_magic_pages_pv allocates them. The initial page tables (non-PAE, 4 KiB pages) map
 ``[virt_base, virt_base + RAM + 2 pages)`` (shared_info and the GDT frame; not the grant frames after them) linearly
-onto physical 0 onwards, the local APIC page at 0xFEE00000 (uncached), when there is one, the VMI ROM at 0xFFFF0000
-(read-only), each at its own physical address, and for the ``xen`` backend the m2p table read-only at
-MACH2PHYS_VIRT_START (0xFC000000), where Xen's hypervisor hole has it in every non-PAE PV guest (entry mfn holds
-pfn; only the pages covering this domain's frames exist). For the ``xen`` and ``vmi`` backends the page-table frames
-are read-only in the linear map (Xen's rule for PV guests: they change their tables with mmu_update); a ``native``
-kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2), ``%esi`` =
+onto physical 0 onwards, the local APIC page at 0xFEE00000 (uncached), when there is one, and the VMI ROM at
+0xFFFF0000 (read-only), each at its own physical address. For the ``xen`` backend (ring 1) the page directory also
+gets the hypervisor hole (``domains/rings.py``): the m2p table read-only at MACH2PHYS_VIRT_START (0xFC000000), where
+Xen's hole has it in every non-PAE PV guest (entry mfn holds pfn; only the pages covering this domain's frames
+exist), and the vCPUs' GDT windows, both through L1 tables that are the hypervisor's frames, not the guest's.
+For the ``xen`` and ``vmi`` backends the page-table frames are read-only in the linear map (Xen's rule for PV
+guests: they change their tables with mmu_update); a ``native`` kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2), ``%esi`` =
 virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
 
 shared_info starts as shared_info_x86_32 (xg_dom_x86.c) leaves it: zeroed, with every vcpu_info's

@@ -12,8 +12,10 @@ is answered there too, from the same clock (the virtual TSC, ``domains/timeinfo.
 
 Memory: the domain's RAM is mapped at physical address 0 in every instance, the local APIC's MMIO page at physical
 0xFEE00000 and the VMI ROM (when there is one) at physical 0xFFFF0000. The vCPU runs with paging on (CR0.PG, and
-CR0.WP so that ring-0 writes honour read-only entries: the guest kernel runs at CPL 0 here) from its creation,
-on the domain builder's page tables; the guest may switch them (``mov cr3`` or the hypervisor's ``set_cr3``).
+CR0.WP so that supervisor writes honour read-only entries) from its creation, on the domain builder's page tables;
+the guest may switch them (``mov cr3`` or the hypervisor's ``set_cr3``). A ``native`` or ``vmi`` kernel runs in ring
+0; a ``xen`` kernel in ring 1 under the hypervisor hole, where every exception, software interrupt and iret comes
+to the domain process (``_take_exception``: ``domains/rings.py``, ``traps.py``, ``privop.py``).
 Whatever this module reads or writes by virtual address uses the software walk in ``domains.paging`` with this
 vCPU's current CR3. A page fault stops the vCPU with a "page-fault" fault naming CR2 and the kind of access.
 """

@@ -25,11 +25,16 @@ def attempt(ctx: zmq.Context, endpoint: str, body: object, curve: tuple[bytes, b
             wait_ms: int = WAIT_MS) -> str | None:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A DEALER whose handshake failed has no pipe until it reconnects, and a send then blocks: give up as for no answer
+    sock.setsockopt(zmq.SNDTIMEO, wait_ms)
     if curve is not None:
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
     sock.connect(endpoint)
     try:
-        sock.send(codec.encode(body, seq=1, vt_ns=0))
+        try:
+            sock.send(codec.encode(body, seq=1, vt_ns=0))
+        except zmq.Again:
+            return None
         if not sock.poll(wait_ms):
             return None
         answer = codec.decode(sock.recv()).body

@@ -120,6 +120,17 @@ def test_rdtsc_reads_the_instant_of_its_own_instruction_and_costs_what_the_clock
     assert vcpu._st.tsc_reads == 4 and vcpu._st.tsc_priced == 2
 
 
+def test_rdtscp_reads_the_virtual_tsc_too() -> None:
+    ram, cr3, counter = machine(InsnCounter())
+    ram.write_pa(CODE - BASE, asm("mov ecx, 0x55\n rdtscp\n mov esi, eax\n mov edi, ecx\n hlt", CODE))
+    vcpu = vcpu_at(ram, cr3, counter, CODE, ps=1000)
+    vcpu.advance_to(10_000)
+    vcpu.run(20_000)
+    # after the mov: the host's counter would be far larger; TSC_AUX is 0, as Xen's for a PV vCPU that never set it
+    assert vcpu.reg("esi") == (10_000_000 + 1000) // PS_PER_TSC_TICK
+    assert vcpu.reg("edi") == 0 and vcpu._st.tsc_reads == 1
+
+
 # -- the builder ---------------------------------------------------------------------------------------------------
 
 

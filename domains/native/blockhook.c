@@ -113,6 +113,7 @@ typedef struct {
     uint64_t tsc_reads; /* RDTSCs answered; of which tsc_priced asked Python for their prefix */
     uint64_t tsc_priced;
     entry *recent[RECENT]; /* the entries this vCPU last used, by address: a hit here skips the shared table */
+    int64_t ecx_regid;     /* RDTSCP also writes ECX (IA32_TSC_AUX) */
 } pv_vcpu;
 
 typedef struct {
@@ -448,4 +449,14 @@ uint32_t pv_rdtsc_hook(void *uc, void *user_data) {
     s->reg_write(uc, (int)s->edx_regid, &hi);
     s->tsc_reads++;
     return 1;
+}
+
+/* UC_HOOK_INSN callback for UC_X86_INS_RDTSCP: RDTSC's virtual answer, and ECX = IA32_TSC_AUX, which no vCPU here
+ * can set (no MSR is exposed), so 0 as Xen leaves it; left alone, Unicorn's RDTSCP reads the host's counter. */
+uint32_t pv_rdtscp_hook(void *uc, void *user_data) {
+    pv_vcpu *s = user_data;
+    uint32_t skip = pv_rdtsc_hook(uc, user_data);
+    uint64_t aux = 0;
+    s->reg_write(uc, (int)s->ecx_regid, &aux);
+    return skip;
 }
