@@ -15,8 +15,9 @@ gets the hypervisor hole (``domains/rings.py``): the m2p table read-only at MACH
 Xen's hole has it in every non-PAE PV guest (entry mfn holds pfn; only the pages covering this domain's frames
 exist), and the vCPUs' GDT windows, both through L1 tables that are the hypervisor's frames, not the guest's.
 For the ``xen`` and ``vmi`` backends the page-table frames are read-only in the linear map (Xen's rule for PV
-guests: they change their tables with mmu_update); a ``native`` kernel writes its tables itself. The guest enters at its entry point with paging on (CR3 = the L2), ``%esi`` =
-virtual address of ``start_info`` and ``%esp`` at the top of the boot stack.
+guests: they change their tables with mmu_update); a ``native`` kernel writes its tables itself. The guest enters
+at its entry point with paging on (CR3 = the L2), ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the
+top of the boot stack.
 
 shared_info starts as shared_info_x86_32 (xg_dom_x86.c) leaves it: zeroed, with every vcpu_info's
 ``evtchn_upcall_mask`` set (events start masked: a guest turns them on when it is ready for them), plus the
