@@ -115,10 +115,11 @@ class Support:
     bsd_symtab: bool  # whether the builder loads the symbol table after the kernel (elf_load_bsdsyms)
 
 
-# 2-level (non-PAE) paging only; no writable-pagetable emulation, no auto-translated or shadow mode, no ring-0
-# guest kernel, no HVM callback vector, never dom0; the builder loads no symbol table. Add a capability here when it
-# is implemented and the matching refusal lifts.
-SUPPORT = Support(guest_types=frozenset({NON_PAE_GUEST_TYPE}), features=frozenset(), bsd_symtab=False)
+# 2-level (non-PAE) paging only; writable page tables (domains/ptwr.py); no auto-translated or shadow mode, no
+# ring-0 guest kernel, no HVM callback vector, never dom0; the builder loads no symbol table. Add a capability here
+# when it is implemented and the matching refusal lifts.
+SUPPORT = Support(guest_types=frozenset({NON_PAE_GUEST_TYPE}), features=frozenset({XenFeat.writable_page_tables}),
+                  bsd_symtab=False)
 
 
 class ImageError(Exception):

@@ -59,9 +59,12 @@ M2P_SLOT = MACH2PHYS_VIRT_START_NONPAE >> 22
 PERDOMAIN_SLOT = PERDOMAIN_VIRT_START >> 22
 # The GDT limit every ring-1 vCPU runs with: the guest's 14 pages and Xen's reserved page.
 GDT_LIMIT = FIRST_RESERVED_GDT_BYTE + PAGE_SIZE - 1
-# Where in the trampoline page vCPU v's iret frame goes (the iretd itself is at offset 0).
+# Where in the trampoline page vCPU v's iret frame goes (the iretd itself is at offset 0), and the mmu_update request
+# its writable-page-table emulation sends (domains/ptwr.py).
 _FRAME_AREA = 0x800
 _FRAME_STRIDE = 32
+_PTWR_AREA = 0x400
+_PTWR_STRIDE = 16
 _IRETD = b"\xcf"
 _CR0_PE, _CR0_PG = 1, 1 << 31
 # Flat 4 GiB descriptors (base 0, limit 0xFFFFF pages, 32-bit) by access byte; accessed bits set, so the CPU never
@@ -198,6 +201,13 @@ def transfer(uc: Uc, ram: GuestRam, vid: int, eip: int, cs: int, eflags: int, es
     uc.reg_write(X.UC_X86_REG_ESP, trampoline_va(vid) + _frame_offset(vid))
     uc.reg_write(X.UC_X86_REG_EIP, trampoline_va(vid))
     return True
+
+
+def ptwr_slot(ram: GuestRam, vid: int) -> tuple[int, int]:
+    """(virtual, physical) address of vCPU ``vid``'s 16 bytes for an emulated page-table write's request: in the
+    trampoline page, which the guest can read but not write, so the request cannot change after the trap."""
+    offset = _PTWR_AREA + vid * _PTWR_STRIDE
+    return trampoline_va(vid) + offset, _pa(ram, HoleFrame.trampoline) + offset
 
 
 def trampoline_iret() -> bytes:

@@ -478,7 +478,7 @@ class DomainProcess:
             self._reported_trap[vcpu.vid] = trap.seq
             regions = self._copy_in(vcpu, trap.nr, trap.args)
             reqs.append(HypercallReq(vcpu.vid, trap.seq, trap.vt_ns, trap.nr, trap.args, regions,
-                                     self._rings(vcpu, trap.nr, trap.args)))
+                                     self._rings(vcpu, trap.nr, trap.args), emulated=trap.emulated))
         f = vcpu.fault
         if f is not None and vcpu.vid not in self._reported_faults:
             self._reported_faults.add(vcpu.vid)

@@ -48,7 +48,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from domains import events, privop, rings, traps
+from domains import events, privop, ptwr, rings, traps
 from domains.blockhook import BlockHook, CountTable
 from domains.insn_cost import BlockPricer
 from domains.memory import GuestRam
@@ -65,7 +65,15 @@ from pvcluster.abi.platform import (
     MARK_PORT,
 )
 from pvcluster.abi.x86 import CR0_TS
-from pvcluster.abi.xen import FLAT_RING1_CS, FLAT_RING1_DS, HYPERCALL_VECTOR, HYPERVISOR_CS, HYPERVISOR_DS, Hypercall
+from pvcluster.abi.xen import (
+    DOMID_SELF,
+    FLAT_RING1_CS,
+    FLAT_RING1_DS,
+    HYPERCALL_VECTOR,
+    HYPERVISOR_CS,
+    HYPERVISOR_DS,
+    Hypercall,
+)
 from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
 _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns exit addresses on with none set
@@ -123,6 +131,7 @@ class Trap:
     vt_ns: int
     nr: int
     args: list[int]
+    emulated: bool = False  # the domain process's emulation of a page-table write (domains/ptwr.py)
 
 
 @attrs.frozen
@@ -172,12 +181,16 @@ class InsnCounter:
             return f"{mnemonic} {ops}".strip()
         return f"<undecodable {code[:8].hex()}>"
 
-    def writes_memory(self, addr: int, code: bytes) -> bool:
-        """Whether the instruction at ``addr`` writes memory (an operand it writes, or the stack)."""
+    def detail_decoder(self) -> capstone.Cs:
+        """capstone with operand details, made on first use."""
         if self._md_detail is None:
             self._md_detail = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
             self._md_detail.detail = True
-        for insn in self._md_detail.disasm(code, addr, 1):
+        return self._md_detail
+
+    def writes_memory(self, addr: int, code: bytes) -> bool:
+        """Whether the instruction at ``addr`` writes memory (an operand it writes, or the stack)."""
+        for insn in self.detail_decoder().disasm(code, addr, 1):
             if insn.mnemonic.split()[-1].startswith(_IMPLICIT_WRITERS):
                 return True
             return any(op.type == capstone.x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE
@@ -247,6 +260,7 @@ class Vcpu:
         self.virt_cr2 = 0
         self.virt_cr4 = 0
         self._exc: Exception_ | None = None
+        self._ptwr: ptwr.Pending | None = None
         if ring1:  # Unicorn reports #UD to this hook, not as an interrupt: Xen's #UD path (forced emulation)
             self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         self._icr_high = 0
@@ -620,6 +634,8 @@ class Vcpu:
             self._set_fault("trap", str(crash), exc.eip)
         if self.fault is not None:
             self.state = VcpuState.CRASHED
+        elif self.trap is not None:
+            self.state = VcpuState.HYPERCALL
 
     def _dispatch(self, exc: Exception_) -> bool:
         intno, eip = exc.intno, exc.eip
@@ -646,9 +662,54 @@ class Vcpu:
             return True  # the CPU's own accessed-bit write: the instruction runs again
         if intno == traps.PF_VECTOR:
             _, write, present = self._pf_access(exc.cr2, eip)
+            if write and present and rings.cpl(self.uc) == 1 and self._begin_ptwr(eip, exc.cr2, code):
+                return True
             code_bits = int(present) | int(write) << 1 | int(rings.cpl(self.uc) == 3) << 2
             return traps.exception(self, intno, code_bits, exc.cr2)
         return traps.exception(self, intno, 0)
+
+    def _begin_ptwr(self, eip: int, cr2: int, code: bytes) -> bool:
+        """A ring-1 write to a read-only page of its own: emulate it as a one-entry mmu_update the hypervisor checks
+        (``domains/ptwr.py``). False: not a store this emulation takes; the page fault is the guest's."""
+        store = ptwr.decode(self.counter.detail_decoder(), code, eip)
+        if store is None or store.size not in (1, 2, 4) or cr2 % store.size:
+            return False
+        pa = translate(self.ram, self.cr3, cr2 & ~3, False)
+        if pa is None or pa + 4 > self.ram.nr_pages * _PAGE:
+            return False
+        (word,) = struct.unpack_from("<I", self.ram.buf, pa)
+        value = store.imm if store.source is None else ptwr.read_reg(self.reg, store.source)
+        if store.kind == "cmpxchg" and word != self.reg("eax"):  # fails as the CPU would: no update to check
+            self.set_regs({"eax": word, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
+            self._charge(self.irq_entry_ps)
+            return True
+        slot_va, slot_pa = rings.ptwr_slot(self.ram, self.vid)
+        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, cr2 & 3, store.size, value)))
+        self._trap_seq += 1
+        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, 0],
+                         emulated=True)
+        self._ptwr = ptwr.Pending(eip, cr2, store, word)
+        return True
+
+    def _finish_ptwr(self, pending: ptwr.Pending, value: int) -> None:
+        """The hypervisor's answer to an emulated page-table write: done (the vCPU goes on after the store, with what
+        xchg or cmpxchg leave in registers), or refused (the store's page fault goes to the guest)."""
+        store = pending.store
+        if value == 0:
+            regs = {"eip": pending.eip + store.length}
+            if store.kind == "xchg" and store.source is not None:
+                regs[store.source] = pending.old_word
+            if store.kind == "cmpxchg":
+                regs["eflags"] = self.reg("eflags") | ptwr.EFLAGS_ZF
+            self.set_regs(regs)
+            return
+        try:
+            if traps.exception(self, traps.PF_VECTOR, 3, pending.cr2):
+                return
+            self._page_fault(pending.cr2, pending.eip)
+        except traps.GuestCrash as crash:
+            self._set_fault("trap", str(crash), pending.eip)
+        self.state = VcpuState.CRASHED
 
     def _unhandled(self, exc: Exception_) -> None:
         if exc.intno == traps.PF_VECTOR:
@@ -724,8 +785,12 @@ class Vcpu:
         self._st.end_ps = self._st.clock_ps
 
     def complete_trap(self, value: int, vt_ns: int) -> None:
-        self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)
+        pending, self._ptwr = self._ptwr, None
+        if pending is None:
+            self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)
         self.trap = None
         self.poll_ports = None
         self.advance_to(vt_ns)
         self.state = VcpuState.RUNNING
+        if pending is not None:
+            self._finish_ptwr(pending, value & 0xFFFFFFFF)

@@ -39,7 +39,7 @@ def apply(hv: Hypervisor, dom: Domain, req: HypercallReq) -> Outcome:
     vcpu = dom.vcpus[req.vcpu]
     vcpu.timers.end_poll()  # a vCPU that traps again is no longer in an earlier poll
     call = Call(hv=hv, dom=dom, vcpu=req.vcpu, vt_ns=req.vt_ns, nr=req.nr, args=list(req.args),
-                mem=GuestView(list(req.regions)), rings=list(req.rings))
+                mem=GuestView(list(req.regions)), rings=list(req.rings), emulated=req.emulated)
     try:
         value = dispatch(call)
     except NotCopied as exc:  # the handler read past what its copy-in descriptor names: treat it as unmapped
@@ -105,6 +105,7 @@ def _trace(dom: Domain, req: HypercallReq, call: Call, span: str, value: int, do
         effects=len(call.effects),
         deferred=call.deferred,
         continued=call.continuation is not None,
+        emulated=req.emulated,
     )
 
 

@@ -271,7 +271,12 @@ def test_supported_but_not_required_features_boot() -> None:
     assert image.features_required == frozenset()
 
 
-@pytest.mark.parametrize("feature", ["writable_page_tables", "writable_descriptor_tables", "auto_translated_physmap",
+def test_a_kernel_requiring_writable_page_tables_is_accepted() -> None:
+    image = _parse(_image(notes=_notes(FEATURES="!writable_page_tables|pae_pgdir_above_4gb")))
+    assert image.features_required == {F.writable_page_tables}
+
+
+@pytest.mark.parametrize("feature", ["writable_descriptor_tables", "auto_translated_physmap",
                                      "supervisor_mode_kernel", "pae_pgdir_above_4gb", "hvm_callback_vector"])
 def test_a_required_feature_this_hypervisor_lacks_is_refused(feature: str) -> None:
     value = f"pae_pgdir_above_4gb|!{feature}"
@@ -320,14 +325,16 @@ def test_features_in_xen_guest() -> None:
     guest = "GUEST_OS=linux,VIRT_BASE=0xC0000000,FEATURES=writable_page_tables|pae_pgdir_above_4gb"
     assert _parse(_image(notes=[], xen_guest=guest)).features_supported == {F.writable_page_tables,
                                                                               F.pae_pgdir_above_4gb}
-    _refused("feature-unsupported", _image(notes=[], xen_guest=guest.replace("FEATURES=", "FEATURES=!")))
+    required = _parse(_image(notes=[], xen_guest=guest.replace("FEATURES=", "FEATURES=!")))
+    assert required.features_required == {F.writable_page_tables}
+    _refused("feature-unsupported", _image(notes=[], xen_guest=guest + "|!auto_translated_physmap"))
     _refused("feature-unknown", _image(notes=[], xen_guest=guest + "|!bogus"))
 
 
 def test_implementing_a_feature_lifts_its_refusal() -> None:
-    wider = attrs.evolve(SUPPORT, features=SUPPORT.features | {F.writable_page_tables})
-    data = _image(notes=_notes(FEATURES="!writable_page_tables"))
-    assert _parse(data, wider).features_required == {F.writable_page_tables}
+    wider = attrs.evolve(SUPPORT, features=SUPPORT.features | {F.auto_translated_physmap})
+    data = _image(notes=_notes(FEATURES="!auto_translated_physmap"))
+    assert _parse(data, wider).features_required == {F.auto_translated_physmap}
     _refused("feature-unsupported", data)
 
 
@@ -513,9 +520,9 @@ class CGuest:
 
 
 C_GUESTS = (
-    # Linux 2.6.2x x86_32 (arch/x86/xen/xen-head.S): writable page tables required
+    # Linux 2.6.2x x86_32 (arch/x86/xen/xen-head.S): writable page tables required (emulated: accepted)
     CGuest("linux-wpt", LINUX_NOTES + ' ELFNOTE(XEN_ELFNOTE_FEATURES, ".asciz \\"!writable_page_tables|'
-           'pae_pgdir_above_4gb\\"") ELFNOTE(XEN_ELFNOTE_PAE_MODE, ".asciz \\"no\\"")', code="feature-unsupported"),
+           'pae_pgdir_above_4gb\\"") ELFNOTE(XEN_ELFNOTE_PAE_MODE, ".asciz \\"no\\"")'),
     # Mini-OS x86_32 (arch/x86/x86_32.S): no VIRT_BASE, linked at 0, PAE "yes"
     CGuest("minios-pae", 'ELFNOTE(XEN_ELFNOTE_PAE_MODE, ".asciz \\"yes\\"")', link_base=0, code="pae-unsupported"),
     # the same kernel declared bimodal: runs non-PAE at VIRT_BASE 0
@@ -579,8 +586,8 @@ def test_c_guest_layouts(c_guests: dict[str, Path]) -> None:
     supported = _parse(c_guests["supported-only"].read_bytes())
     assert supported.features_required == frozenset()
     assert {F.writable_page_tables, F.supervisor_mode_kernel, F.dom0} <= supported.features_supported
-    wpt = c_guests["linux-wpt"].read_bytes()
-    assert "writable_page_tables" in _refused("feature-unsupported", wpt)
+    wpt = _parse(c_guests["linux-wpt"].read_bytes())
+    assert wpt.features_required == {F.writable_page_tables}
     for name in ("minios-bimodal", "sections-only", "supported-only"):
         data = c_guests[name].read_bytes()
         image = _parse(data)

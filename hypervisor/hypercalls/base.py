@@ -51,6 +51,8 @@ class Call:
     # Shared rings the domain process copied with the trap, by machine address: the console ring, when the call
     # notifies its backend (hypervisor/backends.py).
     rings: list[Region] = attrs.Factory(list)
+    # The domain process's emulation of a guest's write to one of its page tables (HypercallReq.emulated).
+    emulated: bool = False
 
     def arg(self, i: int) -> int:
         return self.args[i] & 0xFFFFFFFF if i < len(self.args) else 0

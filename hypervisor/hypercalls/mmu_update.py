@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from hypervisor import mm
+from hypervisor import mm, ptwr
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.x86 import PTE_PRESENT, PTE_PSE, PTE_RW
@@ -20,6 +20,8 @@ NR = Hypercall.mmu_update
 
 
 def handle(call: Call) -> int:
+    if call.emulated and (refused := ptwr.refuse(call)) is not None:
+        return refused
     return mm.run_batch(call, "<QQ", "request-unmapped", lambda c, i, f: _update(c, i, f[0], f[1]),
                         done_on_refusal=True)
 

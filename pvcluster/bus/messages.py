@@ -114,6 +114,9 @@ class HypercallReq:
     # Shared rings a backend reads when this trap notifies it (the console ring, for an EVTCHNOP_send on the console
     # port), by machine address, copied at the trap like ``regions``.
     rings: list[Region] = attrs.Factory(list)
+    # Not the guest's own hypercall: the domain process emulating a guest write that faulted on a read-only page,
+    # as the one-entry mmu_update it amounts to (writable page tables: domains/ptwr.py, hypervisor/ptwr.py).
+    emulated: bool = False
 
 
 @attrs.frozen
