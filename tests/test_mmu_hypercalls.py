@@ -26,6 +26,7 @@ from hypervisor.pagetypes import PageType
 from pvcluster.abi import layouts, xen
 from pvcluster.abi.copyin import MAX_BATCH_COPY, Span, copy_in
 from pvcluster.abi.errno import Errno
+from pvcluster.abi.platform import M2P_FRAME_BASE
 from pvcluster.abi.xen import DOMID_SELF, Hypercall, MmuextCmd
 from pvcluster.bus.effects import FlushTlb, Invlpg, SetCr3, SetVaPte, WriteMachine
 from pvcluster.bus.messages import Region
@@ -161,11 +162,13 @@ def test_mmu_superpage_in_a_pinned_l2_is_einval(dom: Domain) -> None:
     assert rc == -Errno.EINVAL and _denied(call) == ["superpage"]
 
 
-def test_mmu_machphys_update_checks_ownership_and_does_nothing(dom: Domain) -> None:
-    rc, call = _mmu(dom, [(DATA << 12 | 1, DATA)])
-    assert rc == 0 and call.effects == [] and _writes(call) == [(DONE, 1)]
-    rc, call = _mmu(dom, [(UNOWNED << 12 | 1, DATA)])
-    assert rc == -Errno.EPERM and _denied(call) == ["machphys-frame-not-owned"]
+def test_mmu_machphys_update_writes_the_m2p_entry_of_an_owned_frame(dom: Domain) -> None:
+    # the m2p follows the domain's RAM and its hypervisor frames (pvcluster.abi.platform): one u32 per frame
+    m2p = (dom.nr_pages + M2P_FRAME_BASE) << 12
+    rc, call = _mmu(dom, [(DATA << 12 | 1, 0x1234)])
+    assert rc == 0 and call.effects == [_wpa(m2p + 4 * DATA, 0x1234)] and _writes(call) == [(DONE, 1)]
+    rc, call = _mmu(dom, [(UNOWNED << 12 | 1, DATA)])  # get_page_from_mfn fails: -EINVAL
+    assert rc == -Errno.EINVAL and _denied(call) == ["machphys-frame-not-owned"] and call.effects == []
 
 
 def test_mmu_unknown_command_is_enosys(dom: Domain) -> None:

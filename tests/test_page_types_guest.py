@@ -3,7 +3,7 @@ them on Xen (xen/arch/x86/mm.c): its page-table frames cannot be mapped writable
 update_va_mapping: -EBUSY); a frame it maps writable cannot become an L1 through an L2 entry (-EINVAL) until it
 unmaps it, after which it is an L1 (the guest maps a data page through it and reads it) and read-only; pinning
 an L2 that names a writable-mapped frame is -EINVAL until that frame is unmapped too; an L2 slot in the
-hypervisor hole is never the guest's (-EPERM). It reports each check on the console and powers off when all
+hypervisor hole is never the guest's (-EPERM); MMU_MACHPHYS_UPDATE sets the m2p entry of its own frame. It reports each check on the console and powers off when all
 passed (crash otherwise). Skips where the headers or a gcc that builds 32-bit freestanding code are missing."""
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ void start_kernel(start_info_t *si)
           -XEN_EPERM);
     check("l2 last slot", set_entry(l2_ma + 1023 * 4, 0), -XEN_EPERM);
 
+    /* MMU_MACHPHYS_UPDATE: the m2p entry of an owned frame, read back where Xen maps the m2p (non-PAE) */
+    check("machphys update", set_entry(((uint64_t)mfn_of(data) << 12) | MMU_MACHPHYS_UPDATE, 0x777), 0);
+    check("m2p entry changed", (long)((volatile unsigned long *)MACH2PHYS_VIRT_START_NONPAE)[mfn_of(data)], 0x777);
+    check("machphys update back", set_entry(((uint64_t)mfn_of(data) << 12) | MMU_MACHPHYS_UPDATE, mfn_of(data)), 0);
+    check("machphys foreign frame",
+          set_entry(((uint64_t)(si->nr_pages + 100) << 12) | MMU_MACHPHYS_UPDATE, 0), -XEN_EINVAL);
+
     len = 0;
     put_str("mini-types: ");
     put_dec(failures);
@@ -161,4 +168,5 @@ def test_c_guest_checks_page_types(run_dir: Path) -> None:
         ("writable-frame-not-l1", "EINVAL"), ("writable-pagetable", "EBUSY"),
         ("writable-frame-not-l1", "EINVAL"), ("writable-pagetable", "EBUSY"), ("already-pinned", "EINVAL"),
         ("l2-slot-in-hypervisor-hole", "EPERM"), ("l2-slot-in-hypervisor-hole", "EPERM"),
+        ("machphys-frame-not-owned", "EINVAL"),
     ]

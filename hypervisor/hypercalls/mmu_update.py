@@ -5,6 +5,7 @@ mod_l2_entry (``hypervisor/ptops.py``): the new entry is checked and takes its t
 writable one, an L2 entry an L1 one, validating that L1 if it is new, from the frame copied in with the trap), the
 old entry's is dropped, and an L2 slot in the hypervisor hole is refused (-EPERM). In any other frame it is a plain
 write, as Xen writes a PGT_writable_page (refused, -EINVAL, in a GDT frame, which cannot be typed writable).
+MMU_MACHPHYS_UPDATE sets the m2p entry of a frame the domain owns.
 
 The hypervisor holds no guest RAM, so an accepted update becomes a ``WriteMachine`` effect the domain process
 carries out. Requests run in order and the batch stops at the first refusal; the done count reports how many
@@ -20,6 +21,7 @@ from hypervisor import mm, ptops
 from hypervisor.hypercalls.base import Call
 from hypervisor.pagetypes import PageType, Refused
 from pvcluster.abi.errno import Errno
+from pvcluster.abi.platform import M2P_ENTRY_BYTES, M2P_FRAME_BASE
 from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, Hypercall, MmuCmd
 from pvcluster.bus.effects import WriteMachine
 
@@ -36,11 +38,7 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
     # A machine address past 4 GiB names a frame no domain owns, so it needs no separate check.
     frame = addr >> PAGE_SHIFT
     if cmd == MmuCmd.MACHPHYS_UPDATE:
-        if not mm.owned(call.dom, frame):
-            return mm.deny(call, Errno.EPERM, "machphys-frame-not-owned", index=i, mfn=frame)
-        # The p2m is the identity and fixed; the guest's m2p bookkeeping has nothing to change here.
-        call.trace("mmu.update", cmd=MmuCmd(cmd).name, mfn=frame, pfn=val)
-        return 0
+        return _machphys(call, i, frame, val)
     if cmd not in (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD):
         return mm.deny(call, Errno.ENOSYS, "unknown-cmd", index=i, cmd=cmd)
     if not mm.owned(call.dom, frame):
@@ -58,4 +56,17 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
     # PRESERVE_AD is a plain write here: the hypervisor cannot see the old entry's accessed/dirty bits.
     call.effects.append(WriteMachine(addr=addr, data=struct.pack("<I", val)))
     call.trace("mmu.update", cmd=MmuCmd(cmd).name, addr=addr, val=val, level=frames.level(frame) or 0)
+    return 0
+
+
+def _machphys(call: Call, i: int, mfn: int, gpfn: int) -> int:
+    """MMU_MACHPHYS_UPDATE, as Xen's for a PV guest: the m2p entry of a frame the domain owns becomes ``gpfn``
+    (set_gpfn_from_mfn; an unsigned long on x86-32). The m2p lives in the hypervisor's frames after the domain's
+    RAM, which the domain process holds: a ``WriteMachine`` there. A frame not the domain's: get_page_from_mfn
+    fails, -EINVAL."""
+    if not mm.owned(call.dom, mfn):
+        return mm.deny(call, Errno.EINVAL, "machphys-frame-not-owned", index=i, mfn=mfn)
+    addr = (call.dom.nr_pages + M2P_FRAME_BASE) * PAGE_SIZE + mfn * M2P_ENTRY_BYTES
+    call.effects.append(WriteMachine(addr=addr, data=struct.pack("<I", gpfn & 0xFFFFFFFF)))
+    call.trace("mmu.update", cmd=MmuCmd.MACHPHYS_UPDATE.name, mfn=mfn, pfn=gpfn)
     return 0
