@@ -3,8 +3,9 @@ them on Xen (xen/arch/x86/mm.c): its page-table frames cannot be mapped writable
 update_va_mapping: -EBUSY); a frame it maps writable cannot become an L1 through an L2 entry (-EINVAL) until it
 unmaps it, after which it is an L1 (the guest maps a data page through it and reads it) and read-only; pinning
 an L2 that names a writable-mapped frame is -EINVAL until that frame is unmapped too; an L2 slot in the
-hypervisor hole is never the guest's (-EPERM); MMU_MACHPHYS_UPDATE sets the m2p entry of its own frame. It reports each check on the console and powers off when all
-passed (crash otherwise). Skips where the headers or a gcc that builds 32-bit freestanding code are missing."""
+hypervisor hole is never the guest's (-EPERM); MMU_MACHPHYS_UPDATE sets the m2p entry of its own frame. It
+reports each check on the console and powers off when all passed (crash otherwise). Skips where the headers or
+a gcc that builds 32-bit freestanding code are missing."""
 
 from __future__ import annotations
 
