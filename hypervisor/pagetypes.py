@@ -141,7 +141,7 @@ class Frames:
             try:
                 self._alloc_table(mfn, want, entries(fetch(mfn)), fetch)
             except BaseException:
-                info.type, info.count = PageType.NONE, 0
+                del self.info[mfn]
                 self.tables.pop(mfn, None)
                 raise
 
