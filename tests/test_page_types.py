@@ -20,7 +20,7 @@ from helpers import call_events, core, make_call, run_handler
 from domains.memory import GuestRam
 from domains.tablecopy import table_regions
 from hypervisor.domain import Domain
-from hypervisor.hypercalls import mmu_update, mmuext_op, set_gdt, update_va_mapping
+from hypervisor.hypercalls import mmu_update, mmuext_op, set_gdt, update_descriptor, update_va_mapping
 from hypervisor.hypercalls.base import Call
 from pvcluster.abi.copyin import MAX_TABLE_FRAMES, Span, copy_in
 from pvcluster.abi.errno import Errno
@@ -212,6 +212,29 @@ def test_a_frame_to_validate_that_was_not_copied_in_continues_the_batch(dom: Dom
     rc, call = _mmu(dom, [(_entry(DATA, 0), 0), (_entry(L2, 0), L1 << 12 | P)])
     assert rc == 0 and call.continuation is not None and len(call.effects) == 1
     assert _types(dom, L1) == [("none", 0)]
+
+
+def test_a_frame_an_earlier_request_wrote_is_validated_from_a_fresh_copy(dom: Domain) -> None:
+    mem = Memory()
+    assert _ext(dom, [(_C.PIN_L2_TABLE, L2)], mem.regions(L2))[0] == 0
+    # request 0 writes L1B (plain data) after the trap copied it: request 1 must not validate that copy, so the
+    # batch continues there, in a trap whose copy has request 0's write
+    rc, call = _mmu(dom, [(_entry(L1B, 0), DATA << 12 | P | RW), (_entry(L2, 0), L1B << 12 | P)], mem.regions(L1B))
+    assert rc == 0 and len(call.effects) == 1 and call.continuation is not None
+    assert _types(dom, L1B, DATA) == [("none", 0), ("none", 0)]
+    mem.set(L1B, 0, DATA << 12 | P | RW)
+    assert _mmu(dom, [(_entry(L2, 0), L1B << 12 | P)], mem.regions(L1B))[0] == 0
+    assert _types(dom, L1B, DATA) == [("l1", 1), ("writable", 1)]
+
+
+def test_a_page_table_no_pin_holds_is_still_no_descriptor_table(dom: Domain) -> None:
+    mem = Memory()
+    mem.set(L2, 0, L1 << 12 | P)
+    assert _ext(dom, [(_C.PIN_L2_TABLE, L2)], mem.regions(L2, L1))[0] == 0  # L1 typed through L2, not pinned
+    upd = _call(dom, Hypercall.update_descriptor, [L1 << 12, 0, 0x0000FFFF, 0x00CFB200], [])
+    assert run_handler(update_descriptor, upd) == -Errno.EINVAL and _denied(upd) == ["desc-frame-is-pagetable"]
+    gdt = _call(dom, Hypercall.set_gdt, [LIST, 16], [Region(LIST, 4, struct.pack("<I", L1), False)])
+    assert run_handler(set_gdt, gdt) == -Errno.EINVAL and _denied(gdt) == ["gdt-frame-is-pagetable"]
 
 
 # -- the hypervisor hole ----------------------------------------------------------------------------------------
