@@ -63,7 +63,8 @@ def new_base(frames: Frames, vcpu: int, mfn: int, fetch: Fetch) -> None:
 
 
 def type_initial_tables(frames: Frames, l2: int, l1s: list[int], contents: bytes, vcpus: int) -> None:
-    """The builder's tables, as Xen's builder leaves them: the L2 validated and pinned, and every vCPU's base.
+    """The builder's tables, as Xen's builder leaves them: the L2 validated and pinned (libxc's bootlate_pv pins it
+    with MMUEXT_PIN_L2_TABLE; dom0_build takes the type itself), and every vCPU's base (arch.guest_table).
     The L1s under the hypervisor hole hold the hypervisor's mappings (the m2p): the hypervisor types them itself
     and never lets the guest name or change them. ``contents`` is the L2's frame then each L1's (empty: zeros)."""
     frames_data = {mfn: contents[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i, mfn in enumerate((l2, *l1s))}
