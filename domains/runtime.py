@@ -27,11 +27,12 @@ from domains.join import Connection
 from domains.link import LinkReceiver
 from domains.memory import GuestRam
 from domains.paging import read_virt, walk, write_virt
+from domains.tablecopy import table_regions
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
 from pvcluster.abi.copyin import Span, copy_in, notified_port
 from pvcluster.abi.layouts import XENCONS_INTERFACE
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
-from pvcluster.abi.xen import PAGE_SHIFT
+from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE
 from pvcluster.bus import codec
 from pvcluster.bus.effects import FLUSHES, FlushTlb, Invlpg, SetPending, Unmask, VcpuUp, kind
 from pvcluster.bus.messages import (
@@ -264,6 +265,7 @@ class DomainProcess:
             l1_mfns=list(boot.l1_mfns),
             store_mfn=boot.store_mfn,
             console_mfn=boot.console_mfn,
+            tables=b"".join(ram.read_pa(mfn << PAGE_SHIFT, PAGE_SIZE) for mfn in (boot.l2_mfn, *boot.l1_mfns)),
         )
 
     # -- windows ---------------------------------------------------------------------------------------------
@@ -370,7 +372,8 @@ class DomainProcess:
             entries, frames = walk(ram, cr3, s.addr, s.length)
             return Region(s.addr, s.length, data, s.writable, entries, frames if data is not None and s.length else [])
 
-        return [region(s) for s in copy_in(nr, args, read)]
+        spans = copy_in(nr, args, read)
+        return [region(s) for s in spans if not s.machine] + table_regions(ram, spans)
 
     def _rings(self, vcpu: Vcpu, nr: int, args: list[int]) -> list[Region]:
         """The console ring, when this trap notifies its port: its backend (the hypervisor, as xenconsoled) reads

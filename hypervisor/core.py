@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from hypervisor import backends, evtchn, faults
+from hypervisor import backends, evtchn, faults, ptops
 from hypervisor.clock import Clock
 from hypervisor.domain import Domain, DomainState, DomainTable
 from hypervisor.errors import ReportError
@@ -29,6 +29,7 @@ from hypervisor.evtchn import EvtchnTable, PortState
 from hypervisor.faults import FOREVER, FaultPlan
 from hypervisor.hypercall_page import hypercall_page
 from hypervisor.link import Link
+from hypervisor.pagetypes import Refused
 from hypervisor.scheduler import Scheduler
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import RunState, Vcpu
@@ -267,10 +268,11 @@ class Hypervisor:
         dom.move(DomainState.RUNNING, "built")
         backends.connect(dom, res)  # xenconsoled and xenstored bind their ports once the domain exists
         if dom.spec.backend != "native":
-            # a paravirtualized guest's initial tables are validated and pinned, so it cannot map them writable
-            dom.frames.pin(res.l2_mfn, 2)
-            for mfn in res.l1_mfns:
-                dom.frames.pin(mfn, 1)
+            # a paravirtualized guest's initial tables are validated and the L2 pinned, as Xen's builder leaves them
+            try:
+                ptops.type_initial_tables(dom.frames, res.l2_mfn, list(res.l1_mfns), res.tables, len(dom.vcpus))
+            except Refused as r:
+                raise ReportError(f"build result's page tables are refused: {r.reason} {r.fields}") from None
         now = self.clock.now_ns
         dom.joined, dom.started_vt = True, now
         dom.last_window = now // self.clock.window_ns

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hypervisor import mm
 from hypervisor.errors import IllegalTransition
 from hypervisor.evtchn import EvtchnTable
 from hypervisor.gnttab import GrantTable
 from hypervisor.link import Link
-from hypervisor.mm import Frames
+from hypervisor.pagetypes import Frames
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import Vcpu
 from pvcluster.abi.xen import ShutdownReason
@@ -103,6 +104,11 @@ class Domain:
     last_window: int = -1
     last_activity: int | None = None
     work_left: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        # what the frame types may hold references on: the domain's own RAM, and what a present L1 entry may map
+        self.frames.owned = lambda mfn: mm.owned(self, mfn)
+        self.frames.mappable = lambda mfn: mm.mappable(self, mfn)
 
     @property
     def nr_pages(self) -> int:

@@ -86,7 +86,12 @@ _Piece = tuple[int, int, int, int]
 class GuestView:
     def __init__(self, regions: Sequence[Region]) -> None:
         # A region whose data is None (or short) was named but is not mapped in the guest: touching it faults.
-        self._regions = list(regions)
+        self._regions = [r for r in regions if not r.machine]
+        # Whole frames copied by machine address for page-table validation (``table``), and the ones this call's
+        # writes or effects changed since.
+        self._tables = {r.addr >> _PAGE_SHIFT: r.data for r in regions
+                        if r.machine and r.data is not None and len(r.data) == _PAGE}
+        self._stale_tables: set[int] = set()
         self._stale = [False] * len(self._regions)
         self._live: dict[int, bytearray] = {}  # region index -> its bytes with this call's writes so far
         # Built at the first write or observed effect: who holds each page, and who was translated through each
@@ -171,10 +176,28 @@ class GuestView:
                 return True
         return False
 
+    def translation(self, va: int) -> list[int] | None:
+        """The entries the domain process's walk of ``va`` read (the PDE, then the PTE when the PDE is present),
+        from the zero-length span update_va_mapping names; None when no such span came (a hand-made call)."""
+        for i in self._candidates(va):
+            r = self._regions[i]
+            if not r.length and r.walk and not self._stale[i]:
+                return list(r.walk)
+        return None
+
     def write(self, addr: int, data: bytes) -> None:
         i = self._find(addr, len(data), writable=True, stale_ok=True)
         self.writes.append(MemWrite(addr=addr, data=bytes(data)))
         self._overlay(i, addr, bytes(data))
+        self._stale_tables.update(self._regions[i].frames)  # a table frame copied beside it may hold these bytes
+
+    def table(self, mfn: int) -> bytes:
+        """Frame ``mfn`` as the domain process copied it by machine address for this trap; NotCopied when it did
+        not (past MAX_TABLE_FRAMES, or a hand-made call) or when this call has changed it since."""
+        data = self._tables.get(mfn)
+        if data is None or mfn in self._stale_tables:
+            raise NotCopied(mfn << _PAGE_SHIFT, _PAGE)
+        return data
 
     def write_u32(self, addr: int, value: int) -> None:
         self.write(addr, struct.pack("<I", value & 0xFFFFFFFF))
@@ -268,6 +291,7 @@ class GuestView:
                 hit.update(self._by_entry.get(slot, ()))
         for frame in range(addr >> _PAGE_SHIFT, ((addr + length - 1) >> _PAGE_SHIFT) + 1):
             hit.update(self._by_frame.get(frame, ()))
+            self._stale_tables.add(frame)
         for i in hit:
             self._stale[i] = True
 

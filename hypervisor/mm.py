@@ -1,12 +1,12 @@
-"""What the hypervisor knows about a domain's memory: which frames it owns and which it has pinned as page tables.
+"""What the hypervisor knows about a domain's memory: which frames it owns and may map; the frame types are in
+``hypervisor/pagetypes.py``.
 
 The p2m is the identity (mfn == pfn) and a domain owns machine frames ``0 .. nr_pages-1``; the frames just after
 them hold ``shared_info`` and the grant table's frames, which the hypervisor owns but, as in Xen
 (``share_xen_page_with_guest``), lets the guest map. Each domain's frame numbers are its own (its process backs
 them), so no domain can name another's. Guest RAM itself lives in the domain process, so the hypervisor cannot
-read a page table: pinning here records the guest's promise (frame F is an L1/L2 table) and is what the mapping
-checks are made against. The pins hang off the domain (``Domain.frames``), as Xen keeps page types in the
-domain's frame table.
+read a page table: what it validates comes with the trap, and it keeps a copy of the tables it validated
+(``pagetypes.Frames``, on ``Domain.frames``, as Xen keeps page types in the domain's frame table).
 
 Also here: the batch protocol that mmu_update and mmuext_op share, with Xen's preemption. A batch stops when the
 domain has spent its work budget for the window (``hypercall_preempt_check``) or when it reaches requests the
@@ -31,59 +31,7 @@ from pvcluster.bus.effects import Effect, FlushTlb, Invlpg
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
-
-
-
-class Frames:
-    """A domain's page-table pins: mfn -> level (1 = L1, 2 = L2); and its descriptor-table frames (Xen's
-    PGT_seg_desc_page): mfn -> how many vCPU GDTs use it. A frame has one type at a time, as in Xen: a GDT frame
-    cannot be pinned, nor a pinned frame become a GDT, and neither may be mapped writable."""
-
-    def __init__(self) -> None:
-        self.pinned: dict[int, int] = {}
-        self.seg_desc: dict[int, int] = {}
-
-    def pin(self, mfn: int, level: int) -> bool:
-        """Pin ``mfn`` as a level-``level`` table; False if it is already pinned (at any level)."""
-        if mfn in self.pinned:
-            return False
-        self.pinned[mfn] = level
-        return True
-
-    def use_seg_desc(self, mfn: int) -> None:
-        self.seg_desc[mfn] = self.seg_desc.get(mfn, 0) + 1
-
-    def drop_seg_desc(self, mfn: int) -> None:
-        left = self.seg_desc.get(mfn, 0) - 1
-        if left > 0:
-            self.seg_desc[mfn] = left
-        else:
-            self.seg_desc.pop(mfn, None)
-
-    def is_seg_desc(self, mfn: int) -> bool:
-        return mfn in self.seg_desc
-
-    def write_protected(self, mfn: int) -> str | None:
-        """Why ``mfn`` may not be mapped writable (a pinned page table, a descriptor table), or None."""
-        if mfn in self.pinned:
-            return "writable-pagetable"
-        if mfn in self.seg_desc:
-            return "writable-descriptor-table"
-        return None
-
-    def unpin(self, mfn: int) -> bool:
-        """False if ``mfn`` was not pinned."""
-        return self.pinned.pop(mfn, None) is not None
-
-    def level(self, mfn: int) -> int | None:
-        return self.pinned.get(mfn)
-
-    def is_pinned(self, mfn: int) -> bool:
-        return mfn in self.pinned
-
-    def clear(self) -> None:
-        self.pinned.clear()
-        self.seg_desc.clear()
+    from hypervisor.pagetypes import Refused
 
 
 def owned(dom: Domain, mfn: int) -> bool:
@@ -117,6 +65,11 @@ def deny(call: _Traces, err: Errno, reason: str, **fields: Any) -> int:
     """Trace why a memory-management request was refused and return the negated errno for EAX."""
     call.trace("mmu.denied", reason=reason, errno=err.name, **fields)
     return -err
+
+
+def refused(call: _Traces, r: Refused, **fields: Any) -> int:
+    """``deny`` for a type reference the frame types refused (``pagetypes.Refused``)."""
+    return deny(call, r.err, r.reason, **{**r.fields, **fields})
 
 
 def pte_frame(pte: int) -> int:

@@ -150,3 +150,17 @@ def wait_until(pred: Any, timeout: float = 30.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def pin_table(dom: Any, mfn: int, level: int, entries: dict[int, int] | None = None) -> None:
+    """Pin ``mfn`` of ``dom`` as a level-``level`` page table holding ``entries`` (slot -> value; the rest zero),
+    as a guest's MMUEXT_PIN_L*_TABLE with the frame copied in would (``hypervisor/ptops.py``)."""
+    import struct as _struct
+
+    from hypervisor import ptops
+
+    table = [0] * 1024
+    for slot, value in (entries or {}).items():
+        table[slot] = value
+    data = _struct.pack("<1024I", *table)
+    ptops.pin(dom.frames, mfn, level, lambda m: data if m == mfn else bytes(4096))

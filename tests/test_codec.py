@@ -366,13 +366,13 @@ def test_bool_where_int_expected(value: bool) -> None:
 
 
 def test_bool_where_int_expected_inside_an_int_list() -> None:
-    req = [0, 1, 0, 18, [0, True, 0], [], []]
+    req = [0, 1, 0, 18, [0, True, 0], [], [], False]
     err = bad_field(code_of(WindowDone), [1, [], [req], [], []])
     assert err.detail == "WindowDone.hypercalls[0].args[1]: expected int, got bool"
 
 
 def test_int_where_bool_expected() -> None:
-    err = bad_field(code_of(BuildResult), [1, "", "", 0, 0, "linux", 0, [], 0, 0])
+    err = bad_field(code_of(BuildResult), [1, "", "", 0, 0, "linux", 0, [], 0, 0, b""])
     assert err.detail == "BuildResult.ok: expected bool, got int"
 
 
@@ -383,7 +383,7 @@ def test_other_types_where_int_expected(pid: Any) -> None:
 
 def test_optional_field_accepts_none_and_its_type_but_nothing_else() -> None:
     def req(data: Any) -> bytes:
-        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True, [], []]], []]], [], []]
+        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True, [], [], False]], [], False]], [], []]
         return frame(PROTO_VERSION, code_of(WindowDone), 1, 0, fields)
 
     assert decode(req(None)).body.hypercalls[0].regions[0].data is None

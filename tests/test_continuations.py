@@ -64,7 +64,9 @@ class Guest:
         return bytes(self.ram[addr : addr + length]) if 0 <= addr and addr + length <= MEM else None
 
     def regions(self, nr: int, args: list[int]) -> list[Region]:
-        return [Region(s.addr, s.length, self.read(s.addr, s.length), s.writable) for s in copy_in(nr, args, self.read)]
+        # a frame to validate as a page table comes by machine address: an empty table here
+        return [Region(s.addr, s.length, bytes(s.length), False, machine=True) if s.machine else
+                Region(s.addr, s.length, self.read(s.addr, s.length), s.writable) for s in copy_in(nr, args, self.read)]
 
     def trap(self, dom: Domain, nr: int, args: list[int], *, regions: list[Region] | None = None) -> tuple[int, Call]:
         """One trap of hypercall ``nr``: copy in, run the handler, write back."""

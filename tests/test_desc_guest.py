@@ -128,7 +128,7 @@ void start_kernel(start_info_t *si)
     check("set_gdt too many entries", HYPERVISOR_set_gdt(frames, FIRST_RESERVED_GDT_ENTRY + 1), -XEN_EINVAL);
     check("set_gdt own frame", HYPERVISOR_set_gdt(frames, 512), 0);
     check("gdt page not writable", HYPERVISOR_update_va_mapping((unsigned long)gdt_page, (gdt_mfn << 12) | rw,
-                                                                UVMF_INVLPG | UVMF_LOCAL), -XEN_EPERM);
+                                                                UVMF_INVLPG | UVMF_LOCAL), -XEN_EBUSY);
     check("update_descriptor in the live gdt", HYPERVISOR_update_descriptor(gdt_ma + 8 * 6, DATA_DPL1), 0);
     check("live gdt entry visible", entry(6) == DATA_DPL1, 1);
 

@@ -10,7 +10,7 @@ import weakref
 from typing import Any
 
 import pytest
-from helpers import call_events, core, make_call, run_handler
+from helpers import call_events, core, make_call, pin_table, run_handler
 
 from hypervisor.descriptors import check_descriptor
 from hypervisor.domain import Domain
@@ -147,7 +147,7 @@ def test_update_descriptor_refusals_are_einval(dom: Domain, pa: int, desc: int, 
 
 
 def test_update_descriptor_into_a_pinned_page_table_is_einval(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 1)
+    pin_table(dom, PT, 1)
     rc, call = _upd(dom, PT << 12, DATA1)
     assert rc == -Errno.EINVAL and _denied(call) == ["desc-frame-is-pagetable"]
 
@@ -188,11 +188,11 @@ def test_set_gdt_reads_only_the_frames_its_entries_span(dom: Domain) -> None:
 def test_set_gdt_refusals(dom: Domain, frames: list[int], entries: int, errno: Errno, reason: str) -> None:
     rc, call = _gdt(dom, frames, entries)
     assert rc == -errno and call.effects == [] and _denied(call) == [reason]
-    assert not dom.frames.seg_desc and dom.vcpus[0].gdt_frames == ()
+    assert not any(dom.frames.is_seg_desc(f) for f in frames) and dom.vcpus[0].gdt_frames == ()
 
 
 def test_set_gdt_of_a_pinned_page_table_is_einval_and_an_unreadable_list_efault(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 1)
+    pin_table(dom, PT, 1)
     rc, call = _gdt(dom, [PT], 16)
     assert rc == -Errno.EINVAL and _denied(call) == ["gdt-frame-is-pagetable"]
     call = _call(dom, Hypercall.set_gdt, [LIST, 16], [Region(LIST, 4, None, False)])
@@ -202,16 +202,18 @@ def test_set_gdt_of_a_pinned_page_table_is_einval_and_an_unreadable_list_efault(
 def test_a_gdt_frame_can_be_neither_mapped_writable_nor_pinned(dom: Domain) -> None:
     assert _gdt(dom, [GDT], 16)[0] == 0
     call = _call(dom, Hypercall.update_va_mapping, [0xC0200000, GDT << 12 | P | RW, 0, 0])
-    assert run_handler(update_va_mapping, call) == -Errno.EPERM and _denied(call) == ["writable-descriptor-table"]
+    # get_page_from_l1e's could_not_pin: -EBUSY
+    assert run_handler(update_va_mapping, call) == -Errno.EBUSY and _denied(call) == ["writable-descriptor-table"]
     call = _call(dom, Hypercall.update_va_mapping, [0xC0200000, GDT << 12 | P, 0, 0])
     assert run_handler(update_va_mapping, call) == 0  # read-only is how a PV guest sees its GDT
-    assert dom.frames.pin(PT, 1)
+    pin_table(dom, PT, 1)
     data = struct.pack("<QQ", PT << 12, GDT << 12 | P | RW)
     call = _call(dom, Hypercall.mmu_update, [LIST, 1, 0, DOMID_SELF], [Region(LIST, 16, data, False)])
-    assert run_handler(mmu_update, call) == -Errno.EPERM and _denied(call) == ["writable-descriptor-table"]
+    assert run_handler(mmu_update, call) == -Errno.EBUSY and _denied(call) == ["writable-descriptor-table"]
     op = struct.pack("<3I", MmuextCmd.PIN_L1_TABLE, GDT, 0)
-    call = _call(dom, Hypercall.mmuext_op, [OPS, 1, 0, DOMID_SELF], [Region(OPS, 12, op, False)])
-    assert run_handler(mmuext_op, call) == -Errno.EINVAL and _denied(call) == ["pin-descriptor-table"]
+    table = Region(GDT << 12, 4096, bytes(4096), False, machine=True)
+    call = _call(dom, Hypercall.mmuext_op, [OPS, 1, 0, DOMID_SELF], [Region(OPS, 12, op, False), table])
+    assert run_handler(mmuext_op, call) == -Errno.EINVAL and _denied(call) == ["seg_desc-frame-not-l1"]
 
 
 def test_update_descriptor_into_a_gdt_frame_is_allowed(dom: Domain) -> None:

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import assert_matches_xen_headers, call_events, core, make_call, run_handler
+from helpers import assert_matches_xen_headers, call_events, core, make_call, pin_table, run_handler
 
 from hypervisor import mm
 from hypervisor.domain import Domain
@@ -322,6 +322,7 @@ def test_no_guest_pte_may_name_an_m2p_frame(g: Guest) -> None:
     # Xen shares the m2p read-only with privileged domains only: a domU maps it neither writable nor read-only
     m2p = g.dom.nr_pages + M2P_FRAME_BASE
     assert not mm.mappable(g.dom, m2p) and not mm.owned(g.dom, m2p)
+    pin_table(g.dom, 0x10, 1)  # an L1's entries are checked (a plain data frame's are the guest's own bytes)
     for flags in (P | RW, P):
         rc, c = g.call(update_va_mapping, Hypercall.update_va_mapping, [0xC0300000, m2p << 12 | flags, 0, 0])
         assert rc == -Errno.EPERM and _denied(c, "mmu.denied") == ["maps-unowned-frame"] and not c.effects

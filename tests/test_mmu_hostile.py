@@ -31,7 +31,7 @@ cmdline = "workload=shootdown shutdown=reboot"
 EXPECTED = [  # (reason traced by the hypervisor, errno), in the order the guest tries them
     ("maps-unowned-frame", "EPERM"),
     ("pte-frame-not-owned", "EPERM"),
-    ("writable-pagetable", "EPERM"),
+    ("writable-pagetable", "EBUSY"),  # get_page_from_l1e: could_not_pin
     ("foreign-domid", "EPERM"),
     ("vcpumask-bad-vcpu", "EINVAL"),
     ("baseptr-not-owned", "EPERM"),

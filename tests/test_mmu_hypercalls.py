@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import call_events, core, make_call, run_handler
+from helpers import call_events, core, make_call, pin_table, run_handler
 
 from hypervisor import mm
 from hypervisor.domain import Domain
 from hypervisor.guestmem import NotCopied
 from hypervisor.hypercalls import mmu_update, mmuext_op, update_va_mapping
 from hypervisor.hypercalls.base import Call
+from hypervisor.pagetypes import PageType
 from pvcluster.abi import layouts, xen
 from pvcluster.abi.copyin import MAX_BATCH_COPY, Span, copy_in
 from pvcluster.abi.errno import Errno
+from pvcluster.abi.platform import M2P_FRAME_BASE
 from pvcluster.abi.xen import DOMID_SELF, Hypercall, MmuextCmd
 from pvcluster.bus.effects import FlushTlb, Invlpg, SetCr3, SetVaPte, WriteMachine
 from pvcluster.bus.messages import Region
@@ -113,6 +115,7 @@ def test_mmu_pte_in_a_frame_the_domain_does_not_own_is_eperm(dom: Domain) -> Non
 
 
 def test_mmu_mapping_an_unowned_frame_is_eperm_unless_not_present(dom: Domain) -> None:
+    pin_table(dom, PT, 1)
     rc, call = _mmu(dom, [(PT << 12, (UNOWNED << 12) | P)])
     assert rc == -Errno.EPERM and call.effects == []
     assert _denied(call) == ["maps-unowned-frame"]
@@ -133,16 +136,18 @@ def test_mmu_high_bits_of_val_are_einval(dom: Domain) -> None:
 
 
 def test_mmu_pinned_l1_may_not_map_a_pinned_table_writable(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 1) and dom.frames.pin(PT2, 1)
+    pin_table(dom, PT, 1)
+    pin_table(dom, PT2, 1)
     rc, call = _mmu(dom, [(PT << 12, (PT2 << 12) | P | RW)])
-    assert rc == -Errno.EPERM and call.effects == []
+    assert rc == -Errno.EBUSY and call.effects == []  # get_page_from_l1e's could_not_pin
     assert _denied(call) == ["writable-pagetable"]
     rc, call = _mmu(dom, [(PT << 12, (PT2 << 12) | P)])  # read-only: how a PV guest sees its own tables
     assert rc == 0 and call.effects == [_wpa(PT << 12, (PT2 << 12) | P)]
 
 
 def test_mmu_unpinned_frame_or_l2_entry_may_name_a_table_with_rw(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 2) and dom.frames.pin(PT2, 1)
+    pin_table(dom, PT, 2)
+    pin_table(dom, PT2, 1)
     # An L2 entry's RW bit governs the pages its L1 maps, not the L1 frame itself.
     rc, call = _mmu(dom, [(PT << 12, (PT2 << 12) | P | RW)])
     assert rc == 0
@@ -152,16 +157,18 @@ def test_mmu_unpinned_frame_or_l2_entry_may_name_a_table_with_rw(dom: Domain) ->
 
 
 def test_mmu_superpage_in_a_pinned_l2_is_einval(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 2)
+    pin_table(dom, PT, 2)
     rc, call = _mmu(dom, [(PT << 12, P | RW | PSE)])
     assert rc == -Errno.EINVAL and _denied(call) == ["superpage"]
 
 
-def test_mmu_machphys_update_checks_ownership_and_does_nothing(dom: Domain) -> None:
-    rc, call = _mmu(dom, [(DATA << 12 | 1, DATA)])
-    assert rc == 0 and call.effects == [] and _writes(call) == [(DONE, 1)]
-    rc, call = _mmu(dom, [(UNOWNED << 12 | 1, DATA)])
-    assert rc == -Errno.EPERM and _denied(call) == ["machphys-frame-not-owned"]
+def test_mmu_machphys_update_writes_the_m2p_entry_of_an_owned_frame(dom: Domain) -> None:
+    # the m2p follows the domain's RAM and its hypervisor frames (pvcluster.abi.platform): one u32 per frame
+    m2p = (dom.nr_pages + M2P_FRAME_BASE) << 12
+    rc, call = _mmu(dom, [(DATA << 12 | 1, 0x1234)])
+    assert rc == 0 and call.effects == [_wpa(m2p + 4 * DATA, 0x1234)] and _writes(call) == [(DONE, 1)]
+    rc, call = _mmu(dom, [(UNOWNED << 12 | 1, DATA)])  # get_page_from_mfn fails: -EINVAL
+    assert rc == -Errno.EINVAL and _denied(call) == ["machphys-frame-not-owned"] and call.effects == []
 
 
 def test_mmu_unknown_command_is_enosys(dom: Domain) -> None:
@@ -183,6 +190,7 @@ def test_mmu_foreign_domid_still_writes_the_done_count(dom: Domain) -> None:
 
 
 def test_mmu_partial_failure_reports_the_successful_prefix(dom: Domain) -> None:
+    pin_table(dom, PT, 1)
     ok = (DATA << 12) | P
     rc, call = _mmu(dom, [(PT << 12, ok), (PT << 12 | 4, ok), (PT << 12 | 8, (UNOWNED << 12) | P), (PT << 12 | 12, ok)])
     assert rc == -Errno.EPERM
@@ -217,7 +225,7 @@ def test_mmu_batch_has_no_size_limit_and_faults(dom: Domain) -> None:
 
 def test_mmu_copy_in() -> None:
     def nothing(addr: int, length: int) -> bytes | None:
-        raise AssertionError("mmu_update needs no second level")
+        return None  # the requests are read only to name the frames they may make L1s
 
     def spans(args: list[int]) -> list[Span]:
         return copy_in(Hypercall.mmu_update, args, nothing)
@@ -291,9 +299,9 @@ def test_uvm_entry_checks(dom: Domain) -> None:
     assert rc == -Errno.EPERM and _denied(call) == ["maps-unowned-frame"]
     rc, call = _uvm(dom, UNOWNED << 12, 0)  # not present: maps nothing
     assert rc == 0 and call.effects == [_set(UNOWNED << 12)]
-    assert dom.frames.pin(PT, 1)
+    pin_table(dom, PT, 1)
     rc, call = _uvm(dom, (PT << 12) | P | RW, 0)
-    assert rc == -Errno.EPERM and _denied(call) == ["writable-pagetable"]
+    assert rc == -Errno.EBUSY and _denied(call) == ["writable-pagetable"]
     rc, call = _uvm(dom, (PT << 12) | P, 0)
     assert rc == 0 and call.effects == [_set((PT << 12) | P)]
 
@@ -323,7 +331,11 @@ def _ext(
     vcpu: int = 0,
 ) -> tuple[int, Call]:
     data = b"".join(struct.pack("<3I", *op) for op in ops)
-    regions = [Region(OPS, len(data), data, False), _done(), *(extra or [])]
+    # the frames a pin or a new base validates come with the trap, empty tables unless ``extra`` has them
+    given = {r.addr for r in extra or [] if r.machine}
+    tables = [Region(arg1 << 12, 4096, bytes(4096), False, machine=True) for cmd, arg1, _ in ops
+              if cmd in (0, 1, 5) and arg1 << 12 not in given]
+    regions = [Region(OPS, len(data), data, False), _done(), *(extra or []), *tables]
     call = _call(dom, 26, [OPS, len(ops), DONE, foreign], regions, vcpu=vcpu)
     return _handle(mmuext_op, call), call
 
@@ -332,7 +344,9 @@ def test_ext_pin_and_unpin(dom: Domain) -> None:
     rc, call = _ext(dom, [(0, PT, 0), (1, PT2, 0)])
     assert rc == 0 and call.effects == [] and _writes(call) == [(DONE, 2)]
     assert (dom.frames.level(PT), dom.frames.level(PT2)) == (1, 2)
-    rc, call = _ext(dom, [(1, PT, 0)])
+    rc, call = _ext(dom, [(1, PT, 0)])  # one type at a time: get_page_type fails
+    assert rc == -Errno.EINVAL and _denied(call) == ["l1-frame-not-l2"]
+    rc, call = _ext(dom, [(0, PT, 0)])
     assert rc == -Errno.EINVAL and _denied(call) == ["already-pinned"]
     assert dom.frames.level(PT) == 1  # a refused double pin leaves the first one alone
     rc, call = _ext(dom, [(4, PT, 0), (4, PT2, 0)])
@@ -429,7 +443,8 @@ def test_ext_copy_in_names_bitmaps_from_the_op_array() -> None:
 
     spans = copy_in(Hypercall.mmuext_op, [OPS, 4, DONE, DOMID_SELF], read)
     # PIN's arg2 is not a pointer; the bitmap shared by two ops is named once.
-    assert spans == [Span(OPS, 48), Span(DONE, 4, True), Span(MASK, 4), Span(other, 4)]
+    assert spans == [Span(OPS, 48), Span(DONE, 4, True), Span(MASK, 4), Span(PT << 12, 4096, machine=True),
+                     Span(other, 4)]
     assert seen == [(OPS, 48)]
 
     def unmapped(addr: int, length: int) -> bytes | None:
@@ -445,9 +460,10 @@ def test_ext_copy_in_names_bitmaps_from_the_op_array() -> None:
 
 
 def test_a_domains_pins_go_when_its_process_exits(dom: Domain) -> None:
-    assert dom.frames.pin(PT, 1) and not dom.frames.pin(PT, 2)
+    pin_table(dom, PT, 1)
+    assert dom.frames.is_pinned(PT)
     _HV[dom].process_exited(dom, 0)
-    assert not dom.frames.is_pinned(PT) and not dom.frames.unpin(PT)
+    assert not dom.frames.is_pinned(PT) and dom.frames.type_of(PT) is PageType.NONE
 
 
 def test_struct_sizes_are_the_ones_the_domain_process_copies() -> None:

@@ -23,7 +23,7 @@ from domains.memory import GuestRam
 from domains.paging import build_initial_tables, initial_mappings, read_virt
 from domains.runtime import DomainProcess
 from domains.vcpu import InsnCounter, Vcpu, flat_gdt
-from hypervisor import hypercalls
+from hypervisor import hypercalls, ptops
 from hypervisor.domain import Domain
 from hypervisor.evtchn import PortState
 from hypervisor.guestmem import GuestView, NotCopied
@@ -95,8 +95,8 @@ class Machine:
         ram = GuestRam(dom.nr_pages * PAGE_SIZE, BASE)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         tables = build_initial_tables(ram, TABLES, initial_mappings(BASE, ram.size), tables_read_only=True)
-        for level, frame in zip((2, 1, 1), tables.frames, strict=True):
-            dom.frames.pin(frame, level)
+        contents = b"".join(ram.read_pa(f * PAGE_SIZE, PAGE_SIZE) for f in tables.frames)
+        ptops.type_initial_tables(dom.frames, tables.frames[0], list(tables.frames[1:]), contents, 1)
         self.ram = ram
         self.vcpu = Vcpu(0, ram, InsnCounter(), 1000, tables.l2)
         self.proc = DomainProcess(None, dom.domid, dom.name, RecordingLog())  # type: ignore[arg-type]
@@ -241,6 +241,9 @@ def test_a_pde_written_by_one_entry_maps_the_buffer_of_the_next(machine: Machine
     # L1 table that maps it to FRESH, and entry 1, continued, reads it.
     l2_slot = TABLES + (FAR >> 22) * 4
     machine.ram.write_pa(NEW_L1 * PAGE_SIZE + ((FAR >> 12) & 1023) * 4, struct.pack("<I", FRESH << 12 | PTE))
+    # a frame becomes an L1 only once nothing maps it writable: its linear-map entry goes read-only first
+    machine.put(REQS, _requests((_pte_at(BASE + NEW_L1 * PAGE_SIZE), NEW_L1 << 12 | (PTE & ~PTE_RW))))
+    machine.trap(Hypercall.mmu_update, [REQS, 1, 0, DOMID_SELF])
     machine.put(REQS, _requests((l2_slot, NEW_L1 << 12 | PDE)))
     calls = machine.multicall([_mmu(REQS, 1), _write(FAR, 6)])
     assert machine.dom.console == ["fresh"] and machine.results(2) == [0, 0]

@@ -36,7 +36,7 @@ mmu_hostile:
     and edx, 0xFFFFF000
     or edx, PTE_FLAGS
     call mh_mmu_update
-    mov edx, -XEN_EPERM
+    mov edx, -XEN_EBUSY              # get_page_from_l1e cannot take the writable type: could_not_pin
     mov esi, msg_mh_pinned_rw
     call ops_expect
 

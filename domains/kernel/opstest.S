@@ -208,17 +208,46 @@ ops_expect:
 # op_bench(eax = pv_ops slot): OPBENCH_ROUNDS calls of one op through the pv_ops table, with benign arguments
 # (the bench subtracts a run without them to get instructions and virtual time per call)
 # copy_live_pgdir(eax = machine address of the live page directory): test_page_dir becomes a copy of it, which
-# maps the same, so switching cr3 to it is safe
+# maps the same, so switching cr3 to it is safe. A page directory may not be mapped writable (Xen's NEW_BASEPTR
+# refuses one that is), so test_page_dir is mapped writable only while it is copied into; when it is the live one
+# already, there is nothing to copy.
 copy_live_pgdir:
     push esi
     push edi
+    push ebx
     mov esi, eax
     add esi, VIRT_BASE
     mov edi, test_page_dir
+    cmp esi, edi
+    je .Lcopy_pgdir_done
+    mov ebx, edi                     # ebx = the PTE that maps test_page_dir, through the live tables
+    shr ebx, 22
+    mov ebx, [esi + ebx*4]
+    and ebx, 0xFFFFF000
+    mov eax, edi
+    shr eax, 12
+    and eax, 1023
+    lea ebx, [ebx + eax*4 + VIRT_BASE]
+    mov eax, ebx
+    lea edx, [edi - VIRT_BASE + PTE_FLAGS]
+    call pgdir_set_pte
     mov ecx, 1024
     rep movs dword ptr es:[edi], dword ptr [esi]
+    mov eax, ebx
+    mov edx, test_page_dir - VIRT_BASE + PTE_FLAGS
+    and edx, 0xFFFFFFFD              # read-only
+    call pgdir_set_pte
+.Lcopy_pgdir_done:
+    pop ebx
     pop edi
     pop esi
+    ret
+
+# pgdir_set_pte(eax = pte address, edx = value): set_pte, then flush test_page_dir's TLB entry
+pgdir_set_pte:
+    PVCALL set_pte
+    mov eax, test_page_dir
+    PVCALL flush_tlb_single
     ret
 
 op_bench:

@@ -1,19 +1,28 @@
-"""mmu_update (1): checked writes of page-table entries at machine addresses, in a batch.
+"""mmu_update (1): checked writes of page-table entries at machine addresses, in a batch, as Xen's do_mmu_update.
+
+A request names an entry by machine address. In a frame that is a validated L1 or L2 it is Xen's mod_l1_entry /
+mod_l2_entry (``hypervisor/ptops.py``): the new entry is checked and takes its type reference (a writable mapping a
+writable one, an L2 entry an L1 one, validating that L1 if it is new, from the frame copied in with the trap), the
+old entry's is dropped, and an L2 slot in the hypervisor hole is refused (-EPERM). In any other frame it is a plain
+write, as Xen writes a PGT_writable_page (refused, -EINVAL, in a GDT frame, which cannot be typed writable).
+MMU_MACHPHYS_UPDATE sets the m2p entry of a frame the domain owns.
 
 The hypervisor holds no guest RAM, so an accepted update becomes a ``WriteMachine`` effect the domain process
 carries out. Requests run in order and the batch stops at the first refusal; the done count reports how many
-succeeded either way, as Xen's does. A long batch continues in a later window (``mm.run_batch``).
+succeeded either way, as Xen's does. A long batch continues in a later window (``mm.run_batch``), and so does a
+request whose frame to validate did not come with the trap.
 """
 
 from __future__ import annotations
 
 import struct
 
-from hypervisor import mm, ptwr
+from hypervisor import mm, ptops, ptwr
 from hypervisor.hypercalls.base import Call
+from hypervisor.pagetypes import PageType, Refused
 from pvcluster.abi.errno import Errno
-from pvcluster.abi.x86 import PTE_PRESENT, PTE_PSE, PTE_RW
-from pvcluster.abi.xen import PAGE_SHIFT, Hypercall, MmuCmd
+from pvcluster.abi.platform import M2P_ENTRY_BYTES, M2P_FRAME_BASE
+from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, Hypercall, MmuCmd
 from pvcluster.bus.effects import WriteMachine
 
 NR = Hypercall.mmu_update
@@ -31,30 +40,35 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
     # A machine address past 4 GiB names a frame no domain owns, so it needs no separate check.
     frame = addr >> PAGE_SHIFT
     if cmd == MmuCmd.MACHPHYS_UPDATE:
-        if not mm.owned(call.dom, frame):
-            return mm.deny(call, Errno.EPERM, "machphys-frame-not-owned", index=i, mfn=frame)
-        # The p2m is the identity and fixed; the guest's m2p bookkeeping has nothing to change here.
-        call.trace("mmu.update", cmd=MmuCmd(cmd).name, mfn=frame, pfn=val)
-        return 0
+        return _machphys(call, i, frame, val)
     if cmd not in (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD):
         return mm.deny(call, Errno.ENOSYS, "unknown-cmd", index=i, cmd=cmd)
     if not mm.owned(call.dom, frame):
         return mm.deny(call, Errno.EPERM, "pte-frame-not-owned", index=i, addr=addr)
     if val >> 32:
         return mm.deny(call, Errno.EINVAL, "pte-high-bits", index=i, val=val)  # non-PAE entries are 32 bits
-    if val & PTE_PRESENT:
-        target = mm.pte_frame(val)
-        if not mm.mappable(call.dom, target):
-            return mm.deny(call, Errno.EPERM, "maps-unowned-frame", index=i, mfn=target)
-        level = call.dom.frames.level(frame)
-        # Only an L1 entry maps its frame as data; an L2 entry's RW bit governs the pages of the L1 it names.
-        # Entries of unpinned frames are plain data to the hypervisor, as in Xen until the frame is pinned.
-        if level == 1 and val & PTE_RW and (why := call.dom.frames.write_protected(target)):
-            return mm.deny(call, Errno.EPERM, why, index=i, mfn=target)
-        if level == 2 and val & PTE_PSE:
-            # A 4 MiB superpage would map 1024 frames past every ownership check; Xen refuses PSE to PV guests.
-            return mm.deny(call, Errno.EINVAL, "superpage", index=i, val=val)
+    frames = call.dom.frames
+    try:
+        if frames.level(frame):
+            ptops.mod_entry(frames, frame, (addr % PAGE_SIZE) >> 2, val, call.mem.table)
+        elif frames.type_of(frame) is PageType.SEG_DESC:  # get_page_type(PGT_writable_page) fails
+            return mm.deny(call, Errno.EINVAL, "pte-frame-is-descriptor-table", index=i, addr=addr)
+    except Refused as r:
+        return mm.refused(call, r, index=i)
     # PRESERVE_AD is a plain write here: the hypervisor cannot see the old entry's accessed/dirty bits.
     call.effects.append(WriteMachine(addr=addr, data=struct.pack("<I", val)))
-    call.trace("mmu.update", cmd=MmuCmd(cmd).name, addr=addr, val=val)
+    call.trace("mmu.update", cmd=MmuCmd(cmd).name, addr=addr, val=val, level=frames.level(frame) or 0)
+    return 0
+
+
+def _machphys(call: Call, i: int, mfn: int, gpfn: int) -> int:
+    """MMU_MACHPHYS_UPDATE, as Xen's for a PV guest: the m2p entry of a frame the domain owns becomes ``gpfn``
+    (set_gpfn_from_mfn; an unsigned long on x86-32). The m2p lives in the hypervisor's frames after the domain's
+    RAM, which the domain process holds: a ``WriteMachine`` there. A frame not the domain's: get_page_from_mfn
+    fails, -EINVAL."""
+    if not mm.owned(call.dom, mfn):
+        return mm.deny(call, Errno.EINVAL, "machphys-frame-not-owned", index=i, mfn=mfn)
+    addr = (call.dom.nr_pages + M2P_FRAME_BASE) * PAGE_SIZE + mfn * M2P_ENTRY_BYTES
+    call.effects.append(WriteMachine(addr=addr, data=struct.pack("<I", gpfn & 0xFFFFFFFF)))
+    call.trace("mmu.update", cmd=MmuCmd.MACHPHYS_UPDATE.name, mfn=mfn, pfn=gpfn)
     return 0

@@ -1,4 +1,10 @@
-"""mmuext_op (26): pin and unpin page tables, switch the page-table base, flush TLBs, in a batch.
+"""mmuext_op (26): pin and unpin page tables, switch the page-table base, flush TLBs, in a batch (Xen's
+do_mmuext_op).
+
+A pin takes a type reference on the frame as an L1 or L2, validating it if it had no type (for an L2: its guest
+slots, and each L1 they name; the frames come with the trap, ``copyin``); a frame mapped writable, or with another
+type, is refused with -EINVAL. An unpin drops it. A new base takes an L2 reference on the new frame and drops the
+vCPU's old one, as Xen's new_guest_cr3 (``hypervisor/ptops.py``).
 
 Ops run in order and the batch stops at the first refusal; the done count reports how many succeeded either
 way, as Xen's does; a long batch continues in a later window (``mm.run_batch``). Changes to a vCPU (a new CR3,
@@ -7,9 +13,10 @@ flushes) become effects the domain process carries out.
 
 from __future__ import annotations
 
-from hypervisor import mm
+from hypervisor import mm, ptops
 from hypervisor.guestmem import GuestFault
 from hypervisor.hypercalls.base import Call
+from hypervisor.pagetypes import Refused
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import PAGE_SHIFT, Hypercall, MmuextCmd
 from pvcluster.bus.effects import SetCr3
@@ -31,18 +38,24 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
     if cmd in (_C.PIN_L1_TABLE, _C.PIN_L2_TABLE):
         if not mm.owned(dom, arg1):
             return mm.deny(call, Errno.EPERM, "pin-frame-not-owned", index=i, mfn=arg1)
-        if dom.frames.is_seg_desc(arg1):  # a frame has one type: Xen's get_page_type fails, pinning is -EINVAL
-            return mm.deny(call, Errno.EINVAL, "pin-descriptor-table", index=i, mfn=arg1)
-        if not dom.frames.pin(arg1, level=cmd - _C.PIN_L1_TABLE + 1):
-            return mm.deny(call, Errno.EINVAL, "already-pinned", index=i, mfn=arg1)
+        try:
+            ptops.pin(dom.frames, arg1, cmd - _C.PIN_L1_TABLE + 1, call.mem.table)
+        except Refused as r:  # a type conflict (mapped writable, a GDT frame) or an entry refused: -EINVAL
+            return mm.refused(call, r, index=i)
     elif cmd in (_C.PIN_L3_TABLE, _C.PIN_L4_TABLE):
         return mm.deny(call, Errno.EINVAL, "no-such-level", index=i, cmd=cmd)  # non-PAE paging has two levels
     elif cmd == _C.UNPIN_TABLE:
-        if not dom.frames.unpin(arg1):
-            return mm.deny(call, Errno.EINVAL, "not-pinned", index=i, mfn=arg1)
+        try:
+            ptops.unpin(dom.frames, arg1)
+        except Refused as r:
+            return mm.refused(call, r, index=i)
     elif cmd == _C.NEW_BASEPTR:
         if not mm.owned(dom, arg1):
             return mm.deny(call, Errno.EPERM, "baseptr-not-owned", index=i, mfn=arg1)
+        try:
+            ptops.new_base(dom.frames, call.vcpu, arg1, call.mem.table)
+        except Refused as r:  # new_guest_cr3: "Error while installing new baseptr", -EINVAL
+            return mm.refused(call, r, index=i)
         targets = [call.vcpu]
         call.effects.append(SetCr3(vcpu=call.vcpu, cr3=arg1 << PAGE_SHIFT))
     elif cmd in (_C.TLB_FLUSH_LOCAL, _C.INVLPG_LOCAL, *_MULTI, _C.TLB_FLUSH_ALL, _C.INVLPG_ALL):

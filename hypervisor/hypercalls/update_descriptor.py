@@ -4,7 +4,7 @@ compat_update_descriptor / do_update_descriptor (xen/arch/x86/pv/descriptor-tabl
 Args (x86-32: each 64-bit value in two registers): the machine address, low and high, then the descriptor, low
 and high. The address must be 8-byte aligned in a frame the domain owns, the descriptor must pass check_descriptor
 (``hypervisor/descriptors.py``, which may raise its DPL), and the frame must be a descriptor table or typable as
-writable (not a pinned page table). Every refusal is -EINVAL. The write itself is a ``WriteMachine`` of the checked
+writable (not a page table). Every refusal is -EINVAL. The write itself is a ``WriteMachine`` of the checked
 descriptor: the domain process holds guest RAM, and that is the only way a GDT frame changes once in use.
 """
 
@@ -34,7 +34,7 @@ def handle(call: Call) -> int:
     checked = check_descriptor(desc)
     if checked is None:
         return mm.deny(call, Errno.EINVAL, "desc-refused", pa=pa, desc=desc)
-    if call.dom.frames.is_pinned(mfn):  # get_page_type(PGT_writable_page) fails on a page table
+    if call.dom.frames.level(mfn):  # get_page_type(PGT_writable_page) fails on a page table
         return mm.deny(call, Errno.EINVAL, "desc-frame-is-pagetable", pa=pa)
     call.effects.append(WriteMachine(addr=pa, data=struct.pack("<Q", checked)))
     call.trace("desc.update", pa=pa, desc=desc, written=checked, gdt=call.dom.frames.is_seg_desc(mfn))

@@ -1,20 +1,24 @@
-"""update_va_mapping (14): set the L1 entry that maps one virtual address, then flush TLBs as asked.
+"""update_va_mapping (14): set the L1 entry that maps one virtual address, then flush TLBs as asked, as Xen's
+do_update_va_mapping.
 
-The hypervisor cannot walk the guest's page tables (it holds no guest RAM), so it checks the new entry and leaves
-finding and writing it to the domain process (a ``SetVaPte`` effect), followed by the requested flushes.
-Everything is checked before any effect is emitted, so a refused call changes nothing (Xen writes the entry
-before it reads the flush bitmap).
+The hypervisor cannot walk the guest's page tables (it holds no guest RAM): the domain process's walk of ``va``
+comes with the trap (the copy-in's zero-length span), and names the L1 entry. That L1 must be a validated L1
+(-EINVAL otherwise, as Xen's check of the page found through guest_table, and when the PDE is not present), and the
+update is Xen's mod_l1_entry on it (``ptops.mod_entry``): a writable mapping of a page table or a GDT frame is
+-EBUSY. The domain process then writes the entry (a ``SetVaPte`` effect), followed by the requested flushes.
+Everything is checked before any effect is emitted, so a refused call changes nothing (Xen writes the entry before
+it reads the flush bitmap). A hand-made call without the walk gets the entry's checks without type references.
 """
 
 from __future__ import annotations
 
-from hypervisor import mm
+from hypervisor import mm, ptops
 from hypervisor.guestmem import GuestFault
 from hypervisor.hypercalls.base import Call
+from hypervisor.pagetypes import Refused
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.structs import uvmf_bitmap_ptr
-from pvcluster.abi.x86 import PTE_PRESENT, PTE_RW
-from pvcluster.abi.xen import UVMF_ALL, UVMF_FLUSHTYPE_MASK, UVMF_INVLPG, UVMF_NONE, Hypercall
+from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, UVMF_ALL, UVMF_FLUSHTYPE_MASK, UVMF_INVLPG, UVMF_NONE, Hypercall
 from pvcluster.bus.effects import SetVaPte
 
 NR = Hypercall.update_va_mapping
@@ -27,30 +31,52 @@ def handle(call: Call) -> int:
         return mm.deny(call, Errno.EINVAL, "pte-high-bits", va=va, hi=hi)  # non-PAE entries are 32 bits
     if kind == UVMF_FLUSHTYPE_MASK:
         return mm.deny(call, Errno.EINVAL, "bad-flush-type", flags=flags)
-    if lo & PTE_PRESENT:
-        frame = mm.pte_frame(lo)
-        if not mm.mappable(call.dom, frame):
-            return mm.deny(call, Errno.EPERM, "maps-unowned-frame", va=va, mfn=frame)
-        # The entry for a va is always an L1 entry, so a writable one maps its frame as data.
-        if lo & PTE_RW and (why := call.dom.frames.write_protected(frame)):
-            return mm.deny(call, Errno.EPERM, why, va=va, mfn=frame)
-    targets: list[int] = []
-    if kind != UVMF_NONE:
-        ptr = uvmf_bitmap_ptr(flags)
-        if ptr is not None:
-            try:
-                mask = call.mem.u32(ptr)
-            except GuestFault:
-                return mm.deny(call, Errno.EFAULT, "vcpumask-unmapped", addr=ptr)
-            named = mm.vcpus_in_mask(call.dom, mask)
-            if named is None:
-                return mm.deny(call, Errno.EINVAL, "vcpumask-bad-vcpu", mask=mask)
-            targets = named
-        elif flags & ~UVMF_FLUSHTYPE_MASK == UVMF_ALL:
-            targets = list(range(len(call.dom.vcpus)))
-        else:
-            targets = [call.vcpu]
+    targets = _targets(call, flags, kind)
+    if isinstance(targets, int):
+        return targets
+    rc = _set_entry(call, va, lo)
+    if rc:
+        return rc
     call.effects.append(SetVaPte(vcpu=call.vcpu, va=va, value=lo))
     call.effects.extend(mm.flush_effects(targets, va if kind == UVMF_INVLPG else None))
     call.trace("mmu.update_va", va=va, val=lo, flush=kind, targets=targets)
     return 0
+
+
+def _set_entry(call: Call, va: int, lo: int) -> int:
+    """mod_l1_entry on the L1 entry that maps ``va``: 0, or the refusal's negated errno."""
+    frames = call.dom.frames
+    walk = call.mem.translation(va)
+    try:
+        if walk is None:
+            frames.check_l1e(lo)
+            return 0
+        if len(walk) < 2:
+            return mm.deny(call, Errno.EINVAL, "va-pde-not-present", va=va)
+        l1 = walk[1] >> PAGE_SHIFT
+        if frames.level(l1) != 1:
+            return mm.deny(call, Errno.EINVAL, "va-l1-not-a-pagetable", va=va, mfn=l1)
+        ptops.mod_entry(frames, l1, (walk[1] % PAGE_SIZE) >> 2, lo, call.mem.table)
+    except Refused as r:
+        return mm.refused(call, r, va=va)
+    return 0
+
+
+def _targets(call: Call, flags: int, kind: int) -> list[int] | int:
+    """The vCPUs to flush, or a refusal's negated errno (the bitmap unreadable or naming a vCPU the domain lacks)."""
+    if kind == UVMF_NONE:
+        return []
+    ptr = uvmf_bitmap_ptr(flags)
+    if ptr is not None:
+        try:
+            mask = call.mem.u32(ptr)
+        except GuestFault:
+            return mm.deny(call, Errno.EFAULT, "vcpumask-unmapped", addr=ptr)
+        named = mm.vcpus_in_mask(call.dom, mask)
+        if named is None:
+            return mm.deny(call, Errno.EINVAL, "vcpumask-bad-vcpu", mask=mask)
+        return named
+    if flags & ~UVMF_FLUSHTYPE_MASK == UVMF_ALL:
+        return list(range(len(call.dom.vcpus)))
+    return [call.vcpu]
+

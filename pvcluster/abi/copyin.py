@@ -23,16 +23,21 @@ import attrs
 
 from pvcluster.abi import layouts, structs
 from pvcluster.abi.platform import MAX_GRANT_FRAMES
+from pvcluster.abi.x86 import PTE_PRESENT
 from pvcluster.abi.xen import (
     FIRST_RESERVED_GDT_ENTRY,
     GDT_ENTRIES_PER_FRAME,
     MMU_UPDATE_PREEMPTED,
+    PAGE_SHIFT,
+    PAGE_SIZE,
     TRAP_INFO_SIZE,
     ConsoleIO,
     EvtchnOp,
     GnttabOp,
     Hypercall,
     MemoryOp,
+    MmuCmd,
+    MmuextCmd,
     SchedOp,
     VcpuOp,
 )
@@ -51,6 +56,9 @@ _TRAP_TABLE_MAX = 256  # entries: one per vector (hypervisor/hypercalls/set_trap
 # Xen copies a console write in chunks and has no upper bound; one trap here carries at most this much, the rest
 # is dropped and traced.
 MAX_CONSOLE_WRITE = 16 * 1024
+# Whole frames copied by machine address for page-table validation, per trap (follow expansions included): they
+# are not counted in MAX_TOTAL, and a request that needs a frame past this many continues in a later trap.
+MAX_TABLE_FRAMES = 128
 
 
 @attrs.frozen
@@ -61,6 +69,11 @@ class Span:
     addr: int
     length: int
     writable: bool = False
+    # A machine address (``addr``) instead of a virtual one: a whole frame the hypervisor must see to validate it
+    # as a page table (pinning it, making it a base, pointing an L2 entry at it). ``follow``: the frame is to
+    # become an L2, so the L1 frames its guest slots name come too (``pagetables.l2_targets``).
+    machine: bool = False
+    follow: bool = False
 
 
 Descriptor = Callable[[list[int], Reader], list[Span]]
@@ -113,8 +126,23 @@ def _batch(args: list[int], size: int) -> tuple[list[Span], int]:
     return spans, n
 
 
+def _table(mfn: int, *, follow: bool = False) -> Span:
+    """A frame to validate as a page table, by machine address (``follow``: as an L2, with the L1s it names)."""
+    return Span((mfn & 0xFFFFF) << PAGE_SHIFT, PAGE_SIZE, machine=True, follow=follow)
+
+
 def _mmu_update(args: list[int], read: Reader) -> list[Span]:
-    return _batch(args, layouts.MMU_UPDATE.size)[0]
+    spans, n = _batch(args, layouts.MMU_UPDATE.size)
+    raw = read(args[0], n * layouts.MMU_UPDATE.size) if n else None
+    if raw is None:
+        return spans
+    # A present entry written into an L2 makes the frame it names an L1, which the hypervisor validates: which
+    # frames are L2s only the hypervisor knows, so every present request's frame comes (a set_pte's data page
+    # too; it is one frame). Machine addresses past 4 GiB name nothing.
+    tables = dict.fromkeys(_table(val >> PAGE_SHIFT) for ptr, val in struct.iter_unpack("<QQ", raw)
+                           if ptr & 3 in (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD)
+                           and val & PTE_PRESENT and not val >> 32)
+    return spans + list(tables)
 
 
 def _mmuext_op(args: list[int], read: Reader) -> list[Span]:
@@ -122,10 +150,17 @@ def _mmuext_op(args: list[int], read: Reader) -> list[Span]:
     raw = read(args[0], n * layouts.MMUEXT_OP.size) if n else None
     if raw is None:
         return spans
-    # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read.
-    for cmd, _, mask_ptr in struct.iter_unpack("<3I", raw):
-        if cmd in structs.MMUEXT_MULTI_CMDS and (bitmap := Span(mask_ptr, 4)) not in spans:
-            spans.append(bitmap)
+    # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read; a pin
+    # or a new base names the frame the hypervisor validates (an L2 with the L1s it names).
+    for cmd, arg1, mask_ptr in struct.iter_unpack("<3I", raw):
+        if cmd in structs.MMUEXT_MULTI_CMDS:
+            more = Span(mask_ptr, 4)
+        elif cmd in (MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.NEW_BASEPTR):
+            more = _table(arg1, follow=cmd != MmuextCmd.PIN_L1_TABLE)
+        else:
+            continue
+        if more not in spans:
+            spans.append(more)
     return spans
 
 
@@ -225,13 +260,14 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
         if op == Hypercall.multicall:
             continue  # a nested multicall is refused, and copies nothing
         new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
+        size = sum(s.length for s in new if not s.machine)  # table frames have their own cap (MAX_TABLE_FRAMES)
         # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
         # batch entry never runs with its ops but without its done counter.
-        if total + sum(s.length for s in new) > MAX_TOTAL or any(not 0 <= s.length <= MAX_SPAN for s in new):
+        if total + size > MAX_TOTAL or any(not 0 <= s.length <= MAX_SPAN for s in new):
             break
         seen.update(new)
         spans += new
-        total += sum(s.length for s in new)
+        total += size
     return spans
 
 
@@ -277,11 +313,14 @@ def describe(nr: int, args: list[int], read: Reader) -> list[Span]:
 
 
 def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
-    """The spans to copy in for a trap, capped per span and in total, first ones first."""
+    """The spans to copy in for a trap, capped per span and in total, first ones first. Table frames (``machine``)
+    are not counted in the total: the domain process caps them at MAX_TABLE_FRAMES as it expands them."""
     kept: list[Span] = []
     total = 0
     for s in describe(nr, args, read):
-        if 0 <= s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
+        if s.machine:
+            kept.append(s)
+        elif 0 <= s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
             kept.append(s)
             total += s.length
     return kept

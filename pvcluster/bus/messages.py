@@ -83,6 +83,9 @@ class BuildResult:
     # the pages the builder gave the xenstore and console rings (start_info.store_mfn, console.domU.mfn; 0: none)
     store_mfn: int = 0
     console_mfn: int = 0
+    # The initial tables' contents, the L2's frame then each L1's in ``l1_mfns`` order: the hypervisor validates
+    # them as Xen's builder pins the initial L2 (empty: all zero, a hand-made result)
+    tables: bytes = b""
 
 
 @attrs.frozen
@@ -101,6 +104,8 @@ class Region:
     writable: bool
     walk: list[int] = attrs.Factory(list)
     frames: list[int] = attrs.Factory(list)
+    # ``addr`` is a machine address: a whole frame copied for page-table validation (copyin.Span.machine)
+    machine: bool = False
 
 
 @attrs.frozen
