@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
 
+from pvcluster.rundiff import first_divergence
+
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 XEN_HEADER = Path("/usr/include/xen/arch-x86/xen-x86_32.h")
@@ -360,3 +362,8 @@ def test_c_guest_checks_ring1_traps_iret_and_privileged_instructions(run_dir: Pa
     assert console[-1] == "mini-ring1: 0 failures", console
     assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
     assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    # exceptions, emulation and ring changes are virtual-time events like any other: a second run is the same trace
+    again = run_dir / "again"
+    again.mkdir()
+    run_one(again, "ring1", elf)
+    assert first_divergence(run_dir / "run", again / "run") is None
