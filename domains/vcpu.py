@@ -81,6 +81,7 @@ _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns e
 # (RDTSC reads it in TSC ticks, through the C hook: domains/blockhook.py); a write to MARK_PORT puts a guest mark in
 # the trace at the exact virtual time (workloads use it to bracket what they measure, e.g. each TLB shootdown).
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
+CR4_PAE = 1 << 5
 PAGE_FAULT_VECTOR = 14
 _PAGE = 0x1000
 # Instructions that write memory without naming it as an operand (the stack).
@@ -222,7 +223,7 @@ class Vcpu:
         # Virtual time: the C hook's state holds the clock relative to _base_ps (so C's 64 bits never overflow
         # whatever Python sets it to), the slice end on the same base, and the instruction count.
         self._hook = BlockHook(self.uc, X.UC_X86_REG_CR3, ram.host_addr, ram.size, counter.table, self._count_block,
-                               self._price_prefix)
+                               self._price_prefix, pae=ram.pae)
         self._st = self._hook.state
         self._base_ps = 0
         self.ps_per_instr = ps_per_instr
@@ -267,6 +268,8 @@ class Vcpu:
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
         # Paging first: loading the segment registers reads their descriptors from the GDT by virtual address.
         self.uc.reg_write(X.UC_X86_REG_CR3, cr3 & 0xFFFFF000)
+        if ram.pae:  # a PAE guest's vCPUs run with CR4.PAE: 3-level tables (Xen's pv_guest_cr4_to_real_cr4 keeps it)
+            self.uc.reg_write(X.UC_X86_REG_CR4, int(self.uc.reg_read(X.UC_X86_REG_CR4)) | CR4_PAE)
         self.uc.reg_write(X.UC_X86_REG_CR0, int(self.uc.reg_read(X.UC_X86_REG_CR0)) | CR0_PG | CR0_WP)
         if ring1:  # on the hypervisor's ring-0 selectors until enter_kernel moves it to ring 1
             self.uc.reg_write(X.UC_X86_REG_GDTR, (0, rings.gdt_base(vid), rings.GDT_LIMIT, 0))
