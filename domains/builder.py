@@ -19,6 +19,13 @@ guests: they change their tables with mmu_update); a ``native`` kernel writes it
 at its entry point with paging on (CR3 = the L2), ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the
 top of the boot stack.
 
+A PAE guest (PAE_MODE "yes": guest type xen-3.0-x86_32p, ``xen`` backend only; elsewhere pae-unsupported) gets
+3-level tables instead, as setup_pgtables_x86_32_pae (xg_dom_x86.c) makes them (``domains/paging_pae.py``): an L3
+(CR3; start_info.pt_base its virtual address), an L2 per GiB used (always slot 3's, which holds the hole) and an L1
+per 2 MiB, all counted in nr_pt_frames; start_info.magic "xen-3.0-x86_32p"; the vCPUs run with CR4.PAE; no local
+APIC page (0xFEE00000 is inside the PAE hole, which starts at 0xF5800000 and holds the m2p there:
+``domains/rings.py``).
+
 shared_info starts as shared_info_x86_32 (xg_dom_x86.c) leaves it: zeroed, with every vcpu_info's
 ``evtchn_upcall_mask`` set (events start masked: a guest turns them on when it is ready for them), plus the
 wallclock the hypervisor chose, written under ``wc_version`` as Xen's update_domain_wallclock_time does.

@@ -677,21 +677,25 @@ class Vcpu:
         store = ptwr.decode(self.counter.detail_decoder(), code, eip)
         if store is None or store.size not in (1, 2, 4) or cr2 % store.size:
             return False
-        pa = translate(self.ram, self.cr3, cr2 & ~3, False)
-        if pa is None or pa + 4 > self.ram.nr_pages * _PAGE:
+        width = 8 if self.ram.pae else 4  # the entry the store is widened to
+        pa = translate(self.ram, self.cr3, cr2 & ~(width - 1), False)
+        if pa is None or pa + width > self.ram.nr_pages * _PAGE:
             return False
-        (word,) = struct.unpack_from("<I", self.ram.buf, pa)
+        word = int.from_bytes(self.ram.buf[pa : pa + width], "little")
+        offset = cr2 & (width - 1)
+        old = ptwr.part(word, offset, store.size)
         value = store.imm if store.source is None else ptwr.read_reg(self.reg, store.source)
-        if store.kind == "cmpxchg" and word != self.reg("eax"):  # fails as the CPU would: no update to check
-            self.set_regs({"eax": word, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
+        if store.kind == "cmpxchg" and old != self.reg("eax"):  # fails as the CPU would: no update to check
+            self.set_regs({"eax": old, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
             self._charge(self.irq_entry_ps)
             return True
         slot_va, slot_pa = rings.ptwr_slot(self.ram, self.vid)
-        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, cr2 & 3, store.size, value)))
+        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, offset, store.size, value, width)))
         self._trap_seq += 1
-        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, 0],
+        hint = ptwr.upper_half(width, offset, store)
+        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, hint],
                          emulated=True)
-        self._ptwr = ptwr.Pending(eip, cr2, store, word)
+        self._ptwr = ptwr.Pending(eip, cr2, store, old)
         return True
 
     def _finish_ptwr(self, pending: ptwr.Pending, value: int) -> None:

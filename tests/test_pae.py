@@ -12,6 +12,7 @@ import struct
 import weakref
 from typing import Any
 
+import attrs
 import pytest
 from helpers import call_events, core, make_call, run_handler
 from test_libelf import _image, _notes
@@ -274,6 +275,34 @@ def test_pin_l3_and_new_baseptr_for_pae(pae: Pae) -> None:
     assert rc == 0 and SetCr3(vcpu=0, cr3=l3) in call.effects
     rc, call = pae.ext(_C.NEW_BASEPTR, l2 >> 12)  # an L2 is no PAE base
     assert rc == -Errno.EINVAL
+
+
+def test_an_emulated_upper_half_write_that_leaves_an_invalid_entry_is_fixed_up(pae: Pae) -> None:
+    """ptwr_emulated_update's fix-up for a 32-bit PAE guest (xen/arch/x86/pv/ro-page-fault.c): the present bit
+    cleared instead of a refusal, only for a plain upper-half store (the fifth argument, domains/ptwr.py)."""
+    entry = (pae.boot.l1_mfns[0] << 12) + (pae.next_free >> 12) * 8
+    bad = 1 << 63 | pae.next_free | RO  # NX: refused as it stands
+    for hint, want in ((0, -Errno.EINVAL), (1, 0)):
+        data = struct.pack("<QQ", entry, bad)
+        assert write_virt(pae.ram, pae.boot.cr3, BASE + pae.scratch, data)
+        args = [BASE + pae.scratch, 1, 0, DOMID_SELF, hint]
+        call = make_call(_HV[pae.dom], pae.dom, Hypercall.mmu_update, args, pae.regions(Hypercall.mmu_update, args))
+        call.emulated = True
+        assert run_handler(mmu_update, call) == want, hint
+    assert call.effects == [WriteMachine(addr=entry, data=struct.pack("<Q", bad & ~1))]
+    assert pae.dom.frames.entry(pae.boot.l1_mfns[0], pae.next_free >> 12) == bad & ~1
+
+
+def test_ptwr_widens_a_half_store_to_the_64_bit_entry() -> None:
+    from domains import ptwr
+
+    store = ptwr.Store("mov", 2, 4, "eax", 0)
+    assert ptwr.merge(0x11111111_22222222, 4, 4, 0xAAAAAAAA, 8) == 0xAAAAAAAA_22222222
+    assert ptwr.merge(0x11111111_22222222, 0, 4, 0xAAAAAAAA, 8) == 0x11111111_AAAAAAAA
+    assert ptwr.merge(0x11111111_22222222, 4, 4, 0xAAAAAAAA) == 0x22222222  # non-PAE: 32 bits
+    assert ptwr.part(0x11111111_22222222, 4, 4) == 0x11111111
+    assert ptwr.upper_half(8, 4, store) == 1 and ptwr.upper_half(8, 0, store) == 0 and ptwr.upper_half(4, 0, store) == 0
+    assert ptwr.upper_half(8, 4, attrs.evolve(store, kind="cmpxchg")) == 0
 
 
 def test_pin_l3_is_refused_for_a_non_pae_domain() -> None:

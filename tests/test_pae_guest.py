@@ -5,7 +5,9 @@ nr_pt_frames counting every table frame, XENVER_capabilities and platform_parame
 MACH2PHYS_VIRT_START_PAE (0xF5800000) agreeing with the p2m, update_va_mapping with a 64-bit PTE passed as
 (va, low, high, flags), mmu_update of a 64-bit L1 entry, pinning an L1, an L2 and an L3 and running on that L3
 (MMUEXT_NEW_BASEPTR), and the refusals: an L3 without slot 3, a hole slot of the L2 under slot 3, slot 3 itself,
-a PTE with high flag bits. Skips where the headers or a gcc that builds 32-bit freestanding code are missing."""
+a PTE with high flag bits; and a direct write of a PTE's halves (writable page tables), with Xen's fix-up of an
+upper-half write that leaves an invalid entry (the present bit cleared). Skips where the headers or a gcc that
+builds 32-bit freestanding code are missing."""
 
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ static int ext(unsigned int cmd, unsigned long mfn)
 
 static unsigned long mfn_of(const void *va) { return ((unsigned long)va - BASE) >> 12; }
 static void *va_of(uint64_t e) { return (void *)(BASE + (unsigned long)(e & ADDR)); }
+static volatile uint64_t *pte_of(const uint64_t *l2, const void *va) /* in the kernel's GiB */
+{ return (volatile uint64_t *)va_of(l2[((unsigned long)va >> 21) & 511]) + (((unsigned long)va >> 12) & 511); }
 
 static int remap(const void *va, uint64_t flags) /* the linear-map entry of va, read-only or writable */
 { return HYPERVISOR_update_va_mapping((unsigned long)va, ((uint64_t)mfn_of(va) << 12) | flags,
@@ -165,6 +169,24 @@ void start_kernel(start_info_t *si)
     check("read va 0x1000 through the new l3", *(volatile unsigned char *)0x1000, 0x5a);
     check("back to the boot l3", ext(MMUEXT_NEW_BASEPTR, mfn_of(l3)), 0);
     check("unpin l3", ext(MMUEXT_UNPIN_TABLE, mfn_of(new_l3)), 0);
+
+    /* writable page tables: the two 4-byte halves of the PTE that maps `data`, written directly */
+    {
+        volatile uint64_t *pte = pte_of(l2, data);
+        volatile uint32_t *half = (volatile uint32_t *)pte;
+        half[0] = (mfn_of(other) << 12) | RO;
+        check("direct write of a pte's low half", (long)(*pte == (((uint64_t)mfn_of(other) << 12) | RO)), 1);
+        check("invlpg after it", ext(MMUEXT_INVLPG_LOCAL, (unsigned long)data), 0);
+        check("read through the written pte", *(volatile unsigned char *)data, 0x6b);
+        half[1] = 0x80000000u;  /* NX first: an invalid present entry, so Xen clears its present bit */
+        check("upper half first is fixed up",
+              (long)(*pte == ((0x80000000ULL << 32) | ((((uint64_t)mfn_of(other) << 12) | RO) & ~1ULL))), 1);
+        half[1] = 0;
+        half[0] = (mfn_of(data) << 12) | RW;
+        check("then the low half", (long)(*pte == (((uint64_t)mfn_of(data) << 12) | RW)), 1);
+        check("invlpg again", ext(MMUEXT_INVLPG_LOCAL, (unsigned long)data), 0);
+        check("the data page is back", *(volatile unsigned char *)data, 0x5a);
+    }
     check("l3 slot 3 is the hole's", set_entry(((uint64_t)mfn_of(l3) << 12) + 3 * 8, 0), -XEN_EPERM);
 
     /* the hole: slots of the L2 under slot 3 from HYPERVISOR_VIRT_START_PAE on are Xen's */
@@ -199,6 +221,9 @@ def test_c_pae_guest_boots_and_checks_3_level_tables(run_dir: Path) -> None:
     assert console[-1] == "mini-pae: 0 failures", console
     assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
     assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    events = read_events(run_dir / "run" / "trace" / "hypervisor.jsonl")
+    assert [e["event"] for e in events if e.get("dom") == dom["domid"] and e["event"].startswith("mmu.ptwr")] == [
+        "mmu.ptwr", "mmu.ptwr", "mmu.ptwr_pae_fixup", "mmu.ptwr", "mmu.ptwr"]
     denied: list[Any] = _denied(run_dir / "run", dom["domid"])
     assert denied == [
         ("pte-high-flags", "EINVAL"), ("writable-frame-not-l2", "EINVAL"), ("l3-slot-3-not-present", "EINVAL"),

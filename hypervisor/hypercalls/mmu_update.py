@@ -54,7 +54,7 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
         return mm.deny(call, Errno.EINVAL, "pte-misaligned", index=i, addr=addr)
     try:
         if frames.level(frame):
-            ptops.mod_entry(frames, frame, (addr % PAGE_SIZE) >> frames.entry_shift, val, call.mem.table)
+            val = _mod_entry(call, frame, (addr % PAGE_SIZE) >> frames.entry_shift, val)
         elif frames.type_of(frame) is PageType.SEG_DESC:  # get_page_type(PGT_writable_page) fails
             return mm.deny(call, Errno.EINVAL, "pte-frame-is-descriptor-table", index=i, addr=addr)
     except Refused as r:
@@ -63,6 +63,21 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
     call.effects.append(WriteMachine(addr=addr, data=struct.pack("<Q" if frames.pae else "<I", val)))
     call.trace("mmu.update", cmd=MmuCmd(cmd).name, addr=addr, val=val, level=frames.level(frame) or 0)
     return 0
+
+
+def _mod_entry(call: Call, frame: int, slot: int, val: int) -> int:
+    """ptops.mod_entry, or for an emulated PAE upper-half write it refuses, the fixed-up entry's (``ptwr``): the
+    entry written. Raises Refused."""
+    frames = call.dom.frames
+    try:
+        ptops.mod_entry(frames, frame, slot, val, call.mem.table)
+        return val
+    except Refused:
+        fixed = ptwr.upper_half_fixup(call, val)
+        if fixed is None:
+            raise
+    ptops.mod_entry(frames, frame, slot, fixed, call.mem.table)
+    return fixed
 
 
 def _machphys(call: Call, i: int, mfn: int, gpfn: int) -> int:
