@@ -25,7 +25,7 @@ from domains.paging import pte_address, read_virt, translate, walk, write_virt
 from domains.tablecopy import table_regions
 from hypervisor.domain import Domain
 from hypervisor.hypercall_page import hypercall_page
-from hypervisor.hypercalls import mmu_update, mmuext_op, update_va_mapping, xen_version
+from hypervisor.hypercalls import memory_op, mmu_update, mmuext_op, update_va_mapping, xen_version
 from hypervisor.pagetypes import PageType
 from hypervisor.ptops import type_initial_pae_tables
 from pvcluster.abi.copyin import copy_in
@@ -38,6 +38,7 @@ from pvcluster.abi.xen import (
     UVMF_INVLPG,
     UVMF_LOCAL,
     Hypercall,
+    MemoryOp,
     MmuextCmd,
     XenVer,
 )
@@ -305,6 +306,22 @@ def test_ptwr_widens_a_half_store_to_the_64_bit_entry() -> None:
     assert ptwr.upper_half(8, 4, attrs.evolve(store, kind="cmpxchg")) == 0
 
 
+def test_mmu_update_of_an_l3_slot_is_mod_l3_entry(pae: Pae) -> None:
+    l1, l2 = pae.next_free, pae.next_free + PAGE_SIZE
+    pae.ram.write_pa(l2, struct.pack("<Q", l1 | PDE))
+    _make_read_only(pae, l1, l2)
+    assert pae.ext(_C.PIN_L2_TABLE, l2 >> 12)[0] == 0
+    l3 = pae.boot.l2_mfn << 12
+    rc, call = pae.mmu([(l3, l2 | P)])
+    assert rc == 0 and call.effects == [WriteMachine(addr=l3, data=struct.pack("<Q", l2 | P))]
+    assert pae.dom.frames.count(l2 >> 12) == 2  # the pin and the L3 entry
+    rc, call = pae.mmu([(l3 + 8, l2 | P | RW)])  # an L3 entry has no RW (L3_DISALLOW_MASK)
+    assert rc == -Errno.EINVAL and _denied(call) == ["l3e-bad-flags"]
+    rc, call = pae.mmu([(l3 + 4 * 8, 0)])  # past the 4 slots
+    assert rc == -Errno.EINVAL and _denied(call) == ["l3-slot-out-of-range"]
+    assert pae.mmu([(l3, 0)])[0] == 0 and pae.dom.frames.count(l2 >> 12) == 1
+
+
 def test_pin_l3_is_refused_for_a_non_pae_domain() -> None:
     hv = core()
     dom = hv.create_domain(hv.spec.domains[1])
@@ -312,6 +329,18 @@ def test_pin_l3_is_refused_for_a_non_pae_domain() -> None:
     ops = struct.pack("<3I", _C.PIN_L3_TABLE, 0x100, 0)
     call = make_call(hv, dom, Hypercall.mmuext_op, [0x1000, 1, 0, DOMID_SELF], [Region(0x1000, 12, ops, False)])
     assert run_handler(mmuext_op, call) == -Errno.EINVAL and _denied(call) == ["no-such-level"]
+
+
+def test_machphys_mfn_list_names_the_frames_mapped_at_the_pae_m2p(pae: Pae) -> None:
+    """XENMEM_machphys_mfn_list for a PAE guest: the m2p's frames in 2 MiB extents, the first being the frame the
+    builder mapped at MACH2PHYS_VIRT_START_PAE (compat_arch_memory_op lists what the hole maps)."""
+    arg, out = BASE + pae.scratch, BASE + pae.scratch + 64
+    assert write_virt(pae.ram, pae.boot.cr3, arg, struct.pack("<3I", 4, out, 0))
+    rc, call = pae.call(memory_op, Hypercall.memory_op, [MemoryOp.machphys_mfn_list, arg])
+    assert rc == 0
+    first = struct.unpack("<I", call.mem.writes[0].data)[0]
+    assert first << 12 == translate(pae.ram, pae.boot.cr3, MACH2PHYS_VIRT_START_PAE, False)
+    assert struct.unpack_from("<I", call.mem.writes[-1].data, 8)[0] == 1  # nr_extents
 
 
 def test_xen_version_reports_the_pae_guest_type(pae: Pae) -> None:
