@@ -105,6 +105,7 @@ class PvVcpu(ctypes.Structure):
         ("tsc_priced", ctypes.c_uint64),
         ("recent", ctypes.c_void_p * RECENT),
         ("ecx_regid", ctypes.c_int64),
+        ("pae", ctypes.c_uint64),
     ]
 
 
@@ -249,7 +250,7 @@ class BlockHook:
     """
 
     def __init__(self, uc: Uc, cr3_regid: int, ram_addr: int, ram_size: int, table: CountTable,
-                 count: Counter, price: Counter) -> None:
+                 count: Counter, price: Counter, pae: bool = False) -> None:
         uclib = unicorn_library()
         self._count, self._price = count, price
         self.error: BaseException | None = None
@@ -261,7 +262,7 @@ class BlockHook:
             count=_address(self._callback), counts=table.ptr, ram=ram_addr, ram_size=ram_size,
             cr3_regid=cr3_regid, end_ps=0, reg_write=_address(uclib.uc_reg_write),
             price=_address(self._price_callback), eip_regid=X.UC_X86_REG_EIP, eax_regid=X.UC_X86_REG_EAX,
-            edx_regid=X.UC_X86_REG_EDX, ps_per_tick=PS_PER_TSC_TICK, ecx_regid=X.UC_X86_REG_ECX,
+            edx_regid=X.UC_X86_REG_EDX, ps_per_tick=PS_PER_TSC_TICK, ecx_regid=X.UC_X86_REG_ECX, pae=int(pae),
         )
         self.handle = _hook_add(uc, UC_HOOK_BLOCK, _address(library().pv_block_hook), self.state)
         self.rdtsc_handle = _hook_add(uc, UC_HOOK_INSN, _address(library().pv_rdtsc_hook), self.state,

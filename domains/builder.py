@@ -19,6 +19,13 @@ guests: they change their tables with mmu_update); a ``native`` kernel writes it
 at its entry point with paging on (CR3 = the L2), ``%esi`` = virtual address of ``start_info`` and ``%esp`` at the
 top of the boot stack.
 
+A PAE guest (PAE_MODE "yes": guest type xen-3.0-x86_32p, ``xen`` backend only; elsewhere pae-unsupported) gets
+3-level tables instead, as setup_pgtables_x86_32_pae (xg_dom_x86.c) makes them (``domains/paging_pae.py``): an L3
+(CR3; start_info.pt_base its virtual address), an L2 per GiB used (always slot 3's, which holds the hole) and an L1
+per 2 MiB, all counted in nr_pt_frames; start_info.magic "xen-3.0-x86_32p"; the vCPUs run with CR4.PAE; no local
+APIC page (0xFEE00000 is inside the PAE hole, which starts at 0xF5800000 and holds the m2p there:
+``domains/rings.py``).
+
 shared_info starts as shared_info_x86_32 (xg_dom_x86.c) leaves it: zeroed, with every vcpu_info's
 ``evtchn_upcall_mask`` set (events start masked: a guest turns them on when it is ready for them), plus the
 wallclock the hypervisor chose, written under ``wc_version`` as Xen's update_domain_wallclock_time does.
@@ -30,14 +37,22 @@ from pathlib import Path
 
 import attrs
 
-from domains import rings
-from domains.elf_load import GuestImage, ImageError, parse_guest_image
+from domains import paging_pae, rings
+from domains.elf_load import PAE_GUEST_TYPE, GuestImage, ImageError, parse_guest_image
 from domains.kernel.build import BUILTIN_KERNELS, KernelBuildError, cached_kernel
 from domains.memory import GuestRam, identity_table
-from domains.paging import build_initial_tables, initial_mappings, l1_tables_needed
+from domains.paging import (
+    PDE_FLAGS,
+    PTE_RAM,
+    PTE_RAM_RO,
+    InitialTables,
+    build_initial_tables,
+    initial_mappings,
+    l1_tables_needed,
+)
 from pvcluster.abi.layouts import MAX_GUEST_CMDLINE, SHARED_INFO, VCPU_INFO, StartInfo
 from pvcluster.abi.platform import APIC_BASE, GRANT_FRAME_BASE, START_INFO_MAGICS, VMI_ROM_BASE, HypervisorType
-from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE, XEN_LEGACY_MAX_VCPUS
+from pvcluster.abi.xen import HYPERVISOR_VIRT_START_PAE, PAGE_SHIFT, PAGE_SIZE, XEN_LEGACY_MAX_VCPUS
 from pvcluster.bus.messages import Build
 
 BOOT_STACK_PAGES = 4
@@ -67,17 +82,19 @@ class BootState:
     start_info: int  # virtual address
     stack_top: int
     regs: dict[str, int]
-    cr3: int = 0  # physical (= machine) address of the initial page directory
+    cr3: int = 0  # physical (= machine) address of the initial page directory (PAE: the L3)
     pt_base: int = 0  # its virtual address (start_info.pt_base)
-    l2_mfn: int = 0
+    l2_mfn: int = 0  # the root table's frame: the L2 (PAE: the L3)
     l1_mfns: tuple[int, ...] = ()
     store_mfn: int = 0  # the xenstore ring's page
     console_mfn: int = 0  # the console ring's page (struct xencons_interface)
     mfn_list: int = 0  # virtual address of the p2m (start_info.mfn_list)
+    pae: bool = False  # a PAE guest (xen-3.0-x86_32p): 3-level tables
+    l2_mfns: tuple[int, ...] = ()  # PAE: the L2s under the L3, in slot order
 
     @property
     def nr_pt_frames(self) -> int:
-        return 1 + len(self.l1_mfns)
+        return 1 + len(self.l2_mfns) + len(self.l1_mfns)
 
 
 def _page_up(x: int) -> int:
@@ -144,10 +161,37 @@ def init_shared_info(ram: GuestRam, wc_sec: int, wc_nsec: int) -> None:
     _version_bump(ram, version)  # 2: consistent
 
 
+def _check_hole(maps: dict[int, tuple[int, int]], backend: str, pae: bool) -> None:
+    """A ring-1 guest's initial mappings must stay out of the hypervisor hole: its two L2 slots (non-PAE), or
+    everything from HYPERVISOR_VIRT_START_PAE on (PAE)."""
+    if backend not in RING1_BACKENDS:
+        return
+    if pae and any(va >= HYPERVISOR_VIRT_START_PAE for va in maps):
+        raise ValueError(f"it reaches into the PAE hypervisor hole at {HYPERVISOR_VIRT_START_PAE:#x}")
+    if not pae and any(va >> 22 in HOLE_SLOTS for va in maps):
+        raise ValueError("it reaches into the hypervisor hole at 0xFC000000")
+
+
+def _build_tables(
+    ram: GuestRam, at: int, maps: dict[int, tuple[int, int]], read_only: bool
+) -> InitialTables | paging_pae.PaeTables:
+    """The initial tables in the domain's mode: an L2 and its L1s, or (PAE, as setup_pgtables_x86_32_pae) an L3,
+    its L2s (slot 3's always, for the hole) and their L1s."""
+    if not ram.pae:
+        return build_initial_tables(ram, at, maps, tables_read_only=read_only)
+    return paging_pae.build_tables(ram, at, maps, pde_flags=PDE_FLAGS,
+                                   read_only=(PTE_RAM, PTE_RAM_RO) if read_only else None,
+                                   l3_slots=(rings.PAE_HOLE_L3_SLOT,))
+
+
 def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     """Build the guest's memory for ``req``; raise ImageError with a specific code when it cannot be done."""
     image = parse_guest_image(req.image or load_kernel_bytes(req.kernel), req.memory_bytes)
-    ram = GuestRam(req.memory_bytes, image.virt_base)
+    pae = image.guest_type == PAE_GUEST_TYPE
+    if pae and req.backend not in RING1_BACKENDS:
+        raise ImageError("pae-unsupported", f"a {PAE_GUEST_TYPE} guest runs only on the xen backend, not "
+                                            f"{req.backend}")
+    ram = GuestRam(req.memory_bytes, image.virt_base, pae=pae)
     for seg in image.segments:
         ram.write_pa(seg.paddr, seg.data)
     if image.hypercall_page is not None:
@@ -165,13 +209,14 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         # RAM, shared_info and the GDT frame: not the grant frames, which the guest maps once its table has grown
         # to them (grant_table_op setup_table), as on Xen
         mapped = req.memory_bytes + GRANT_FRAME_BASE * PAGE_SIZE
-        maps = initial_mappings(image.virt_base, mapped, mmio=(APIC_BASE,), rom=rom_pages)
-        if req.backend in RING1_BACKENDS and any(va >> 22 in HOLE_SLOTS for va in maps):
-            raise ValueError("it reaches into the hypervisor hole at 0xFC000000")
+        # PAE: no local APIC page (0xFEE00000 is inside the PAE hole, all of which is Xen's)
+        maps = initial_mappings(image.virt_base, mapped, mmio=() if pae else (APIC_BASE,), rom=rom_pages)
+        _check_hole(maps, req.backend, pae)
     except ValueError as exc:
         raise ImageError("bad-metadata", f"VIRT_BASE {image.virt_base:#x}: {exc}") from None
     pt_pa = stack_top_pa
-    pt_end_pa = pt_pa + PAGE_SIZE * (1 + l1_tables_needed(maps))
+    nr_tables = paging_pae.tables_needed(maps, (rings.PAE_HOLE_L3_SLOT,)) if pae else 1 + l1_tables_needed(maps)
+    pt_end_pa = pt_pa + PAGE_SIZE * nr_tables
     if pt_end_pa + SPECIAL_PAGES * PAGE_SIZE > req.memory_bytes:
         raise ImageError(
             "image-too-large",
@@ -179,10 +224,10 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
             f"{pt_end_pa + SPECIAL_PAGES * PAGE_SIZE} bytes; the domain has {req.memory_bytes}",
         )
     ram.write_pa(p2m_pa, identity_table(ram.nr_pages))  # setup_pgtables_x86_32_pae's copy of dom->pv_p2m[]
-    tables = build_initial_tables(ram, pt_pa, maps, tables_read_only=req.backend in READ_ONLY_PAGE_TABLES)
+    tables = _build_tables(ram, pt_pa, maps, req.backend in READ_ONLY_PAGE_TABLES)
     if req.backend in RING1_BACKENDS:
         rings.init_hole(ram)
-        rings.install_hole(ram, tables.l2)
+        rings.install_hole(ram, tables.root)
     store_mfn, console_mfn = _special_pages(ram, pt_end_pa)
     init_shared_info(ram, req.wc_sec, req.wc_nsec)
     cmdline_text = req.cmdline if req.patching else f"{req.cmdline} {NO_PATCHING_FLAG}".strip()
@@ -192,7 +237,7 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
     start_info = StartInfo(
         nr_pages=ram.nr_pages,
         shared_info=ram.shared_info_paddr,
-        pt_base=image.virt_base + tables.l2,
+        pt_base=image.virt_base + tables.root,
         nr_pt_frames=len(tables.frames),
         cmd_line=cmdline,
         store_mfn=store_mfn,
@@ -201,7 +246,8 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         console_evtchn=req.console_evtchn,
         mfn_list=image.virt_base + p2m_pa,
     )
-    block = bytearray(start_info.pack(magic=START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])))
+    magic = PAE_GUEST_TYPE.encode() if pae else START_INFO_MAGIC.get(req.backend, START_INFO_MAGIC["native"])
+    block = bytearray(start_info.pack(magic=magic))
     if req.start_info_ident is not None:  # the "ident" fault (hypervisor/faults.py): an ident no backend knows
         block[0:4] = (req.start_info_ident & 0xFFFFFFFF).to_bytes(4, "little")
     ram.write_pa(si_pa, bytes(block))
@@ -215,16 +261,19 @@ def build_domain(req: Build) -> tuple[GuestRam, BootState]:
         "eflags": 0x2,
     }
     frames = tables.frames
+    l2_count = len(tables.l2s) if isinstance(tables, paging_pae.PaeTables) else 0
     return ram, BootState(
         image=image,
         entry=image.entry,
         start_info=si_va,
         stack_top=stack_top,
         regs=regs,
-        cr3=tables.l2,
-        pt_base=image.virt_base + tables.l2,
+        cr3=tables.root,
+        pt_base=image.virt_base + tables.root,
         l2_mfn=frames[0],
-        l1_mfns=frames[1:],
+        l2_mfns=frames[1 : 1 + l2_count],
+        l1_mfns=frames[1 + l2_count :],
+        pae=pae,
         store_mfn=store_mfn,
         console_mfn=console_mfn,
         mfn_list=image.virt_base + p2m_pa,

@@ -102,7 +102,11 @@ def _set_va_pte(proc: DomainProcess, e: SetVaPte, vt_ns: int, caller: int) -> No
     if pte_pa is None:
         proc.trace("domain.bad_write", vcpu=caller, va=e.va, detail="no L1 table maps this va")
     else:
-        proc.memory.write_pa(pte_pa, (e.value & 0xFFFFFFFF).to_bytes(4, "little"))
+        ram = proc.memory
+        if ram.pae:  # a 64-bit entry
+            ram.write_pa(pte_pa, (e.value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
+        else:
+            ram.write_pa(pte_pa, (e.value & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 def _set_context(proc: DomainProcess, e: SetContext, vt_ns: int, caller: int) -> None:

@@ -27,7 +27,9 @@ Where each rule comes from (``xen/common/libelf/``, ``tools/libs/guest/``):
   (bimodal: PAE only if the hypervisor offers it), and a guest type the hypervisor does not list is refused.
 
 What this simulator cannot run correctly is refused with a specific code rather than started: the capabilities
-are in SUPPORT (one place: lifting a refusal once PAE or writable page tables land is an edit there).
+are in SUPPORT (one place: lifting a refusal once a capability lands is an edit there). PAE kernels
+(PAE_MODE "yes" / "yes[extended-cr3]", guest type xen-3.0-x86_32p) are accepted; the builder refuses them
+(pae-unsupported) only on a backend other than xen. A bimodal kernel runs non-PAE.
 
 Refusal codes (``ImageError.code``): not-elf, wrong-class, wrong-machine, bad-metadata (damaged file or values),
 no-xen-metadata, feature-unknown (a required FEATURES name libelf does not know), paddr-offset-without-virt-base,
@@ -113,13 +115,15 @@ class Support:
     guest_types: frozenset[str]  # as XENVER_capabilities would list them (xc_dom_compat_check)
     features: frozenset[XenFeat]  # XENFEAT_* a kernel may require with "!"
     bsd_symtab: bool  # whether the builder loads the symbol table after the kernel (elf_load_bsdsyms)
+    bimodal_pae: bool = True  # xc_dom_guest_type's rule: a bimodal kernel runs PAE where PAE is offered
 
 
-# 2-level (non-PAE) paging only; writable page tables (domains/ptwr.py); no auto-translated or shadow mode, no
-# ring-0 guest kernel, no HVM callback vector, never dom0; the builder loads no symbol table. Add a capability here
-# when it is implemented and the matching refusal lifts.
-SUPPORT = Support(guest_types=frozenset({NON_PAE_GUEST_TYPE}), features=frozenset({XenFeat.writable_page_tables}),
-                  bsd_symtab=False)
+# 2-level and PAE paging (xen-3.0-x86_32p: domains/paging_pae.py, on the xen backend only); a bimodal kernel keeps
+# running non-PAE (a departure: Xen would run it PAE); writable page tables (domains/ptwr.py); no auto-translated
+# or shadow mode, no ring-0 guest kernel, no HVM callback vector, never dom0; the builder loads no symbol table.
+# Add a capability here when it is implemented and the matching refusal lifts.
+SUPPORT = Support(guest_types=frozenset({NON_PAE_GUEST_TYPE, PAE_GUEST_TYPE}),
+                  features=frozenset({XenFeat.writable_page_tables}), bsd_symtab=False, bimodal_pae=False)
 
 
 class ImageError(Exception):
@@ -522,7 +526,8 @@ def _bits(bitmap: int) -> frozenset[int]:
 def _guest_type(pae: XenPae, support: Support) -> str:
     """xc_dom_guest_type for EM_386: bimodal runs PAE only where the hypervisor offers PAE."""
     if pae is XenPae.BIMODAL:
-        return PAE_GUEST_TYPE if PAE_GUEST_TYPE in support.guest_types else NON_PAE_GUEST_TYPE
+        offered = PAE_GUEST_TYPE in support.guest_types and support.bimodal_pae
+        return PAE_GUEST_TYPE if offered else NON_PAE_GUEST_TYPE
     return PAE_GUEST_TYPE if pae in (XenPae.YES, XenPae.EXTCR3) else NON_PAE_GUEST_TYPE
 
 

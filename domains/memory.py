@@ -9,6 +9,7 @@ import struct
 from pvcluster.abi.platform import (
     GDT_FRAME,
     HOLE_FRAMES,
+    HOLE_FRAMES_PAE,
     HYPERVISOR_FRAMES,
     M2P_FRAME_BASE,
     SHARED_INFO_FRAME,
@@ -33,15 +34,20 @@ class GuestRam:
     Each vCPU maps the buffer at physical address 0 and runs with paging on; the builder's initial tables map it
     linearly at ``virt_base`` (so the GDT, for one, is at virtual ``virt_base + gdt_paddr``). Access by virtual
     address goes through a vCPU's page tables: see ``domains.paging``.
+
+    ``pae``: the domain's paging mode (a PAE guest, xen-3.0-x86_32p: 3-level tables of 64-bit entries), which every
+    walk of its tables (``domains.paging``, the block hook) reads from here; a PAE hole has one frame more.
     """
 
-    def __init__(self, memory_bytes: int, virt_base: int) -> None:
+    def __init__(self, memory_bytes: int, virt_base: int, pae: bool = False) -> None:
         if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
             raise ValueError(f"memory size {memory_bytes} is not a positive multiple of {PAGE_SIZE}")
         self.nr_pages = memory_bytes // PAGE_SIZE
         self.m2p_paddr = memory_bytes + M2P_FRAME_BASE * PAGE_SIZE
         self.m2p_pages = m2p_frames(self.nr_pages)
-        self.size = memory_bytes + (HYPERVISOR_FRAMES + self.m2p_pages + HOLE_FRAMES) * PAGE_SIZE
+        self.pae = pae
+        hole = HOLE_FRAMES_PAE if pae else HOLE_FRAMES
+        self.size = memory_bytes + (HYPERVISOR_FRAMES + self.m2p_pages + hole) * PAGE_SIZE
         self.virt_base = virt_base
         self.shared_info_paddr = memory_bytes + SHARED_INFO_FRAME * PAGE_SIZE
         self.gdt_paddr = memory_bytes + GDT_FRAME * PAGE_SIZE

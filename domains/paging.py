@@ -1,4 +1,5 @@
-"""x86-32 two-level paging (non-PAE, 4 KiB pages) as the domain process sees it.
+"""x86-32 two-level paging (non-PAE, 4 KiB pages) as the domain process sees it; for a PAE domain (``ram.pae``)
+each walk here hands over to ``domains.paging_pae``, so callers need not know the mode.
 
 Every vCPU's Unicorn instance runs with CR0.PG on over the guest RAM mapped at physical address 0, so the CPU's
 own page walker (and each vCPU's own TLB) translates guest code's accesses. Whatever the domain process does to
@@ -20,6 +21,7 @@ import struct
 
 import attrs
 
+from domains import paging_pae
 from domains.memory import GuestRam
 from pvcluster.abi.x86 import PTE_ACCESSED, PTE_DIRTY, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_RW, PTE_USER
 from pvcluster.abi.xen import PAGE_SIZE
@@ -48,6 +50,8 @@ def _entry(ram: GuestRam, pa: int) -> int | None:
 def pte_address(ram: GuestRam, cr3: int, va: int) -> int | None:
     """Physical address of the L1 entry that maps ``va``, or None if its PDE is not present (or the tables are
     not in RAM)."""
+    if ram.pae:
+        return paging_pae.pte_address(ram, cr3, va)
     va &= 0xFFFFFFFF
     pde = _entry(ram, (cr3 & _FRAME) + (va >> 22) * 4)
     if pde is None or not pde & PTE_PRESENT:
@@ -61,6 +65,8 @@ def translate(ram: GuestRam, cr3: int, va: int, write: bool) -> int | None:
     ``write`` and the PDE or the PTE lacks RW (CR0.WP is on: supervisor writes honour read-only entries).
 
     The vCPU's block hook calls this for every block it runs, hence the one flat function."""
+    if ram.pae:
+        return paging_pae.translate(ram, cr3, va, write)
     va &= 0xFFFFFFFF
     buf = ram.buf
     try:  # an entry beyond the end of RAM: struct.error
@@ -79,7 +85,9 @@ def walk(ram: GuestRam, cr3: int, va: int, length: int) -> tuple[list[int], list
     """How ``[va, va+length)`` translates through the tables at ``cr3``, page by page (a zero length: ``va``'s page
     alone): the physical addresses of the entries the walk reads (each page's PDE, then its PTE when the PDE is
     present), and the frame each page maps to (-1: not present). A write to one of those entries, and only that,
-    can change what the span translates to."""
+    can change what the span translates to. (PAE: each page's L3, L2 and L1 entries.)"""
+    if ram.pae:
+        return paging_pae.walk(ram, cr3, va, length)
     va &= 0xFFFFFFFF
     first, last = va >> 12, min(va + max(length, 1) - 1, _ADDR_LIMIT - 1) >> 12
     entries: list[int] = []
@@ -146,6 +154,10 @@ def write_virt(ram: GuestRam, cr3: int, va: int, data: bytes) -> bool:
 class InitialTables:
     l2: int  # physical address of the page directory (CR3)
     l1s: tuple[int, ...]  # physical addresses of the L1 tables, in PDE order
+
+    @property
+    def root(self) -> int:
+        return self.l2
 
     @property
     def frames(self) -> tuple[int, ...]:

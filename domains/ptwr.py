@@ -1,12 +1,16 @@
 """Writable page tables, the domain process's half: decode a ring-1 write that faulted on a read-only page and send it
 to the hypervisor as the one-entry mmu_update it amounts to (``hypervisor/ptwr.py`` checks it is an L1 entry).
 
-As Xen's ptwr emulation (xen/arch/x86/pv/ro-page-fault.c): only a naturally aligned store of 1, 2 or 4 bytes inside
-the faulting page, widened to the whole 32-bit entry (the bytes the guest did not write are the entry's own); a
+As Xen's ptwr emulation (xen/arch/x86/pv/ro-page-fault.c, ptwr_emulated_update): only a naturally aligned store of 1,
+2 or 4 bytes inside the faulting page, widened to the whole entry, 32 bits or for a PAE guest 64 (the bytes the guest
+did not write are the entry's own: a PAE PTE is written in two 4-byte halves); a
 ``cmpxchg`` compares against the entry as it is (a page table changes only through the hypervisor, whose updates
 this process applies, so the copy here is current) and fails without a hypercall when it differs. The
 instructions decoded are the stores page-table code uses: ``mov`` from a register or an immediate, ``xchg`` and
-``cmpxchg`` with a 32-bit register. Anything else, or a write the hypervisor refuses, is the guest's page fault.
+``cmpxchg`` with a 32-bit register (no ``cmpxchg8b``). Anything else, or a write the hypervisor refuses, is the
+guest's page fault. A PAE guest's plain 4-byte store to the upper half of an entry goes with ``UPPER_HALF`` as the
+trap's fifth argument: the hypervisor then applies Xen's fix-up for an entry the store leaves invalid
+(``hypervisor/ptwr.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ _SUB = {  # 16- and 8-bit registers: (32-bit register, shift, width)
     "ah": ("eax", 8, 8), "ch": ("ecx", 8, 8), "dh": ("edx", 8, 8), "bh": ("ebx", 8, 8),
 }
 EFLAGS_ZF = 0x40
+UPPER_HALF = 1  # the emulated mmu_update's fifth argument: a PAE upper-half store, not a cmpxchg
 
 
 @attrs.frozen
@@ -46,7 +51,7 @@ class Pending:
     eip: int
     cr2: int
     store: Store
-    old_word: int
+    old_word: int  # the bytes the store replaces (what xchg returns)
 
 
 def decode(md: capstone.Cs, code: bytes, eip: int) -> Store | None:
@@ -79,11 +84,21 @@ def read_reg(reg: Callable[[str], int], name: str) -> int:
     return reg(full) >> shift & ((1 << width) - 1)
 
 
-def merge(word: int, offset: int, size: int, value: int) -> int:
-    """The 32-bit entry ``word`` with ``size`` bytes at byte ``offset`` replaced by ``value`` (Xen widens a sub-word
-    store the same way)."""
+def merge(word: int, offset: int, size: int, value: int, width: int = 4) -> int:
+    """The ``width``-byte entry ``word`` (4, or 8 for PAE) with ``size`` bytes at byte ``offset`` replaced by
+    ``value`` (Xen widens a sub-word store the same way)."""
     mask = ((1 << size * 8) - 1) << offset * 8
-    return (word & ~mask | (value << offset * 8) & mask) & 0xFFFFFFFF
+    return (word & ~mask | (value << offset * 8) & mask) & ((1 << width * 8) - 1)
+
+
+def part(word: int, offset: int, size: int) -> int:
+    """The ``size`` bytes at byte ``offset`` of an entry."""
+    return word >> offset * 8 & ((1 << size * 8) - 1)
+
+
+def upper_half(width: int, offset: int, store: Store) -> int:
+    """``UPPER_HALF`` for a plain 4-byte store to the upper half of a PAE entry, else 0."""
+    return UPPER_HALF if width == 8 and offset == 4 and store.size == 4 and store.kind != "cmpxchg" else 0
 
 
 def request(pte_ma: int, value: int) -> bytes:

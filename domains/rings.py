@@ -4,10 +4,13 @@ A 32-bit PV kernel runs in ring 1 on Xen's flat selectors (FLAT_RING1_CS 0xe019,
 code in ring 3 (0xe02b, 0xe033). Those selectors index Xen's reserved GDT entries, past the guest's own
 (FIRST_RESERVED_GDT_PAGE), so every vCPU's GDT register points at a window of the hypervisor hole: 14 pages showing
 the frames the guest gave set_gdt (or a zero page: no descriptor), then the page of Xen's reserved entries, then
-the trampoline page (below). The hole is two L2 slots the domain process writes into every page directory the guest
-runs on (``install_hole``, as Xen's init_xen_l2_slots when a frame becomes an L2), both pointing at hypervisor
+the trampoline page (below). The hole (non-PAE) is two L2 slots the domain process writes into every page directory
+the guest runs on (``install_hole``, as Xen's init_xen_l2_slots when a frame becomes an L2), both pointing at hypervisor
 frames: the m2p's L1 at MACH2PHYS_VIRT_START and the per-domain L1 of the GDT windows. Every PTE there is read-only
 and supervisor-only, so ring 1 reads its descriptors and the m2p but writes neither, and ring 3 reads nothing.
+For a PAE guest the hole starts at HYPERVISOR_VIRT_START_PAE (0xF5800000) and lives in the L2 under L3 slot 3
+(xen-x86_32.h; Xen's PGT_pae_xen_l2): three 2 MiB slots there, the m2p's L1 at 0xF5800000 and the per-domain
+area's two L1s at 0xFC400000 (32 vCPUs' 128 KiB windows are 4 MiB), all with 64-bit entries.
 
 Changing rings. Unicorn checks segment loads from the host as the CPU would: SS takes only a selector whose RPL is
 the current privilege level, and the CPL follows SS (QEMU's cpu_x86_load_seg_cache). So the domain process moves a
@@ -32,6 +35,7 @@ import struct
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc
 from unicorn import x86_const as X
 
+from domains import paging_pae
 from domains.memory import GuestRam
 from domains.paging import PDE_FLAGS, PTE_M2P, PTE_RAM_RO
 from pvcluster.abi.platform import (
@@ -51,12 +55,19 @@ from pvcluster.abi.xen import (
     HYPERVISOR_CS,
     HYPERVISOR_DS,
     MACH2PHYS_VIRT_START_NONPAE,
+    MACH2PHYS_VIRT_START_PAE,
     PAGE_SIZE,
     XEN_LEGACY_MAX_VCPUS,
 )
 
 M2P_SLOT = MACH2PHYS_VIRT_START_NONPAE >> 22
 PERDOMAIN_SLOT = PERDOMAIN_VIRT_START >> 22
+# PAE: the hole is in the L2 under L3 slot 3 (the top GiB), whose slots from HYPERVISOR_VIRT_START_PAE on are Xen's
+# (a PAE L2 slot maps 2 MiB): the m2p's L1 at MACH2PHYS_VIRT_START_PAE, the per-domain area's two L1s at
+# PERDOMAIN_VIRT_START (still inside the PAE hole).
+PAE_HOLE_L3_SLOT = 3
+PAE_M2P_SLOT = MACH2PHYS_VIRT_START_PAE >> 21 & (paging_pae.ENTRIES - 1)
+PAE_PERDOMAIN_SLOT = PERDOMAIN_VIRT_START >> 21 & (paging_pae.ENTRIES - 1)
 # The GDT limit every ring-1 vCPU runs with: the guest's 14 pages and Xen's reserved page.
 GDT_LIMIT = FIRST_RESERVED_GDT_BYTE + PAGE_SIZE - 1
 # Where in the trampoline page vCPU v's iret frame goes (the iretd itself is at offset 0), and the mmu_update request
@@ -108,12 +119,20 @@ def _pa(ram: GuestRam, which: HoleFrame) -> int:
     return hole_frame(ram.nr_pages, which) * PAGE_SIZE
 
 
+def _pte_size(ram: GuestRam) -> int:
+    return 8 if ram.pae else 4
+
+
+def _put_entry(ram: GuestRam, pa: int, value: int) -> None:
+    struct.pack_into("<Q" if ram.pae else "<I", ram.buf, pa, value)
+
+
 def init_hole(ram: GuestRam) -> None:
     """Fill the hole's frames: the m2p's L1, every vCPU's GDT window (no guest GDT yet), Xen's reserved entries, the
-    zero page and the trampoline."""
+    zero page and the trampoline. (PAE: 64-bit entries; a 2 MiB m2p L1 covers 512 m2p pages, 2 GiB of frames.)"""
     m2p_l1 = _pa(ram, HoleFrame.m2p_l1)
     for i in range(ram.m2p_pages):
-        struct.pack_into("<I", ram.buf, m2p_l1 + 4 * i, ram.m2p_paddr + i * PAGE_SIZE | PTE_M2P)
+        _put_entry(ram, m2p_l1 + _pte_size(ram) * i, ram.m2p_paddr + i * PAGE_SIZE | PTE_M2P)
     ram.write_pa(_pa(ram, HoleFrame.xen_gdt), reserved_gdt_page())
     ram.write_pa(_pa(ram, HoleFrame.zero), bytes(PAGE_SIZE))
     ram.write_pa(_pa(ram, HoleFrame.trampoline), _IRETD.ljust(PAGE_SIZE, b"\xcc"))
@@ -124,15 +143,47 @@ def init_hole(ram: GuestRam) -> None:
 
 
 def install_hole(ram: GuestRam, l2_pa: int) -> None:
-    """Point the hole's slots of the page directory at ``l2_pa`` at the hypervisor's L1s."""
+    """Point the hole's slots of the page directory at ``l2_pa`` at the hypervisor's L1s. For PAE ``l2_pa`` is the
+    L3 (the CR3), and the slots are those of the L2 its slot 3 names, as Xen's init_xen_pae_l2_slots fills the
+    PGT_pae_xen_l2 L2 (nothing when that slot is not present: the hypervisor never lets such an L3 be a base)."""
+    if ram.pae:
+        _install_pae_hole(ram, l2_pa)
+        return
     for slot, which in ((M2P_SLOT, HoleFrame.m2p_l1), (PERDOMAIN_SLOT, HoleFrame.perdomain_l1)):
         if l2_pa + slot * 4 + 4 <= ram.size:
             struct.pack_into("<I", ram.buf, l2_pa + slot * 4, _pa(ram, which) | PDE_FLAGS)
 
 
+def pae_hole_slots(ram: GuestRam) -> dict[int, int]:
+    """A PAE domain's hole L2 slots -> the hypervisor L1 frame's physical address each names."""
+    return {PAE_M2P_SLOT: _pa(ram, HoleFrame.m2p_l1), PAE_PERDOMAIN_SLOT: _pa(ram, HoleFrame.perdomain_l1),
+            PAE_PERDOMAIN_SLOT + 1: _pa(ram, HoleFrame.perdomain_l1_hi)}
+
+
+def _install_pae_hole(ram: GuestRam, l3_pa: int) -> None:
+    at = l3_pa + PAE_HOLE_L3_SLOT * 8
+    if at + 8 > ram.size:
+        return
+    (l3e,) = struct.unpack_from("<Q", ram.buf, at)
+    l2_pa = l3e & paging_pae.ADDR_MASK
+    if not l3e & 1 or l2_pa + PAGE_SIZE > ram.size:
+        return
+    for slot, l1_pa in pae_hole_slots(ram).items():
+        struct.pack_into("<Q", ram.buf, l2_pa + slot * 8, l1_pa | PDE_FLAGS)
+
+
+def _window_pte_pa(ram: GuestRam, index: int) -> int:
+    """Physical address of the per-domain area's PTE ``index`` (pages from PERDOMAIN_VIRT_START): one 1024-entry
+    L1 non-PAE, two 512-entry ones PAE."""
+    if not ram.pae:
+        return _pa(ram, HoleFrame.perdomain_l1) + 4 * index
+    which = HoleFrame.perdomain_l1 if index < paging_pae.ENTRIES else HoleFrame.perdomain_l1_hi
+    return _pa(ram, which) + 8 * (index % paging_pae.ENTRIES)
+
+
 def _set_window_pte(ram: GuestRam, vid: int, page: int, pa: int) -> None:
     index = (gdt_base(vid) - PERDOMAIN_VIRT_START >> 12) + page
-    struct.pack_into("<I", ram.buf, _pa(ram, HoleFrame.perdomain_l1) + 4 * index, pa | PTE_RAM_RO)
+    _put_entry(ram, _window_pte_pa(ram, index), pa | PTE_RAM_RO)
 
 
 def map_gdt(ram: GuestRam, vid: int, frames: list[int]) -> None:
@@ -151,8 +202,8 @@ def set_descriptor_accessed(ram: GuestRam, vid: int, cr2: int) -> bool:
     offset = cr2 - gdt_base(vid)
     if not 0 <= offset < FIRST_RESERVED_GDT_BYTE:
         return False
-    pte_pa = _pa(ram, HoleFrame.perdomain_l1) + 4 * ((cr2 - PERDOMAIN_VIRT_START) >> 12)
-    (pte,) = struct.unpack_from("<I", ram.buf, pte_pa)
+    pte_pa = _window_pte_pa(ram, (cr2 - PERDOMAIN_VIRT_START) >> 12)
+    (pte,) = struct.unpack_from("<Q" if ram.pae else "<I", ram.buf, pte_pa)
     desc_pa = (pte & 0xFFFFF000) + (offset & 0xFF8)
     if pte & 0xFFFFF000 == _pa(ram, HoleFrame.zero) or desc_pa + 8 > ram.nr_pages * PAGE_SIZE:
         return False

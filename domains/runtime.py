@@ -265,7 +265,10 @@ class DomainProcess:
             l1_mfns=list(boot.l1_mfns),
             store_mfn=boot.store_mfn,
             console_mfn=boot.console_mfn,
-            tables=b"".join(ram.read_pa(mfn << PAGE_SHIFT, PAGE_SIZE) for mfn in (boot.l2_mfn, *boot.l1_mfns)),
+            tables=b"".join(ram.read_pa(mfn << PAGE_SHIFT, PAGE_SIZE)
+                            for mfn in (boot.l2_mfn, *boot.l2_mfns, *boot.l1_mfns)),
+            pae=boot.pae,
+            l2_mfns=list(boot.l2_mfns),
         )
 
     # -- windows ---------------------------------------------------------------------------------------------

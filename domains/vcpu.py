@@ -81,6 +81,7 @@ _STOP_ADDR = 0xFFFFFFFF  # emu_start's `until`; ignored, since each vCPU turns e
 # (RDTSC reads it in TSC ticks, through the C hook: domains/blockhook.py); a write to MARK_PORT puts a guest mark in
 # the trace at the exact virtual time (workloads use it to bracket what they measure, e.g. each TLB shootdown).
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
+CR4_PAE = 1 << 5
 PAGE_FAULT_VECTOR = 14
 _PAGE = 0x1000
 # Instructions that write memory without naming it as an operand (the stack).
@@ -222,7 +223,7 @@ class Vcpu:
         # Virtual time: the C hook's state holds the clock relative to _base_ps (so C's 64 bits never overflow
         # whatever Python sets it to), the slice end on the same base, and the instruction count.
         self._hook = BlockHook(self.uc, X.UC_X86_REG_CR3, ram.host_addr, ram.size, counter.table, self._count_block,
-                               self._price_prefix)
+                               self._price_prefix, pae=ram.pae)
         self._st = self._hook.state
         self._base_ps = 0
         self.ps_per_instr = ps_per_instr
@@ -267,6 +268,8 @@ class Vcpu:
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
         # Paging first: loading the segment registers reads their descriptors from the GDT by virtual address.
         self.uc.reg_write(X.UC_X86_REG_CR3, cr3 & 0xFFFFF000)
+        if ram.pae:  # a PAE guest's vCPUs run with CR4.PAE: 3-level tables (Xen's pv_guest_cr4_to_real_cr4 keeps it)
+            self.uc.reg_write(X.UC_X86_REG_CR4, int(self.uc.reg_read(X.UC_X86_REG_CR4)) | CR4_PAE)
         self.uc.reg_write(X.UC_X86_REG_CR0, int(self.uc.reg_read(X.UC_X86_REG_CR0)) | CR0_PG | CR0_WP)
         if ring1:  # on the hypervisor's ring-0 selectors until enter_kernel moves it to ring 1
             self.uc.reg_write(X.UC_X86_REG_GDTR, (0, rings.gdt_base(vid), rings.GDT_LIMIT, 0))
@@ -674,21 +677,25 @@ class Vcpu:
         store = ptwr.decode(self.counter.detail_decoder(), code, eip)
         if store is None or store.size not in (1, 2, 4) or cr2 % store.size:
             return False
-        pa = translate(self.ram, self.cr3, cr2 & ~3, False)
-        if pa is None or pa + 4 > self.ram.nr_pages * _PAGE:
+        width = 8 if self.ram.pae else 4  # the entry the store is widened to
+        pa = translate(self.ram, self.cr3, cr2 & ~(width - 1), False)
+        if pa is None or pa + width > self.ram.nr_pages * _PAGE:
             return False
-        (word,) = struct.unpack_from("<I", self.ram.buf, pa)
+        word = int.from_bytes(self.ram.buf[pa : pa + width], "little")
+        offset = cr2 & (width - 1)
+        old = ptwr.part(word, offset, store.size)
         value = store.imm if store.source is None else ptwr.read_reg(self.reg, store.source)
-        if store.kind == "cmpxchg" and word != self.reg("eax"):  # fails as the CPU would: no update to check
-            self.set_regs({"eax": word, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
+        if store.kind == "cmpxchg" and old != self.reg("eax"):  # fails as the CPU would: no update to check
+            self.set_regs({"eax": old, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
             self._charge(self.irq_entry_ps)
             return True
         slot_va, slot_pa = rings.ptwr_slot(self.ram, self.vid)
-        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, cr2 & 3, store.size, value)))
+        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, offset, store.size, value, width)))
         self._trap_seq += 1
-        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, 0],
+        hint = ptwr.upper_half(width, offset, store)
+        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, hint],
                          emulated=True)
-        self._ptwr = ptwr.Pending(eip, cr2, store, word)
+        self._ptwr = ptwr.Pending(eip, cr2, store, old)
         return True
 
     def _finish_ptwr(self, pending: ptwr.Pending, value: int) -> None:

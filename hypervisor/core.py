@@ -263,14 +263,19 @@ class Hypervisor:
             dom.move(DomainState.CRASHED, dom.crash_detail)
             self.printk(f"d{dom.domid} ({dom.name}): {dom.crash_detail}", dom=dom.domid, error_code=res.error_code)
             return
-        if not all(0 <= mfn < dom.nr_pages for mfn in (res.l2_mfn, *res.l1_mfns)):
+        if not all(0 <= mfn < dom.nr_pages for mfn in (res.l2_mfn, *res.l2_mfns, *res.l1_mfns)):
             raise ReportError(f"build result names page-table frames outside the domain ({res.l2_mfn})")
         dom.move(DomainState.RUNNING, "built")
         backends.connect(dom, res)  # xenconsoled and xenstored bind their ports once the domain exists
         if dom.spec.backend != "native":
             # a paravirtualized guest's initial tables are validated and the L2 pinned, as Xen's builder leaves them
             try:
-                ptops.type_initial_tables(dom.frames, res.l2_mfn, list(res.l1_mfns), res.tables, len(dom.vcpus))
+                if res.pae:  # the L3 is the root: pinned as MMUEXT_PIN_L3_TABLE
+                    ptops.type_initial_pae_tables(dom.frames, res.l2_mfn, [*res.l2_mfns, *res.l1_mfns], res.tables,
+                                                  len(dom.vcpus))
+                else:
+                    ptops.type_initial_tables(dom.frames, res.l2_mfn, list(res.l1_mfns), res.tables,
+                                              len(dom.vcpus))
             except Refused as r:
                 raise ReportError(f"build result's page tables are refused: {r.reason} {r.fields}") from None
         now = self.clock.now_ns

@@ -117,6 +117,12 @@ class Domain:
         return int(self.spec.memory_mib) << 8
 
     @property
+    def pae(self) -> bool:
+        """A PAE guest (xen-3.0-x86_32p: 3-level tables, 64-bit entries), as its BuildResult said; the frame types
+        keep the mode (``Frames.pae``), which every page-table hypercall reads."""
+        return self.frames.pae
+
+    @property
     def alive(self) -> bool:
         return self.state not in (DomainState.DEAD, DomainState.CRASHED)
 

@@ -372,7 +372,7 @@ def test_bool_where_int_expected_inside_an_int_list() -> None:
 
 
 def test_int_where_bool_expected() -> None:
-    err = bad_field(code_of(BuildResult), [1, "", "", 0, 0, "linux", 0, [], 0, 0, b""])
+    err = bad_field(code_of(BuildResult), [1, "", "", 0, 0, "linux", 0, [], 0, 0, b"", False, []])
     assert err.detail == "BuildResult.ok: expected bool, got int"
 
 

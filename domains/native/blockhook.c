@@ -114,6 +114,7 @@ typedef struct {
     uint64_t tsc_priced;
     entry *recent[RECENT]; /* the entries this vCPU last used, by address: a hit here skips the shared table */
     int64_t ecx_regid;     /* RDTSCP also writes ECX (IA32_TSC_AUX) */
+    uint64_t pae;          /* the domain's tables are PAE (3 levels, 64-bit entries): domains/paging_pae.py */
 } pv_vcpu;
 
 typedef struct {
@@ -186,8 +187,38 @@ static uint32_t load32(const uint8_t *p) {
     return v;
 }
 
+static uint64_t load64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+#define PAE_ADDR 0x000FFFFFFFFFF000ull
+
+/* domains.paging_pae.translate(ram, cr3, va, write=False): L3 (4 entries at CR3 & ~0x1F), L2, L1 of 512 64-bit
+ * entries each. */
+static int translate_pae(const pv_vcpu *s, uint32_t cr3, uint32_t va, uint64_t *pa) {
+    uint64_t at = (uint64_t)(cr3 & 0xFFFFFFE0u) + (uint64_t)(va >> 30) * 8;
+    unsigned shift[2] = {21, 12};
+    for (int level = 0; level < 3; level++) {
+        if (at + 8 > s->ram_size)
+            return 0;
+        uint64_t e = load64(s->ram + at);
+        if (!(e & PTE_PRESENT))
+            return 0;
+        if (level == 2) {
+            *pa = (e & PAE_ADDR) | (va & (PAGE - 1));
+            return 1;
+        }
+        at = (e & PAE_ADDR) + (uint64_t)((va >> shift[level]) & 511) * 8;
+    }
+    return 0;
+}
+
 /* domains.paging.translate(ram, cr3, va, write=False), entry for entry: 1 and *pa set, or 0 if not mapped. */
 static int translate(const pv_vcpu *s, uint32_t cr3, uint32_t va, uint64_t *pa) {
+    if (s->pae)
+        return translate_pae(s, cr3, va, pa);
     uint64_t at = (cr3 & FRAME) | (va >> 20 & 0xFFC);
     if (at + 4 > s->ram_size)
         return 0;

@@ -5,7 +5,9 @@ mod_l2_entry (``hypervisor/ptops.py``): the new entry is checked and takes its t
 writable one, an L2 entry an L1 one, validating that L1 if it is new, from the frame copied in with the trap), the
 old entry's is dropped, and an L2 slot in the hypervisor hole is refused (-EPERM). In any other frame it is a plain
 write, as Xen writes a PGT_writable_page (refused, -EINVAL, in a GDT frame, which cannot be typed writable).
-MMU_MACHPHYS_UPDATE sets the m2p entry of a frame the domain owns.
+MMU_MACHPHYS_UPDATE sets the m2p entry of a frame the domain owns. A PAE domain's entries are 64 bits (8-byte aligned,
+-EINVAL otherwise), in 512-entry tables, and a validated L3's slots are mod_l3_entry's; a non-PAE domain's high
+32 bits must be 0.
 
 The hypervisor holds no guest RAM, so an accepted update becomes a ``WriteMachine`` effect the domain process
 carries out. Requests run in order and the batch stops at the first refusal; the done count reports how many
@@ -45,20 +47,37 @@ def _update(call: Call, i: int, ptr: int, val: int) -> int:
         return mm.deny(call, Errno.ENOSYS, "unknown-cmd", index=i, cmd=cmd)
     if not mm.owned(call.dom, frame):
         return mm.deny(call, Errno.EPERM, "pte-frame-not-owned", index=i, addr=addr)
-    if val >> 32:
-        return mm.deny(call, Errno.EINVAL, "pte-high-bits", index=i, val=val)  # non-PAE entries are 32 bits
     frames = call.dom.frames
+    if val >> 32 and not frames.pae:
+        return mm.deny(call, Errno.EINVAL, "pte-high-bits", index=i, val=val)  # non-PAE entries are 32 bits
+    if frames.pae and addr % 8:
+        return mm.deny(call, Errno.EINVAL, "pte-misaligned", index=i, addr=addr)
     try:
         if frames.level(frame):
-            ptops.mod_entry(frames, frame, (addr % PAGE_SIZE) >> 2, val, call.mem.table)
+            val = _mod_entry(call, frame, (addr % PAGE_SIZE) >> frames.entry_shift, val)
         elif frames.type_of(frame) is PageType.SEG_DESC:  # get_page_type(PGT_writable_page) fails
             return mm.deny(call, Errno.EINVAL, "pte-frame-is-descriptor-table", index=i, addr=addr)
     except Refused as r:
         return mm.refused(call, r, index=i)
     # PRESERVE_AD is a plain write here: the hypervisor cannot see the old entry's accessed/dirty bits.
-    call.effects.append(WriteMachine(addr=addr, data=struct.pack("<I", val)))
+    call.effects.append(WriteMachine(addr=addr, data=struct.pack("<Q" if frames.pae else "<I", val)))
     call.trace("mmu.update", cmd=MmuCmd(cmd).name, addr=addr, val=val, level=frames.level(frame) or 0)
     return 0
+
+
+def _mod_entry(call: Call, frame: int, slot: int, val: int) -> int:
+    """ptops.mod_entry, or for an emulated PAE upper-half write it refuses, the fixed-up entry's (``ptwr``): the
+    entry written. Raises Refused."""
+    frames = call.dom.frames
+    try:
+        ptops.mod_entry(frames, frame, slot, val, call.mem.table)
+        return val
+    except Refused:
+        fixed = ptwr.upper_half_fixup(call, val)
+        if fixed is None:
+            raise
+    ptops.mod_entry(frames, frame, slot, fixed, call.mem.table)
+    return fixed
 
 
 def _machphys(call: Call, i: int, mfn: int, gpfn: int) -> int:

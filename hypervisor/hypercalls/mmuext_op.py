@@ -1,10 +1,11 @@
 """mmuext_op (26): pin and unpin page tables, switch the page-table base, flush TLBs, in a batch (Xen's
 do_mmuext_op).
 
-A pin takes a type reference on the frame as an L1 or L2, validating it if it had no type (for an L2: its guest
-slots, and each L1 they name; the frames come with the trap, ``copyin``); a frame mapped writable, or with another
-type, is refused with -EINVAL. An unpin drops it. A new base takes an L2 reference on the new frame and drops the
-vCPU's old one, as Xen's new_guest_cr3 (``hypervisor/ptops.py``).
+A pin takes a type reference on the frame as an L1 or L2 (or, for a PAE domain, an L3: MMUEXT_PIN_L3_TABLE),
+validating it if it had no type (for an L2: its guest slots, and each L1 they name; for an L3 its 4 slots, the L2s
+they name and their L1s; the frames come with the trap, ``copyin``); a frame mapped writable, or with another type,
+is refused with -EINVAL. An unpin drops it. A new base takes an L2 reference (PAE: L3) on the new frame and drops
+the vCPU's old one, as Xen's new_guest_cr3 (``hypervisor/ptops.py``).
 
 Ops run in order and the batch stops at the first refusal; the done count reports how many succeeded either
 way, as Xen's does; a long batch continues in a later window (``mm.run_batch``). Changes to a vCPU (a new CR3,
@@ -42,8 +43,16 @@ def _op(call: Call, i: int, cmd: int, arg1: int, arg2: int) -> int:
             ptops.pin(dom.frames, arg1, cmd - _C.PIN_L1_TABLE + 1, call.mem.table)
         except Refused as r:  # a type conflict (mapped writable, a GDT frame) or an entry refused: -EINVAL
             return mm.refused(call, r, index=i)
+    elif cmd == _C.PIN_L3_TABLE and dom.pae:
+        if not mm.owned(dom, arg1):
+            return mm.deny(call, Errno.EPERM, "pin-frame-not-owned", index=i, mfn=arg1)
+        try:
+            ptops.pin(dom.frames, arg1, 3, call.mem.table)
+        except Refused as r:
+            return mm.refused(call, r, index=i)
     elif cmd in (_C.PIN_L3_TABLE, _C.PIN_L4_TABLE):
-        return mm.deny(call, Errno.EINVAL, "no-such-level", index=i, cmd=cmd)  # non-PAE paging has two levels
+        # non-PAE paging has two levels, PAE three: Xen's "Bad type" for a level the guest's mode lacks
+        return mm.deny(call, Errno.EINVAL, "no-such-level", index=i, cmd=cmd)
     elif cmd == _C.UNPIN_TABLE:
         try:
             ptops.unpin(dom.frames, arg1)

@@ -1,7 +1,9 @@
 """xen_version (17): version numbers, extraversion, features, page size and the other informational queries.
 
 As common/kernel.c ``do_xen_version``: strings are copied out whole, NUL-padded to their array's size; the
-capabilities are what ``arch_get_xen_caps`` lists for the one guest type this hypervisor runs, and get_features
+capabilities are what ``arch_get_xen_caps`` lists for the guest type the caller runs as ("xen-3.0-x86_32", or for a
+PAE guest "xen-3.0-x86_32p", as a PAE x86-32 build listed it), platform_parameters the hole's start in the caller's
+mode (xen-x86_32.h: 0xFC000000 non-PAE, 0xF5800000 PAE), and get_features
 submap 0 advertises only what is implemented (``FEATURES_SUBMAP0``, pvcluster/abi/xen.py); another submap is -EINVAL.
 """
 
@@ -15,9 +17,11 @@ from pvcluster.abi.errno import Errno
 from pvcluster.abi.xen import (
     FEATURES_SUBMAP0,
     HYPERVISOR_VIRT_START_NONPAE,
+    HYPERVISOR_VIRT_START_PAE,
     PAGE_SIZE,
     XEN_CAPABILITIES,
     XEN_CAPABILITIES_LEN,
+    XEN_CAPABILITIES_PAE,
     XEN_EXTRAVERSION,
     XEN_EXTRAVERSION_LEN,
     XEN_VERSION_MAJOR,
@@ -48,13 +52,14 @@ def handle(call: Call) -> int:
             call.mem.write(arg, info + _fixed(b"Wed Nov 25 2026", 32))
             return 0
         if cmd == XenVer.capabilities:
-            call.mem.write(arg, _fixed(XEN_CAPABILITIES, XEN_CAPABILITIES_LEN))
+            caps = XEN_CAPABILITIES_PAE if call.dom.pae else XEN_CAPABILITIES
+            call.mem.write(arg, _fixed(caps, XEN_CAPABILITIES_LEN))
             return 0
         if cmd == XenVer.changeset:
             call.mem.write(arg, _fixed(b"pvcluster", 64))
             return 0
         if cmd == XenVer.platform_parameters:
-            call.mem.write_u32(arg, HYPERVISOR_VIRT_START_NONPAE)
+            call.mem.write_u32(arg, HYPERVISOR_VIRT_START_PAE if call.dom.pae else HYPERVISOR_VIRT_START_NONPAE)
             return 0
         if cmd == XenVer.get_features:
             submap_idx = call.mem.u32(arg)

@@ -131,6 +131,9 @@ def _table(mfn: int, *, follow: bool = False) -> Span:
     return Span((mfn & 0xFFFFF) << PAGE_SHIFT, PAGE_SIZE, machine=True, follow=follow)
 
 
+_PAE_ADDR = 0x000FFFFFFFFFF000
+
+
 def _mmu_update(args: list[int], read: Reader) -> list[Span]:
     spans, n = _batch(args, layouts.MMU_UPDATE.size)
     raw = read(args[0], n * layouts.MMU_UPDATE.size) if n else None
@@ -139,9 +142,10 @@ def _mmu_update(args: list[int], read: Reader) -> list[Span]:
     # A present entry written into an L2 makes the frame it names an L1, which the hypervisor validates: which
     # frames are L2s only the hypervisor knows, so every present request's frame comes (a set_pte's data page
     # too; it is one frame). Machine addresses past 4 GiB name nothing.
-    tables = dict.fromkeys(_table(val >> PAGE_SHIFT) for ptr, val in struct.iter_unpack("<QQ", raw)
+    # (A PAE entry's frame is bits 12..51.)
+    tables = dict.fromkeys(_table((val & _PAE_ADDR) >> PAGE_SHIFT) for ptr, val in struct.iter_unpack("<QQ", raw)
                            if ptr & 3 in (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD)
-                           and val & PTE_PRESENT and not val >> 32)
+                           and val & PTE_PRESENT and not (val & _PAE_ADDR) >> 32)
     return spans + list(tables)
 
 
@@ -151,11 +155,12 @@ def _mmuext_op(args: list[int], read: Reader) -> list[Span]:
     if raw is None:
         return spans
     # The MULTI ops point at a vCPU bitmap, which can be named only once the op array itself has been read; a pin
-    # or a new base names the frame the hypervisor validates (an L2 with the L1s it names).
+    # or a new base names the frame the hypervisor validates (an L2 with the L1s it names; PAE: an L3 with its L2s
+    # and their L1s, ``domains/tablecopy.py``).
     for cmd, arg1, mask_ptr in struct.iter_unpack("<3I", raw):
         if cmd in structs.MMUEXT_MULTI_CMDS:
             more = Span(mask_ptr, 4)
-        elif cmd in (MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.NEW_BASEPTR):
+        elif cmd in (MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.PIN_L3_TABLE, MmuextCmd.NEW_BASEPTR):
             more = _table(arg1, follow=cmd != MmuextCmd.PIN_L1_TABLE)
         else:
             continue

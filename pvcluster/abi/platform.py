@@ -136,9 +136,11 @@ class HoleFrame(enum.IntEnum):
     xen_gdt = 2
     zero = 3
     trampoline = 4
+    perdomain_l1_hi = 5  # PAE only: a PAE L1 maps 2 MiB, so the 4 MiB of GDT windows take a second one
 
 
-HOLE_FRAMES = len(HoleFrame)
+HOLE_FRAMES = len(HoleFrame) - 1  # a non-PAE domain's hole frames
+HOLE_FRAMES_PAE = len(HoleFrame)
 
 
 def hole_frame(nr_pages: int, which: HoleFrame) -> int:

@@ -295,6 +295,8 @@ CALLBACKF_MASK_EVENTS = 1  # CALLBACKF_mask_events
 # x86_32 (non-PAE) start of the hypervisor's hole, as XENVER_platform_parameters reports it. The 4.17 headers define
 # only the PAE value (0xF5800000) for x86_32, so this one is not cross-checked.
 HYPERVISOR_VIRT_START_NONPAE = 0xFC000000
+# The PAE one (arch-x86/xen-x86_32.h's __HYPERVISOR_VIRT_START_PAE): everything from here to 4 GiB is Xen's.
+HYPERVISOR_VIRT_START_PAE = 0xF5800000
 XENFEAT_NR_SUBMAPS = 1  # features.h
 VCPU_SSHOTTMR_FUTURE = 1  # vcpu.h VCPU_SSHOTTMR_future: fail with -ETIME if the timeout is already past
 
@@ -302,6 +304,8 @@ VCPU_SSHOTTMR_FUTURE = 1  # vcpu.h VCPU_SSHOTTMR_future: fail with -ETIME if the
 # XENVER_capabilities: what Xen's arch_get_xen_caps writes for a non-PAE x86-32 build without HVM, the only guest
 # type this hypervisor runs (4.17's x86-64 build would list "xen-3.0-x86_64 xen-3.0-x86_32p ", guests it cannot run).
 XEN_CAPABILITIES = b"xen-3.0-x86_32 "
+# ... and for a PAE guest, what a PAE x86-32 build's arch_get_xen_caps writes ("xen-3.0-x86_32p").
+XEN_CAPABILITIES_PAE = b"xen-3.0-x86_32p "
 XEN_CAPABILITIES_LEN = 1024  # xen_capabilities_info_t is char[1024]
 
 
@@ -328,6 +332,9 @@ MEMOP_CMD_MASK = (1 << MEMOP_EXTENT_SHIFT) - 1
 # table in 2 MiB extents (memory.h), so it has at most (END - START) >> MACHPHYS_EXTENT_SHIFT of them.
 MACH2PHYS_VIRT_START_NONPAE = 0xFC000000
 MACH2PHYS_VIRT_END_NONPAE = 0xFC400000
+# The PAE place (arch-x86/xen-x86_32.h: __MACH2PHYS_VIRT_START_PAE / __MACH2PHYS_VIRT_END_PAE).
+MACH2PHYS_VIRT_START_PAE = 0xF5800000
+MACH2PHYS_VIRT_END_PAE = 0xF6800000
 MACHPHYS_EXTENT_SHIFT = 21
 
 

@@ -84,8 +84,13 @@ class BuildResult:
     store_mfn: int = 0
     console_mfn: int = 0
     # The initial tables' contents, the L2's frame then each L1's in ``l1_mfns`` order: the hypervisor validates
-    # them as Xen's builder pins the initial L2 (empty: all zero, a hand-made result)
+    # them as Xen's builder pins the initial L2 (empty: all zero, a hand-made result). PAE: the root's frame, then
+    # each of ``l2_mfns``, then each L1's.
     tables: bytes = b""
+    # The domain's paging mode: a PAE guest (xen-3.0-x86_32p) has 3-level tables of 64-bit entries; then
+    # ``l2_mfn`` is the root, the L3 (pinned as MMUEXT_PIN_L3_TABLE), and ``l2_mfns`` its L2s in slot order.
+    pae: bool = False
+    l2_mfns: list[int] = attrs.Factory(list)
 
 
 @attrs.frozen
