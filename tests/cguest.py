@@ -126,7 +126,7 @@ C_HYPERCALLS = r"""
 })
 """
 
-# Building a console line: the guest declares `static char line[N]; static unsigned int len;`.
+# Building a console line: the guest declares `static char line[N]; static unsigned int len;` (or uses C_REPORT).
 C_PUT = r"""
 static void put_str(const char *s)
 {
@@ -170,6 +170,58 @@ static void check(const char *what, long got, long want)
     HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
 }
 """
+
+# The headers every guest includes (interface version 0x0003020a: GNTTABOP_set_version exists from there on).
+C_HEAD = r"""
+#define __XEN_INTERFACE_VERSION__ 0x0003020a
+#include <stdint.h>
+#include <xen/xen.h>
+#include <xen/sched.h>
+#include <xen/elfnote.h>
+#include <xen/errno.h>
+"""
+
+# console_io and sched_op through the hypercall page (needs C_HYPERCALLS).
+C_CONSOLE_SCHED = r"""
+static int HYPERVISOR_console_io(int cmd, int count, const char *str)
+{ return _hypercall3(int, console_io, cmd, count, str); }
+static int HYPERVISOR_sched_op(int cmd, void *arg)
+{ return _hypercall2(int, sched_op, cmd, arg); }
+"""
+
+
+def c_finish(name: str) -> str:
+    """The end of start_kernel: the line "<name>: N failures", then SCHEDOP_shutdown with poweroff when every check
+    passed, crash otherwise (needs C_PUT and C_CHECK's globals, HYPERVISOR_sched_op and a ``struct sched_shutdown
+    sd``)."""
+    return rf"""
+    len = 0;
+    put_str("{name}: ");
+    put_dec(failures);
+    put_str(" failures\n");
+    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
+    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
+    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
+    for (;;)
+        ;
+}}
+"""
+
+
+def assert_all_passed(source: str, name: str, dom: dict[str, Any], console: list[str]) -> None:
+    """Every check of ``source`` printed " ok", the guest said "<name>: 0 failures" and powered off."""
+    assert not [line for line in console if "FAIL" in line], console
+    assert console[-1] == f"{name}: 0 failures", console
+    assert len(console) == source.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
+    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+
+
+# The console line, the failure count, put_str/put_dec and check() (needs C_CONSOLE_SCHED's console_io).
+C_REPORT = r"""
+static char line[256];
+static unsigned int len;
+static int failures;
+""" + C_PUT + C_CHECK
 
 _ABSENT = "{} is absent (install Xen's public headers, e.g. Debian's libxen-dev)"
 

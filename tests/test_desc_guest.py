@@ -10,7 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
+from cguest import (
+    C_CONSOLE_SCHED,
+    C_ELFNOTE,
+    C_HEAD,
+    C_HYPERCALLS,
+    C_REPORT,
+    assert_all_passed,
+    build_guest,
+    c_entry,
+    c_finish,
+    c_xen_notes,
+    run_one,
+)
 
 from pvcluster.abi.xen import Hypercall
 from pvcluster.trace import read_events
@@ -21,12 +33,7 @@ XEN_HEADER = Path("/usr/include/xen/arch-x86/xen-x86_32.h")
 
 GUEST_C = r"""
 /* A PV guest that checks the descriptor-table and CPU-state hypercalls, built against Xen's public headers. */
-#define __XEN_INTERFACE_VERSION__ 0x0003020a
-#include <stdint.h>
-#include <xen/xen.h>
-#include <xen/sched.h>
-#include <xen/elfnote.h>
-#include <xen/errno.h>
+""" + C_HEAD + r"""
 
 """ + C_ELFNOTE + c_xen_notes("mini-desc") + c_entry(4096, r"""
     ".globl gdt_page\n"
@@ -36,11 +43,7 @@ GUEST_C = r"""
 /* A page-aligned .bss page becomes the guest's GDT. */
 extern char hypercall_page[4096];
 extern unsigned char gdt_page[4096];
-""" + C_HYPERCALLS + r"""
-static int HYPERVISOR_console_io(int cmd, int count, const char *str)
-{ return _hypercall3(int, console_io, cmd, count, str); }
-static int HYPERVISOR_sched_op(int cmd, void *arg)
-{ return _hypercall2(int, sched_op, cmd, arg); }
+""" + C_HYPERCALLS + C_CONSOLE_SCHED + r"""
 static int HYPERVISOR_update_va_mapping(unsigned long va, unsigned long pte, unsigned long flags)
 { return _hypercall4(int, update_va_mapping, va, pte, 0, flags); }
 static int HYPERVISOR_set_gdt(unsigned long *frames, int entries)
@@ -55,10 +58,7 @@ static int HYPERVISOR_update_descriptor(uint64_t ma, uint64_t desc)
 static int HYPERVISOR_vm_assist(unsigned int cmd, unsigned int type)
 { return _hypercall2(int, vm_assist, cmd, type); }
 
-static char line[256];
-static unsigned int len;
-static int failures;
-""" + C_PUT + C_CHECK + r"""
+""" + C_REPORT + r"""
 static unsigned long read_cr0(void)
 {
     unsigned long cr0;
@@ -132,17 +132,7 @@ void start_kernel(start_info_t *si)
     check("update_descriptor in the live gdt", HYPERVISOR_update_descriptor(gdt_ma + 8 * 6, DATA_DPL1), 0);
     check("live gdt entry visible", entry(6) == DATA_DPL1, 1);
 
-    len = 0;
-    put_str("mini-desc: ");
-    put_dec(failures);
-    put_str(" failures\n");
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
-    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
-    for (;;)
-        ;
-}
-"""
+""" + c_finish("mini-desc")
 
 
 def _hv_events(run_dir: Path, domid: int, event: str) -> list[dict[str, Any]]:
@@ -155,11 +145,7 @@ def test_c_guest_checks_descriptor_tables_stack_switch_fpu_taskswitch_and_vm_ass
     work.mkdir()
     elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     dom, console = run_one(run_dir, "desc", elf)
-    failed = [line for line in console if "FAIL" in line]
-    assert not failed, console
-    assert console[-1] == "mini-desc: 0 failures", console
-    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
-    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    assert_all_passed(GUEST_C, "mini-desc", dom, console)
 
     run = run_dir / "run"
     switches = _hv_events(run, dom["domid"], "desc.stack_switch")

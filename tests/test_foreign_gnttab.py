@@ -9,7 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
+from cguest import (
+    C_CONSOLE_SCHED,
+    C_ELFNOTE,
+    C_HYPERCALLS,
+    C_REPORT,
+    assert_all_passed,
+    build_guest,
+    c_entry,
+    c_finish,
+    c_xen_notes,
+    run_one,
+)
 
 from pvcluster.abi.platform import GRANT_FRAME_BASE, M2P_FRAME_BASE, MAX_GRANT_FRAMES
 from pvcluster.abi.xen import FEATURES_SUBMAP0, XEN_CAPABILITIES, XEN_EXTRAVERSION, GnttabOp, Hypercall
@@ -45,11 +56,7 @@ GUEST_C = r"""
 /* Two page-aligned .bss pages are remapped onto a grant frame. */
 extern char hypercall_page[4096];
 extern unsigned char window_a[4096], window_b[4096];
-""" + C_HYPERCALLS + r"""
-static int HYPERVISOR_console_io(int cmd, int count, const char *str)
-{ return _hypercall3(int, console_io, cmd, count, str); }
-static int HYPERVISOR_sched_op(int cmd, void *arg)
-{ return _hypercall2(int, sched_op, cmd, arg); }
+""" + C_HYPERCALLS + C_CONSOLE_SCHED + r"""
 static int HYPERVISOR_xen_version(int cmd, void *arg)
 { return _hypercall2(int, xen_version, cmd, arg); }
 static long HYPERVISOR_memory_op(unsigned int cmd, void *arg)
@@ -59,10 +66,7 @@ static int HYPERVISOR_grant_table_op(unsigned int cmd, void *uop, unsigned int c
 static int HYPERVISOR_update_va_mapping(unsigned long va, unsigned long pte, unsigned long flags)
 { return _hypercall4(int, update_va_mapping, va, pte, 0, flags); }
 
-static char line[256];
-static unsigned int len;
-static int failures;
-""" + C_PUT + C_CHECK + r"""
+""" + C_REPORT + r"""
 static int same(const char *a, const char *b, unsigned int n) /* the first n bytes are equal */
 {
     while (n--)
@@ -213,17 +217,7 @@ void start_kernel(start_info_t *si)
                                                                ((frames[1] + 1) << 12) | pte_flags,
                                                                UVMF_INVLPG | UVMF_LOCAL), -XEN_EPERM);
 
-    len = 0;
-    put_str("mini-gnt: ");
-    put_dec(failures);
-    put_str(" failures\n");
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
-    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
-    for (;;)
-        ;
-}
-"""
+""" + c_finish("mini-gnt")
 
 
 def _guest_source() -> str:
@@ -250,11 +244,7 @@ def test_c_guest_checks_grant_tables_memory_op_and_version(run_dir: Path) -> Non
     work.mkdir()
     elf = build_guest(work, _guest_source(), headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     dom, console = run_one(run_dir, "gnt", elf)
-    failed = [line for line in console if "FAIL" in line]
-    assert not failed, console
-    assert console[-1] == "mini-gnt: 0 failures", console
-    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
-    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    assert_all_passed(GUEST_C, "mini-gnt", dom, console)
 
     # The frames the guest mapped are the grant table's, after its 4 MiB of RAM, shared_info and the GDT.
     grant0 = NR_PAGES + GRANT_FRAME_BASE

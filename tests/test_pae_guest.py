@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
+from cguest import (
+    C_CONSOLE_SCHED,
+    C_ELFNOTE,
+    C_HYPERCALLS,
+    C_REPORT,
+    assert_all_passed,
+    build_guest,
+    c_entry,
+    c_finish,
+    c_xen_notes,
+    run_one,
+)
 
 from pvcluster.trace import read_events
 
@@ -42,11 +53,7 @@ __asm__(ELFNOTE(XEN_ELFNOTE_PAE_MODE, ".asciz \"yes\""));
 """) + r"""
 extern char hypercall_page[4096];
 extern unsigned char spare[6 * 4096];
-""" + C_HYPERCALLS + r"""
-static int HYPERVISOR_console_io(int cmd, int count, const char *str)
-{ return _hypercall3(int, console_io, cmd, count, str); }
-static int HYPERVISOR_sched_op(int cmd, void *arg)
-{ return _hypercall2(int, sched_op, cmd, arg); }
+""" + C_HYPERCALLS + C_CONSOLE_SCHED + r"""
 static int HYPERVISOR_xen_version(int cmd, void *arg)
 { return _hypercall2(int, xen_version, cmd, arg); }
 /* PAE: the 64-bit PTE goes as its low and high words (Linux's HYPERVISOR_update_va_mapping on x86-32 PAE) */
@@ -57,10 +64,7 @@ static int HYPERVISOR_mmu_update(mmu_update_t *req, int count, int *done, domid_
 static int HYPERVISOR_mmuext_op(struct mmuext_op *op, int count, int *done, domid_t dom)
 { return _hypercall4(int, mmuext_op, op, count, done, dom); }
 
-static char line[256];
-static unsigned int len;
-static int failures;
-""" + C_PUT + C_CHECK + r"""
+""" + C_REPORT + r"""
 #define BASE 0xC0000000UL
 #define RO 0x21ULL  /* present, accessed */
 #define RW 0x63ULL  /* present, writable, accessed, dirty */
@@ -194,17 +198,7 @@ void start_kernel(start_info_t *si)
           ((uint64_t)mfn_of(new_l1) << 12) | PDE), -XEN_EPERM);
     check("l2 last slot", set_entry(l2_ma + 511 * 8, 0), -XEN_EPERM);
 
-    len = 0;
-    put_str("mini-pae: ");
-    put_dec(failures);
-    put_str(" failures\n");
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
-    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
-    for (;;)
-        ;
-}
-"""
+""" + c_finish("mini-pae")
 
 
 def _denied(run_dir: Path, domid: int) -> list[tuple[str, str]]:
@@ -217,10 +211,7 @@ def test_c_pae_guest_boots_and_checks_3_level_tables(run_dir: Path) -> None:
     work.mkdir()
     elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     dom, console = run_one(run_dir, "pae", elf)
-    assert not [line for line in console if "FAIL" in line], console
-    assert console[-1] == "mini-pae: 0 failures", console
-    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
-    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    assert_all_passed(GUEST_C, "mini-pae", dom, console)
     events = read_events(run_dir / "run" / "trace" / "hypervisor.jsonl")
     assert [e["event"] for e in events if e.get("dom") == dom["domid"] and e["event"].startswith("mmu.ptwr")] == [
         "mmu.ptwr", "mmu.ptwr", "mmu.ptwr_pae_fixup", "mmu.ptwr", "mmu.ptwr"]

@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
+from cguest import (
+    C_CONSOLE_SCHED,
+    C_ELFNOTE,
+    C_HEAD,
+    C_HYPERCALLS,
+    C_REPORT,
+    assert_all_passed,
+    build_guest,
+    c_entry,
+    c_finish,
+    c_xen_notes,
+    run_one,
+)
 
 from pvcluster.trace import read_events
 
@@ -23,12 +35,7 @@ XEN_HEADER = Path("/usr/include/xen/arch-x86/xen-x86_32.h")
 
 GUEST_C = r"""
 /* A PV guest that checks page types, built against Xen's public headers. */
-#define __XEN_INTERFACE_VERSION__ 0x0003020a
-#include <stdint.h>
-#include <xen/xen.h>
-#include <xen/sched.h>
-#include <xen/elfnote.h>
-#include <xen/errno.h>
+""" + C_HEAD + r"""
 
 """ + C_ELFNOTE + c_xen_notes("mini-types") + c_entry(4096, r"""
     ".globl spare\n"
@@ -38,11 +45,7 @@ GUEST_C = r"""
 /* Four page-aligned .bss pages: a future L1, a future L2, an L1 that L2 names, and a data page. */
 extern char hypercall_page[4096];
 extern unsigned char spare[4 * 4096];
-""" + C_HYPERCALLS + r"""
-static int HYPERVISOR_console_io(int cmd, int count, const char *str)
-{ return _hypercall3(int, console_io, cmd, count, str); }
-static int HYPERVISOR_sched_op(int cmd, void *arg)
-{ return _hypercall2(int, sched_op, cmd, arg); }
+""" + C_HYPERCALLS + C_CONSOLE_SCHED + r"""
 static int HYPERVISOR_update_va_mapping(unsigned long va, unsigned long pte, unsigned long flags)
 { return _hypercall4(int, update_va_mapping, va, pte, 0, flags); }
 static int HYPERVISOR_mmu_update(mmu_update_t *req, int count, int *done, domid_t dom)
@@ -50,10 +53,7 @@ static int HYPERVISOR_mmu_update(mmu_update_t *req, int count, int *done, domid_
 static int HYPERVISOR_mmuext_op(struct mmuext_op *op, int count, int *done, domid_t dom)
 { return _hypercall4(int, mmuext_op, op, count, done, dom); }
 
-static char line[256];
-static unsigned int len;
-static int failures;
-""" + C_PUT + C_CHECK + r"""
+""" + C_REPORT + r"""
 #define BASE 0xC0000000UL
 #define RO 0x21UL  /* present, accessed */
 #define RW 0x63UL  /* present, writable, accessed, dirty */
@@ -136,17 +136,7 @@ void start_kernel(start_info_t *si)
     check("machphys foreign frame",
           set_entry(((uint64_t)(si->nr_pages + 100) << 12) | MMU_MACHPHYS_UPDATE, 0), -XEN_EINVAL);
 
-    len = 0;
-    put_str("mini-types: ");
-    put_dec(failures);
-    put_str(" failures\n");
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
-    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
-    for (;;)
-        ;
-}
-"""
+""" + c_finish("mini-types")
 
 
 def _denied(run_dir: Path, domid: int) -> list[tuple[str, str]]:
@@ -159,10 +149,7 @@ def test_c_guest_checks_page_types(run_dir: Path) -> None:
     work.mkdir()
     elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     dom, console = run_one(run_dir, "types", elf)
-    assert not [line for line in console if "FAIL" in line], console
-    assert console[-1] == "mini-types: 0 failures", console
-    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
-    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    assert_all_passed(GUEST_C, "mini-types", dom, console)
     denied: list[Any] = _denied(run_dir / "run", dom["domid"])
     assert denied == [
         ("writable-pagetable", "EBUSY"), ("writable-pagetable", "EBUSY"), ("writable-pagetable", "EBUSY"),

@@ -11,7 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cguest import C_CHECK, C_ELFNOTE, C_HYPERCALLS, C_PUT, build_guest, c_entry, c_xen_notes, run_one
+from cguest import (
+    C_CONSOLE_SCHED,
+    C_ELFNOTE,
+    C_HEAD,
+    C_HYPERCALLS,
+    C_REPORT,
+    assert_all_passed,
+    build_guest,
+    c_entry,
+    c_finish,
+    c_xen_notes,
+    run_one,
+)
 
 from pvcluster.abi.xen import Hypercall
 from pvcluster.trace import read_events
@@ -22,12 +34,7 @@ XEN_HEADER = Path("/usr/include/xen/arch-x86/xen-x86_32.h")
 
 GUEST_C = r"""
 /* A PV guest that needs writable page tables, built against Xen's public headers. */
-#define __XEN_INTERFACE_VERSION__ 0x0003020a
-#include <stdint.h>
-#include <xen/xen.h>
-#include <xen/sched.h>
-#include <xen/elfnote.h>
-#include <xen/errno.h>
+""" + C_HEAD + r"""
 
 """ + C_ELFNOTE + c_xen_notes("mini-ptwr") + r"""
 __asm__(ELFNOTE(XEN_ELFNOTE_FEATURES, ".asciz \"!writable_page_tables\""));
@@ -44,11 +51,7 @@ __asm__(ELFNOTE(XEN_ELFNOTE_FEATURES, ".asciz \"!writable_page_tables\""));
 """) + r"""
 extern char hypercall_page[4096];
 extern volatile uint32_t l1_page[1024], data_page[1024], plain_page[1024];
-""" + C_HYPERCALLS + r"""
-static int HYPERVISOR_console_io(int cmd, int count, const char *str)
-{ return _hypercall3(int, console_io, cmd, count, str); }
-static int HYPERVISOR_sched_op(int cmd, void *arg)
-{ return _hypercall2(int, sched_op, cmd, arg); }
+""" + C_HYPERCALLS + C_CONSOLE_SCHED + r"""
 static int HYPERVISOR_set_trap_table(const trap_info_t *table)
 { return _hypercall1(int, set_trap_table, table); }
 static int HYPERVISOR_update_va_mapping(unsigned long va, unsigned long pte, unsigned long flags)
@@ -58,10 +61,7 @@ static int HYPERVISOR_mmu_update(mmu_update_t *req, int count, int *done, domid_
 static int HYPERVISOR_mmuext_op(struct mmuext_op *op, int count, int *done, domid_t dom)
 { return _hypercall4(int, mmuext_op, op, count, done, dom); }
 
-static char line[256];
-static unsigned int len;
-static int failures;
-""" + C_PUT + C_CHECK + r"""
+""" + C_REPORT + r"""
 /* The page-fault handler counts, notes the error code, and steps over the faulting store (``skip`` bytes). */
 static volatile unsigned long faults, fault_error, skip;
 void pf_c(unsigned long *frame) { faults++; fault_error = frame[0]; frame[1] += skip; }
@@ -165,17 +165,7 @@ void start_kernel(start_info_t *si)
     check("a read-only data page is #PF", faults - before, 1);
     check("and unchanged", plain_page[0], 1);
 
-    len = 0;
-    put_str("mini-ptwr: ");
-    put_dec(failures);
-    put_str(" failures\n");
-    HYPERVISOR_console_io(CONSOLEIO_write, (int)len, line);
-    sd.reason = failures ? SHUTDOWN_crash : SHUTDOWN_poweroff;
-    HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
-    for (;;)
-        ;
-}
-"""
+""" + c_finish("mini-ptwr")
 
 
 def _hv_events(run_dir: Path, domid: int, event: str) -> list[dict[str, Any]]:
@@ -188,11 +178,7 @@ def test_c_guest_requiring_writable_page_tables_writes_its_l1_directly(run_dir: 
     work.mkdir()
     elf = build_guest(work, GUEST_C, headers=(XEN_HEADER,), extra_cflags=("-fno-builtin",))
     dom, console = run_one(run_dir, "ptwr", elf)
-    failed = [line for line in console if "FAIL" in line]
-    assert not failed, console
-    assert console[-1] == "mini-ptwr: 0 failures", console
-    assert len(console) == GUEST_C.count('check("') + 1 and all(line.endswith(" ok") for line in console[:-1])
-    assert (dom["state"], dom["shutdown_reason"], dom["crash"]) == ("dead", "poweroff", ""), dom
+    assert_all_passed(GUEST_C, "mini-ptwr", dom, console)
     # each emulated store reached the hypervisor as an mmu_update marked as such; the refused ones say why
     run = run_dir / "run"
     emulated = [e for e in _hv_events(run, dom["domid"], "hypercall") if e.get("emulated")]
