@@ -22,8 +22,11 @@ instruction                     here
 ``ud2a; "xen"`` + anything else #UD, as on Xen
 ==============================  =============================================================================
 
-Not emulated, so #GP: ``mov cr3, reg`` (use MMUEXT_NEW_BASEPTR: a new base needs the hypervisor's validation, which
-lives across the bus), ``rdmsr``/``wrmsr`` (no MSR is exposed), ``hlt``, ``cli``/``sti`` (a PV guest has no
+``mov cr3, reg`` is emulated too, as Xen's pv_emul_write_cr does it (new_guest_cr3), but not here: a new base needs
+the hypervisor's validation, which lives across the bus, so the vCPU sends it as an emulated one-op mmuext_op
+NEW_BASEPTR (``Vcpu._begin_cr3_write``); a base the hypervisor refuses is #GP, as Xen's X86EMUL_UNHANDLEABLE.
+
+Not emulated, so #GP: ``rdmsr``/``wrmsr`` (no MSR is exposed), ``hlt``, ``cli``/``sti`` (a PV guest has no
 IOPL: its interrupt flag is evtchn_upcall_mask), ``lgdt``/``lidt``/``ltr``/``lldt``/``lmsw``/``invlpg``, debug
 registers. Port I/O never reaches here: Unicorn does not check the I/O permission bitmap, and the platform has only
 its own two ports (``pvcluster/abi/platform.py``).
@@ -34,6 +37,7 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
+import attrs
 from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn import x86_const as X
 
@@ -84,6 +88,21 @@ def emulate_gp(v: PrivVcpu, code: bytes) -> int | None:
         cr, gpr = code[2] >> 3 & 7, _GPRS[code[2] & 7]
         done = _read_cr(v, cr, gpr) if code[1] == 0x20 else _write_cr(v, cr, v.reg(gpr))
         return 3 if done else None
+    return None
+
+
+@attrs.frozen
+class Cr3Write:
+    """A ``mov reg, cr3`` on its way to the hypervisor: where the vCPU resumes once the new base is accepted."""
+
+    eip: int
+    length: int = 3
+
+
+def cr3_source(code: bytes) -> str | None:
+    """The register a ``mov cr3, reg`` (0F 22 /3, register form) loads from, or None for any other instruction."""
+    if len(code) >= 3 and code[:2] == b"\x0f\x22" and code[2] >> 6 == 3 and code[2] >> 3 & 7 == 3:
+        return _GPRS[code[2] & 7]
     return None
 
 

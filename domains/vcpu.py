@@ -73,6 +73,7 @@ from pvcluster.abi.xen import (
     HYPERVISOR_CS,
     HYPERVISOR_DS,
     Hypercall,
+    MmuextCmd,
 )
 from pvcluster.costs import CLOCK_READ_PS, InsnClass
 
@@ -261,7 +262,8 @@ class Vcpu:
         self.virt_cr2 = 0
         self.virt_cr4 = 0
         self._exc: Exception_ | None = None
-        self._ptwr: ptwr.Pending | None = None
+        # an emulated page-table write or CR3 load waiting for the hypervisor's answer (its trap is `emulated`)
+        self._emulating: ptwr.Pending | privop.Cr3Write | None = None
         if ring1:  # Unicorn reports #UD to this hook, not as an interrupt: Xen's #UD path (forced emulation)
             self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         self._icr_high = 0
@@ -653,6 +655,10 @@ class Vcpu:
         if intno in (3, 4):  # int3 and into: traps, delivered at the instruction after them
             return traps.exception(self, intno, 0)
         code = self.fetch(eip, 15)
+        if intno == traps.GP_VECTOR and (source := privop.cr3_source(code)) is not None:
+            self._rewind(eip)
+            self._begin_cr3_write(eip, self.reg(source))
+            return True
         emulate = {traps.GP_VECTOR: privop.emulate_gp, traps.UD_VECTOR: privop.emulate_ud}.get(intno)
         length = emulate(self, code) if emulate is not None and code else None
         if length is not None:
@@ -689,14 +695,39 @@ class Vcpu:
             self.set_regs({"eax": old, "eflags": self.reg("eflags") & ~ptwr.EFLAGS_ZF, "eip": eip + store.length})
             self._charge(self.irq_entry_ps)
             return True
-        slot_va, slot_pa = rings.ptwr_slot(self.ram, self.vid)
-        self.ram.write_pa(slot_pa, ptwr.request(pa, ptwr.merge(word, offset, store.size, value, width)))
-        self._trap_seq += 1
-        hint = ptwr.upper_half(width, offset, store)
-        self.trap = Trap(self._trap_seq, self.clock_ns, Hypercall.mmu_update, [slot_va, 1, 0, DOMID_SELF, hint],
-                         emulated=True)
-        self._ptwr = ptwr.Pending(eip, cr2, store, old)
+        self._emulated_trap(Hypercall.mmu_update, ptwr.request(pa, ptwr.merge(word, offset, store.size, value, width)),
+                            hint=ptwr.upper_half(width, offset, store))
+        self._emulating = ptwr.Pending(eip, cr2, store, old)
         return True
+
+    def _emulated_trap(self, nr: int, request: bytes, hint: int = 0) -> None:
+        """Trap to the hypervisor with a one-element ``request`` the domain process wrote for the guest (in the
+        trampoline page, which the guest cannot write): an emulated write's hypercall (``hint``: its fifth
+        argument, see ``ptwr.upper_half``)."""
+        slot_va, slot_pa = rings.ptwr_slot(self.ram, self.vid)
+        self.ram.write_pa(slot_pa, request)
+        self._trap_seq += 1
+        self.trap = Trap(self._trap_seq, self.clock_ns, nr, [slot_va, 1, 0, DOMID_SELF, hint], emulated=True)
+
+    def _begin_cr3_write(self, eip: int, value: int) -> None:
+        """``mov reg, cr3`` in ring 1: Xen's new_guest_cr3, i.e. the hypervisor's MMUEXT_NEW_BASEPTR."""
+        self._emulated_trap(Hypercall.mmuext_op, struct.pack("<3I", MmuextCmd.NEW_BASEPTR, value >> 12, 0))
+        self._emulating = privop.Cr3Write(eip)
+
+    def _finish_emulation(self, value: int) -> None:
+        pending, self._emulating = self._emulating, None
+        if isinstance(pending, ptwr.Pending):
+            self._finish_ptwr(pending, value)
+        elif pending is not None and value == 0:
+            self.set_regs({"eip": pending.eip + pending.length})
+        elif pending is not None:
+            try:
+                if traps.exception(self, traps.GP_VECTOR, 0):
+                    return
+                self._set_fault("trap", "mov to cr3 refused by the hypervisor, and no #GP handler", pending.eip)
+            except traps.GuestCrash as crash:
+                self._set_fault("trap", str(crash), pending.eip)
+            self.state = VcpuState.CRASHED
 
     def _finish_ptwr(self, pending: ptwr.Pending, value: int) -> None:
         """The hypervisor's answer to an emulated page-table write: done (the vCPU goes on after the store, with what
@@ -792,12 +823,12 @@ class Vcpu:
         self._st.end_ps = self._st.clock_ps
 
     def complete_trap(self, value: int, vt_ns: int) -> None:
-        pending, self._ptwr = self._ptwr, None
-        if pending is None:
+        emulated = self._emulating is not None
+        if not emulated:
             self.uc.reg_write(X.UC_X86_REG_EAX, value & 0xFFFFFFFF)
         self.trap = None
         self.poll_ports = None
         self.advance_to(vt_ns)
         self.state = VcpuState.RUNNING
-        if pending is not None:
-            self._finish_ptwr(pending, value & 0xFFFFFFFF)
+        if emulated:
+            self._finish_emulation(value & 0xFFFFFFFF)

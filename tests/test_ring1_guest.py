@@ -234,6 +234,14 @@ void start_kernel(start_info_t *si)
     __asm__ volatile ("clts");
     check("clts clears ts", (read_cr(0) >> 3) & 1, 0);
     check("cr3 read is the page directory", read_cr(3), pt - 0xC0000000UL);
+    /* mov to cr3: the hypervisor's NEW_BASEPTR (validated); a frame it refuses is #GP */
+    __asm__ volatile ("mov %0, %%cr3" : : "r" (pt - 0xC0000000UL) : "memory");
+    check("cr3 reloaded", read_cr(3), pt - 0xC0000000UL);
+    skip = 3;
+    before = counts[13];
+    __asm__ volatile ("mov %0, %%cr3" : : "r" ((si->nr_pages + 100) << 12) : "memory");
+    check("cr3 on a frame not its own is #GP", counts[13] - before, 1);
+    check("cr3 unchanged", read_cr(3), pt - 0xC0000000UL);
     skip = 1;
     before = counts[13];
     __asm__ volatile ("hlt");

@@ -85,10 +85,12 @@ def test_cr0_writes_may_change_only_ts() -> None:
     assert privop.emulate_gp(v, bytes.fromhex("0f06")) == 2 and v.cr0 == CR0  # clts
 
 
-def test_cr4_keeps_only_the_bits_a_pv_guest_owns_and_cr3_writes_are_not_emulated() -> None:
+def test_cr4_keeps_only_the_bits_a_pv_guest_owns_and_cr3_writes_go_to_the_hypervisor() -> None:
     v = FakeVcpu(regs={"eax": 0xFFFFFFFF})
     assert privop.emulate_gp(v, bytes.fromhex("0f22e0")) == 3 and v.virt_cr4 == privop.CR4_PV_OWNED
-    assert privop.emulate_gp(v, bytes.fromhex("0f22d8")) is None  # mov cr3, eax: MMUEXT_NEW_BASEPTR instead
+    assert privop.emulate_gp(v, bytes.fromhex("0f22d8")) is None  # mov cr3, eax: the hypervisor's NEW_BASEPTR
+    assert privop.cr3_source(bytes.fromhex("0f22d8")) == "eax" and privop.cr3_source(bytes.fromhex("0f22df")) == "edi"
+    assert privop.cr3_source(bytes.fromhex("0f22c0")) is None and privop.cr3_source(bytes.fromhex("0f2218")) is None
 
 
 @pytest.mark.parametrize("code", ["f4", "fa", "fb", "0f32", "0f30", "0f0110", "0f0118", "0f00d8", "0f0138",
