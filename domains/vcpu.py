@@ -137,7 +137,7 @@ class Trap:
 
 
 @attrs.frozen
-class Exception_:
+class TakenException:
     """An exception or software interrupt a ring-1 vCPU took, waiting for the domain process to act on it outside
     emulation (``Vcpu._take_exception``): ``eip`` where it stopped (after an ``int n``, at a faulting instruction)."""
 
@@ -261,7 +261,7 @@ class Vcpu:
         self.pv: traps.PvCpu | None = traps.PvCpu(callback_cs=FLAT_RING1_CS) if ring1 else None
         self.virt_cr2 = 0
         self.virt_cr4 = 0
-        self._exc: Exception_ | None = None
+        self._exc: TakenException | None = None
         # an emulated page-table write or CR3 load waiting for the hypervisor's answer (its trap is `emulated`)
         self._emulating: ptwr.Pending | privop.Cr3Write | None = None
         if ring1:  # Unicorn reports #UD to this hook, not as an interrupt: Xen's #UD path (forced emulation)
@@ -577,7 +577,7 @@ class Vcpu:
         if self.pv is not None and (intno != HYPERCALL_VECTOR or rings.cpl(uc) > 1
                                     or int(uc.reg_read(X.UC_X86_REG_EAX)) == Hypercall.iret):
             # everything but a ring-1 hypercall is Xen's entry path: taken outside emulation (_take_exception)
-            self._exc = Exception_(intno, eip, int(uc.reg_read(X.UC_X86_REG_CR2)))
+            self._exc = TakenException(intno, eip, int(uc.reg_read(X.UC_X86_REG_CR2)))
             uc.emu_stop()
             return
         if intno == HYPERCALL_VECTOR:
@@ -592,7 +592,7 @@ class Vcpu:
         uc.emu_stop()
 
     def _on_invalid(self, uc: Uc, _: object) -> bool:
-        self._exc = Exception_(traps.UD_VECTOR, int(uc.reg_read(X.UC_X86_REG_EIP)), 0)
+        self._exc = TakenException(traps.UD_VECTOR, int(uc.reg_read(X.UC_X86_REG_EIP)), 0)
         uc.emu_stop()
         return True
 
@@ -642,7 +642,7 @@ class Vcpu:
         elif self.trap is not None:
             self.state = VcpuState.HYPERCALL
 
-    def _dispatch(self, exc: Exception_) -> bool:
+    def _dispatch(self, exc: TakenException) -> bool:
         intno, eip = exc.intno, exc.eip
         if 0 <= eip - rings.trampoline_va(self.vid) < _PAGE:
             raise traps.GuestCrash("the context it returned to could not be loaded (a fault in the iret)")
@@ -749,7 +749,7 @@ class Vcpu:
             self._set_fault("trap", str(crash), pending.eip)
         self.state = VcpuState.CRASHED
 
-    def _unhandled(self, exc: Exception_) -> None:
+    def _unhandled(self, exc: TakenException) -> None:
         if exc.intno == traps.PF_VECTOR:
             self._page_fault(exc.cr2, exc.eip)
         elif exc.intno >= 32:
