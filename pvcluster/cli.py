@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -127,6 +128,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.json:
+        if args.follow:
+            _error("--json prints one document: it cannot --follow")
+            return 2
+        print(json.dumps(client.call("console", dom=args.dom)))
+        return 0
     shown = 0
     while True:
         lines = client.call("console", dom=args.dom)
@@ -139,20 +146,29 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    for line in _client(args).call("dmesg"):
+    lines = _client(args).call("dmesg")
+    if args.json:
+        print(json.dumps(lines))
+        return 0
+    for line in lines:
         print(line)
     return 0
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    d = _client(args).call("destroy", dom=args.dom)
-    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
-    return 0
+    return _domain_state(args, _client(args).call("destroy", dom=args.dom))
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    d = _client(args).call(args.command, dom=args.dom)
-    out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
+    return _domain_state(args, _client(args).call(args.command, dom=args.dom))
+
+
+def _domain_state(args: argparse.Namespace, d: dict[str, Any]) -> int:
+    """What destroy, pause and unpause report: the domain's record after the command."""
+    if args.json:
+        print(json.dumps(d))
+    else:
+        out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
     return 0
 
 
@@ -302,7 +318,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
     client.call("down")
-    out.print(f"cluster in {run_dir} is down", markup=False)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "down": True}))
+    else:
+        out.print(f"cluster in {run_dir} is down", markup=False)
     return 0
 
 
@@ -317,6 +336,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 2
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when run from a tree that was never installed."""
+    try:
+        return importlib.metadata.version("pvcluster")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pvcluster",
@@ -326,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     debug_help = f"on an unexpected error, print its traceback (or set {DEBUG_ENV}=1)"
     ap.add_argument("--debug", action="store_true", help=debug_help)
+    ap.add_argument("--version", action="version", version=f"pvcluster {_version()}",
+                    help="print pvcluster's version and exit")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Accepted after the command too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
     after = argparse.ArgumentParser(add_help=False)
@@ -362,21 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("dom", help="domain id or name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--json", action="store_true", help="the lines so far as one JSON array")
     p.set_defaults(fn=cmd_console)
 
     p = sub.add_parser("dmesg", parents=[after], help="the hypervisor's log")
     common(p)
+    p.add_argument("--json", action="store_true", help="the lines as one JSON array")
     p.set_defaults(fn=cmd_dmesg)
 
     p = sub.add_parser("destroy", parents=[after], help="stop a domain at once")
     common(p)
     p.add_argument("dom", help="domain id or name")
+    p.add_argument("--json", action="store_true", help="the domain's record afterwards, as JSON")
     p.set_defaults(fn=cmd_destroy)
 
     for name, text in (("pause", "stop running a domain's vCPUs"), ("unpause", "resume a paused domain")):
         p = sub.add_parser(name, help=text, parents=[after])
         common(p)
         p.add_argument("dom", help="domain id or name")
+        p.add_argument("--json", action="store_true", help="the domain's record afterwards, as JSON")
         p.set_defaults(fn=cmd_pause)
 
     p = sub.add_parser(
@@ -463,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)
+    p.add_argument("--json", action="store_true", help='{"run_dir": ..., "down": true} once it is down')
     p.set_defaults(fn=cmd_down)
 
     from pvcluster import deploy  # here, not at the top of the file: one block to merge

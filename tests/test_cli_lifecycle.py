@@ -58,15 +58,29 @@ def test_detached_cluster_list_console_destroy_down(run_dir: Path) -> None:
     assert "quick" in run_cli("list", "--run-dir", rd).stdout
     pids = _cluster_pids(run_dir / "c")
     assert len(pids) == 3
+    # every verb that reports prints exactly one JSON document with --json
+    assert any("spinning forever" in line for line in json.loads(run_cli("console", "spinner", "--json",
+                                                                         "--run-dir", rd).stdout))
+    assert any("created" in line for line in json.loads(run_cli("dmesg", "--json", "--run-dir", rd).stdout))
+    paused = json.loads(run_cli("pause", "spinner", "--json", "--run-dir", rd).stdout)
+    assert (paused["name"], paused["state"]) == ("spinner", "paused")
+    assert json.loads(run_cli("unpause", "spinner", "--json", "--run-dir", rd).stdout)["state"] == "running"
+    follow = run_cli("console", "spinner", "--json", "--follow", "--run-dir", rd)
+    assert follow.returncode == 2 and "--follow" in follow.stderr
     destroyed = run_cli("destroy", "spinner", "--run-dir", rd)
     assert destroyed.returncode == 0 and "dead" in destroyed.stdout
     assert "destroyed" in run_cli("dmesg", "--run-dir", rd).stdout
     bad = run_cli("destroy", "nosuch", "--run-dir", rd)
     assert bad.returncode == 1 and "no domain 'nosuch'" in bad.stderr
-    assert run_cli("down", "--run-dir", rd).returncode == 0
+    assert json.loads(run_cli("down", "--json", "--run-dir", rd).stdout) == {"run_dir": rd, "down": True}
     wait_until(lambda: not any(alive(p) for p in pids))
     gone = run_cli("list", "--run-dir", rd)
     assert gone.returncode == 1 and "no cluster is running" in gone.stderr
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0 and re.fullmatch(r"pvcluster \d+\.\d+\.\d+\n", done.stdout), done.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
