@@ -16,6 +16,7 @@ import zmq
 
 from hypervisor.domain import Domain, DomainState
 from hypervisor.kernel_files import KernelFileError, Requester
+from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
 from pvcluster.faults import ENDING, FaultError, FaultRequest, request
@@ -52,6 +53,7 @@ class ControlServer:
             "destroy": self.cmd_destroy,
             "pause": self.cmd_pause,
             "unpause": self.cmd_unpause,
+            "shutdown": self.cmd_shutdown,
             "inject": self.cmd_inject,
             "faults": self.cmd_faults,
             "down": self.cmd_down,
@@ -164,6 +166,19 @@ class ControlServer:
         if not dom.running and dom.state is not DomainState.PAUSED:  # pauses nest, as in Xen
             raise CommandError(f"domain {dom.domid} is {dom.state.value}, not running")
         await self._planned(request("pause", str(dom.domid)), WAIT_S)
+        return dom.summary()
+
+    async def cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        """xl shutdown / xl reboot: the domain ends with the reason given (``shutdown`` fault, so a replay has it)."""
+        dom = self._domain(args)
+        reason = args.get("reason", ShutdownReason.poweroff.name)
+        if not isinstance(reason, str) or reason not in ShutdownReason.__members__:
+            raise CommandError(f"unknown shutdown reason {str(reason)[:32]!r}; reasons: "
+                               f"{', '.join(ShutdownReason.__members__)}")
+        if not dom.running and dom.state is not DomainState.PAUSED:
+            raise CommandError(f"domain {dom.domid} is {dom.state.value}, not running")
+        params = {"reason": int(ShutdownReason[reason])}
+        await self._planned(request("shutdown", str(dom.domid), None, params), WAIT_S)
         return dom.summary()
 
     async def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -258,6 +258,16 @@ def _destroy(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int)
     return "destroyed"
 
 
+def _shutdown(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    """The toolstack's shutdown: Xen's domain_shutdown(d, reason), which dom0 reaches with SCHEDOP_remote_shutdown
+    (xen/common/sched/core.c); the guest gets no say, as with a guest's own SCHEDOP_shutdown."""
+    if not dom.joined or dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
+        return f"refused: the domain is {dom.state.value}, not running"
+    reason = ShutdownReason(req.params["reason"])
+    plan.hv.shutdown(dom, reason, vt)
+    return f"shut down ({reason.name})"
+
+
 def _pause(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
     if not dom.joined or dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
         return f"refused: the domain is {dom.state.value}, not running"
@@ -395,7 +405,8 @@ def _bug(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> 
 
 
 _KINDS: dict[str, Callable[[FaultPlan, Domain, FaultRequest, int, int], str]] = {
-    "kill": _kill, "crash": _crash, "destroy": _destroy, "pause": _pause, "unpause": _unpause, "stop": _stop,
+    "kill": _kill, "crash": _crash, "destroy": _destroy, "shutdown": _shutdown, "pause": _pause,
+    "unpause": _unpause, "stop": _stop,
     "preempt": _hold, "offline": _hold, "online": _online, "pin": _pin, "slow": _slow,
     "delay": _link, "drop": _link, "dup": _link, "reorder": _link, "partition": _link,
     "skip-flush": _bug, "lose-event": _bug, "dup-event": _bug, "corrupt-result": _bug, "delay-flush": _bug,

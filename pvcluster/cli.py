@@ -163,6 +163,12 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return _domain_state(args, _client(args).call(args.command, dom=args.dom))
 
 
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    """xl shutdown / xl reboot: the toolstack ends the domain with that reason at the next step."""
+    reason = "reboot" if args.command == "reboot" else args.reason
+    return _domain_state(args, _client(args).call("shutdown", dom=args.dom, reason=reason))
+
+
 def _domain_state(args: argparse.Namespace, d: dict[str, Any]) -> int:
     """What destroy, pause and unpause report: the domain's record after the command."""
     if args.json:
@@ -411,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dom", help="domain id or name")
         p.add_argument("--json", action="store_true", help="the domain's record afterwards, as JSON")
         p.set_defaults(fn=cmd_pause)
+
+    for name, text in (("shutdown", "shut a domain down (as dom0's SCHEDOP_remote_shutdown), reason poweroff "
+                                    "unless --reason says otherwise"),
+                       ("reboot", "shut a domain down with reason reboot")):
+        p = sub.add_parser(name, help=text, parents=[after])
+        common(p)
+        p.add_argument("dom", help="domain id or name")
+        if name == "shutdown":
+            p.add_argument("--reason", default="poweroff",
+                           choices=["poweroff", "reboot", "suspend", "crash", "watchdog"])
+        p.add_argument("--json", action="store_true", help="the domain's record afterwards, as JSON")
+        p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser(
         "trace", parents=[after], formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -54,6 +54,9 @@ KINDS: Mapping[str, Kind] = {
     "pause": Kind("domain", "domain", "pause the domain (its vCPUs leave their pCPUs)", {"duration_ns": _DUR}),
     "unpause": Kind("domain", "domain", "unpause a paused domain"),
     "destroy": Kind("domain", "domain", "destroy the domain, as `pvcluster destroy`"),
+    "shutdown": Kind("domain", "domain", "shut the domain down with a reason (0 poweroff, 1 reboot, 2 suspend, "
+                     "3 crash, 4 watchdog), as dom0's SCHEDOP_remote_shutdown: `pvcluster shutdown` and `reboot`",
+                     {"reason": Param("the SHUTDOWN_* reason", 0, 0, 4)}),
     "stop": Kind("domain", "domain", "SIGSTOP the domain's process for a wall-clock time, then SIGCONT",
                  {"wall_ms": Param("wall-clock milliseconds it stays stopped", None, 1, 3_600_000)}),
     # vCPU

@@ -78,6 +78,25 @@ def test_detached_cluster_list_console_destroy_down(run_dir: Path) -> None:
     assert gone.returncode == 1 and "no cluster is running" in gone.stderr
 
 
+def test_shutdown_and_reboot_end_domains_with_their_reason(run_dir: Path) -> None:
+    spec = run_dir / "two.toml"
+    spec.write_text(SPEC.replace('cmdline = "shutdown=poweroff"', 'cmdline = "workload=forever"'))
+    rd = str(run_dir / "c")
+    assert run_cli("up", str(spec), "--run-dir", rd, "--detach").returncode == 0
+    wait_until(lambda: all("spinning forever" in "".join(json.loads(run_cli("console", d, "--json", "--run-dir",
+                                                                            rd).stdout)) for d in ("spinner", "quick")))
+    down = json.loads(run_cli("shutdown", "spinner", "--json", "--run-dir", rd).stdout)
+    assert (down["name"], down["shutdown_reason"]) == ("spinner", "poweroff")
+    rebooted = json.loads(run_cli("reboot", "quick", "--json", "--run-dir", rd).stdout)
+    assert rebooted["shutdown_reason"] == "reboot"
+    again = run_cli("shutdown", "quick", "--run-dir", rd)
+    assert again.returncode == 1 and "not running" in again.stderr
+    faults = json.loads(run_cli("faults", "--json", "--run-dir", rd).stdout)
+    kinds = [(f["kind"], f["params"]["reason"], f["outcome"]) for f in faults["done"]]
+    assert kinds == [("shutdown", 0, "shut down (poweroff)"), ("shutdown", 1, "shut down (reboot)")]
+    assert run_cli("down", "--run-dir", rd).returncode == 0
+
+
 def test_version() -> None:
     done = run_cli("--version")
     assert done.returncode == 0 and re.fullmatch(r"pvcluster \d+\.\d+\.\d+\n", done.stdout), done.stdout
