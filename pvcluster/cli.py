@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,43 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create(args: argparse.Namespace) -> int:
+    """xl create: every [[domain]] of a TOML file (a whole spec, or just domain tables) joins the running cluster."""
+    try:
+        tables = tomllib.loads(Path(args.file).read_text()).get("domain")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        _error(f"cannot read {args.file}: {exc}")
+        return 2
+    if not isinstance(tables, list) or not tables:
+        _error(f"{args.file} has no [[domain]] table")
+        return 2
+    client = _client(args)
+    created = [client.call("create", domain=table) for table in tables]
+    if args.json:
+        print(json.dumps(created))
+    else:
+        for d in created:
+            out.print(f"domain {d['domid']} ({d['name']}): created", markup=False)
+    return 0
+
+
+def cmd_vcpu_pin(args: argparse.Namespace) -> int:
+    """xl vcpu-pin: the vCPU's hard affinity becomes one pCPU, until pinned again (the ``pin`` fault, no duration)."""
+    target = f"{args.dom}.{args.vcpu}"
+    try:
+        req = faults.request("pin", target, None, {"pcpu": args.pcpu, "duration_ns": 0})
+    except faults.FaultError as exc:
+        _error(str(exc))
+        return 2
+    rec = _client(args).call("inject", timeout_s=20, kind=req.kind, target=req.target, at_ns=None,
+                             params=dict(req.params), wait_s=10)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        out.print(f"vCPU {target} on pCPU {args.pcpu}: {rec['outcome']}", markup=False)
+    return 0
+
+
 def cmd_faults(args: argparse.Namespace) -> int:
     data = _client(args).call("faults")
     if args.json:
@@ -417,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dom", help="domain id or name")
         p.add_argument("--json", action="store_true", help="the domain's record afterwards, as JSON")
         p.set_defaults(fn=cmd_pause)
+
+    p = sub.add_parser("create", parents=[after], help="add the domains of a TOML file ([[domain]] tables) to the "
+                       "running cluster")
+    common(p)
+    p.add_argument("file", help="TOML with one or more [[domain]] tables, as in a cluster spec")
+    p.add_argument("--json", action="store_true", help="the domains created, as one JSON array")
+    p.set_defaults(fn=cmd_create)
+
+    p = sub.add_parser("vcpu-pin", parents=[after], help="pin a vCPU to one pCPU (its hard affinity)")
+    common(p)
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("vcpu", type=int, help="the vCPU")
+    p.add_argument("pcpu", type=int, help="the pCPU")
+    p.add_argument("--json", action="store_true", help="the fault record that did it, as JSON")
+    p.set_defaults(fn=cmd_vcpu_pin)
 
     for name, text in (("shutdown", "shut a domain down (as dom0's SCHEDOP_remote_shutdown), reason poweroff "
                                     "unless --reason says otherwise"),

@@ -97,6 +97,27 @@ def test_shutdown_and_reboot_end_domains_with_their_reason(run_dir: Path) -> Non
     assert run_cli("down", "--run-dir", rd).returncode == 0
 
 
+def test_create_adds_domains_and_vcpu_pin_pins(run_dir: Path) -> None:
+    spec = run_dir / "one.toml"
+    spec.write_text(SPEC.split("[[domain]]")[0] + "[[domain]]" + SPEC.split("[[domain]]")[1])  # spinner only
+    rd = str(run_dir / "c")
+    assert run_cli("up", str(spec), "--run-dir", rd, "--detach").returncode == 0
+    extra = run_dir / "extra.toml"
+    extra.write_text('[[domain]]\nname = "extra"\nvcpus = 1\ncmdline = "workload=forever"\n')
+    created = json.loads(run_cli("create", str(extra), "--json", "--run-dir", rd).stdout)
+    assert [d["name"] for d in created] == ["extra"]
+    wait_until(lambda: "spinning forever" in run_cli("console", "extra", "--run-dir", rd).stdout)
+    assert [d["name"] for d in json.loads(run_cli("list", "--json", "--run-dir", rd).stdout)] == ["spinner", "extra"]
+    empty = run_dir / "empty.toml"
+    empty.write_text("[cluster]\n")
+    refused = run_cli("create", str(empty), "--run-dir", rd)
+    assert refused.returncode == 2 and "no [[domain]] table" in refused.stderr
+    pinned = json.loads(run_cli("vcpu-pin", "spinner", "1", "0", "--json", "--run-dir", rd).stdout)
+    assert (pinned["kind"], pinned["target"], pinned["params"]["pcpu"]) == ("pin", "spinner.1", 0)
+    assert pinned["outcome"] == "vcpu 1 pinned to pCPU 0", pinned
+    assert run_cli("down", "--run-dir", rd).returncode == 0
+
+
 def test_version() -> None:
     done = run_cli("--version")
     assert done.returncode == 0 and re.fullmatch(r"pvcluster \d+\.\d+\.\d+\n", done.stdout), done.stdout
