@@ -157,7 +157,7 @@ def _xen_leaf(index: int) -> tuple[int, int, int, int]:
     return 1, XEN_CPUID_FIRST_LEAF, 0, 0  # one hypercall page, its MSR at 0x40000000
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # the guest picks the leaves: a bounded cache, not one entry per leaf it tries
 def _native_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     """The emulated CPU's own answer (the same CPU every vCPU runs on, so the same answer as a plain CPUID)."""
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
