@@ -107,6 +107,10 @@ class DomainProcess:
         self.link = LinkReceiver()
         # the console ring (its port and the machine address of the part its backend reads), from the build
         self._console: tuple[int, int] = (0, 0)
+        # What the hypervisor may ask between two windows, while it holds the cluster at a boundary (dump, save,
+        # the debugger: hypervisor/boundary.py): request type -> handler returning the answer. Asked only of a
+        # built domain.
+        self.answers: dict[type, Callable[[Any], Any]] = {}
 
     @property
     def memory(self) -> GuestRam:
@@ -194,6 +198,8 @@ class DomainProcess:
                     return 3
             elif isinstance(body, Window) and self.ram is not None:
                 self._send(sock, self._window(body))
+            elif type(body) in self.answers and self.ram is not None:
+                self._send(sock, self._answer(body, env.seq))
             elif isinstance(body, Stop):
                 self.trace("domain.stop", reason=body.reason)
                 self._send(sock, Leaving(code=self.exit_code))  # a remote hypervisor learns the exit code only so
@@ -204,6 +210,15 @@ class DomainProcess:
                 detail = f"{type(body).__name__} is not expected now"
                 self.trace("bus.unexpected", detail=detail)
                 self._send(sock, Error("unexpected", detail, env.seq))
+
+    def _answer(self, body: Any, seq: int) -> Any:
+        """A request between two windows: its handler's answer, or an Error saying why there is none (a bad request
+        is the hypervisor's problem, never a reason to end the domain)."""
+        try:
+            return self.answers[type(body)](body)
+        except Exception as exc:
+            self.trace("bus.request_failed", request=type(body).__name__, error=repr(exc)[:400])
+            return Error("request-failed", f"{type(body).__name__}: {exc!r}"[:400], seq)
 
     # -- build ---------------------------------------------------------------------------------------------
 

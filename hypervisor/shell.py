@@ -31,6 +31,7 @@ from typing import Any
 import trio
 import zmq
 
+from hypervisor.boundary import Boundary
 from hypervisor.core import Hypervisor
 from hypervisor.domain import Domain, DomainState
 from hypervisor.errors import ReportError
@@ -86,6 +87,8 @@ class HypervisorProcess:
         # The open window's silence, in seconds of this process's running time, and when it started counting.
         self._silence = 0.0
         self._silence_from = time.monotonic()
+        # Holding the clock at a window boundary for the toolstack's dump, save, migrate and debugger
+        self.boundary = Boundary(self)
 
     def poke(self) -> None:
         """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
@@ -257,6 +260,8 @@ class HypervisorProcess:
             await self._reject(identity, exc.kind, exc.detail, exc.seq if exc.seq is not None else -1, dom=dom.domid,
                                size=len(frames[1]))
             return
+        if self.boundary.answer(dom, env.body):
+            return
         try:
             self.core.receive(dom, env.body)
         except ReportError as exc:
@@ -318,6 +323,9 @@ class HypervisorProcess:
         try:
             core = self.core
             while not core.clock.awaiting:
+                if self.boundary.holding:  # held at this boundary (hypervisor/boundary.py)
+                    self.boundary.quiet()
+                    return
                 windows = core.step()
                 await self.carry_out()
                 self.flush_trace()  # every step's events are on disk before its windows go out
@@ -431,6 +439,7 @@ class HypervisorProcess:
 
     async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
         rc = await launch.wait_exit(proc)
+        self.boundary.gone(dom)
         self.core.process_exited(dom, rc)
         await self.flush()
 
