@@ -112,7 +112,8 @@ def _load(call: Call) -> int:
     if not image.startswith(_ELF_MAGIC):  # the control plane builds from an ELF kernel (see the module's doc)
         call.trace("kexec.denied", why="not an ELF image")
         return -Errno.EINVAL
-    end = len(image.rstrip(b"\0"))  # the zeroed tails are the builder's to make, not the Build's to carry
+    # the zeroed tail past the last buffer is the builder's to make, not the Build's to carry
+    end = max(dest - base + size for dest, _, _, size in pieces)
     call.dom.kexec_images[ktype] = KexecImage(data=bytes(image[:end]), entry_maddr=entry, segments=nr)
     call.record("kexec.load", type=ktype, segments=nr, bytes=end, entry_maddr=entry)
     return 0
