@@ -53,7 +53,7 @@ def _run(seed: int = 5, extra: str = "") -> RecordingLog:
 def test_every_kind_the_issue_names_is_in_the_catalog() -> None:
     assert list(KINDS) == ["kill", "crash", "pause", "unpause", "destroy", "shutdown", "stop", "preempt", "offline",
                            "online", "pin", "slow", "delay", "drop", "dup", "reorder", "partition", "skip-flush",
-                           "lose-event", "dup-event", "corrupt-result", "delay-flush", "skew"]
+                           "lose-event", "dup-event", "corrupt-result", "delay-flush", "skew", "sched"]
 
 
 @pytest.mark.parametrize(("args", "msg"), [
