@@ -211,3 +211,17 @@ def test_rename_restart_is_refused_with_a_clear_error() -> None:
 
 def test_layout_sizes() -> None:
     assert (layouts.KEXEC_LOAD.size, layouts.KEXEC_SEGMENT.size) == (24, 32)
+
+
+def test_kexec_op_in_a_multicall_is_refused(dom: Domain) -> None:
+    from hypervisor.hypercalls import multicall
+
+    entries = 0x40000
+    entry = struct.pack("<8I", Hypercall.kexec_op, 0, KexecCmd.kexec_load, LOAD, 0, 0, 0, 0)
+    regions = [Region(entries, 32, entry, True), *_regions(_load_struct(), _seg(), {BUF: IMAGE})]
+    call = make_call(_HV[dom], dom, Hypercall.multicall, [entries, 1], regions)
+    assert run_handler(multicall, call) == 0 and call.continuation is None
+    assert [(w.addr, w.data) for w in call.mem.writes] == [(entries + 4, struct.pack("<i", -Errno.EINVAL))]
+    assert not dom.kexec_images
+    spans = copy_in(Hypercall.multicall, [entries, 1, 0, 0, 0], lambda a, n: entry[:n] if a == entries else None)
+    assert [s.addr for s in spans] == [entries]  # nothing of the image is copied for it

@@ -264,8 +264,8 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
     seen, total = set(spans), n * size
     for fields in struct.iter_unpack("<8I", raw):
         op, entry_args = fields[0], list(fields[2 : 2 + structs.MULTICALL_ENTRY_ARGS])
-        if op == Hypercall.multicall:
-            continue  # a nested multicall is refused, and copies nothing
+        if op in (Hypercall.multicall, Hypercall.kexec_op):
+            continue  # refused in a batch (hypervisor/hypercalls/multicall.py: REFUSED), so it copies nothing
         new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
         size = sum(s.length for s in new if not s.machine)  # table frames have their own cap (MAX_TABLE_FRAMES)
         # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
