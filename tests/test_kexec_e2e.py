@@ -5,6 +5,7 @@ on_crash = "destroy" destroys a crashed domain."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from cguest import (
     c_finish,
     c_xen_notes,
 )
+from helpers import run_cli
 
 from hypervisor.core import RESTART_LIMIT
 from pvcluster.cluster import Cluster
+from pvcluster.rundiff import first_divergence
 from pvcluster.spec import parse_spec
 from pvcluster.trace import read_events
 
@@ -169,3 +172,24 @@ def test_hostile_kexec_op_gets_errnos_and_harms_nobody(run_dir: Path) -> None:
     assert len(console) == HOSTILE_C.count('check("') + 1
     assert _doms(final) == [(1, "h", "dead", "poweroff"), (2, "bystander", "dead", "poweroff")]
     assert not _events(run_dir, "domain.restarted")
+
+
+def test_replay_reproduces_a_sched_slice_change_and_the_restarts(run_dir: Path) -> None:
+    """`pvcluster sched --slice` is recorded as a `sched` fault: a replay changes the slice at the same step, and a
+    run with kexec and on_reboot restarts replays event for event."""
+    a = run_dir / "a"
+    spec = parse_spec('[cluster]\nname = "rs"\n[[domain]]\nname = "sd"\nvcpus = 2\n'
+                      'cmdline = "workload=shootdown sdrounds=200 shutdown=reboot"\non_reboot = "restart"\n'
+                      '[[domain]]\nname = "k"\nvcpus = 1\ncmdline = "workload=timer ticks=3 workload=kexec"\n')
+    with Cluster.start(spec, run_dir=a) as cluster:
+        cluster.wait_for("shootdown", dom="sd")
+        changed = cluster.client.call("sched", timeout_s=20, slice_ns=70_000)
+        assert changed["slice_ns"] == 70_000 and changed["change"]["outcome"] == "slice 30000 ns -> 70000 ns"
+        final = cluster.wait(timeout_s=180)
+    assert [d["name"] for d in final["domains"]].count("sd") == RESTART_LIMIT + 1
+    replayed = run_cli("up", "--replay", str(a), "--quiet")
+    assert replayed.returncode == 0, replayed.stderr
+    b = run_dir / "a-replay-1"
+    again = [json.loads(line) for line in (b / "faults.jsonl").read_text().splitlines()]
+    assert [(f["kind"], f["outcome"]) for f in again] == [("sched", "slice 30000 ns -> 70000 ns")]
+    assert first_divergence(a, b) is None
