@@ -245,5 +245,7 @@ def random_params(kind: str, rng: random.Random, pcpus: int) -> dict[str, int]:
         "skip-flush": {"count": count}, "lose-event": {"count": count}, "dup-event": {"count": count},
         "corrupt-result": {"count": count}, "delay-flush": {"count": count, "delay_ns": rng.randint(1_000, 100_000)},
         "skew": {"offset_ns": rng.randint(-1_000_000, 1_000_000), "ppm": rng.randint(-2_000, 2_000)},
+        # from the default window to ten of them (a slice below the spec's window_ns is refused when it acts)
+        "sched": {"slice_ns": rng.randint(10_000, 100_000)},
     }
     return table.get(kind, {})
