@@ -64,6 +64,16 @@ def test_kexec_workload_boots_the_second_stage_as_a_new_domain(run_dir: Path) ->
     assert loaded["dom"] == 1 and loaded["type"] == 0 and loaded["bytes"] > 4096
 
 
+def test_kdump_boots_the_crash_image_when_the_domain_crashes(run_dir: Path) -> None:
+    final, _ = _run(run_dir, '[[domain]]\nname = "k"\nvcpus = 1\ncmdline = "workload=kexec kexec=crash"\n')
+    assert _doms(final) == [(1, "k", "dead", "crash"), (2, "k", "dead", "poweroff")]
+    assert final["consoles"][2] == ["pvkern-kexec2: second stage up, kexec'd by the control plane"]
+    (restarted,) = _events(run_dir, "domain.restarted")
+    assert (restarted["old_domid"], restarted["new_domid"], restarted["why"]) == (1, 2, "kdump")
+    (loaded,) = _events(run_dir, "kexec.load")
+    assert loaded["type"] == 1
+
+
 def test_on_reboot_restart_until_the_storm_guard(run_dir: Path) -> None:
     final, _ = _run(run_dir, '[[domain]]\nname = "r"\nvcpus = 1\ncmdline = "shutdown=reboot"\n'
                              'on_reboot = "restart"\n')

@@ -4,6 +4,8 @@
 # (KEXEC_CMD_kexec_load: buf = kexec_image, dest_maddr 0, entry_maddr 0, inside it), checks the status is now 1, and
 # runs KEXEC_CMD_kexec: the domain ends with shutdown reason "kexec" and the toolstack builds a new domain, same
 # name and spec, from the image, which prints its own line and powers off.
+# With `kexec=crash` on the command line it loads the image as KEXEC_TYPE_CRASH instead and then crashes
+# (SCHEDOP_shutdown with SHUTDOWN_crash): kdump, the toolstack boots the crash image in its place.
 #
 # kexec_work() -> eax = 0 (not asked for); 1 when a step failed (printed). On success it does not return.
 
@@ -18,6 +20,12 @@ kexec_work:
     test eax, eax
     jz kx_return
     mov byte ptr [kx_type], KEXEC_TYPE_DEFAULT
+    mov edi, kx_key_crash
+    call cmdline_flag
+    test eax, eax
+    jz kx_typed
+    mov byte ptr [kx_type], KEXEC_TYPE_CRASH
+kx_typed:
     mov ebx, KEXEC_CMD_kexec_status
     mov ecx, kx_type
     call hc_kexec_op
@@ -38,7 +46,8 @@ kexec_work:
     shl eax, PAGE_SHIFT
     mov [kx_seg + KEXEC_SEGMENT_dest_size], eax
     mov dword ptr [kx_seg + KEXEC_SEGMENT_dest_size + 4], 0
-    mov byte ptr [kx_load + KEXEC_LOAD_type], KEXEC_TYPE_DEFAULT
+    mov al, [kx_type]
+    mov [kx_load + KEXEC_LOAD_type], al
     mov word ptr [kx_load + KEXEC_LOAD_arch], EM_386
     mov dword ptr [kx_load + KEXEC_LOAD_nr_segments], 1
     mov dword ptr [kx_load + KEXEC_LOAD_segments], kx_seg
@@ -60,6 +69,12 @@ kexec_work:
     mov eax, [kx_seg + KEXEC_SEGMENT_buf_size]
     mov esi, kx_msg_loaded
     call print_num_line
+    cmp byte ptr [kx_type], KEXEC_TYPE_CRASH
+    jne kx_exec_default
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash  # kdump: the crash image boots when the domain crashes
+    xor eax, eax
+    jmp kx_return
+kx_exec_default:
     mov dword ptr [kx_exec + KEXEC_EXEC_type], KEXEC_TYPE_DEFAULT
     mov ebx, KEXEC_CMD_kexec
     mov ecx, kx_exec
@@ -75,6 +90,7 @@ kx_return:
     ret
 
 kx_key: .asciz "workload=kexec"
+kx_key_crash: .asciz "kexec=crash"
 kx_msg_status_before: .asciz "pvkern: kexec: an image was loaded before the load, status "
 kx_msg_load_failed: .asciz "pvkern: kexec: KEXEC_CMD_kexec_load failed "
 kx_msg_status_after: .asciz "pvkern: kexec: status after the load "
