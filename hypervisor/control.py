@@ -19,7 +19,7 @@ from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
-from pvcluster.faults import ENDING, FaultError, FaultRequest, request
+from pvcluster.faults import ENDING, MAX_SLICE_NS, FaultError, FaultRequest, request
 from pvcluster.spec import SpecError, parse_domain_dict
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class ControlServer:
             "unpause": self.cmd_unpause,
             "shutdown": self.cmd_shutdown,
             "inject": self.cmd_inject,
+            "sched": self.cmd_sched,
             "faults": self.cmd_faults,
             "down": self.cmd_down,
         }
@@ -180,6 +181,37 @@ class ControlServer:
         params = {"reason": int(ShutdownReason[reason])}
         await self._planned(request("shutdown", str(dom.domid), None, params), WAIT_S)
         return dom.summary()
+
+    def _sched_info(self) -> dict[str, Any]:
+        sched = self.core.scheduler
+        return {
+            "pcpus": sched.pcpus,
+            "slice_ns": sched.slice_ns,
+            "window_ns": self.core.clock.window_ns,
+            "domains": [{"domid": d.domid, "name": d.name, "state": d.state.value,
+                         "vcpus": [{"vcpu": v.vid, "affinity": list(v.affinity), "runstate": v.runstate.value}
+                                   for v in d.vcpus]}
+                        for d in self.core.domains],
+        }
+
+    async def cmd_sched(self, args: dict[str, Any]) -> dict[str, Any]:
+        """xl sched-credit: with no ``slice_ns``, the scheduler's parameters (pCPUs, slice, each domain's vCPU
+        affinities); with one, set the slice (at least a window, at most MAX_SLICE_NS) through the ``sched`` fault,
+        which acts at the next window boundary of a running domain and is recorded for replay."""
+        slice_ns = args.get("slice_ns")
+        if slice_ns is None:
+            return self._sched_info()
+        window_ns = self.core.clock.window_ns
+        if not isinstance(slice_ns, int) or isinstance(slice_ns, bool) or not window_ns <= slice_ns <= MAX_SLICE_NS:
+            raise CommandError(f"slice_ns must be an integer from hypervisor.window_ns ({window_ns}) to "
+                               f"{MAX_SLICE_NS} ns, got {str(slice_ns)[:32]}")
+        # a slice changes only at a window boundary (where the scheduler decides), so the change rides on a running
+        # domain's next window, as every interactive fault does
+        carrier = next((d for d in self.core.domains if d.running), None)
+        if carrier is None:
+            raise CommandError("no domain is running: the slice changes at a running domain's window boundary")
+        record = await self._planned(request("sched", carrier.name, None, {"slice_ns": slice_ns}), WAIT_S)
+        return {**self._sched_info(), "change": record}
 
     async def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(args)

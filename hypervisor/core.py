@@ -34,7 +34,7 @@ from hypervisor.scheduler import Scheduler
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import RunState, Vcpu
 from hypervisor.vmi_rom import vmi_rom
-from pvcluster.abi.xen import ShutdownReason
+from pvcluster.abi.xen import KexecType, ShutdownReason
 from pvcluster.bus.effects import Effect, SetPending
 from pvcluster.bus.messages import (
     Build,
@@ -53,6 +53,11 @@ from pvcluster.faults import random_schedule
 from pvcluster.spec import ClusterSpec, DomainSpec
 
 MAX_DMESG_LINES = 5000
+# The reboot-storm guard on restarts (on_*="restart", kexec, kdump): a domain (by name) restarted RESTART_LIMIT times
+# within RESTART_SPAN_NS of virtual time is not restarted again, as xl refuses to keep restarting a domain that
+# reboots too quickly. Generous enough for any guest that does work between boots; a guest that only reboots stops.
+RESTART_LIMIT = 5
+RESTART_SPAN_NS = 10_000_000
 MAX_PAUSES = 255  # Xen limits the toolstack's pause count to 255 (_domain_pause_by_systemcontroller)
 # The seeded wallclock at system time 0 falls in [2000-01-01, 2030-01-01) UTC: wc_sec fits shared_info's 32 bits.
 WALLCLOCK_FIRST_S = 946_684_800
@@ -65,6 +70,13 @@ def boot_wallclock(seed: int) -> tuple[int, int]:
     one wallclock whatever else the seed decides."""
     rng = random.Random(f"{seed}/wallclock")
     return WALLCLOCK_FIRST_S + rng.randrange(WALLCLOCK_SPAN_S), rng.randrange(1_000_000_000)
+
+
+def _coredump_hook(dom: Domain) -> None:
+    """Where the toolstack dumps a crashed domain's memory before it acts on it: on_crash = "coredump-destroy" /
+    "coredump-restart", and kdump (a crash with a KEXEC_TYPE_CRASH image loaded). A placeholder: the `dump` work
+    (issue 15) fills it in; until then the coredump-* actions are their destroy / restart half."""
+    return None
 
 
 @attrs.frozen
@@ -114,6 +126,10 @@ class Hypervisor:
         # What the shell must do next: messages to send to domain processes, processes to end.
         self.outbox: list[tuple[Domain, Any]] = []
         self.to_kill: list[Domain] = []
+        # Domains the core created as restarts (life-cycle actions, kexec, kdump) whose processes the shell is to
+        # launch, as it launches any new domain's; and when each name was restarted (the reboot-storm guard).
+        self.to_launch: list[Domain] = []
+        self._restarts: dict[str, list[int]] = {}
         self.hypercalls = 0
         self.idle = False
         self.run_wall = RunWall()
@@ -352,11 +368,13 @@ class Hypervisor:
             dom.move(DomainState.CRASHED, "guest shutdown: crash")
         else:
             dom.move(DomainState.SHUTTING_DOWN, f"guest shutdown: {reason.name}")
-        self._leave(dom, f"shutdown {reason.name}")
-        self.printk(f"d{dom.domid} ({dom.name}): shutdown, reason {reason.name}", vt_ns=vt_ns, dom=dom.domid,
-                    reason=reason.name)
-        dom.trace.event("domain.shutdown", vt_ns=vt_ns, reason=reason.name)
-        self.outbox.append((dom, Stop(reason=reason.name)))
+        label = dom.end_reason or reason.name  # "kexec" for a kexec (held as soft_reset)
+        self._leave(dom, f"shutdown {label}")
+        self.printk(f"d{dom.domid} ({dom.name}): shutdown, reason {label}", vt_ns=vt_ns, dom=dom.domid,
+                    reason=label)
+        dom.trace.event("domain.shutdown", vt_ns=vt_ns, reason=label)
+        self.outbox.append((dom, Stop(reason=label)))
+        self._after_end(dom, reason, vt_ns)
 
     def crash(self, dom: Domain, detail: str, *, vt_ns: int | None = None, exc: BaseException | None = None,
               signal: str = "term") -> None:
@@ -378,6 +396,64 @@ class Hypervisor:
             self.signals.append((dom, "kill", 0))
         else:
             self.to_kill.append(dom)
+        self._after_end(dom, ShutdownReason.crash, vt)
+
+    # -- what the toolstack does with a domain that ended (xl's on_poweroff / on_reboot / on_crash) -------------
+
+    def _after_end(self, dom: Domain, reason: ShutdownReason, vt: int) -> None:
+        """The toolstack's action on ``dom``, which has just ended with ``reason``: a kexec builds the loaded image,
+        a crash with a crash image loaded dumps the memory (``_coredump_hook``) and builds that (kdump), otherwise
+        the spec's life-cycle action for the reason (pvcluster/spec.py: LIFECYCLE_ACTIONS)."""
+        if reason is ShutdownReason.soft_reset and dom.kexec_started is not None:
+            image = dom.kexec_images.get(dom.kexec_started)
+            if image is not None:
+                self._rebuild(dom, image.data, "kexec", vt)
+            return
+        if reason is ShutdownReason.crash:
+            crash_image = dom.kexec_images.get(KexecType.CRASH)
+            if crash_image is not None:
+                _coredump_hook(dom)
+                self._rebuild(dom, crash_image.data, "kdump", vt)
+                return
+            key = "on_crash"
+        elif reason is ShutdownReason.poweroff:
+            key = "on_poweroff"
+        elif reason is ShutdownReason.reboot:
+            key = "on_reboot"
+        else:
+            return  # suspend, watchdog: no life-cycle key here; the domain stays as it ended
+        action = str(getattr(dom.spec, key, "preserve"))
+        if action.startswith("coredump-"):
+            _coredump_hook(dom)
+            action = action.removeprefix("coredump-")
+        if action == "restart":
+            self._rebuild(dom, dom.image, f"{key}=restart", vt)
+        elif action == "destroy" and dom.state is DomainState.CRASHED:
+            # a domain that shut down is dead once its process exits (destroy is what always happened to it); a
+            # crashed one would stay listed as crashed: destroy it, as `pvcluster destroy` would
+            self.destroy(dom)
+
+    def _rebuild(self, old: Domain, image: bytes, why: str, vt: int) -> None:
+        """The toolstack builds a new domain with ``old``'s DomainSpec (same name, a new domid, as xl does) from
+        ``image`` (empty: the spec's kernel), unless the name has restarted too often (RESTART_LIMIT)."""
+        recent = [t for t in self._restarts.get(old.name, []) if vt - t < RESTART_SPAN_NS]
+        if len(recent) >= RESTART_LIMIT:
+            old.trace.warning("domain.restart_refused", vt_ns=vt, why=why, restarts=len(recent),
+                              span_ns=RESTART_SPAN_NS)
+            self.printk(f"d{old.domid} ({old.name}): restarted {len(recent)} times within {RESTART_SPAN_NS} ns: "
+                        f"not restarted again ({why})", vt_ns=vt, dom=old.domid)
+            return
+        self._restarts[old.name] = [*recent, vt]
+        if old.state in (DomainState.SHUTTING_DOWN, DomainState.CRASHED):
+            # xl destroys the old domain before it builds the new one: its name is free now, in virtual time (its
+            # process, already told to stop, exits when it does)
+            old.move(DomainState.DEAD, f"replaced ({why})")
+        new = self.create_domain(old.spec, image)
+        old.trace.event("domain.restarted", vt_ns=vt, old_domid=old.domid, new_domid=new.domid, why=why,
+                        image_bytes=len(image))
+        self.printk(f"d{old.domid} ({old.name}): restarted as d{new.domid} ({why})", vt_ns=vt, dom=old.domid,
+                    new_domid=new.domid)
+        self.to_launch.append(new)
 
     def destroy(self, dom: Domain) -> None:
         """The toolstack's destroy: the domain stops now; the shell then waits for its process to exit."""

@@ -30,6 +30,16 @@ if TYPE_CHECKING:
     from hypervisor.faults import Fault
 
 
+@attrs.frozen
+class KexecImage:
+    """An image a guest loaded with kexec_op: the bytes its segments make (an ELF kernel, which the toolstack builds
+    the next domain from), where the guest said its entry is, and how many segments it came in."""
+
+    data: bytes
+    entry_maddr: int
+    segments: int
+
+
 class DomainState(enum.Enum):
     BUILDING = "building"
     RUNNING = "running"
@@ -74,6 +84,10 @@ class Domain:
     frames: Frames = attrs.Factory(Frames)
     grant: GrantTable = attrs.Factory(GrantTable)
     vm_assist: int = 0  # the VMASST_TYPE_* bits the guest enabled (vm_assist)
+    # kexec_op's loaded images by KEXEC_TYPE_* (hypervisor/hypercalls/kexec_op.py), and the type KEXEC_CMD_kexec
+    # started (None: none): the shutdown it causes is then traced with reason "kexec"
+    kexec_images: dict[int, KexecImage] = attrs.Factory(dict)
+    kexec_started: int | None = None
     shutdown_reason: ShutdownReason | None = None
     crash_detail: str = ""
     console: list[str] = attrs.Factory(list)
@@ -136,6 +150,17 @@ class Domain:
         self.history.append((new.value, why))
         self.state = new
 
+    @property
+    def end_reason(self) -> str | None:
+        """The shutdown reason as traced and listed: Xen's SHUTDOWN_* name, or "kexec" for a domain that kexec'd
+        (Xen has no such reason; it is held internally as SHUTDOWN_soft_reset, the nearest: the domain asked for its
+        toolstack to rebuild it)."""
+        if self.shutdown_reason is None:
+            return None
+        if self.kexec_started is not None and self.shutdown_reason is ShutdownReason.soft_reset:
+            return "kexec"
+        return self.shutdown_reason.name
+
     def console_write(self, text: str) -> list[str]:
         """Append guest console output; return the lines it completed."""
         text = self._partial_line + text
@@ -160,7 +185,7 @@ class Domain:
             "state": self.state.value,
             "vcpus": len(self.vcpus),
             "vcpu_states": [v.runstate.value for v in self.vcpus],
-            "shutdown_reason": self.shutdown_reason.name if self.shutdown_reason is not None else None,
+            "shutdown_reason": self.end_reason,
             "crash": self.crash_detail,
             "hypercalls": self.hypercalls,
             "instructions": sum(v.instructions for v in self.vcpus),

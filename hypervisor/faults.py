@@ -395,6 +395,18 @@ def _unreachable(hv: Hypervisor, dom: Domain, limit: int, vt: int) -> str:
     return "ended as unreachable"
 
 
+def _sched(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
+    """`pvcluster sched --slice`: the scheduler's slice, for every domain from this window boundary on (a slice
+    shorter than a window could not end inside one: refused)."""
+    slice_ns, window_ns = req.params["slice_ns"], plan.hv.clock.window_ns
+    if slice_ns < window_ns:
+        return f"refused: a slice of {slice_ns} ns is shorter than a window ({window_ns} ns)"
+    old = plan.hv.scheduler.slice_ns
+    plan.hv.scheduler.slice_ns = slice_ns
+    plan.hv.printk(f"scheduler: slice {old} ns -> {slice_ns} ns", vt_ns=vt, slice_ns=slice_ns, previous=old)
+    return f"slice {old} ns -> {slice_ns} ns"
+
+
 def _bug(plan: FaultPlan, dom: Domain, req: FaultRequest, vt: int, fid: int) -> str:
     dom.bugs[req.kind] = dom.bugs.get(req.kind, 0) + req.params["count"]
     if req.kind == "corrupt-result":
@@ -410,7 +422,7 @@ _KINDS: dict[str, Callable[[FaultPlan, Domain, FaultRequest, int, int], str]] = 
     "preempt": _hold, "offline": _hold, "online": _online, "pin": _pin, "slow": _slow,
     "delay": _link, "drop": _link, "dup": _link, "reorder": _link, "partition": _link,
     "skip-flush": _bug, "lose-event": _bug, "dup-event": _bug, "corrupt-result": _bug, "delay-flush": _bug,
-    "skew": _skew,
+    "skew": _skew, "sched": _sched,
 }
 
 

@@ -192,7 +192,13 @@ class HypervisorProcess:
     async def carry_out(self) -> None:
         """Carry out what the core asked for: messages to domain processes, processes to end or signal."""
         core = self.core
-        while core.outbox or core.to_kill or core.signals:
+        while core.outbox or core.to_kill or core.signals or core.to_launch:
+            launches, core.to_launch = core.to_launch, []
+            for dom in launches:  # restarts the core decided (life-cycle actions, kexec, kdump)
+                try:
+                    self._launch(dom)
+                except OSError:
+                    pass  # the domain was crashed with the cause (_launch), which its trace has
             signals, core.signals = core.signals, []
             for dom, what, wall_ms in signals:
                 self._signal(dom, what, wall_ms)
@@ -412,14 +418,21 @@ class HypervisorProcess:
     def create_domain(self, spec: DomainSpec, requester: Requester | None = None) -> Domain:
         """Declare ``spec``'s domain and, when it runs locally, start its process (which joins like any other).
         The kernel is read here, as ``requester`` (default: this process's user) may read it: KernelFileError."""
-        assert self.nursery is not None
         image = kernel_image(spec, self.run_dir, requester or Requester.this_process())
         dom = self.core.create_domain(spec, image)
+        self._launch(dom)
+        return dom
+
+    def _launch(self, dom: Domain) -> None:
+        """Start a declared domain's process when it runs locally (it joins like any other); a remote one waits for
+        whatever starts it. OSError (after crashing the domain) when the process cannot be started."""
+        assert self.nursery is not None
+        spec = dom.spec
         if spec.placement == "remote":
             self.core.printk(f"d{dom.domid} ({dom.name}): created, waiting for its process to join "
                              f"(`pvcluster join {dom.name} --endpoint {self.endpoints.bus}`)", dom=dom.domid,
                              hostdep=True)
-            return dom
+            return
         argv = launch.python_module_argv(
             "domains", "--endpoint", self.endpoints.bus, "--name", dom.name,
             "--trace-dir", str(self.run_dir / "trace"), "--spawned",
@@ -435,7 +448,6 @@ class HypervisorProcess:
         self.procs[dom.domid] = proc
         self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
         self.nursery.start_soon(self._watch, dom, proc)
-        return dom
 
     async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
         rc = await launch.wait_exit(proc)

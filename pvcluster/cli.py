@@ -296,6 +296,23 @@ def cmd_vcpu_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sched(args: argparse.Namespace) -> int:
+    """xl sched-credit: the scheduler's parameters; with --slice, set the slice first (the ``sched`` fault)."""
+    call: dict[str, Any] = {} if args.slice is None else {"slice_ns": args.slice}
+    info = _client(args).call("sched", timeout_s=20, **call)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    change = info.get("change")
+    if change is not None:
+        out.print(f"slice: {change['outcome']}", markup=False)
+    out.print(f"pcpus {info['pcpus']}, slice {info['slice_ns']} ns, window {info['window_ns']} ns", markup=False)
+    for d in info["domains"]:
+        pins = ", ".join(f"vcpu {v['vcpu']}: pcpus {v['affinity']}" for v in d["vcpus"])
+        out.print(f"  {d['domid']:>3} {d['name']:<16} {d['state']:<14} {pins}", markup=False)
+    return 0
+
+
 def cmd_faults(args: argparse.Namespace) -> int:
     data = _client(args).call("faults")
     if args.json:
@@ -470,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pcpu", type=int, help="the pCPU")
     p.add_argument("--json", action="store_true", help="the fault record that did it, as JSON")
     p.set_defaults(fn=cmd_vcpu_pin)
+
+    p = sub.add_parser("sched", parents=[after], help="the scheduler's parameters (pCPUs, slice, vCPU affinities); "
+                       "--slice sets the slice (xl sched-credit)")
+    common(p)
+    p.add_argument("--slice", type=int, metavar="NS", help="set the time slice, in virtual ns (>= window_ns)")
+    p.add_argument("--json", action="store_true", help="the parameters afterwards (and the change), as JSON")
+    p.set_defaults(fn=cmd_sched)
 
     for name, text in (("shutdown", "shut a domain down (as dom0's SCHEDOP_remote_shutdown), reason poweroff "
                                     "unless --reason says otherwise"),

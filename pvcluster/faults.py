@@ -22,6 +22,8 @@ import attrs
 # Virtual time a fault may be scheduled at or last: far beyond any run, well inside the hypervisor's range.
 MAX_FAULT_NS = 1 << 60
 MAX_COUNT = 1 << 20
+# The longest scheduler slice `sched` may set: one virtual second (xl's credit scheduler allows 1 s as well).
+MAX_SLICE_NS = 1_000_000_000
 
 
 class FaultError(ValueError):
@@ -94,6 +96,11 @@ KINDS: Mapping[str, Kind] = {
     "skew": Kind("clock", "domain", "skew the system time the domain reads in vcpu_time_info",
                  {"offset_ns": Param("added to system time", 0, -MAX_FAULT_NS, MAX_FAULT_NS),
                   "ppm": Param("drift, parts per million", 0, -1_000_000, 1_000_000)}),
+    # the scheduler (cluster-wide; the target only names the domain whose window boundary it acts at and whose
+    # trace records it: `pvcluster sched --slice`)
+    "sched": Kind("sched", "domain", "set the scheduler's time slice for every domain, as `xl sched-credit -t`: "
+                  "`pvcluster sched --slice NS` (at least hypervisor.window_ns)",
+                  {"slice_ns": Param("the new slice in virtual ns", None, 1, MAX_SLICE_NS)}),
 }
 
 # Kinds that end the domain they hit: their outcome is final.
@@ -238,5 +245,7 @@ def random_params(kind: str, rng: random.Random, pcpus: int) -> dict[str, int]:
         "skip-flush": {"count": count}, "lose-event": {"count": count}, "dup-event": {"count": count},
         "corrupt-result": {"count": count}, "delay-flush": {"count": count, "delay_ns": rng.randint(1_000, 100_000)},
         "skew": {"offset_ns": rng.randint(-1_000_000, 1_000_000), "ppm": rng.randint(-2_000, 2_000)},
+        # from the default window to ten of them (a slice below the spec's window_ns is refused when it acts)
+        "sched": {"slice_ns": rng.randint(10_000, 100_000)},
     }
     return table.get(kind, {})

@@ -190,6 +190,15 @@ class BusSection:
     keys: str = ""  # the CURVE key directory (tcp); "" = RUN_DIR/keys
 
 
+# xl.cfg's life-cycle actions (on_poweroff, on_reboot, on_crash): what the toolstack does with a domain that ended.
+# "destroy" ends it for good; "restart" builds a new domain (new domid) from the same DomainSpec; "preserve" leaves
+# it listed as it ended; the coredump-* ones (on_crash only) dump its memory first (``_coredump_hook`` in
+# hypervisor/core.py: the dump itself comes with the `dump` work) and then destroy or restart. xl's
+# "rename-restart" is refused by the spec checker (Checker.lifecycle).
+LIFECYCLE_ACTIONS = ("destroy", "restart", "preserve")
+CRASH_ACTIONS = (*LIFECYCLE_ACTIONS, "coredump-destroy", "coredump-restart")
+
+
 @attrs.frozen
 class DomainSpec:
     name: str
@@ -205,6 +214,10 @@ class DomainSpec:
     # "local": the hypervisor starts the domain's process; "remote": something else starts it (another host, a
     # container, a batch job) and it joins over the bus
     placement: Placement = "local"
+    # What the toolstack does when the domain ends (xl.cfg's on_poweroff / on_reboot / on_crash; LIFECYCLE_ACTIONS)
+    on_poweroff: str = "destroy"
+    on_reboot: str = "preserve"
+    on_crash: str = "preserve"
 
     @property
     def builtin_kernel(self) -> bool:
@@ -678,7 +691,7 @@ class _Checker:
 
     def domain(self, raw: object, path: str, pcpus: int | None) -> DomainSpec:
         keys = ("name", "vcpus", "memory_mib", "kernel", "cmdline", "backend", "boot", "patching", "faults", "cpus",
-                "placement")
+                "placement", "on_poweroff", "on_reboot", "on_crash")
         t = self.table(raw, path, keys)
         if not isinstance(raw, Mapping):
             # Reported once; "name missing" on top of "not a table" would only be noise.
@@ -694,8 +707,21 @@ class _Checker:
         faults = self.faults(t, path)
         cpus = self.cpus(t, path, pcpus)
         placement = self.choice(t, path, "placement", "local", PLACEMENTS)
+        on_poweroff = self.lifecycle(t, path, "on_poweroff", LIFECYCLE_ACTIONS)
+        on_reboot = self.lifecycle(t, path, "on_reboot", LIFECYCLE_ACTIONS)
+        on_crash = self.lifecycle(t, path, "on_crash", CRASH_ACTIONS)
         return DomainSpec(name, vcpus, memory_mib, kernel, cmdline, cast(Backend, backend), cast(Boot, boot), patching,
-                          faults, cpus, cast(Placement, placement))
+                          faults, cpus, cast(Placement, placement), on_poweroff, on_reboot, on_crash)
+
+    def lifecycle(self, t: Mapping[str, Any], path: str, key: str, allowed: Sequence[str]) -> str:
+        """An xl.cfg life-cycle action; ``rename-restart`` is xl's but refused here (see LIFECYCLE_ACTIONS)."""
+        default = str(attrs.fields_dict(DomainSpec)[key].default)
+        if t.get(key) == "rename-restart":
+            self.error(_join(path, key), "\"rename-restart\" is not supported: a domain's name is how peers and the "
+                                         "toolstack find it, so the old one cannot be kept beside the new under "
+                                         "another name; use \"restart\" or \"preserve\"")
+            return default
+        return self.choice(t, path, key, default, allowed)
 
     def faults(self, t: Mapping[str, Any], path: str) -> tuple[str, ...]:
         key = f"{path}.faults"

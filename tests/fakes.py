@@ -161,6 +161,7 @@ class Cluster:
 
     def __init__(self, spec: ClusterSpec, programs: dict[str, list[list[Op]]], log: Any) -> None:
         self.hv = Hypervisor(spec, log)
+        self.programs = programs
         self.fakes: dict[int, FakeDomain] = {}
         for d in spec.domains:
             dom = self.hv.create_domain(d)
@@ -169,7 +170,14 @@ class Cluster:
             self.hv.receive(dom, Hello(pid=0))
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Hand the core's outbox to the fakes; True when a restarted domain was launched (the clock may go on)."""
+        launched = bool(self.hv.to_launch)
+        while self.hv.to_launch:  # a restart the core decided: a new fake runs the name's program, as the shell would
+            launches, self.hv.to_launch = self.hv.to_launch, []
+            for dom in launches:
+                self.fakes[dom.domid] = FakeDomain(dom.domid, self.programs[dom.name])
+                self.hv.receive(dom, Hello(pid=0))
         outbox, self.hv.outbox = self.hv.outbox, []
         for dom, msg in outbox:
             fake = self.fakes[dom.domid]
@@ -179,12 +187,14 @@ class Cluster:
                 fake.stopped = True
                 self.hv.process_exited(dom, 0)
         self.hv.to_kill.clear()
+        return launched
 
     def run(self, max_windows: int = 100_000) -> int:
         """Step until nothing can happen; returns the number of windows."""
         for n in range(max_windows):
             windows = self.hv.step()
-            self._flush()
+            if self._flush() and not windows:
+                continue
             if not windows:
                 return n
             for domid, w in windows.items():

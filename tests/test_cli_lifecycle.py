@@ -118,6 +118,30 @@ def test_create_adds_domains_and_vcpu_pin_pins(run_dir: Path) -> None:
     assert run_cli("down", "--run-dir", rd).returncode == 0
 
 
+def test_sched_shows_and_sets_the_slice(run_dir: Path) -> None:
+    spec = run_dir / "one.toml"
+    spec.write_text(SPEC.split("[[domain]]")[0] + "[[domain]]" + SPEC.split("[[domain]]")[1])  # spinner only
+    rd = str(run_dir / "c")
+    assert run_cli("up", str(spec), "--run-dir", rd, "--detach").returncode == 0
+    wait_until(lambda: "spinning forever" in run_cli("console", "spinner", "--run-dir", rd).stdout)
+    shown = json.loads(run_cli("sched", "--json", "--run-dir", rd).stdout)
+    assert (shown["pcpus"], shown["slice_ns"], shown["window_ns"]) == (2, 30000, 10000)
+    assert shown["domains"][0]["vcpus"] == [{"vcpu": 0, "affinity": [0, 1], "runstate": shown["domains"][0][
+        "vcpus"][0]["runstate"]}, {"vcpu": 1, "affinity": [0, 1], "runstate": shown["domains"][0]["vcpus"][1][
+        "runstate"]}]
+    assert "slice 30000 ns" in run_cli("sched", "--run-dir", rd).stdout
+    short = run_cli("sched", "--slice", "5000", "--run-dir", rd)
+    assert short.returncode == 1 and "window_ns (10000)" in short.stderr
+    done = run_cli("sched", "--slice", "50000", "--json", "--run-dir", rd)
+    changed = json.loads(done.stdout)  # exactly one JSON document
+    assert changed["slice_ns"] == 50000 and changed["change"]["outcome"] == "slice 30000 ns -> 50000 ns"
+    assert changed["change"]["kind"] == "sched" and changed["change"]["params"] == {"slice_ns": 50000}
+    faults = json.loads(run_cli("faults", "--json", "--run-dir", rd).stdout)
+    assert [f["kind"] for f in faults["done"]] == ["sched"]  # recorded, so a replay changes it at the same step
+    assert "scheduler: slice 30000 ns -> 50000 ns" in run_cli("dmesg", "--run-dir", rd).stdout
+    assert run_cli("down", "--run-dir", rd).returncode == 0
+
+
 def test_version() -> None:
     done = run_cli("--version")
     assert done.returncode == 0 and re.fullmatch(r"pvcluster \d+\.\d+\.\d+\n", done.stdout), done.stdout

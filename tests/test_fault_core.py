@@ -53,7 +53,7 @@ def _run(seed: int = 5, extra: str = "") -> RecordingLog:
 def test_every_kind_the_issue_names_is_in_the_catalog() -> None:
     assert list(KINDS) == ["kill", "crash", "pause", "unpause", "destroy", "shutdown", "stop", "preempt", "offline",
                            "online", "pin", "slow", "delay", "drop", "dup", "reorder", "partition", "skip-flush",
-                           "lose-event", "dup-event", "corrupt-result", "delay-flush", "skew"]
+                           "lose-event", "dup-event", "corrupt-result", "delay-flush", "skew", "sched"]
 
 
 @pytest.mark.parametrize(("args", "msg"), [
@@ -220,3 +220,15 @@ duration_ns = 5000
     ran = [kw["vt_ns"] for e, kw in log.events
            if e == "vcpu.runstate" and kw["dom"] == 1 and kw["state"] == "running" and 20000 <= kw["vt_ns"] < 50000]
     assert ran == []  # the second pause's end did not let it run: one pause was still held
+
+
+def test_a_scheduled_sched_fault_sets_the_slice_at_its_window_and_refuses_one_shorter_than_a_window() -> None:
+    extra = ('[[fault]]\nkind = "sched"\ntarget = "alpha"\nat_ns = 20000\nslice_ns = 60000\n'
+             '[[fault]]\nkind = "sched"\ntarget = "beta"\nat_ns = 30000\nslice_ns = 5000\n')
+    log = RecordingLog()
+    programs = {"alpha": _ping_programs(20, 3000), "beta": _ping_programs(20, 4100)}
+    cluster = Cluster(parse_spec(SPEC.format(seed=5, extra=extra)), programs, log)
+    cluster.run()
+    outcomes = [kw["outcome"] for ev, kw in log.events if ev == "fault.outcome" and kw["kind"] == "sched"]
+    assert outcomes == ["slice 30000 ns -> 60000 ns", "refused: a slice of 5000 ns is shorter than a window (10000 ns)"]
+    assert cluster.hv.scheduler.slice_ns == 60000

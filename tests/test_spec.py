@@ -98,6 +98,9 @@ def test_default_file_holds_exactly_the_documented_schema() -> None:
                 "faults": [],
                 "cpus": [],
                 "placement": "local",
+                "on_poweroff": "destroy",
+                "on_reboot": "preserve",
+                "on_crash": "preserve",
             }
             for n, c, b in (("alpha", "workload=shootdown shutdown=poweroff", "native"),
                             ("beta", "workload=shootdown shutdown=reboot", "xen"))

@@ -48,8 +48,10 @@ def _hypercall_page_asm() -> str:
 # The built-in kernel's source files, assembled as one unit in this order.
 KERNEL_FILES = {
     "pvkern": ("pvkern.S", "pvops.S", "backend_xen.S", "backend_vmi.S", "smp.S", "shootdown.S", "opstest.S",
-               "mmuhostile.S", "multicall_bench.S", "evtchn_work.S", "robust.S")
+               "mmuhostile.S", "multicall_bench.S", "evtchn_work.S", "robust.S", "kexec_work.S")
 }
+# workload=kexec's second stage: a kernel of its own, packed as an ELF and carried inside pvkern (kexec_stage2)
+KEXEC_STAGE2_FILE = "kexec2.S"
 PVCALL_SITE_LEN = 6  # call dword ptr [disp32]
 ENTRY_SYMBOLS = ("_start", "pv_entry_ident", "pv_entry_xen", "pv_entry_vmi", "pv_entry_native")
 
@@ -264,10 +266,33 @@ def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     return code, symbols
 
 
+def _stage2_source() -> str:
+    return resources.files("domains.kernel").joinpath(KEXEC_STAGE2_FILE).read_text(encoding="utf-8")
+
+
+def kexec_stage2() -> bytes:
+    """The ELF image workload=kexec loads with kexec_op (kexec2.S): packed as any built-in kernel is, so the
+    control plane's builder loads it as it loads pvkern."""
+    return _pack(f"{KERNEL_NAME_STAGE2}", *assemble(_stage2_source(), VIRT_BASE))
+
+
+KERNEL_NAME_STAGE2 = "pvkern-kexec2"
+
+
+def _stage2_asm() -> str:
+    """kexec_stage2's bytes as data at ``kexec_image`` .. ``kexec_image_end`` in pvkern's source."""
+    image = kexec_stage2()
+    rows = [".byte " + ",".join(str(b) for b in image[i : i + 32]) for i in range(0, len(image), 32)]
+    return "\n".join(["", ".align 16", "kexec_image:", *rows, "kexec_image_end:", ""])
+
+
 @functools.lru_cache(maxsize=8)
 def build_kernel(name: str = "pvkern") -> bytes:
     """The ELF image of a built-in kernel, with Xen ELF notes and a ``__xen_guest`` section."""
-    code, symbols = assemble(kernel_source(name), VIRT_BASE)
+    return _pack(name, *assemble(kernel_source(name) + _stage2_asm(), VIRT_BASE))
+
+
+def _pack(name: str, code: bytes, symbols: dict[str, int]) -> bytes:
     hypercall_page = symbols["hypercall_page"]
     xen_guest = (
         f"GUEST_OS={name},XEN_VER=xen-3.0,VIRT_BASE=0x{VIRT_BASE:x},ELF_PADDR_OFFSET=0x{VIRT_BASE:x},"
@@ -316,6 +341,7 @@ def kernel_cache_key(name: str) -> str:
     h = hashlib.sha256()
     parts = (
         kernel_source(name),
+        _stage2_source(),
         include_text(),
         Path(__file__).read_text(encoding="utf-8"),
         Path(elf_pack.__file__).read_text(encoding="utf-8"),

@@ -171,6 +171,11 @@ pv_boot:
     jz .Lno_robust_work
     mov dword ptr [shutdown_reason], SHUTDOWN_crash
 .Lno_robust_work:
+    call kexec_work                  # workload=kexec (kexec_work.S); 0 when not asked for, no return when done
+    test eax, eax
+    jz .Lno_kexec_work
+    mov dword ptr [shutdown_reason], SHUTDOWN_crash
+.Lno_kexec_work:
     call ipiwake_run                 # workload=ipiwake (smp.S); returns 0
     cmp dword ptr [workload_shootdown], 0
     je .Lno_shootdown

@@ -15,6 +15,7 @@ from hypervisor.hypercalls import (
     event_channel_op,
     fpu_taskswitch,
     grant_table_op,
+    kexec_op,
     memory_op,
     mmu_update,
     mmuext_op,
@@ -59,6 +60,7 @@ FAMILIES: dict[int, Handler] = {
         fpu_taskswitch,
         update_descriptor,
         vm_assist,
+        kexec_op,
     )
 }
 

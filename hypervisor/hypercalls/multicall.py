@@ -26,7 +26,8 @@ continues from that entry. Differences from Xen:
   back, the entries after it are not run and their result fields are left untouched.
 * An unreadable or read-only entry is -EFAULT for the multicall, stopping there (Xen faults on the first entry
   it cannot copy); a result that cannot be written back ends the batch with -EFAULT, as in Xen.
-* A nested multicall entry gets -EINVAL (Xen refuses re-entry via MCSF_in_multicall).
+* A nested multicall entry gets -EINVAL (Xen refuses re-entry via MCSF_in_multicall); so does a kexec_op entry (its
+  image may not fit one trap's copy-in: ``REFUSED``).
 * Only the result field is written back (a release build of Xen; a debug build first fills the whole entry with
   0xAA, so a guest must not read anything else of a finished entry).
 * An entry's own writes after its own page-table writes (an mmu_update's done count, its result field) go
@@ -46,6 +47,10 @@ from pvcluster.abi.structs import MULTICALL_ENTRY_ARGS
 from pvcluster.abi.xen import Hypercall
 
 NR = Hypercall.multicall
+# Entries refused with -EINVAL without running: a nested multicall (Xen's MCSF_in_multicall), and kexec_op, whose
+# image may be larger than a whole batch's copy-in (pvcluster/abi/copyin.py: MAX_TOTAL), so such an entry could never
+# run in any trap (Xen's kexec_op is dom0's, which no batch carries in practice).
+REFUSED = frozenset({NR, Hypercall.kexec_op})
 ENTRY = struct.Struct("<8I")
 MULTICALL_ENTRY_SIZE = MULTICALL_ENTRY.size
 MULTICALL_ENTRY_RESULT = MULTICALL_ENTRY.offset("result")
@@ -90,12 +95,12 @@ def _run_entry(call: Call, i: int, here: int, results: list[int]) -> bool:
     except GuestFault:
         raise _Stop(-Errno.EFAULT) from None
     op, args = fields[0], list(fields[2 : 2 + MULTICALL_ENTRY_ARGS])
-    if op != NR and not _buffers_here(call, op, args):
+    if op not in REFUSED and not _buffers_here(call, op, args):
         return _continue_at(call, i, here)
     call.spend(1)
     sub = call.sub(op, args)
     try:
-        value = -Errno.EINVAL if op == NR else dispatch(sub)
+        value = -Errno.EINVAL if op in REFUSED else dispatch(sub)
     except NotCopied:
         return _continue_at(call, i, here)
     sub.settle()  # the entries after this one see what its effects will do to guest memory

@@ -77,7 +77,8 @@ def _hypercalls() -> list[AsmConstant]:
         (xen.ShutdownReason, "SHUTDOWN_"), (xen.VcpuOp, "VCPUOP_"), (xen.EvtchnOp, "EVTCHNOP_"),
         (xen.EvtchnStat, "EVTCHNSTAT_"), (xen.Virq, "VIRQ_"), (xen.MmuCmd, "MMU_"), (xen.MmuextCmd, "MMUEXT_"),
         (xen.CallbackOp, "CALLBACKOP_"), (xen.CallbackType, "CALLBACKTYPE_"), (xen.MemoryOp, "XENMEM_"),
-        (xen.GnttabOp, "GNTTABOP_"), (xen.Gntst, "GNTST_"),
+        (xen.GnttabOp, "GNTTABOP_"), (xen.Gntst, "GNTST_"), (xen.KexecCmd, "KEXEC_CMD_"),
+        (xen.KexecType, "KEXEC_TYPE_"),
     ):
         out += _xen_enum(members, prefix)
     out += [
@@ -104,6 +105,8 @@ def _hypercalls() -> list[AsmConstant]:
         # Xen's, but with no macro in the public headers
         AsmConstant("MMU_UPDATE_PREEMPTED", xen.MMU_UPDATE_PREEMPTED, hex=True),
         AsmConstant("PAGE_SHIFT", xen.PAGE_SHIFT),
+        AsmConstant("KEXEC_SEGMENT_MAX", xen.KEXEC_SEGMENT_MAX),  # xen/include/xen/kimage.h: not public
+        AsmConstant("EM_386", xen.EM_386),  # ELF's, not Xen's
         AsmConstant("PAGE_SIZE", xen.PAGE_SIZE),
         AsmConstant("HYPERCALL_VECTOR", xen.HYPERCALL_VECTOR, hex=True),
         AsmConstant("HYPERCALL_STUB_SHIFT", xen.HYPERCALL_STUB_SHIFT),

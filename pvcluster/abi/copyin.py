@@ -22,11 +22,12 @@ from collections.abc import Callable
 import attrs
 
 from pvcluster.abi import layouts, structs
-from pvcluster.abi.platform import MAX_GRANT_FRAMES
+from pvcluster.abi.platform import KEXEC_MAX_IMAGE_BYTES, MAX_GRANT_FRAMES
 from pvcluster.abi.x86 import PTE_PRESENT
 from pvcluster.abi.xen import (
     FIRST_RESERVED_GDT_ENTRY,
     GDT_ENTRIES_PER_FRAME,
+    KEXEC_SEGMENT_MAX,
     MMU_UPDATE_PREEMPTED,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -35,6 +36,7 @@ from pvcluster.abi.xen import (
     EvtchnOp,
     GnttabOp,
     Hypercall,
+    KexecCmd,
     MemoryOp,
     MmuCmd,
     MmuextCmd,
@@ -262,8 +264,8 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
     seen, total = set(spans), n * size
     for fields in struct.iter_unpack("<8I", raw):
         op, entry_args = fields[0], list(fields[2 : 2 + structs.MULTICALL_ENTRY_ARGS])
-        if op == Hypercall.multicall:
-            continue  # a nested multicall is refused, and copies nothing
+        if op in (Hypercall.multicall, Hypercall.kexec_op):
+            continue  # refused in a batch (hypervisor/hypercalls/multicall.py: REFUSED), so it copies nothing
         new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
         size = sum(s.length for s in new if not s.machine)  # table frames have their own cap (MAX_TABLE_FRAMES)
         # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
@@ -272,6 +274,48 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
             break
         seen.update(new)
         spans += new
+        total += size
+    return spans
+
+
+def _u64_ptr(raw: bytes, lay: layouts.Layout, member: str) -> int | None:
+    """A 64-bit guest handle or address as a 32-bit guest pointer; None when its high half is set (no such address
+    in a 32-bit guest: the handler answers -EFAULT)."""
+    value = int(struct.unpack_from("<Q", raw, lay.offset(member))[0])
+    return None if value >> 32 else value
+
+
+def _kexec_op(args: list[int], read: Reader) -> list[Span]:
+    """kexec_op (37, xen/include/public/kexec.h): the exec/unload/status struct; for KEXEC_CMD_kexec_load the
+    xen_kexec_load_t, its segment array (at most KEXEC_SEGMENT_MAX - 1 entries, as Xen's kexec_load accepts) and
+    each segment's buffer, in MAX_SPAN pieces, KEXEC_MAX_IMAGE_BYTES in all (the cap ``copy_in`` gives this call).
+    A segment past that is not copied: the handler refuses the image as too large before it reads one."""
+    cmd, arg = args[0], args[1]
+    if cmd == KexecCmd.kexec:
+        return [Span(arg, layouts.KEXEC_EXEC.size)]
+    if cmd in (KexecCmd.kexec_unload, KexecCmd.kexec_status):
+        return [Span(arg, layouts.KEXEC_UNLOAD.size)]
+    if cmd != KexecCmd.kexec_load:
+        return []
+    lay, seg = layouts.KEXEC_LOAD, layouts.KEXEC_SEGMENT
+    spans = [Span(arg, lay.size)]
+    raw = read(arg, lay.size)
+    if raw is None:
+        return spans
+    nr, segs = _member(raw, lay, "nr_segments"), _u64_ptr(raw, lay, "segments")
+    if segs is None or not 0 < nr < KEXEC_SEGMENT_MAX:
+        return spans
+    spans.append(Span(segs, nr * seg.size))
+    table = read(segs, nr * seg.size)
+    if table is None:
+        return spans
+    total = 0
+    for i in range(nr):
+        entry = table[i * seg.size : (i + 1) * seg.size]
+        buf, size = _u64_ptr(entry, seg, "buf"), int(struct.unpack_from("<Q", entry, seg.offset("buf_size"))[0])
+        if buf is None or total + size > KEXEC_MAX_IMAGE_BYTES:
+            break
+        spans += [Span(buf + off, min(MAX_SPAN, size - off)) for off in range(0, size, MAX_SPAN)]
         total += size
     return spans
 
@@ -297,7 +341,11 @@ DESCRIPTORS: dict[int, Descriptor] = {
     Hypercall.fpu_taskswitch: _none,
     Hypercall.update_descriptor: _none,
     Hypercall.vm_assist: _none,
+    Hypercall.kexec_op: _kexec_op,
 }
+# What one trap may carry in all, where a hypercall needs more than MAX_TOTAL: kexec_load's image (one trap, as
+# Xen's kexec_load copies every segment in one call), plus its structs.
+TOTAL_CAPS: dict[int, int] = {Hypercall.kexec_op: KEXEC_MAX_IMAGE_BYTES + PAGE_SIZE}
 
 
 def notified_port(nr: int, args: list[int], read: Reader) -> int | None:
@@ -321,11 +369,11 @@ def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
     """The spans to copy in for a trap, capped per span and in total, first ones first. Table frames (``machine``)
     are not counted in the total: the domain process caps them at MAX_TABLE_FRAMES as it expands them."""
     kept: list[Span] = []
-    total = 0
+    total, cap = 0, TOTAL_CAPS.get(nr, MAX_TOTAL)
     for s in describe(nr, args, read):
         if s.machine:
             kept.append(s)
-        elif 0 <= s.length <= MAX_SPAN and total + s.length <= MAX_TOTAL:
+        elif 0 <= s.length <= MAX_SPAN and total + s.length <= cap:
             kept.append(s)
             total += s.length
     return kept

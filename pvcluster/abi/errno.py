@@ -20,6 +20,8 @@ class Errno(enum.IntEnum):
     ENOSPC = 28
     ENOSYS = 38
     ETIME = 62
+    EOPNOTSUPP = 95
+    EADDRNOTAVAIL = 99
 
 
 def neg(e: Errno) -> int:

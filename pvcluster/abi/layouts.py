@@ -143,6 +143,16 @@ EVTCHN_OP_LAYOUTS: Mapping[EvtchnOp, Layout] = MappingProxyType({
     EvtchnOp.bind_vcpu: EVTCHN_BIND_VCPU, EvtchnOp.unmask: EVTCHN_UNMASK, EvtchnOp.reset: EVTCHN_RESET,
 })
 
+# kexec_op's arguments (xen/include/public/kexec.h): the v2 load names an array of segments, each a guest buffer
+# (``buf``, a handle widened to 64 bits) and where it goes in the new image (``dest_maddr``, ``dest_size``).
+KEXEC_EXEC = Layout("xen_kexec_exec_t", "KEXEC_EXEC", 4, {"type": 0})
+KEXEC_SEGMENT = Layout("xen_kexec_segment_t", "KEXEC_SEGMENT", 32,
+                       {"buf": 0, "buf_size": 8, "dest_maddr": 16, "dest_size": 24}, shift=True)
+KEXEC_LOAD = Layout("xen_kexec_load_t", "KEXEC_LOAD", 24,
+                    {"type": 0, "arch": 2, "nr_segments": 4, "segments": 8, "entry_maddr": 16})
+KEXEC_UNLOAD = Layout("xen_kexec_unload_t", "KEXEC_UNLOAD", 1, {"type": 0})
+KEXEC_STATUS = Layout("xen_kexec_status_t", "KEXEC_STATUS", 1, {"type": 0})
+
 # Every Xen structure above, in the order the assembly include lists them.
 XEN_LAYOUTS: tuple[Layout, ...] = (
     START_INFO, SHARED_INFO, VCPU_INFO, VCPU_TIME_INFO, VCPU_GUEST_CONTEXT, CPU_USER_REGS, MULTICALL_ENTRY,
@@ -150,7 +160,7 @@ XEN_LAYOUTS: tuple[Layout, ...] = (
     EVTCHN_ALLOC_UNBOUND, EVTCHN_BIND_INTERDOMAIN, EVTCHN_BIND_VIRQ, EVTCHN_BIND_PIRQ, EVTCHN_BIND_IPI, EVTCHN_CLOSE,
     EVTCHN_SEND, EVTCHN_STATUS, EVTCHN_BIND_VCPU, EVTCHN_UNMASK, EVTCHN_RESET, VCPU_SET_PERIODIC_TIMER,
     VCPU_SET_SINGLESHOT_TIMER, GNTTAB_SETUP_TABLE, GNTTAB_QUERY_SIZE, GNTTAB_SET_VERSION, XEN_MEMORY_DOMAIN,
-    XEN_MACHPHYS_MFN_LIST,
+    XEN_MACHPHYS_MFN_LIST, KEXEC_EXEC, KEXEC_SEGMENT, KEXEC_LOAD, KEXEC_UNLOAD, KEXEC_STATUS,
 )
 
 # The names the builder and the event code used before the layouts above existed.

@@ -19,6 +19,11 @@ VIRT_BASE = 0xC0000000
 KERNEL_CS = 0x08
 KERNEL_DS = 0x10
 
+# The most a kexec image (the sum of its segments' dest_size) may hold, however much memory its domain has: the image
+# crosses the bus in one trap's copy-in and again in the new domain's Build, both under the 4 MiB frame limit
+# (pvcluster/bus/codec.py); a domain's own memory bounds it too (hypervisor/hypercalls/kexec_op.py).
+KEXEC_MAX_IMAGE_BYTES = 1 << 20
+
 # I/O ports. `in eax, dx` from CLOCK_PORT reads the vCPU's virtual time in ns (low 32 bits), priced as RDTSC (which
 # returns the same time in TSC ticks: pvcluster/costs.py's TSC_HZ). A write to MARK_PORT puts a guest mark in the
 # trace at the exact virtual time: value = code | detail << MARK_DETAIL_SHIFT (the detail is a round or a count).

@@ -90,6 +90,32 @@ class SchedOp(enum.IntEnum):
     remote_shutdown = 4
 
 
+class KexecCmd(enum.IntEnum):
+    """kexec_op's commands (xen/include/public/kexec.h). The v1 load/unload and get_range are obsolete since Xen 4.4
+    (kexec_op answers them -EOPNOTSUPP here: hypervisor/hypercalls/kexec_op.py)."""
+
+    kexec = 0
+    kexec_load_v1 = 1
+    kexec_unload_v1 = 2
+    kexec_get_range = 3
+    kexec_load = 4
+    kexec_unload = 5
+    kexec_status = 6
+
+
+class KexecType(enum.IntEnum):
+    """KEXEC_TYPE_DEFAULT (a reboot into the image) and KEXEC_TYPE_CRASH (kexec-on-panic: kdump's kernel)."""
+
+    DEFAULT = 0
+    CRASH = 1
+
+
+# KEXEC_SEGMENT_MAX (xen/include/xen/kimage.h): xen/common/kexec.c's kexec_load refuses nr_segments >= this.
+KEXEC_SEGMENT_MAX = 16
+# The ELF machine number kexec_load's ``arch`` names for a 32-bit x86 image (ELF's EM_386).
+EM_386 = 3
+
+
 class ShutdownReason(enum.IntEnum):
     poweroff = 0
     reboot = 1
