@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
 
 from hypervisor.domain import Domain, DomainState
+from hypervisor.dump import DumpError, dump_domain
 from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
@@ -30,6 +32,7 @@ MAX_COMMAND_LEN = 64
 # How long pause/unpause wait for the next step to carry them out, and the most an inject may ask to wait.
 WAIT_S = 10.0
 MAX_WAIT_S = 600
+MAX_PATH_LEN = 4096
 
 
 class CommandError(Exception):
@@ -56,6 +59,7 @@ class ControlServer:
             "shutdown": self.cmd_shutdown,
             "inject": self.cmd_inject,
             "faults": self.cmd_faults,
+            "dump": self.cmd_dump,
             "down": self.cmd_down,
         }
 
@@ -234,6 +238,20 @@ class ControlServer:
         pending = [{"fid": p.fid, **p.request.to_dict(), "origin": p.origin, "planned_vt_ns": p.at_ns}
                    for p in self.core.faults.pending if p.origin != "end"]
         return {"vt_ns": self.core.clock.now_ns, "done": list(self.core.faults.log), "pending": pending}
+
+    async def cmd_dump(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pvcluster dump DOM FILE: the domain's ELF core, written by the hypervisor at a window boundary."""
+        dom = self._domain(args)
+        path, force = args.get("path"), args.get("force", False)
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_LEN or "\0" in path:
+            raise CommandError(f"'path' must be an absolute file name of at most {MAX_PATH_LEN} characters")
+        if not isinstance(force, bool):
+            raise CommandError("'force' must be true or false")
+        requester = None if self.requester_user is None else Requester.named(self.requester_user)
+        try:
+            return await dump_domain(self.hvp, dom, Path(path), force, requester)
+        except DumpError as exc:
+            raise CommandError(str(exc)) from None
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
         for dom in list(self.core.domains):
