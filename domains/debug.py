@@ -40,9 +40,9 @@ from pvcluster.bus.messages import (
     DebugRegs,
     DebugRegsReq,
     DebugStop,
+    DebugVcpu,
     DebugWrite,
     MapRun,
-    DebugVcpu,
 )
 from pvcluster.coredump import merge_pages
 from pvcluster.gdbregs import GDB_REGS, SEGMENTS
