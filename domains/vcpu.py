@@ -46,7 +46,7 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as X
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TB_FLUSH, UC_CTL_TLB_FLUSH
 
 from domains import events, privop, ptwr, rings, traps
 from domains.blockhook import BlockHook, CountTable
@@ -799,6 +799,8 @@ class Vcpu:
             eip = self.reg("eip")
             self._hook.start(self._end_ps - self._base_ps)
             stepping, self.step_once = self.step_once, False
+            if stepping:  # Unicorn's instruction count is a code hook that blocks translated before it never call
+                self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
             try:
                 self.uc.emu_start(eip, _STOP_ADDR, count=1 if stepping else 0)
                 self._hook.raise_error()

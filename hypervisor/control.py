@@ -17,6 +17,7 @@ import zmq
 
 from hypervisor.domain import Domain, DomainState
 from hypervisor.dump import DumpError, dump_domain
+from hypervisor.gdbstub import StubError
 from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
@@ -60,6 +61,7 @@ class ControlServer:
             "inject": self.cmd_inject,
             "faults": self.cmd_faults,
             "dump": self.cmd_dump,
+            "gdb": self.cmd_gdb,
             "down": self.cmd_down,
         }
 
@@ -251,6 +253,19 @@ class ControlServer:
         try:
             return await dump_domain(self.hvp, dom, Path(path), force, requester)
         except DumpError as exc:
+            raise CommandError(str(exc)) from None
+
+    async def cmd_gdb(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pvcluster gdb DOM [--port N]: serve the GDB remote protocol for the domain on 127.0.0.1 (hypervisor/
+        gdbstub.py); the reply names the port (0 asks for any free one). A domain has one stub: asked again, the
+        same one is named."""
+        dom = self._domain(args)
+        port = args.get("port", 0)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise CommandError("'port' must be a TCP port number, 0..65535 (0: any free port)")
+        try:
+            return await self.hvp.gdb.start(dom, port)
+        except StubError as exc:
             raise CommandError(str(exc)) from None
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
