@@ -243,6 +243,8 @@ class Session:
                     await self._send(frame(reply))
                 if self.detached:
                     return
+            elif kind == "bad":  # a packet that did not parse (its checksum): gdb sends it again
+                await self._send(b"-")
             elif kind in ("interrupt", "stop") and self.running:
                 await self._send(frame(await self._halt()))
 
