@@ -44,7 +44,7 @@ from pvcluster.bus.messages import (
     DebugWrite,
     MapRun,
 )
-from pvcluster.coredump import merge_pages
+from pvcluster.coredump import MAX_SEGMENTS, merge_pages
 from pvcluster.gdbregs import GDB_REGS, SEGMENTS
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ class Debugger:
     def maps(self, req: DebugMapsReq) -> DebugMaps:
         vcpu = self._vcpu(req.vcpu)
         runs = merge_pages(mapped_pages(self.proc.memory, vcpu.cr3))
+        if len(runs) > MAX_SEGMENTS:  # a guest's tables could alias frames everywhere: no answer fits a frame then
+            raise ValueError(f"{len(runs)} mapped runs: a core holds at most {MAX_SEGMENTS}")
         return DebugMaps([MapRun(r.vaddr, r.paddr, r.size, r.writable) for r in runs])
 
     def read(self, req: DebugRead) -> DebugData:

@@ -192,7 +192,10 @@ class Session:
         if self.running and self.pending is None:
             self._hold()
             self.pending = stop
-            self.send_events.send_nowait(("stop", stop))
+            try:
+                self.send_events.send_nowait(("stop", stop))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the session is ending (its close releases the hold) or swamped (an interrupt reports this)
 
     # -- the connection ---------------------------------------------------------------------------------------
 
