@@ -189,6 +189,9 @@ class Session:
 
     def stopped(self, stop: DebugStop) -> None:
         """From the shell, as the report arrives: hold before the next window opens."""
+        if not (0 <= stop.vcpu < len(self.dom.vcpus) and 0 <= stop.eip < 1 << 32 and stop.why in ("breakpoint",
+                                                                                                  "step")):
+            return  # the domain process's word: one that makes no sense stops nothing
         if self.running and self.pending is None:
             self._hold()
             self.pending = stop
