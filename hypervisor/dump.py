@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.boundary import AskError
+from hypervisor.domain import DomainState
 from hypervisor.kernel_files import Requester
 from pvcluster.bus.messages import DebugData, DebugMaps, DebugMapsReq, DebugRead, DebugRegs, DebugRegsReq
 from pvcluster.coredump import CoreError, CoreSegment, CoreThread, core_layout
@@ -69,6 +70,8 @@ async def dump_domain(hvp: HypervisorProcess, dom: Domain, path: Path, force: bo
     """Write ``dom``'s core to ``path``; returns what was written (path, bytes, segments, vcpus, vt_ns). Holds the
     cluster at a window boundary meanwhile (DumpError when the dump cannot be made; the cluster goes on)."""
     check_path(path, force, requester)
+    if dom.state is DomainState.BUILDING:
+        raise DumpError(f"domain {dom.domid} ({dom.name}) is still being built: nothing to dump yet")
     if not dom.alive or not dom.identity:
         raise DumpError(f"domain {dom.domid} ({dom.name}) is {dom.state.value}: no process holds its memory")
     boundary = hvp.boundary

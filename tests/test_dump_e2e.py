@@ -144,3 +144,27 @@ def test_gdb_reads_the_dump(cluster: Path, run_dir: Path) -> None:
     assert "cs             0xe019" in out, out
     assert f"{syms['sd_rounds']:#x} <sd_rounds>:\t0x00000028" in out, out
     assert "LWP 1" in out and "LWP 2" in out, out
+
+
+def test_a_dump_moves_no_virtual_time(run_dir: Path) -> None:
+    """The same spec run twice, once dumped along the way: `pvcluster diff` finds the same virtual-time run."""
+    spec = run_dir / "sd.toml"
+    spec.write_text(SPEC.replace('name = "dumped"', 'name = "sd"').replace(
+        'cmdline = "workload=forever"', 'cmdline = "workload=shootdown sdrounds=600 shutdown=poweroff"'))
+    runs = []
+    for dumped in (False, True):
+        rd = run_dir / f"run-{int(dumped)}"
+        assert run_cli("up", str(spec), "--run-dir", str(rd), "--detach").returncode == 0
+        try:
+            if dumped:
+                wait_until(lambda rd=rd: "pvkern" in run_cli("console", "spin", "--run-dir", str(rd)).stdout)
+                res = run_cli("dump", "spin", str(run_dir / "mid.core"), "--run-dir", str(rd), "--json")
+                assert res.returncode == 0, res.stderr
+                assert json.loads(res.stdout)["vt_ns"] > 0
+            wait_until(lambda rd=rd: json.loads(run_cli("list", "--json", "--run-dir", str(rd)).stdout)[0]["state"]
+                       == "dead", timeout=120)
+        finally:
+            run_cli("down", "--run-dir", str(rd))
+        runs.append(rd)
+    diff = run_cli("diff", str(runs[0]), str(runs[1]))
+    assert diff.returncode == 0, diff.stdout + diff.stderr
