@@ -27,7 +27,7 @@ from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as X
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TB_FLUSH
 
-from domains.paging import read_virt, write_virt
+from domains.paging import read_virt, translate, write_virt
 from domains.vcpu import Vcpu
 from pvcluster.abi.x86 import PTE_PRESENT, PTE_RW
 from pvcluster.bus.messages import (
@@ -152,15 +152,13 @@ class Debugger:
         if req.regs:
             # the segment registers stay the hypervisor's (a PV guest's selectors are Xen's flat ones)
             vcpu.set_regs({n: v for n, v in zip(GDB_REGS, req.regs, strict=True) if n not in SEGMENTS})
-            vcpu.flush_tlb()
         if req.data:
             for v in self.proc.vcpus:  # translated code may hold the old bytes
                 flush_translations(v)
         return DebugAck(True, "")
 
     def _write_readonly(self, vcpu: Vcpu, va: int, data: bytes) -> bool:
-        from domains.paging import translate
-
+        """A debugger's write to pages mapped read-only (code, say), as long as each is the domain's own RAM."""
         ram = self.proc.memory
         at = 0
         while at < len(data):

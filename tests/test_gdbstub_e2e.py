@@ -107,6 +107,10 @@ def test_python_client_breaks_steps_reads_and_detaches(cluster: Path) -> None:
         eip = c.regs()["eip"]
         assert target < eip < target + 16  # one instruction on
         assert c.u32(rounds) == ROUNDS  # a variable the kernel set from its command line
+        # writes: memory (the same value back, so the run goes on as before), registers, an unmapped address
+        assert c.cmd(b"M%x,4:%s" % (rounds, ROUNDS.to_bytes(4, "little").hex().encode())) == b"OK"
+        assert c.cmd(b"M0,1:00") == b"E14"
+        assert c.set_regs(c.regs()) == b"OK" and c.regs()["eip"] == eip
         assert c.cmd(b"vCont;c") == b"T05thread:1;swbreak:;"  # the next round's flush: it steps over the last
         assert c.regs()["eip"] == target
         assert c.cmd(b"z0,%x,1" % target) == b"OK"
