@@ -168,3 +168,20 @@ def test_a_dump_moves_no_virtual_time(run_dir: Path) -> None:
         runs.append(rd)
     diff = run_cli("diff", str(runs[0]), str(runs[1]))
     assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def test_python_api_dumps_and_starts_the_stub(run_dir: Path) -> None:
+    from gdbclient import GdbClient
+
+    from pvcluster.cluster import Cluster
+    from pvcluster.spec import parse_spec
+
+    with Cluster.start(parse_spec(SPEC), run_dir=run_dir / "run", detach=True) as cluster:
+        cluster.wait_for("console", dom="spin")
+        rec = cluster.dump("spin", run_dir / "api.core")
+        assert rec["size"] == (run_dir / "api.core").stat().st_size and rec["vcpus"] == 2
+        port = cluster.gdb("spin")
+        client = GdbClient("127.0.0.1", port)
+        assert client.cmd(b"qfThreadInfo") == b"m1,2"
+        assert client.cmd(b"D") == b"OK"
+        client.close()
