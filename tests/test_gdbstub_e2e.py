@@ -87,7 +87,9 @@ def test_python_client_breaks_steps_reads_and_detaches(cluster: Path) -> None:
         assert c.cmd(b"qfThreadInfo") == b"m1,2" and c.cmd(b"qsThreadInfo") == b"l"
         assert c.cmd(b"T2") == b"OK" and c.cmd(b"T3").startswith(b"E")
         regs = c.regs()
-        assert regs["cs"] == 0xE019 and syms["_start"] <= regs["eip"] < max(syms.values())
+        # in the kernel (ring 1), or at a boundary that found it in the hypervisor's trampoline (ring 0, the hole)
+        in_kernel = regs["cs"] == 0xE019 and syms["_start"] <= regs["eip"] < max(syms.values())
+        assert in_kernel or (regs["cs"] == 0xE008 and regs["eip"] >= 0xFC000000), {k: hex(v) for k, v in regs.items()}
         assert c.u32(rounds) in (40, ROUNDS)  # the default, until the workload reads its command line
         assert c.cmd(b"m0,4") == b"E14"  # nothing is mapped at 0
         # hostile or malformed requests are refused, the session goes on
