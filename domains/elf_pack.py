@@ -126,16 +126,25 @@ def _section_flags(seg_flags: int) -> int:
     return flags
 
 
-def _symtab(symbols: dict[str, int], segments: Sequence[Segment]) -> tuple[bytes, bytes]:
+def _symtab(symbols: dict[str, int], segments: Sequence[Segment],
+            sections: Sequence[_Section] = ()) -> tuple[bytes, bytes]:
+    """Each symbol is defined in the section holding its address (debuggers such as gdb look a code address up by
+    its section), else absolute."""
     def in_code(value: int) -> bool:
         return any(s.flags & PF_X and s.vaddr <= value < s.vaddr + s.mem_size for s in segments)
+
+    def section_of(value: int) -> int:
+        for index, sec in enumerate(sections, start=1):  # section 0 is the null one
+            if sec.addr and sec.addr <= value < sec.addr + sec.size:
+                return index
+        return SHN_ABS
 
     strtab = _StrTab()
     entries = [bytes(SYM_SIZE)]  # index 0 is the reserved undefined symbol
     for name, value in symbols.items():
         kind = STT_FUNC if in_code(value) else STT_NOTYPE
         entries.append(
-            struct.pack("<IIIBBH", strtab.add(name), value, 0, (STB_GLOBAL << 4) | kind, 0, SHN_ABS)
+            struct.pack("<IIIBBH", strtab.add(name), value, 0, (STB_GLOBAL << 4) | kind, 0, section_of(value))
         )
     return b"".join(entries), bytes(strtab.data)
 
@@ -218,7 +227,7 @@ def pack_elf32(
         phdrs.append(struct.pack("<8I", PT_NOTE, note_offset, 0, 0, len(note_blob), len(note_blob), PF_R, 4))
 
     if symbols is not None:
-        sym_blob, str_blob = _symtab(symbols, segments)
+        sym_blob, str_blob = _symtab(symbols, segments, sections)
         symtab_index = len(sections) + 1  # +1 for the null section header
         sym_offset = place(sym_blob, 4)
         sections.append(

@@ -22,6 +22,7 @@ import zmq
 
 from domains import effects, timeinfo
 from domains.builder import RING1_BACKENDS, BootState, build_domain
+from domains.debug import Debugger
 from domains.elf_load import ImageError
 from domains.join import Connection
 from domains.link import LinkReceiver
@@ -111,6 +112,7 @@ class DomainProcess:
         # the debugger: hypervisor/boundary.py): request type -> handler returning the answer. Asked only of a
         # built domain.
         self.answers: dict[type, Callable[[Any], Any]] = {}
+        self.debugger = Debugger(self)  # dumps and the gdb stub: registers, memory, breakpoints, steps
 
     @property
     def memory(self) -> GuestRam:
@@ -431,6 +433,7 @@ class DomainProcess:
         self._stop_window = False
         for v in self.vcpus:
             v.stop_requested = False
+            v.debug_hit = None
         later = [d for d in events if d.vt_ns > window.start_ns]
         for act in events:
             if act.vt_ns <= window.start_ns:
@@ -465,6 +468,8 @@ class DomainProcess:
             for vcpu in running:
                 vcpu.run(until)
                 self._collect(vcpu, reqs, faults)
+                if vcpu.debug_hit is not None:  # the debugger stopped it: the domain's window ends there too
+                    self._stop_window = True
                 if self._stop_window:  # an IPI the hypervisor must deliver inside this window (_route_ipi)
                     break
             if self._stop_window:
@@ -488,7 +493,8 @@ class DomainProcess:
         self._local = (frozenset(), 0, 0)
         self.vt_ns = max(self.vt_ns, window.end_ns)
         reports = [self._report(v) for v in self.vcpus]
-        return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis)
+        return WindowDone(index=window.index, vcpus=reports, hypercalls=reqs, faults=faults, ipis=self._ipis,
+                          debug_stops=self.debugger.stopped())
 
     def _collect(self, vcpu: Vcpu, reqs: list[HypercallReq], faults: list[VcpuFault]) -> None:
         """What ``vcpu`` stopped on, reported once. A hypercall's arguments are copied in now, as the CPU would at

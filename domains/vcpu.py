@@ -46,7 +46,7 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as X
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TB_FLUSH, UC_CTL_TLB_FLUSH
 
 from domains import events, privop, ptwr, rings, traps
 from domains.blockhook import BlockHook, CountTable
@@ -267,6 +267,11 @@ class Vcpu:
         if ring1:  # Unicorn reports #UD to this hook, not as an interrupt: Xen's #UD path (forced emulation)
             self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         self._icr_high = 0
+        # The debugger (domains/debug.py): why and where this vCPU stopped for it, and whether its next slice is
+        # one instruction only (a single step).
+        self.debug_hit: tuple[str, int] | None = None
+        self.step_once = False
+        self.bp_skip: int | None = None  # the breakpoint it stands on when resumed: executed once, not hit
         self.uc.mmio_map(APIC_BASE, 0x1000, self._apic_read, None, self._apic_write, None)
         # Paging first: loading the segment registers reads their descriptors from the GDT by virtual address.
         self.uc.reg_write(X.UC_X86_REG_CR3, cr3 & 0xFFFFF000)
@@ -793,12 +798,17 @@ class Vcpu:
         while self.state is VcpuState.RUNNING and self.clock_ps < self._end_ps and not self.stop_requested:
             eip = self.reg("eip")
             self._hook.start(self._end_ps - self._base_ps)
+            stepping, self.step_once = self.step_once, False
+            if stepping:  # Unicorn's instruction count is a code hook that blocks translated before it never call
+                self.uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
             try:
-                self.uc.emu_start(eip, _STOP_ADDR)
+                self.uc.emu_start(eip, _STOP_ADDR, count=1 if stepping else 0)
                 self._hook.raise_error()
             except UcError as exc:
                 if self.fault is None:
                     self._set_fault("cpu", str(exc), self.reg("eip"))
+            if stepping:
+                self._stepped(eip)
             if self._exc is not None:
                 self._take_exception()
                 continue
@@ -816,6 +826,24 @@ class Vcpu:
                 else:
                     self._set_fault("cpu", "emulation stopped unexpectedly", here)
                     self.state = VcpuState.CRASHED
+
+    def debug_stop(self, why: str, eip: int) -> None:
+        """Stop for the debugger (from a code hook too): the window ends here for this vCPU."""
+        self.debug_hit = (why, eip)
+        self.stop_requested = True
+        self.uc.emu_stop()
+
+    def _stepped(self, eip: int) -> None:
+        """After a one-instruction slice from ``eip``: the block hook charged the whole block it began, so charge
+        only that instruction (a trap or an exception has charged its own way), and stop for the debugger."""
+        if self._exc is None and self.trap is None and self.fault is None and int(self._st.block_addr) == eip:
+            code = self.fetch(eip, 15)
+            insn = next(self.counter.detail_decoder().disasm(code, eip, 1), None) if code else None
+            if insn is not None:
+                cost = self.counter.pricer.price(eip, code[: insn.size])[1]
+                self._st.clock_ps = int(self._st.block_ps) + cost * self.ps_per_instr // 1000
+        self.debug_hit = ("step", self.reg("eip"))
+        self.stop_requested = True
 
     def request_stop(self) -> None:
         """Stop at the next block boundary (from inside emulation too): the hook's slice ends where the clock is."""

@@ -64,14 +64,26 @@ class Boundary:
     async def held(self) -> AsyncIterator[int]:
         """Hold the cluster at the next window boundary for the body; yields the boundary's virtual time (the end
         of the last window opened). The window open when this is entered still runs to its end first."""
-        self.holds += 1
+        self.hold()
         try:
-            while self.hvp.core.clock.awaiting:
-                await self._reports_in.wait()
-            yield self.hvp.core.clock.now_ns
+            yield await self.settled()
         finally:
-            self.holds -= 1
-            self.hvp.poke()
+            self.release()
+
+    def hold(self) -> None:
+        """Take a hold without waiting (from code that cannot await: the gdb stub, when a report says a vCPU
+        stopped at a breakpoint, holds before the window loop can open the next window). Pair with release()."""
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        self.hvp.poke()
+
+    async def settled(self) -> int:
+        """Under a hold: wait until the open window has every report (the cluster is at the boundary); its time."""
+        while self.hvp.core.clock.awaiting:
+            await self._reports_in.wait()
+        return self.hvp.core.clock.now_ns
 
     async def ask(self, dom: Domain, body: Any, kind: type[T]) -> T:
         """Send ``body`` to ``dom``'s process and return its answer, a ``kind``. Only while held: the process is

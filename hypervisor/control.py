@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
 
 from hypervisor.domain import Domain, DomainState
+from hypervisor.dump import DumpError, dump_domain
+from hypervisor.gdbstub import StubError
 from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
@@ -30,6 +33,7 @@ MAX_COMMAND_LEN = 64
 # How long pause/unpause wait for the next step to carry them out, and the most an inject may ask to wait.
 WAIT_S = 10.0
 MAX_WAIT_S = 600
+MAX_PATH_LEN = 4096
 
 
 class CommandError(Exception):
@@ -57,6 +61,8 @@ class ControlServer:
             "inject": self.cmd_inject,
             "sched": self.cmd_sched,
             "faults": self.cmd_faults,
+            "dump": self.cmd_dump,
+            "gdb": self.cmd_gdb,
             "down": self.cmd_down,
         }
 
@@ -266,6 +272,33 @@ class ControlServer:
         pending = [{"fid": p.fid, **p.request.to_dict(), "origin": p.origin, "planned_vt_ns": p.at_ns}
                    for p in self.core.faults.pending if p.origin != "end"]
         return {"vt_ns": self.core.clock.now_ns, "done": list(self.core.faults.log), "pending": pending}
+
+    async def cmd_dump(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pvcluster dump DOM FILE: the domain's ELF core, written by the hypervisor at a window boundary."""
+        dom = self._domain(args)
+        path, force = args.get("path"), args.get("force", False)
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_LEN or "\0" in path:
+            raise CommandError(f"'path' must be an absolute file name of at most {MAX_PATH_LEN} characters")
+        if not isinstance(force, bool):
+            raise CommandError("'force' must be true or false")
+        requester = None if self.requester_user is None else Requester.named(self.requester_user)
+        try:
+            return await dump_domain(self.hvp, dom, Path(path), force, requester)
+        except DumpError as exc:
+            raise CommandError(str(exc)) from None
+
+    async def cmd_gdb(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pvcluster gdb DOM [--port N]: serve the GDB remote protocol for the domain on 127.0.0.1 (hypervisor/
+        gdbstub.py); the reply names the port (0 asks for any free one). A domain has one stub: asked again, the
+        same one is named."""
+        dom = self._domain(args)
+        port = args.get("port", 0)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise CommandError("'port' must be a TCP port number, 0..65535 (0: any free port)")
+        try:
+            return await self.hvp.gdb.start(dom, port)
+        except StubError as exc:
+            raise CommandError(str(exc)) from None
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
         for dom in list(self.core.domains):

@@ -35,6 +35,7 @@ from hypervisor.boundary import Boundary
 from hypervisor.core import Hypervisor
 from hypervisor.domain import Domain, DomainState
 from hypervisor.errors import ReportError
+from hypervisor.gdbstub import GdbStubs
 from hypervisor.kernel_files import Requester, kernel_image
 from pvcluster import launch
 from pvcluster.bus import codec
@@ -89,6 +90,7 @@ class HypervisorProcess:
         self._silence_from = time.monotonic()
         # Holding the clock at a window boundary for the toolstack's dump, save, migrate and debugger
         self.boundary = Boundary(self)
+        self.gdb = GdbStubs(self)  # the gdb stubs, by domain (`pvcluster gdb`)
 
     def poke(self) -> None:
         """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
@@ -268,6 +270,7 @@ class HypervisorProcess:
             return
         if self.boundary.answer(dom, env.body):
             return
+        self.gdb.on_report(dom, env.body)  # a vCPU stopped for the debugger: held before the next window opens
         try:
             self.core.receive(dom, env.body)
         except ReportError as exc:

@@ -313,6 +313,29 @@ def cmd_sched(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dump(args: argparse.Namespace) -> int:
+    """An ELF core of the domain (gdb KERNEL.elf FILE reads it), written by the hypervisor at a window boundary."""
+    path = Path(args.file).expanduser().absolute()
+    rec = _client(args).call("dump", timeout_s=args.timeout, dom=args.dom, path=str(path), force=args.force)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        out.print(f"domain {rec['dom']} ({rec['name']}): {rec['size']} bytes, {rec['vcpus']} vCPUs, "
+                  f"{rec['segments']} segments at vt {rec['vt_ns'] / 1000:.3f} us -> {rec['path']}", markup=False)
+    return 0
+
+
+def cmd_gdb(args: argparse.Namespace) -> int:
+    """Have the hypervisor serve the GDB remote protocol for a domain on a loopback port; print where."""
+    rec = _client(args).call("gdb", dom=args.dom, port=args.port)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        out.print(f"domain {rec['dom']} ({rec['name']}): gdb stub on {rec['host']}:{rec['port']}\n"
+                  f"  gdb KERNEL.elf -ex 'target remote {rec['host']}:{rec['port']}'", markup=False)
+    return 0
+
+
 def cmd_faults(args: argparse.Namespace) -> int:
     data = _client(args).call("faults")
     if args.json:
@@ -549,6 +572,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=10.0, help="wall seconds to wait for the outcome (10; 0: do not)")
     p.add_argument("--json", action="store_true", help="print the fault's record as JSON")
     p.set_defaults(fn=cmd_inject)
+
+    p = sub.add_parser("dump", parents=[after], help="write a domain's ELF core (memory and vCPU registers) for gdb",
+                       description="Write DOM's memory (the RAM its vCPU 0's page tables map, at their virtual "
+                       "addresses) and every vCPU's registers (one NT_PRSTATUS each: gdb threads) as an ELF32 core; "
+                       "`gdb KERNEL.elf FILE` reads it. The hypervisor holds the cluster at a window boundary "
+                       "while it writes (virtual time does not move), and creates FILE with mode 0600.")
+    common(p)
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("file", help="the core file to write (relative to this directory)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--timeout", type=float, default=120.0, help="wall seconds to wait for the dump (120)")
+    p.add_argument("--json", action="store_true", help="what was written, as one JSON document")
+    p.set_defaults(fn=cmd_dump)
+
+    p = sub.add_parser("gdb", parents=[after], help="serve the GDB remote protocol for a domain (one thread per "
+                       "vCPU) on 127.0.0.1", description="The hypervisor serves the GDB remote protocol for DOM on "
+                       "a loopback TCP port (to its own user only) and this prints the port: `target remote "
+                       "127.0.0.1:PORT` in gdb. While gdb has the domain stopped the whole cluster is held at a "
+                       "window boundary (no virtual time passes); breakpoints and steps stop a vCPU at its "
+                       "instruction in virtual time. The stub serves one debugger at a time until the domain ends.")
+    common(p)
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
+    p.add_argument("--json", action="store_true", help='{"dom", "name", "host", "port"} as one JSON document')
+    p.set_defaults(fn=cmd_gdb)
 
     p = sub.add_parser("faults", parents=[after], help="faults injected into a running cluster, and their outcomes")
     common(p)

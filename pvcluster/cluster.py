@@ -204,6 +204,17 @@ class Cluster:
                                                   at_ns=req.at_ns, params=dict(req.params), wait_s=wait_s)
         return record
 
+    def dump(self, dom: str | int, path: str | Path, *, force: bool = False,
+             timeout_s: float = 120.0) -> dict[str, Any]:
+        """Write the domain's ELF core to ``path`` (README "Dumps and the debugger"); what was written."""
+        rec: dict[str, Any] = self.client.call("dump", timeout_s=timeout_s, dom=dom, path=str(Path(path).absolute()),
+                                               force=force)
+        return rec
+
+    def gdb(self, dom: str | int, port: int = 0) -> int:
+        """Have the hypervisor serve the GDB remote protocol for the domain on 127.0.0.1; the port."""
+        return int(self.client.call("gdb", dom=dom, port=port)["port"])
+
     def faults(self) -> dict[str, Any]:
         """``{"done": [records of faults that acted], "pending": [...], "vt_ns": now}``."""
         data: dict[str, Any] = self.client.call("faults")

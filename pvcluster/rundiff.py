@@ -48,7 +48,10 @@ HOST_FIELDS = frozenset({"pid", "bus", "control", "endpoint", "run_dir", "path"}
 HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_failed",
                          # who joined from where, and what the bus's authentication let in or kept out
                          "domain.joined", "domain.join_refused", "auth.accepted", "auth.refused",
-                         "auth.handshake_failed", "auth.suppressed", "control.refused", "control.create_refused"})
+                         "auth.handshake_failed", "auth.suppressed", "control.refused", "control.create_refused",
+                         # a dump holds the cluster at a boundary and moves no virtual time: a run dumped along the
+                         # way is the same run (the debugger's stops do cut windows, so gdb.* events are compared)
+                         "dump.paused", "dump.resumed", "dump.failed"})
 # Events whose place among the others is the host's: a process exits (and its exit is traced) when the host gets
 # to it. Each is compared in a stream of its own, so its fields count but not its position.
 HOST_ORDERED = frozenset({"domain.process_exit"})

@@ -44,6 +44,17 @@ from pvcluster.bus.messages import (
     BuildResult,
     CtlReply,
     CtlRequest,
+    DebugAck,
+    DebugArm,
+    DebugData,
+    DebugMaps,
+    DebugMapsReq,
+    DebugRead,
+    DebugRegs,
+    DebugRegsReq,
+    DebugStop,
+    DebugVcpu,
+    DebugWrite,
     Delivery,
     Error,
     Hello,
@@ -51,6 +62,7 @@ from pvcluster.bus.messages import (
     HypercallResult,
     Ipi,
     Leaving,
+    MapRun,
     MemWrite,
     Region,
     Stop,
@@ -132,7 +144,21 @@ SAMPLES: dict[type, list[Any]] = {
                               disasm="ud2")],
             ipis=[Ipi(src=0, dest=-1, vector=0xFB, vt_ns=49_500)],
         ),
+        WindowDone(index=6, vcpus=[], hypercalls=[], faults=[],
+                   debug_stops=[DebugStop(vcpu=1, eip=0xC0000258, why="breakpoint", vt_ns=60_000)]),
     ],
+    DebugRegsReq: [DebugRegsReq(), DebugRegsReq(vcpu=3)],
+    DebugRegs: [DebugRegs(vcpus=[]), DebugRegs(vcpus=[DebugVcpu(vcpu=0, state="running", regs=list(range(16)),
+                                                                cr3=0x5000, clock_ns=10_000)])],
+    DebugMapsReq: [DebugMapsReq(vcpu=0)],
+    DebugMaps: [DebugMaps(runs=[]), DebugMaps(runs=[MapRun(vaddr=0xC0000000, paddr=0, size=0x1000, writable=True)])],
+    DebugRead: [DebugRead(vcpu=0, addr=0xC0000000, length=16), DebugRead(vcpu=0, addr=0, length=1 << 20,
+                                                                       physical=True)],
+    DebugData: [DebugData(data=None), DebugData(data=b"\x90" * 16)],
+    DebugWrite: [DebugWrite(vcpu=1, addr=0xC0001000, data=b"\xcc"), DebugWrite(vcpu=0, addr=0, data=b"",
+                                                                              regs=[0] * 16)],
+    DebugAck: [DebugAck(ok=True, detail=""), DebugAck(ok=False, detail="not mapped")],
+    DebugArm: [DebugArm(breakpoints=[]), DebugArm(breakpoints=[0xC0000000, 0xC0001000], step=1)],
     Stop: [Stop(reason="poweroff"), Stop(reason="destroy")],
     CtlRequest: [
         CtlRequest(cmd="status", args={}),
@@ -212,7 +238,8 @@ def test_message_codes_are_unique_and_stable() -> None:
     codes = {t: c for c, t in codec.message_types().items()}
     # wire codes are protocol: a renumbering breaks every peer built from an older tree
     assert codes == {Error: 1, Hello: 2, Build: 3, BuildResult: 4, Window: 5, WindowDone: 6, Stop: 7,
-                     Leaving: 8, CtlRequest: 20, CtlReply: 21}
+                     Leaving: 8, CtlRequest: 20, CtlReply: 21, DebugRegsReq: 30, DebugRegs: 31, DebugMapsReq: 32,
+                     DebugMaps: 33, DebugRead: 34, DebugData: 35, DebugWrite: 36, DebugAck: 37, DebugArm: 38}
 
 
 # ------------------------------------------------------------------------------------------- frame-level rejects
@@ -356,7 +383,7 @@ def test_wrong_field_count(fields: Any, detail: str) -> None:
 
 def test_wrong_field_count_in_a_nested_record() -> None:
     report = [0, "running", 0]  # VcpuReport has 4 fields
-    err = bad_field(code_of(WindowDone), [1, [report], [], [], []])
+    err = bad_field(code_of(WindowDone), [1, [report], [], [], [], []])
     assert err.detail == "WindowDone.vcpus[0]: VcpuReport needs 4 fields, got 3"
 
 
@@ -367,7 +394,7 @@ def test_bool_where_int_expected(value: bool) -> None:
 
 def test_bool_where_int_expected_inside_an_int_list() -> None:
     req = [0, 1, 0, 18, [0, True, 0], [], [], False]
-    err = bad_field(code_of(WindowDone), [1, [], [req], [], []])
+    err = bad_field(code_of(WindowDone), [1, [], [req], [], [], []])
     assert err.detail == "WindowDone.hypercalls[0].args[1]: expected int, got bool"
 
 
@@ -383,7 +410,7 @@ def test_other_types_where_int_expected(pid: Any) -> None:
 
 def test_optional_field_accepts_none_and_its_type_but_nothing_else() -> None:
     def req(data: Any) -> bytes:
-        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True, [], [], False]], [], False]], [], []]
+        fields = [1, [], [[0, 1, 0, 18, [], [[0, 4, data, True, [], [], False]], [], False]], [], [], []]
         return frame(PROTO_VERSION, code_of(WindowDone), 1, 0, fields)
 
     assert decode(req(None)).body.hypercalls[0].regions[0].data is None

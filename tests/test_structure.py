@@ -25,7 +25,8 @@ TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvclust
 DOMAIN_PROCESS_FORBIDDEN = ("keystone", "rich", *TOOLSTACK)
 # The simulation core: everything in hypervisor/ but the transport shell (sockets, their authentication) and the
 # process entry point.
-SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/auth.py", "hypervisor/__main__.py")
+SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/auth.py", "hypervisor/__main__.py",
+         "hypervisor/boundary.py", "hypervisor/gdbstub.py")
 _MUTATING = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
              "discard", "appendleft", "__setitem__", "__delitem__"}
 _CONTAINER_CALLS = {"dict", "list", "set", "defaultdict", "deque", "Counter", "OrderedDict", "bytearray"}

@@ -121,6 +121,8 @@ def kernel_source(name: str) -> str:
     return "\n".join(parts)
 
 
+# A label definition at the start of a line (numeric local labels excluded).
+_LABEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*):", re.MULTILINE)
 _INCLUDE = re.compile(r'^\s*\.include\s+"([^"]*)"\s*(#.*)?$')
 
 
@@ -246,23 +248,25 @@ def assemble(source: str, base: int) -> tuple[bytes, dict[str, int]]:
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32)
     symbols: dict[str, int] = {}
     wanted = (*ENTRY_SYMBOLS, "hypercall_page", "pv_patch_sites", "pv_patch_sites_end")
+    text = expand_pvcalls(preprocess(expand_includes(source))) + _hypercall_page_asm()
+    # Every other label too, for debuggers (gdb on a dump or on the stub breaks at and prints kernel symbols). Their
+    # table comes after the loader's and is cut off again, so the image's bytes do not depend on it.
+    labels = sorted(n for n in set(_LABEL.findall(text)) - set(wanted) if not n.startswith("__pv_site"))
     # keystone cannot report symbol values, so each wanted label is located by assembling a probe that
     # stores the label's address as data at the end of the image.
-    probe = (
-        expand_pvcalls(preprocess(expand_includes(source)))
-        + _hypercall_page_asm()
-        + "\n.align 4\n__symtab:\n"
-        + "".join(f".long {w}\n" for w in wanted)
-    )
+    probe = text + "\n.align 4\n__symtab:\n" + "".join(f".long {w}\n" for w in (*wanted, *labels))
     try:
         encoding, _ = ks.asm(probe, base)
     except keystone.KsError as exc:
         where = _locate_error(ks, probe, base, exc.errno)
         raise KernelBuildError(f"keystone failed to assemble the kernel: {exc}{where}") from None
     code = bytes(encoding)
+    code, extra = code[: len(code) - 4 * len(labels)], code[len(code) - 4 * len(labels) :]
     table = code[len(code) - 4 * len(wanted) :]
     for i, w in enumerate(wanted):
         symbols[w] = int.from_bytes(table[4 * i : 4 * i + 4], "little")
+    for i, w in enumerate(labels):
+        symbols.setdefault(w, int.from_bytes(extra[4 * i : 4 * i + 4], "little"))
     return code, symbols
 
 

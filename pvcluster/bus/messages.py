@@ -219,6 +219,9 @@ class WindowDone:
     hypercalls: list[HypercallReq]
     faults: list[VcpuFault]
     ipis: list[Ipi] = attrs.Factory(list)
+    # The vCPU the debugger stopped (a breakpoint, a single step): the domain ended its window there
+    # (domains/debug.py). At most one; a list, not an optional record, so the codec's fast path decodes it.
+    debug_stops: list[DebugStop] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -251,5 +254,114 @@ class CtlReply:
     error: str
 
 
+# -- the toolstack's view into a domain between two windows (dump, the gdb stub: hypervisor/boundary.py) ---------
+# Asked only while the cluster is held at a window boundary; the domain process answers each request with its
+# answer record, or Error. Addresses and lengths are the requester's word: the domain process checks them.
+
+
+@attrs.frozen
+class DebugStop:
+    """Where the debugger stopped a vCPU inside a window: ``why`` "breakpoint" (before the instruction at ``eip``)
+    or "step" (after one instruction), at the vCPU's virtual time ``vt_ns``."""
+
+    vcpu: int
+    eip: int
+    why: str
+    vt_ns: int
+
+
+@attrs.frozen
+class DebugVcpu:
+    """One vCPU's registers in gdb's i386 order (GDB_REGS: eax ecx edx ebx esp ebp esi edi eip eflags cs ss ds es
+    fs gs), its run state, page-table base and clock."""
+
+    vcpu: int
+    state: str
+    regs: list[int]
+    cr3: int
+    clock_ns: int
+
+
+@attrs.frozen
+class MapRun:
+    """Virtually and physically contiguous mapped guest RAM, as a vCPU's page tables map it."""
+
+    vaddr: int
+    paddr: int
+    size: int
+    writable: bool
+
+
+@attrs.frozen
+class DebugRegsReq:
+    WIRE: ClassVar[int] = 30
+    vcpu: int = -1  # -1: every vCPU
+
+
+@attrs.frozen
+class DebugRegs:
+    WIRE: ClassVar[int] = 31
+    vcpus: list[DebugVcpu]
+
+
+@attrs.frozen
+class DebugMapsReq:
+    WIRE: ClassVar[int] = 32
+    vcpu: int  # whose page tables
+
+
+@attrs.frozen
+class DebugMaps:
+    WIRE: ClassVar[int] = 33
+    runs: list[MapRun]
+
+
+@attrs.frozen
+class DebugRead:
+    """``length`` bytes at ``addr``: a guest-physical address, or a virtual one through ``vcpu``'s tables."""
+
+    WIRE: ClassVar[int] = 34
+    vcpu: int
+    addr: int
+    length: int
+    physical: bool = False
+
+
+@attrs.frozen
+class DebugData:
+    WIRE: ClassVar[int] = 35
+    data: bytes | None  # None: not all of it is mapped to RAM
+
+
+@attrs.frozen
+class DebugWrite:
+    """Write ``data`` at virtual ``addr`` through ``vcpu``'s tables, and/or set its registers (``regs``: empty, or
+    all 16 in gdb's order)."""
+
+    WIRE: ClassVar[int] = 36
+    vcpu: int
+    addr: int
+    data: bytes
+    regs: list[int] = attrs.Factory(list)
+
+
+@attrs.frozen
+class DebugAck:
+    WIRE: ClassVar[int] = 37
+    ok: bool
+    detail: str
+
+
+@attrs.frozen
+class DebugArm:
+    """What the debugger wants of the next windows: stop any vCPU before the instructions at ``breakpoints`` (a
+    vCPU standing on one now steps over it first), and, with ``step`` >= 0, stop that vCPU after one instruction."""
+
+    WIRE: ClassVar[int] = 38
+    breakpoints: list[int]
+    step: int = -1
+
+
 MESSAGES: tuple[type, ...] = (Error, Hello, Build, BuildResult, Window, WindowDone, Stop, Leaving, CtlRequest,
-                              CtlReply)
+                              CtlReply, DebugRegsReq, DebugRegs, DebugMapsReq, DebugMaps, DebugRead, DebugData,
+                              DebugWrite, DebugAck, DebugArm)
