@@ -85,12 +85,13 @@ class Boundary:
             await self._reports_in.wait()
         return self.hvp.core.clock.now_ns
 
-    async def ask(self, dom: Domain, body: Any, kind: type[T]) -> T:
+    async def ask(self, dom: Domain, body: Any, kind: type[T], ending: bool = False) -> T:
         """Send ``body`` to ``dom``'s process and return its answer, a ``kind``. Only while held: the process is
-        then between windows and answers at once."""
-        if not self.holding:
+        then between windows and answers at once. ``ending``: ``dom`` has just ended and takes part in no window
+        (a core dump before its process is ended): its process answers once its last report is out, held or not."""
+        if not self.holding and not ending:
             raise RuntimeError("ask() outside held(): the domain's process may be running a window")
-        if not dom.identity or not dom.alive:
+        if not dom.identity or not (dom.alive or ending):
             raise AskError(f"domain {dom.domid} ({dom.name}) has no running process")
         if dom.domid in self._asked:
             raise AskError(f"domain {dom.domid} is already answering another request")

@@ -72,13 +72,6 @@ def boot_wallclock(seed: int) -> tuple[int, int]:
     return WALLCLOCK_FIRST_S + rng.randrange(WALLCLOCK_SPAN_S), rng.randrange(1_000_000_000)
 
 
-def _coredump_hook(dom: Domain) -> None:
-    """Where the toolstack dumps a crashed domain's memory before it acts on it: on_crash = "coredump-destroy" /
-    "coredump-restart", and kdump (a crash with a KEXEC_TYPE_CRASH image loaded). A placeholder: the `dump` work
-    (issue 15) fills it in; until then the coredump-* actions are their destroy / restart half."""
-    return None
-
-
 @attrs.frozen
 class Refusal:
     """Why a process may not join as the domain it claimed: ``kind`` is the Error kind its answer carries."""
@@ -129,6 +122,9 @@ class Hypervisor:
         # Domains the core created as restarts (life-cycle actions, kexec, kdump) whose processes the shell is to
         # launch, as it launches any new domain's; and when each name was restarted (the reboot-storm guard).
         self.to_launch: list[Domain] = []
+        # Ended domains whose memory the toolstack dumps before their processes are ended (on_crash = "coredump-*",
+        # kdump): the shell writes <run_dir>/dumps/NAME-dDOMID.core, then sends their Stop or ends their process.
+        self.coredumps: list[Domain] = []
         self._restarts: dict[str, list[int]] = {}
         self.hypercalls = 0
         self.idle = False
@@ -402,7 +398,7 @@ class Hypervisor:
 
     def _after_end(self, dom: Domain, reason: ShutdownReason, vt: int) -> None:
         """The toolstack's action on ``dom``, which has just ended with ``reason``: a kexec builds the loaded image,
-        a crash with a crash image loaded dumps the memory (``_coredump_hook``) and builds that (kdump), otherwise
+        a crash with a crash image loaded dumps the memory (``coredumps``) and builds that (kdump), otherwise
         the spec's life-cycle action for the reason (pvcluster/spec.py: LIFECYCLE_ACTIONS)."""
         if reason is ShutdownReason.soft_reset and dom.kexec_started is not None:
             image = dom.kexec_images.get(dom.kexec_started)
@@ -412,7 +408,7 @@ class Hypervisor:
         if reason is ShutdownReason.crash:
             crash_image = dom.kexec_images.get(KexecType.CRASH)
             if crash_image is not None:
-                _coredump_hook(dom)
+                self.coredumps.append(dom)
                 self._rebuild(dom, crash_image.data, "kdump", vt)
                 return
             key = "on_crash"
@@ -424,7 +420,7 @@ class Hypervisor:
             return  # suspend, watchdog: no life-cycle key here; the domain stays as it ended
         action = str(getattr(dom.spec, key, "preserve"))
         if action.startswith("coredump-"):
-            _coredump_hook(dom)
+            self.coredumps.append(dom)
             action = action.removeprefix("coredump-")
         if action == "restart":
             self._rebuild(dom, dom.image, f"{key}=restart", vt)

@@ -74,27 +74,42 @@ async def dump_domain(hvp: HypervisorProcess, dom: Domain, path: Path, force: bo
         raise DumpError(f"domain {dom.domid} ({dom.name}) is still being built: nothing to dump yet")
     if not dom.alive or not dom.identity:
         raise DumpError(f"domain {dom.domid} ({dom.name}) is {dom.state.value}: no process holds its memory")
-    boundary = hvp.boundary
-    async with boundary.held() as vt_ns:
-        dom.trace.event("dump.paused", vt_ns=vt_ns, file=str(path))
-        size = 0
-        try:
-            regs = await boundary.ask(dom, DebugRegsReq(), DebugRegs)
-            maps = await boundary.ask(dom, DebugMapsReq(vcpu=0), DebugMaps)
-            segments = [CoreSegment(r.vaddr, r.paddr, r.size, r.writable) for r in maps.runs]
-            head, _ = core_layout(threads_of(regs), segments, dom.name, f"{dom.spec.kernel} {dom.spec.cmdline}")
-            size = await _write(hvp, dom, path, head, segments, force)
-        except (AskError, CoreError, OSError) as exc:
-            dom.trace.warning("dump.failed", vt_ns=vt_ns, file=str(path), error=str(exc)[:400])
-            raise DumpError(f"dump of domain {dom.domid} ({dom.name}) failed: {exc}") from None
-        finally:
-            dom.trace.event("dump.resumed", vt_ns=vt_ns, file=str(path), size=size)
+    async with hvp.boundary.held() as vt_ns:
+        return await _dump(hvp, dom, path, force, vt_ns, ending=False)
+
+
+async def dump_ending(hvp: HypervisorProcess, dom: Domain, path: Path) -> dict[str, Any]:
+    """The toolstack's core dump of a domain that has just ended (``on_crash = "coredump-*"``, kdump), before its
+    process is ended: it takes part in no window any more, so its process, idle once its last report is in, is asked
+    without holding the cluster. The core's virtual time is the domain's end."""
+    if not dom.identity:
+        raise DumpError(f"domain {dom.domid} ({dom.name}) has no process: its memory is gone")
+    check_path(path, True)
+    vt_ns = dom.ended_vt if dom.ended_vt is not None else hvp.core.clock.now_ns
+    return await _dump(hvp, dom, path, True, vt_ns, ending=True)
+
+
+async def _dump(hvp: HypervisorProcess, dom: Domain, path: Path, force: bool, vt_ns: int,
+                ending: bool) -> dict[str, Any]:
+    dom.trace.event("dump.paused", vt_ns=vt_ns, file=str(path))
+    size = 0
+    try:
+        regs = await hvp.boundary.ask(dom, DebugRegsReq(), DebugRegs, ending=ending)
+        maps = await hvp.boundary.ask(dom, DebugMapsReq(vcpu=0), DebugMaps, ending=ending)
+        segments = [CoreSegment(r.vaddr, r.paddr, r.size, r.writable) for r in maps.runs]
+        head, _ = core_layout(threads_of(regs), segments, dom.name, f"{dom.spec.kernel} {dom.spec.cmdline}")
+        size = await _write(hvp, dom, path, head, segments, force, ending)
+    except (AskError, CoreError, OSError) as exc:
+        dom.trace.warning("dump.failed", vt_ns=vt_ns, file=str(path), error=str(exc)[:400])
+        raise DumpError(f"dump of domain {dom.domid} ({dom.name}) failed: {exc}") from None
+    finally:
+        dom.trace.event("dump.resumed", vt_ns=vt_ns, file=str(path), size=size)
     return {"dom": dom.domid, "name": dom.name, "path": str(path), "size": size, "vt_ns": vt_ns,
             "vcpus": len(regs.vcpus), "segments": len(segments)}
 
 
 async def _write(hvp: HypervisorProcess, dom: Domain, path: Path, head: bytes, segments: list[CoreSegment],
-                 force: bool) -> int:
+                 force: bool, ending: bool) -> int:
     """Stream the core into a new file beside ``path`` and rename it over ``path`` (without ``force``, link it
     there: a file that appeared meanwhile is not replaced); the bytes written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -105,7 +120,8 @@ async def _write(hvp: HypervisorProcess, dom: Domain, path: Path, head: bytes, s
             for seg in segments:
                 for off in range(0, seg.size, CHUNK):
                     n = min(CHUNK, seg.size - off)
-                    got = await hvp.boundary.ask(dom, DebugRead(0, seg.paddr + off, n, physical=True), DebugData)
+                    got = await hvp.boundary.ask(dom, DebugRead(0, seg.paddr + off, n, physical=True), DebugData,
+                                                   ending=ending)
                     if got.data is None or len(got.data) != n:
                         raise OSError(f"guest-physical {seg.paddr + off:#x} (+{n}) could not be read")
                     fh.write(got.data)

@@ -33,6 +33,7 @@ import zmq
 
 from hypervisor.boundary import Boundary
 from hypervisor.core import Hypervisor
+from hypervisor.coredumps import Coredumps
 from hypervisor.domain import Domain, DomainState
 from hypervisor.errors import ReportError
 from hypervisor.gdbstub import GdbStubs
@@ -90,6 +91,7 @@ class HypervisorProcess:
         self._silence_from = time.monotonic()
         # Holding the clock at a window boundary for the toolstack's dump, save, migrate and debugger
         self.boundary = Boundary(self)
+        self.coredumps = Coredumps(self)
         self.gdb = GdbStubs(self)  # the gdb stubs, by domain (`pvcluster gdb`)
 
     def poke(self) -> None:
@@ -194,7 +196,10 @@ class HypervisorProcess:
     async def carry_out(self) -> None:
         """Carry out what the core asked for: messages to domain processes, processes to end or signal."""
         core = self.core
-        while core.outbox or core.to_kill or core.signals or core.to_launch:
+        while core.outbox or core.to_kill or core.signals or core.to_launch or core.coredumps:
+            dumps, core.coredumps = core.coredumps, []
+            for dom in dumps:  # first: what ends their processes waits for the dump (coredump.py)
+                self.coredumps.start(dom)
             launches, core.to_launch = core.to_launch, []
             for dom in launches:  # restarts the core decided (life-cycle actions, kexec, kdump)
                 try:
@@ -206,12 +211,16 @@ class HypervisorProcess:
                 self._signal(dom, what, wall_ms)
             outbox, core.outbox = core.outbox, []
             for dom, body in outbox:
+                if self.coredumps.defer(dom, body):
+                    continue
                 try:
                     await self.send(dom.identity, body)
                 except codec.EncodeError as exc:  # something about this domain cannot be said on the wire
                     core.crash(dom, f"hypervisor could not encode {type(body).__name__}: {exc}", exc=exc)
             kills, core.to_kill = core.to_kill, []
             for dom in kills:
+                if self.coredumps.defer(dom, None):
+                    continue
                 if dom.spec.placement == "remote":
                     self._stop_remote(dom, "crashed")
                     continue

@@ -51,7 +51,9 @@ HOST_EVENTS = frozenset({"hypervisor.listening", "control.request", "bus.send_fa
                          "auth.handshake_failed", "auth.suppressed", "control.refused", "control.create_refused",
                          # a dump holds the cluster at a boundary and moves no virtual time: a run dumped along the
                          # way is the same run (the debugger's stops do cut windows, so gdb.* events are compared)
-                         "dump.paused", "dump.resumed", "dump.failed"})
+                         "dump.paused", "dump.resumed", "dump.failed",
+                         # the toolstack's dump of an ended domain is written beside the run, when the host gets to it
+                         "domain.coredump", "domain.coredump_failed"})
 # Events whose place among the others is the host's: a process exits (and its exit is traced) when the host gets
 # to it. Each is compared in a stream of its own, so its fields count but not its position.
 HOST_ORDERED = frozenset({"domain.process_exit"})

@@ -192,8 +192,8 @@ class BusSection:
 
 # xl.cfg's life-cycle actions (on_poweroff, on_reboot, on_crash): what the toolstack does with a domain that ended.
 # "destroy" ends it for good; "restart" builds a new domain (new domid) from the same DomainSpec; "preserve" leaves
-# it listed as it ended; the coredump-* ones (on_crash only) dump its memory first (``_coredump_hook`` in
-# hypervisor/core.py: the dump itself comes with the `dump` work) and then destroy or restart. xl's
+# it listed as it ended; the coredump-* ones (on_crash only) dump its memory first (an ELF core in
+# <run_dir>/dumps: hypervisor/coredumps.py) and then destroy or restart. xl's
 # "rename-restart" is refused by the spec checker (Checker.lifecycle).
 LIFECYCLE_ACTIONS = ("destroy", "restart", "preserve")
 CRASH_ACTIONS = (*LIFECYCLE_ACTIONS, "coredump-destroy", "coredump-restart")

@@ -72,6 +72,24 @@ def test_kdump_boots_the_crash_image_when_the_domain_crashes(run_dir: Path) -> N
     assert (restarted["old_domid"], restarted["new_domid"], restarted["why"]) == (1, 2, "kdump")
     (loaded,) = _events(run_dir, "kexec.load")
     assert loaded["type"] == 1
+    # kdump: the old domain's memory, dumped before its process ended, with its vCPU's registers
+    _assert_core_of_old_memory(run_dir / "run" / "dumps" / "k-d1.core", b"workload=kexec kexec=crash")
+    (dumped,) = _events(run_dir, "domain.coredump")
+    assert dumped["dom"] == 1 and dumped["size"] > 1 << 20
+
+
+def _assert_core_of_old_memory(core: Path, cmdline: bytes) -> None:
+    """An ELF core with one NT_PRSTATUS for the one vCPU, whose memory holds what only the running domain had:
+    start_info's magic and command line, written by the domain builder, in no kernel image."""
+    from elftools.elf.elffile import ELFFile
+
+    with core.open("rb") as fh:
+        elf = ELFFile(fh)
+        assert elf["e_type"] == "ET_CORE"
+        notes = [n for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE" for n in seg.iter_notes()]
+        assert [n["n_type"] for n in notes].count("NT_PRSTATUS") == 1
+        memory = b"".join(seg.data() for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD")
+    assert b"xen-3.0-x86_32" in memory and cmdline in memory
 
 
 def test_on_reboot_restart_until_the_storm_guard(run_dir: Path) -> None:
@@ -88,6 +106,15 @@ def test_on_reboot_restart_until_the_storm_guard(run_dir: Path) -> None:
 def test_on_crash_destroy(run_dir: Path) -> None:
     final, _ = _run(run_dir, '[[domain]]\nname = "c"\nvcpus = 1\ncmdline = "shutdown=crash"\non_crash = "destroy"\n')
     assert _doms(final) == [(1, "c", "dead", "crash")]
+    assert _events(run_dir, "domain.destroy")
+    assert not (run_dir / "run" / "dumps").exists()
+
+
+def test_on_crash_coredump_destroy_dumps_then_destroys(run_dir: Path) -> None:
+    final, _ = _run(run_dir, '[[domain]]\nname = "c"\nvcpus = 1\ncmdline = "shutdown=crash"\n'
+                             'on_crash = "coredump-destroy"\n' + BYSTANDER)
+    assert _doms(final) == [(1, "c", "dead", "crash"), (2, "bystander", "dead", "poweroff")]
+    _assert_core_of_old_memory(run_dir / "run" / "dumps" / "c-d1.core", b"shutdown=crash")
     assert _events(run_dir, "domain.destroy")
 
 

@@ -25,7 +25,8 @@ subset a 32-bit PV guest can use on itself:
   Xen's nearest: the guest asks its toolstack to rebuild it), and the toolstack builds a new domain with the same
   DomainSpec and name, a new domid, from the image (``Hypervisor.shutdown``). ``KEXEC_TYPE_CRASH`` through this
   command crashes the domain, as Xen's kexec_crash(CRASHREASON_KEXECCMD) does; a loaded crash image then boots
-  (kdump: ``Hypervisor.crash``, after ``_coredump_hook``). No image of the type: -ENOENT (Xen's kexec_exec).
+  (kdump: ``Hypervisor.crash``, after the toolstack's core dump, hypervisor/coredumps.py). No image of the
+  type: -ENOENT (Xen's kexec_exec).
   A command while the domain's kexec is already under way: -EBUSY (Xen's KEXEC_FLAG_IN_PROGRESS).
 * The v1 load/unload (1, 2) and ``kexec_get_range`` (3: machine ranges of the host, which a domain has no business
   with) are -EOPNOTSUPP, as newer Xen answers an unknown command.
