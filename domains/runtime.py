@@ -30,7 +30,8 @@ from domains.memory import GuestRam
 from domains.paging import read_virt, walk, write_virt
 from domains.tablecopy import table_regions
 from domains.vcpu import InsnCounter, Vcpu, VcpuState, flat_gdt
-from pvcluster.abi.copyin import Span, copy_in, notified_port
+from pvcluster.abi import extcopy
+from pvcluster.abi.copyin import Descriptor, Span, copy_in, notified_port
 from pvcluster.abi.layouts import XENCONS_INTERFACE
 from pvcluster.abi.platform import MARK_CODE_MASK, MARK_DETAIL_SHIFT, VMI_ROM_BASE, Mark
 from pvcluster.abi.xen import PAGE_SHIFT, PAGE_SIZE
@@ -108,6 +109,8 @@ class DomainProcess:
         self.link = LinkReceiver()
         # the console ring (its port and the machine address of the part its backend reads), from the build
         self._console: tuple[int, int] = (0, 0)
+        # The spec's hypercall extensions' copy-in, from the Build message (pvcluster/abi/extcopy.py)
+        self._ext_copyin: dict[int, Descriptor] = {}
         # What the hypervisor may ask between two windows, while it holds the cluster at a boundary (dump, save,
         # the debugger: hypervisor/boundary.py): request type -> handler returning the answer. Asked only of a
         # built domain.
@@ -235,6 +238,7 @@ class DomainProcess:
         self.ram, self.boot = ram, boot
         if req.console_evtchn and boot.console_mfn:
             self._console = (req.console_evtchn, (boot.console_mfn << PAGE_SHIFT) + _RING_OUT)
+        self._ext_copyin = extcopy.descriptors(req.copyin)
         self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
         counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None, req.tlb_refill_ns * 1000)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
@@ -392,7 +396,7 @@ class DomainProcess:
             entries, frames = walk(ram, cr3, s.addr, s.length)
             return Region(s.addr, s.length, data, s.writable, entries, frames if data is not None and s.length else [])
 
-        spans = copy_in(nr, args, read)
+        spans = copy_in(nr, args, read, self._ext_copyin)
         return [region(s) for s in spans if not s.machine] + table_regions(ram, spans)
 
     def _rings(self, vcpu: Vcpu, nr: int, args: list[int]) -> list[Region]:

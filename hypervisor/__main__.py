@@ -13,6 +13,7 @@ import trio
 
 from hypervisor.shell import HypervisorProcess
 from pvcluster import trace
+from pvcluster.extensions import ExtensionError
 from pvcluster.faults import request
 from pvcluster.spec import ClusterSpec, SpecError
 
@@ -37,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C lands between two bytecodes of unprotected code; inside a flush it could drop the lines being
     # written. Under KI protection trio delivers it at the next checkpoint instead.
     trio.lowlevel.enable_ki_protection(trace.TraceFile.flush)
-    hv = HypervisorProcess(spec, args.run_dir, log, replay, flush_trace=sink.flush)
+    try:
+        hv = HypervisorProcess(spec, args.run_dir, log, replay, flush_trace=sink.flush)
+    except ExtensionError as exc:  # the spec's [[extension]] cannot be loaded: say which and why, not a traceback
+        print(f"hypervisor: {exc}", file=sys.stderr)
+        sink.flush()
+        return 2
 
     def on_term(signum: int, _frame: object) -> None:
         # The toolstack died or gave up on a clean `down`: take the domain processes down at once. Doing it

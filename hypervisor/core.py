@@ -26,8 +26,10 @@ from hypervisor.clock import Clock
 from hypervisor.domain import Domain, DomainState, DomainTable
 from hypervisor.errors import ReportError
 from hypervisor.evtchn import EvtchnTable, PortState
+from hypervisor.extensions import load_extensions
 from hypervisor.faults import FOREVER, FaultPlan
 from hypervisor.hypercall_page import hypercall_page
+from hypervisor.hypercalls import FAMILIES
 from hypervisor.link import Link
 from hypervisor.pagetypes import Refused
 from hypervisor.scheduler import Scheduler
@@ -130,6 +132,8 @@ class Hypervisor:
         self.idle = False
         self.run_wall = RunWall()
         self._page = hypercall_page()
+        # The spec's hypercall extensions, loaded for this hypervisor (ExtensionError: the cluster does not start).
+        self.extensions = load_extensions(spec.extensions, FAMILIES.keys())
         self.link_rto_ns = h.link_rto_ns
         self.partition_limit_ns = h.partition_limit_ns
         # Faults still to come and those done; process signals (stop, kill) the shell must send.
@@ -267,6 +271,7 @@ class Hypervisor:
             console_evtchn=dom.console_port,
             wc_sec=wc_sec,
             wc_nsec=wc_nsec,
+            copyin=self.extensions.copyin(),
         )
 
     def _built(self, dom: Domain, res: BuildResult) -> None:

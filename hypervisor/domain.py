@@ -118,6 +118,9 @@ class Domain:
     last_window: int = -1
     last_activity: int | None = None
     work_left: int = 0
+    # Per-domain state of the spec's hypercall extensions, one dict per extension family name (its handlers keep
+    # nothing of their own: pvcluster/extensions.py).
+    ext: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         # what the frame types may hold references on: the domain's own RAM, and what a present L1 entry may map

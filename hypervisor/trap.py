@@ -90,7 +90,9 @@ def _trace(dom: Domain, req: HypercallReq, call: Call, span: str, value: int, do
            arrival: int | None) -> None:
     """``result`` is what the hypervisor decided; ``arrival_vt_ns`` when the answer reaches the domain over its
     link (None: the call ended the domain and is never answered); ``effects`` how many effects it carries."""
-    name = Hypercall(req.nr).name if req.nr in Hypercall._value2member_map_ else f"unknown_{req.nr}"
+    ext = call.hv.extensions.families.get(req.nr)  # an extension names its own (pvcluster/extensions.py)
+    name = ext.name if ext is not None else (
+        Hypercall(req.nr).name if req.nr in Hypercall._value2member_map_ else f"unknown_{req.nr}")
     dom.trace.event(
         "hypercall",
         vt_ns=req.vt_ns,

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pvcluster import cli_join, faults
+from pvcluster import cli_join, cli_sdk, faults
 from pvcluster.check import check_run, format_report
 from pvcluster.cluster import Cluster, ClusterError
 from pvcluster.control import ControlClient, ControlError
@@ -198,6 +198,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         # the plots' timeline is drawn around the slowest shootdown
         analysis = run.analyse(slowest=max(args.slowest, 1) if args.plot else args.slowest)
         doc = analysis.to_json()
+        from pvcluster.trace import exttables  # loads the run's extension modules: only for `trace` itself
+
+        doc["extensions"] = exttables.tables(run)
         bad = sum(doc["trace"]["corrupt_lines"].values()) + len(doc["trace"]["torn_files"])
         if bad and not doc["trace"]["events"]:  # torn lines are skipped, but a run with nothing else is no run
             _error(f"cannot analyse the run in {run.path}: none of its trace lines is a trace event ({bad} bad)")
@@ -206,6 +209,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(json.dumps(doc))
         else:
             render.render(doc, out)
+            exttables.render(doc["extensions"], out)
         for path in _trace_outputs(args, run, analysis):
             err.print(f"wrote {escape(str(path))}")
     except (OSError, RunError) as exc:
@@ -636,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_top)
 
     cli_join.add_parsers(sub, after)
+    cli_sdk.add_parsers(sub, after)
 
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)

@@ -24,8 +24,9 @@ from typing import Any, Literal, cast, get_args
 
 import attrs
 
-from pvcluster import costs
+from pvcluster import costs, extspec
 from pvcluster.abi.xen import MAX_GUEST_CMDLINE, MAX_LEGACY_VCPUS
+from pvcluster.extspec import ExtensionSpec
 from pvcluster.faults import DEFAULT_RANDOM_KINDS, FaultError, FaultRequest, RandomFaults, request
 from pvcluster.faults import KINDS as FAULT_KINDS
 
@@ -248,6 +249,7 @@ class ClusterSpec:
     source: str
     faults: tuple[FaultRequest, ...] = ()  # the [[fault]] schedule
     random_faults: RandomFaults | None = None  # [faults] random
+    extensions: tuple[ExtensionSpec, ...] = ()  # [[extension]]: hypercall extensions (pvcluster/extspec.py)
 
     def resolved_run_dir(self) -> Path:
         """Where this cluster's sockets and traces go.
@@ -288,6 +290,8 @@ class ClusterSpec:
             out["fault"] = [f.to_table() for f in self.faults]
         if self.random_faults is not None:
             out["faults"] = {"random": self.random_faults.to_dict()}
+        if self.extensions:
+            out["extension"] = [e.to_dict() for e in self.extensions]
         return out
 
     @classmethod
@@ -565,7 +569,7 @@ class _Checker:
     def spec(self, data: Mapping[str, Any], source: str) -> ClusterSpec:
         if not self.nesting(data, ""):
             raise SpecError(source, self.problems)
-        top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain", "fault", "faults"))
+        top = self.table(data, "", ("cluster", "hypervisor", "bus", "domain", "fault", "faults", "extension"))
         cluster = self.cluster(top.get("cluster", {}))
         hypervisor = self.hypervisor(top.get("hypervisor", {}))
         bus = self.bus(top.get("bus", {}))
@@ -574,9 +578,10 @@ class _Checker:
         domains = self.domains(top.get("domain", _MISSING), pcpus)
         schedule = self.fault_schedule(top.get("fault", []), domains, hypervisor.pcpus)
         random_faults = self.random_faults(top.get("faults", {}), domains)
+        extensions = extspec.check(self, top.get("extension", []))
         if self.problems:
             raise SpecError(source, self.problems)
-        return ClusterSpec(cluster, hypervisor, bus, domains, source, schedule, random_faults)
+        return ClusterSpec(cluster, hypervisor, bus, domains, source, schedule, random_faults, extensions)
 
     def cluster(self, raw: object) -> ClusterSection:
         path = "cluster"

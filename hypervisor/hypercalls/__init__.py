@@ -3,12 +3,16 @@
 What happens on hypercall N lives in one module, ``hypervisor/hypercalls/<family>.py``, whose ``handle`` does the
 work and returns the value the guest sees in EAX. What the call copies in from guest memory before it crosses the
 bus is ABI knowledge shared with the domain process: ``pvcluster/abi/copyin.py``.
+
+The spec's hypercall extensions (``hypervisor/extensions.py``) are looked up first, on the calling hypervisor's own
+table: an extension may add a number, and replace a built-in one only when its spec table says ``override``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from hypervisor import extensions
 from hypervisor.hypercalls import (
     callback_op,
     console_io,
@@ -66,6 +70,9 @@ FAMILIES: dict[int, Handler] = {
 
 
 def dispatch(call: Call) -> int:
+    family = call.hv.extensions.families.get(call.nr)
+    if family is not None:
+        return extensions.run(family, call)
     handle = FAMILIES.get(call.nr)
     if handle is None:
         return -Errno.ENOSYS

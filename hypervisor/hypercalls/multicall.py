@@ -131,7 +131,7 @@ def _buffers_here(call: Call, op: int, args: list[int]) -> bool:
     """Whether every buffer the entry names, read from guest memory as the earlier entries left it, came with this
     trap and is not stale. Only then does it run here: an entry never runs with part of its buffers (a batch
     without its done count), and never reads a copy made before an earlier entry changed what it holds."""
-    spans = describe(op, args, call.mem.peek)
+    spans = describe(op, args, call.mem.peek, call.hv.extensions.descriptors)
     # A table frame to validate is not a buffer: one left out makes the entry continue where it needs it.
     return all(call.mem.holds(s.addr, s.length, writable=s.writable) for s in spans if not s.machine)
 

@@ -17,7 +17,7 @@ hypercall continuation, as Xen preempts long batches, so a batch of any length w
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -251,7 +251,9 @@ def _set_trap_table(args: list[int], read: Reader) -> list[Span]:
     return [Span(base, size)] if size else []
 
 
-def _multicall(args: list[int], read: Reader) -> list[Span]:
+def _multicall(args: list[int], read: Reader, extra: Mapping[int, Descriptor] | None = None) -> list[Span]:
+    """The entry array and each entry's buffers (``extra``: the extensions' descriptors, for entries that call an
+    extension's hypercall)."""
     entries, count = args[0], args[1]
     n = min(count, MAX_MULTICALL_COPY)
     if not n:
@@ -266,7 +268,7 @@ def _multicall(args: list[int], read: Reader) -> list[Span]:
         op, entry_args = fields[0], list(fields[2 : 2 + structs.MULTICALL_ENTRY_ARGS])
         if op in (Hypercall.multicall, Hypercall.kexec_op):
             continue  # refused in a batch (hypervisor/hypercalls/multicall.py: REFUSED), so it copies nothing
-        new = [s for s in dict.fromkeys(describe(op, entry_args, read)) if s not in seen]
+        new = [s for s in dict.fromkeys(describe(op, entry_args, read, extra)) if s not in seen]
         size = sum(s.length for s in new if not s.machine)  # table frames have their own cap (MAX_TABLE_FRAMES)
         # An entry's buffers come whole or not at all: the multicall continues at the first entry left out, so a
         # batch entry never runs with its ops but without its done counter.
@@ -357,20 +359,27 @@ def notified_port(nr: int, args: list[int], read: Reader) -> int | None:
     return None if raw is None else int(struct.unpack_from("<I", raw)[0])
 
 
-def describe(nr: int, args: list[int], read: Reader) -> list[Span]:
-    """The spans hypercall ``nr`` names, uncapped (``copy_in`` applies the caps)."""
-    descriptor = DESCRIPTORS.get(nr)
+def describe(nr: int, args: list[int], read: Reader, extra: Mapping[int, Descriptor] | None = None) -> list[Span]:
+    """The spans hypercall ``nr`` names, uncapped (``copy_in`` applies the caps). ``extra``: the descriptors of the
+    extensions the spec loads (``pvcluster/abi/extcopy.py``), consulted first (an extension allowed to override a
+    built-in number declares its own copy-in too)."""
+    descriptor = extra.get(nr) if extra else None
+    if descriptor is None:
+        descriptor = DESCRIPTORS.get(nr)
     if descriptor is None:
         return []
-    return descriptor([a & _U32 for a in args[:5]] + [0] * (5 - len(args[:5])), read)
+    regs = [a & _U32 for a in args[:5]] + [0] * (5 - len(args[:5]))
+    if descriptor is _multicall:  # the one descriptor that describes other hypercalls: it needs the extensions too
+        return _multicall(regs, read, extra)
+    return descriptor(regs, read)
 
 
-def copy_in(nr: int, args: list[int], read: Reader) -> list[Span]:
+def copy_in(nr: int, args: list[int], read: Reader, extra: Mapping[int, Descriptor] | None = None) -> list[Span]:
     """The spans to copy in for a trap, capped per span and in total, first ones first. Table frames (``machine``)
     are not counted in the total: the domain process caps them at MAX_TABLE_FRAMES as it expands them."""
     kept: list[Span] = []
     total, cap = 0, TOTAL_CAPS.get(nr, MAX_TOTAL)
-    for s in describe(nr, args, read):
+    for s in describe(nr, args, read, extra):
         if s.machine:
             kept.append(s)
         elif 0 <= s.length <= MAX_SPAN and total + s.length <= cap:

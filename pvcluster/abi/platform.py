@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 from pvcluster.abi.layouts import START_INFO_MAGIC, Layout
-from pvcluster.abi.xen import PAGE_SIZE
+from pvcluster.abi.xen import HYPERCALL_STUB_SIZE, PAGE_SIZE
 
 # Where the built-in kernel links itself and maps guest RAM linearly; the VMI ROM's set_pte relies on it too.
 VIRT_BASE = 0xC0000000
@@ -48,6 +48,13 @@ class Mark(enum.IntEnum):
     PING_SENT = 0x51  # workload=pingclient: event sent (detail: round)
     PING_ECHO = 0x52  # its echo seen (detail: round)
 
+
+# Hypercall numbers an extension (pvcluster/extensions.py) may register: one per stub of the hypercall page, which
+# the hypervisor fills whole (hypervisor/hypercall_page.py); a built-in family's number only with `override = true`.
+# Free for new interfaces: 50..55 (Xen's __HYPERVISOR_arch_2..7; x86 uses only arch_0, mca, and arch_1,
+# paging_domctl_cont) and 56..127 (Xen fills no stub past 63).
+EXTENSION_NR_LIMIT = PAGE_SIZE // HYPERCALL_STUB_SIZE
+EXTENSION_FREE_FIRST = 50
 
 # The domain the console and xenstore backends belong to: in Xen, dom0's xenconsoled and xenstored; here the
 # hypervisor plays them, so a domain's console and store ports are bound to dom0, which is never a guest (domids

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import attrs
 
+from pvcluster.abi.extcopy import ExtCopyIn
 from pvcluster.bus.effects import Effect
 
 
@@ -67,6 +68,9 @@ class Build:
     console_evtchn: int = 0
     wc_sec: int = 0
     wc_nsec: int = 0
+    # What the spec's hypercall extensions copy in (pvcluster/abi/extcopy.py): the domain process copies their
+    # buffers with the trap without importing the extension modules.
+    copyin: list[ExtCopyIn] = attrs.Factory(list)
 
 
 @attrs.frozen
