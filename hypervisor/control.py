@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
 
+from hypervisor import saving
 from hypervisor.domain import Domain, DomainState
 from hypervisor.kernel_files import KernelFileError, Requester
 from pvcluster.abi.xen import ShutdownReason
@@ -57,6 +59,8 @@ class ControlServer:
             "inject": self.cmd_inject,
             "faults": self.cmd_faults,
             "down": self.cmd_down,
+            "save": self.cmd_save,
+            "migrate": self.cmd_migrate,
         }
 
     async def serve(self) -> None:
@@ -234,6 +238,40 @@ class ControlServer:
         pending = [{"fid": p.fid, **p.request.to_dict(), "origin": p.origin, "planned_vt_ns": p.at_ns}
                    for p in self.core.faults.pending if p.origin != "end"]
         return {"vt_ns": self.core.clock.now_ns, "done": list(self.core.faults.log), "pending": pending}
+
+    async def cmd_save(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Save the whole cluster at the next window boundary (``at_ns``: the first at or after that virtual time,
+        waited for ``wait_s`` at most) to ``path``, a file the hypervisor's user may write (hypervisor/saving.py)."""
+        path = args.get("path")
+        if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
+            raise CommandError("missing 'path': the save file to write")
+        target = Path(path)
+        if not target.is_absolute() or not target.parent.is_dir():
+            raise CommandError(f"{path[:200]!r}: give an absolute path in an existing directory")
+        at_ns = args.get("at_ns")
+        if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or not 0 <= at_ns < 1 << 63):
+            raise CommandError("at_ns must be a virtual time in ns")
+        wait_s = args.get("wait_s", WAIT_S)
+        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not 0 <= wait_s <= MAX_WAIT_S:
+            raise CommandError(f"wait_s must be a number of seconds between 0 and {MAX_WAIT_S}")
+        try:
+            return await saving.save(self.hvp, target, at_ns, float(wait_s))
+        except (saving.SaveError, TimeoutError) as exc:
+            raise CommandError(f"cannot save: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"cannot write {path[:200]}: {exc.strerror or exc}") from None
+
+    async def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Move a domain to a new process at the next boundary: a local one, or (``to``) one that joins from that
+        host (hypervisor/saving.py)."""
+        dom = self._domain(args)
+        to = args.get("to")
+        if to is not None and (not isinstance(to, str) or not to or len(to) > 255):
+            raise CommandError("'to' must be a host name")
+        try:
+            return await saving.migrate(self.hvp, dom, to)
+        except saving.SaveError as exc:
+            raise CommandError(f"cannot migrate {dom.name}: {exc}") from None
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
         for dom in list(self.core.domains):

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 import zmq
 
+from hypervisor import saving
 from hypervisor.boundary import Boundary
 from hypervisor.core import Hypervisor
 from hypervisor.domain import Domain, DomainState
@@ -39,7 +40,7 @@ from hypervisor.kernel_files import Requester, kernel_image
 from pvcluster import launch
 from pvcluster.bus import codec
 from pvcluster.bus.endpoints import Endpoints
-from pvcluster.bus.messages import Error, Hello, Stop
+from pvcluster.bus.messages import Error, Hello, Retire, Stop
 from pvcluster.bus.zsock import TrioSocket
 from pvcluster.spec import ClusterSpec, DomainSpec
 from pvcluster.trace import no_flush as trace_no_flush
@@ -58,12 +59,14 @@ Waited = dict[tuple[int, bool], float]
 
 class HypervisorProcess:
     def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None,
-                 flush_trace: Callable[[], None] = trace_no_flush) -> None:
+                 flush_trace: Callable[[], None] = trace_no_flush, restore: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.log = log
         self.flush_trace = flush_trace  # writes out the buffered trace (pvcluster.trace.TraceFile.flush)
-        self.core = Hypervisor(spec, log)
+        # restore: a save file's image (pvcluster/savefile.py): the core is the saved one, not a new one
+        self.restore_image = restore
+        self.core = saving.load_core(restore, log, self) if restore is not None else Hypervisor(spec, log)
         for record in replay or []:
             self.core.faults.replay(record)
         self.core.faults.on_record = self._record_fault
@@ -89,6 +92,8 @@ class HypervisorProcess:
         self._silence_from = time.monotonic()
         # Holding the clock at a window boundary for the toolstack's dump, save, migrate and debugger
         self.boundary = Boundary(self)
+        # processes joining as a restored or migrating domain, until they have its state (hypervisor/saving.py)
+        self.joiners = saving.Joiners(self)
 
     def poke(self) -> None:
         """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
@@ -276,6 +281,8 @@ class HypervisorProcess:
             body = codec.decode(frames[1]).body if len(frames) == 2 else None
         except codec.FrameError:
             body = None
+        if self.joiners.take(identity, body, self._key_domain(user_id)):
+            return  # a process taking over a restored or migrating domain (hypervisor/saving.py)
         if not isinstance(body, Hello):
             await self._reject(identity, "unknown-peer", "this peer has not joined as a domain (send Hello first)", -1,
                                peer=identity[:32].hex())
@@ -293,6 +300,13 @@ class HypervisorProcess:
             return
         self.core.printk(f"d{claimed.domid} ({claimed.name}): joined from {body.host[:64] or '?'} "
                          f"(process {body.pid})", dom=claimed.domid, hostdep=True)
+
+    def _key_domain(self, user_id: str | None) -> str | None:
+        """On tcp, the domain whose key the connection authenticated with ("" for any other key); None on ipc."""
+        if not self.secured:
+            return None
+        kind, _, name = str(user_id).partition(":")
+        return name if kind == "domain" else ""
 
     def bus_has_pending(self) -> bool:
         """Whether frames wait to be read: then nobody may be judged silent yet."""
@@ -420,25 +434,69 @@ class HypervisorProcess:
                              f"(`pvcluster join {dom.name} --endpoint {self.endpoints.bus}`)", dom=dom.domid,
                              hostdep=True)
             return dom
+        try:
+            proc = self._spawn(dom)
+        except OSError as exc:  # a domain that never gets a process must not hold every window back
+            self.core.crash(dom, f"could not start its process: {exc}")
+            raise
+        self.procs[dom.domid] = proc
+        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
+        return dom
+
+    def _spawn(self, dom: Domain) -> subprocess.Popen[bytes]:
+        """Start a local process that joins as ``dom``, and watch it."""
+        assert self.nursery is not None
         argv = launch.python_module_argv(
             "domains", "--endpoint", self.endpoints.bus, "--name", dom.name,
             "--trace-dir", str(self.run_dir / "trace"), "--spawned",
         )
         if self.secured:  # the directory, not a key: nothing secret goes on a command line
             argv += ["--keys", str(self.keys_dir)]
-        try:
-            proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
-                                death_signal=launch.HYPERVISOR_GONE_SIGNAL)
-        except OSError as exc:  # a domain that never gets a process must not hold every window back
-            self.core.crash(dom, f"could not start its process: {exc}")
-            raise
-        self.procs[dom.domid] = proc
-        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
+        proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
+                            death_signal=launch.HYPERVISOR_GONE_SIGNAL)
         self.nursery.start_soon(self._watch, dom, proc)
-        return dom
+        return proc
+
+    def start_process(self, dom: Domain, joiner: saving.Joiner) -> None:
+        """A local process to take over ``dom`` from a save file or a migration; it becomes the domain's once
+        restored (``adopt``). One that cannot be started fails the joiner."""
+        try:
+            joiner.proc = self._spawn(dom)
+        except OSError as exc:
+            self.joiners.failed(joiner, f"could not start its process: {exc}")
+            return
+        self.core.printk(f"d{dom.domid} ({dom.name}): process {joiner.proc.pid} started to take it over",
+                         dom=dom.domid, hostdep=True)
+
+    def adopt(self, dom: Domain, joiner: saving.Joiner) -> None:
+        """The joiner's local process is now ``dom``'s (its exit is the domain's)."""
+        if joiner.proc is not None:
+            self.procs[dom.domid] = joiner.proc
+
+    def retire(self, dom: Domain) -> None:
+        """``dom``'s process no longer runs it (it migrated): its frames are unknown from now, and its exit is
+        nobody's business."""
+        self.core.domains.forget_identity(dom)
+        dom.identity = b""
+        self.procs.pop(dom.domid, None)
+
+    async def end_joiner(self, joiner: saving.Joiner) -> None:
+        """A joiner that did not become its domain: tell it to leave, and end it if it is ours."""
+        if joiner.identity:
+            await self.send(joiner.identity, Retire(reason="not taken"))
+        proc = joiner.proc
+        if proc is not None and proc.poll() is None:
+            with trio.move_on_after(STOP_GRACE_S):
+                await launch.wait_exit(proc)
+            if proc.poll() is None:
+                proc.kill()
 
     async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
         rc = await launch.wait_exit(proc)
+        if self.procs.get(dom.domid) is not proc:
+            # not (or no longer) the domain's process: a joiner that never took it over, or one it migrated from
+            self.joiners.exited(proc, rc)
+            return
         self.boundary.gone(dom)
         self.core.process_exited(dom, rc)
         await self.flush()
@@ -479,8 +537,11 @@ class HypervisorProcess:
 
         self.bind()
         h = self.spec.hypervisor
+        restoring = self.restore_image is not None
+        # a restored hypervisor's start is not an event of the simulation it continues
         self.core.printk(f"pvcluster hypervisor up: {h.pcpus} pcpus, window {h.window_ns} ns, "
-                         f"seed {self.spec.cluster.seed}")
+                         f"seed {self.spec.cluster.seed}" + (" (restored)" if restoring else ""),
+                         **({"hostdep": True} if restoring else {}))
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -492,6 +553,8 @@ class HypervisorProcess:
                     nursery.start_soon(sock.safety_poll)
                 if self.auth is not None:
                     nursery.start_soon(self.auth.run)
+                if self.restore_image is not None:
+                    nursery.start_soon(saving.restore_domains, self, self.restore_image)
                 await ControlServer(self).serve()
                 nursery.cancel_scope.cancel()
         finally:
