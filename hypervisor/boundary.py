@@ -79,6 +79,15 @@ class Boundary:
             self.holds -= 1
             self.hvp.poke()
 
+    def hold(self) -> None:
+        """Hold the cluster from now on, before any task could step the clock (a restored hypervisor holds it from
+        its start until every domain process has its state); ``release`` ends it."""
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        self.hvp.poke()
+
     async def _reach(self, at_ns: int, wait_s: float) -> None:
         """Let the clock run to the first boundary at or after ``at_ns`` (``advance`` stops there: ``holding``)."""
         clock = self.hvp.core.clock

@@ -248,8 +248,10 @@ class Joiners:
         if self.waiting.get(joiner.dom.name) is joiner:
             del self.waiting[joiner.dom.name]
 
-    def take(self, identity: bytes, body: Any, key_domain: str | None) -> bool:
-        """A frame from a peer that is no domain's: True if it was a joiner's (its Hello, or its Restored)."""
+    def take(self, identity: bytes, body: Any, key_domain: str | None, address: str = "") -> bool:
+        """A frame from a peer that is no domain's: True if it was a joiner's (its Hello, or its Restored).
+        ``address``: on tcp, the peer's address. A migration to HOST takes a process whose Hello names HOST as its
+        host, or that connected from HOST's address."""
         for joiner in self.waiting.values():
             if joiner.identity == identity:
                 if isinstance(body, Restored) and joiner.answer is None:
@@ -265,9 +267,9 @@ class Joiners:
         if key_domain is not None and key_domain != joiner.dom.name:
             return False  # the claim then fails as any other would
         host = body.host[:255]
-        if joiner.host is not None and host != joiner.host:
+        if joiner.host is not None and joiner.host not in (host, address):
             self.hvp.log.warning("domain.join_refused", vt_ns=self.hvp.core.clock.now_ns, name=joiner.dom.name,
-                                 pid=body.pid, host=host, kind="refused",
+                                 pid=body.pid, host=host, address=address, kind="refused",
                                  reason=f"the migration waits for a process on {joiner.host}")
             return False
         joiner.identity, joiner.hello = identity, body
@@ -315,9 +317,10 @@ def _bind(hvp: HypervisorProcess, joiner: Joiner) -> None:
 
 async def restore_domains(hvp: HypervisorProcess, image: dict[str, Any]) -> None:
     """A restored hypervisor's first act: a process for every domain that had one, each given its saved state,
-    with the clock held until all are in (a domain whose process does not come, or cannot restore, is crashed)."""
+    with the clock held until all are in (a domain whose process does not come, or cannot restore, is crashed).
+    The hold is taken by the shell before any task runs, so no window opens before this: released here."""
     core = hvp.core
-    async with hvp.boundary.held():
+    try:
         joiners: list[Joiner] = []
         for domid, saved in sorted(image["domains"].items()):
             dom = core.domains.get(domid)
@@ -347,6 +350,8 @@ async def restore_domains(hvp: HypervisorProcess, image: dict[str, Any]) -> None
             for joiner in joiners:
                 nursery.start_soon(one, joiner)
         await hvp.flush()
+    finally:
+        hvp.boundary.release()  # held since the shell started (HypervisorProcess.run)
     core.printk(f"restored {len(joiners)} domain processes; the clock goes on from {core.clock.now_ns} ns",
                 hostdep=True)
 

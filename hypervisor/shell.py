@@ -94,6 +94,7 @@ class HypervisorProcess:
         self.boundary = Boundary(self)
         # processes joining as a restored or migrating domain, until they have its state (hypervisor/saving.py)
         self.joiners = saving.Joiners(self)
+        self._last_frame: Any = None
 
     def poke(self) -> None:
         """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
@@ -237,6 +238,7 @@ class HypervisorProcess:
             user_id = None
             if self.secured:  # the ZAP handler's verdict on the connection this message came over
                 user_id = frames[-1].get("User-Id")  # type: ignore[attr-defined]
+                self._last_frame = frames[-1]  # its peer's address, should a joiner need it (_peer_address)
                 frames = [f.bytes for f in frames]  # type: ignore[attr-defined]
             await self.on_frames(frames, user_id)
             await self.carry_out()
@@ -281,7 +283,7 @@ class HypervisorProcess:
             body = codec.decode(frames[1]).body if len(frames) == 2 else None
         except codec.FrameError:
             body = None
-        if self.joiners.take(identity, body, self._key_domain(user_id)):
+        if self.joiners.take(identity, body, self._key_domain(user_id), self._peer_address()):
             return  # a process taking over a restored or migrating domain (hypervisor/saving.py)
         if not isinstance(body, Hello):
             await self._reject(identity, "unknown-peer", "this peer has not joined as a domain (send Hello first)", -1,
@@ -300,6 +302,15 @@ class HypervisorProcess:
             return
         self.core.printk(f"d{claimed.domid} ({claimed.name}): joined from {body.host[:64] or '?'} "
                          f"(process {body.pid})", dom=claimed.domid, hostdep=True)
+
+    def _peer_address(self) -> str:
+        """On tcp, the address the frame being handled came from (a migration's joiner must come from its host)."""
+        if self._last_frame is None:
+            return ""
+        try:
+            return str(self._last_frame.get("Peer-Address"))
+        except (zmq.ZMQError, AttributeError):
+            return ""
 
     def _key_domain(self, user_id: str | None) -> str | None:
         """On tcp, the domain whose key the connection authenticated with ("" for any other key); None on ipc."""
@@ -545,6 +556,9 @@ class HypervisorProcess:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                if self.restore_image is not None:  # no window before every domain process has its state
+                    self.boundary.hold()
+                    nursery.start_soon(saving.restore_domains, self, self.restore_image)
                 nursery.start_soon(self.bus_reader)
                 nursery.start_soon(self.window_loop)
                 nursery.start_soon(self.liveness_watch)
@@ -553,8 +567,6 @@ class HypervisorProcess:
                     nursery.start_soon(sock.safety_poll)
                 if self.auth is not None:
                     nursery.start_soon(self.auth.run)
-                if self.restore_image is not None:
-                    nursery.start_soon(saving.restore_domains, self, self.restore_image)
                 await ControlServer(self).serve()
                 nursery.cancel_scope.cancel()
         finally:
