@@ -17,8 +17,8 @@ import pytest
 
 from hypervisor.vcpu import RunState
 from pvcluster import savefile, statepickle
-from pvcluster.bus.messages import Delivery
 from pvcluster.bus.effects import SetPending
+from pvcluster.bus.messages import Delivery
 
 
 def image(ram: bytes = b"\x00" * 8192 + b"guest") -> dict[str, Any]:
