@@ -7,6 +7,7 @@ caught, traced with its traceback and answered as an internal error, just the sa
 
 from __future__ import annotations
 
+import stat
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import zmq
 from hypervisor import saving
 from hypervisor.domain import Domain, DomainState
 from hypervisor.kernel_files import KernelFileError, Requester
+from pvcluster import savefile
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
@@ -32,6 +34,8 @@ MAX_COMMAND_LEN = 64
 # How long pause/unpause wait for the next step to carry them out, and the most an inject may ask to wait.
 WAIT_S = 10.0
 MAX_WAIT_S = 600
+# write and search permission on a directory: where a save file may go
+_WRITE_DIR = (stat.S_IWUSR | stat.S_IXUSR, stat.S_IWGRP | stat.S_IXGRP, stat.S_IWOTH | stat.S_IXOTH)
 
 
 class CommandError(Exception):
@@ -246,8 +250,7 @@ class ControlServer:
         if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
             raise CommandError("missing 'path': the save file to write")
         target = Path(path)
-        if not target.is_absolute() or not target.parent.is_dir():
-            raise CommandError(f"{path[:200]!r}: give an absolute path in an existing directory")
+        self._check_save_target(target)
         at_ns = args.get("at_ns")
         if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or not 0 <= at_ns < 1 << 63):
             raise CommandError("at_ns must be a virtual time in ns")
@@ -260,6 +263,28 @@ class ControlServer:
             raise CommandError(f"cannot save: {exc}") from None
         except OSError as exc:
             raise CommandError(f"cannot write {path[:200]}: {exc.strerror or exc}") from None
+
+    def _check_save_target(self, target: Path) -> None:
+        """The hypervisor writes the file: only where the requester may write (a remote toolstack user is not the
+        hypervisor's user), and never over a file that is not a save file already."""
+        if not target.is_absolute():
+            raise CommandError(f"{str(target)[:200]!r}: give an absolute path")
+        try:
+            st = target.parent.stat()
+        except OSError as exc:
+            raise CommandError(f"{str(target.parent)[:200]}: {exc.strerror or exc}") from None
+        requester = Requester.this_process() if self.requester_user is None else Requester.named(self.requester_user)
+        if not stat.S_ISDIR(st.st_mode) or not requester.may(st, _WRITE_DIR):
+            raise CommandError(f"{str(target.parent)[:200]}: not a directory {requester.name} may write in")
+        try:
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise CommandError(f"{str(target)[:200]}: exists and is not a regular file")
+            if target.exists():
+                with open(target, "rb") as fh:
+                    if fh.read(len(savefile.MAGIC)) != savefile.MAGIC:
+                        raise CommandError(f"{str(target)[:200]}: exists and is not a save file: not overwritten")
+        except OSError as exc:
+            raise CommandError(f"{str(target)[:200]}: {exc.strerror or exc}") from None
 
     async def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         """Move a domain to a new process at the next boundary: a local one, or (``to``) one that joins from that

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import time
 import types
 from pathlib import Path
@@ -38,8 +39,16 @@ import attrs
 import trio
 
 from hypervisor.boundary import AskError
+from hypervisor.clock import Clock
 from hypervisor.core import Hypervisor, RunWall
-from hypervisor.domain import Domain, DomainState
+from hypervisor.domain import Domain, DomainState, DomainTable
+from hypervisor.evtchn import EvtchnTable
+from hypervisor.faults import FaultPlan
+from hypervisor.link import Link
+from hypervisor.pagetypes import Frames
+from hypervisor.scheduler import Scheduler
+from hypervisor.tracing import DomainTrace
+from hypervisor.vcpu import Vcpu
 from pvcluster import savefile, statepickle
 from pvcluster.bus.messages import (
     CapturedState,
@@ -52,6 +61,7 @@ from pvcluster.bus.messages import (
     RestoreRam,
     Retire,
 )
+from pvcluster.spec import ClusterSpec, DomainSpec
 from pvcluster.trace.log import TraceLogger
 
 if TYPE_CHECKING:
@@ -190,8 +200,7 @@ def load_core(image: dict[str, Any], log: Any, hvp: HypervisorProcess) -> Hyperv
         raise statepickle.StateError(f"unknown live-object reference {str(token)[:80]}")
 
     core = statepickle.loads(image["hypervisor"], persistent_load)
-    if not isinstance(core, Hypervisor):
-        raise statepickle.StateError("the saved hypervisor state is not a Hypervisor")
+    check_core(core, image)
     core.log = log
     core.run_wall = RunWall()
     core.outbox, core.to_kill, core.signals = [], [], []
@@ -200,6 +209,31 @@ def load_core(image: dict[str, Any], log: Any, hvp: HypervisorProcess) -> Hyperv
         core.domains.forget_identity(dom)
         dom.identity = b""
     return core
+
+
+def check_core(core: Any, image: dict[str, Any]) -> None:
+    """The loaded core's shape: its parts and each domain's of the classes the simulation runs on, the spec the one
+    the image names. (Only allowed classes can be in it at all: statepickle.) StateError if not."""
+    def need(value: Any, cls: type | tuple[type, ...], what: str) -> None:
+        if not isinstance(value, cls):
+            raise statepickle.StateError(f"the saved hypervisor state's {what} is a {type(value).__name__}")
+
+    need(core, Hypervisor, "core")
+    parts: tuple[tuple[str, type], ...] = (("domains", DomainTable), ("clock", Clock), ("scheduler", Scheduler),
+                                           ("faults", FaultPlan), ("spec", ClusterSpec), ("dmesg", list))
+    for attr, cls in parts:
+        need(getattr(core, attr, None), cls, attr)
+    if core.spec.to_dict() != image["spec"]:
+        raise statepickle.StateError("the saved hypervisor state's spec is not the image's")
+    for dom in core.domains:
+        need(dom, Domain, "domain")
+        dom_parts: tuple[tuple[str, type], ...] = (
+            ("domid", int), ("name", str), ("vcpus", list), ("state", DomainState), ("evtchn", EvtchnTable),
+            ("frames", Frames), ("link", Link), ("rng", random.Random), ("trace", DomainTrace), ("spec", DomainSpec))
+        for attr, cls in dom_parts:
+            need(getattr(dom, attr, None), cls, f"domain {dom.domid!r}'s {attr}")
+        if core.domains.get(dom.domid) is not dom or not dom.vcpus or not all(isinstance(v, Vcpu) for v in dom.vcpus):
+            raise statepickle.StateError(f"the saved domain {dom.domid} is malformed")
 
 
 # -- joiners: processes that join as a restored or migrating domain ---------------------------------------------

@@ -107,6 +107,11 @@ def test_a_restored_cluster_goes_on_with_the_trace_the_saved_one_went_on_with(ru
         assert saved.returncode == 0, saved.stderr
         info = json.loads(saved.stdout)
         assert info["vt_ns"] >= SAVE_AT_NS and info["domains"] == [1, 2, 3] and info["bytes"] == save.stat().st_size
+        # the hypervisor writes no file over one that is not a save file, and wants an absolute path
+        (run_dir / "notes.txt").write_text("mine")
+        over = run_cli("save", str(run_dir / "notes.txt"), "--run-dir", str(run_a))
+        assert over.returncode == 1 and "is not a save file: not overwritten" in over.stderr, over.stderr
+        assert (run_dir / "notes.txt").read_text() == "mine"
         doms = _wait_done(run_a)  # the saved cluster goes on to its end: T2
         # (gamma's timer check fails when it shares the pCPUs with the others: it ends in a crash of its own asking,
         # which the restored run must reproduce too)
