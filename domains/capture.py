@@ -130,12 +130,13 @@ def receive(proc: DomainProcess, req: Restore) -> Restored:
     return Restored(ok=True)
 
 
-def _checked(fresh: dict[str, Any], saved: Any, what: str) -> dict[str, Any]:
-    """``saved`` attributes, each one a fresh object has, of the same type (None stands for any)."""
+def _checked(fresh: dict[str, Any], saved: Any, what: str, wiring: frozenset[str]) -> dict[str, Any]:
+    """``saved`` attributes, each one a fresh object has (its wiring aside), of the same type (None stands for
+    any)."""
     if not isinstance(saved, dict):
         raise RestoreError(f"{what}: not a mapping")
     for key, value in saved.items():
-        if key not in fresh:
+        if key not in fresh or key in wiring:
             raise RestoreError(f"{what}: unknown attribute {str(key)[:40]!r}")
         old = fresh[key]
         if old is not None and value is not None and type(old) is not type(value):
@@ -160,7 +161,7 @@ def _load_context(vcpu: Vcpu, saved: Any) -> None:
 def restore(proc: DomainProcess, req: Restore, ram_bytes: bytes) -> None:
     """Put the saved state in place in this (new) process: memory, vCPUs (CPU, clock, Python state), the process's
     own state. Everything is checked before anything is used."""
-    state = statepickle.loads(req.state)
+    state = statepickle.loads(req.state, modules=statepickle.DOMAIN_MODULES)
     b = req.build
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RestoreError("not a domain state of this format")
@@ -185,7 +186,7 @@ def restore(proc: DomainProcess, req: Restore, ram_bytes: bytes) -> None:
     ram.write_pa(ram.gdt_paddr, flat_gdt())
     vcpus = proc.make_vcpus(b, ram, boot.cr3)
     ram.buf[:] = ram_bytes
-    proc_attrs = _checked(vars(proc), state.get("proc"), "process")
+    proc_attrs = _checked(vars(proc), state.get("proc"), "process", _PROC_WIRING)
     checked = []
     for vcpu, vs in zip(vcpus, vstates, strict=True):
         if not isinstance(vs, dict):
@@ -194,7 +195,8 @@ def restore(proc: DomainProcess, req: Restore, ram_bytes: bytes) -> None:
         if not isinstance(hook, dict) or set(hook) != set(HOOK_FIELDS) or not all(
                 isinstance(v, int) and 0 <= v < 1 << 64 for v in hook.values()):
             raise RestoreError(f"vCPU {vcpu.vid}: bad clock state")
-        checked.append((vcpu, _checked(vars(vcpu), vs.get("attrs"), f"vcpu{vcpu.vid}"), hook, vs.get("cpu")))
+        attrs = _checked(vars(vcpu), vs.get("attrs"), f"vcpu{vcpu.vid}", _VCPU_WIRING)
+        checked.append((vcpu, attrs, hook, vs.get("cpu")))
     for vcpu, attrs, hook, cpu in checked:
         _load_context(vcpu, cpu)
         vars(vcpu).update(attrs)

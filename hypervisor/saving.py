@@ -199,7 +199,7 @@ def load_core(image: dict[str, Any], log: Any, hvp: HypervisorProcess) -> Hyperv
             return None  # Domain.__attrs_post_init__ puts it back
         raise statepickle.StateError(f"unknown live-object reference {str(token)[:80]}")
 
-    core = statepickle.loads(image["hypervisor"], persistent_load)
+    core = statepickle.loads(image["hypervisor"], persistent_load, statepickle.HYPERVISOR_MODULES)
     check_core(core, image)
     core.log = log
     core.run_wall = RunWall()
@@ -413,6 +413,8 @@ async def migrate(hvp: HypervisorProcess, dom: Domain, host: str | None) -> dict
                             f"(`pvcluster join {dom.name} --endpoint {hvp.endpoints.bus}` there)", dom=dom.domid,
                             hostdep=True)
             await _hand_over(hvp, joiner, hvp.spec.hypervisor.join_timeout_s)
+            if not dom.alive or not dom.identity:  # its old process died meanwhile: the domain ended with it
+                raise SaveError(f"domain {dom.name} ended while it was migrating ({dom.state.value})")
         except SaveError:
             await hvp.end_joiner(joiner)
             raise

@@ -34,6 +34,8 @@ _BUILTINS = {
     ("collections", "Counter"), ("copyreg", "_reconstructor"), ("random", "Random"),
 }
 _PROJECT_PREFIXES = ("hypervisor.", "domains.", "pvcluster.")
+DOMAIN_MODULES = ("domains.", "pvcluster.")  # what a domain process's state may hold
+HYPERVISOR_MODULES = ("hypervisor.", "pvcluster.")  # what the hypervisor's may
 # Project modules whose classes never belong in a state pickle: processes, sockets, files, the toolstack.
 _PROJECT_DENIED = ("hypervisor.shell", "hypervisor.control", "hypervisor.auth", "hypervisor.boundary",
                    "hypervisor.saving", "hypervisor.kernel_files", "hypervisor.__main__", "domains.__main__",
@@ -47,12 +49,12 @@ class StateError(ValueError):
     """A state pickle that cannot be loaded: malformed, or naming something not on the allow-list."""
 
 
-def _allowed_project_class(module: str, name: str) -> type | None:
-    """A class defined in one of the project's state modules (not a function, not a module attribute that is
-    anything else), or None."""
+def _allowed_project_class(module: str, name: str, prefixes: tuple[str, ...]) -> type | None:
+    """A class defined in one of the project's state modules under ``prefixes`` (not a function, not a module
+    attribute that is anything else), or None."""
     import importlib
 
-    if not module.startswith(_PROJECT_PREFIXES) or module.startswith(_PROJECT_DENIED) or "." in name:
+    if not module.startswith(prefixes) or module.startswith(_PROJECT_DENIED) or "." in name:
         return None
     try:
         mod = importlib.import_module(module)
@@ -91,9 +93,10 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
+    def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None, prefixes: tuple[str, ...]) -> None:
         super().__init__(io.BytesIO(data))
         self._persistent = persistent
+        self._prefixes = prefixes
 
     def load_reduce(self) -> None:
         stack = self.stack  # type: ignore[attr-defined]
@@ -109,7 +112,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _BUILTINS:
             return super().find_class(module, name)
-        cls = _allowed_project_class(module, name)
+        cls = _allowed_project_class(module, name, self._prefixes)
         if cls is None:
             raise StateError(f"state names {module}.{name}, which is not a state class this simulator loads")
         return cls
@@ -136,11 +139,13 @@ def dumps(obj: Any, persistent_id: Callable[[Any], Any] | None = None) -> bytes:
     return out.getvalue()
 
 
-def loads(data: bytes, persistent_load: Callable[[Any], Any] | None = None) -> Any:
-    """Unpickle ``data`` admitting only allowed classes; ``persistent_load(token)`` puts back a live object.
-    StateError for anything malformed or not allowed."""
+def loads(data: bytes, persistent_load: Callable[[Any], Any] | None = None,
+          modules: tuple[str, ...] = _PROJECT_PREFIXES) -> Any:
+    """Unpickle ``data`` admitting only allowed classes (of the project's packages in ``modules``: a domain process
+    loads none of the hypervisor's, nor the hypervisor a domain's); ``persistent_load(token)`` puts back a live
+    object. StateError for anything malformed or not allowed."""
     try:
-        return _Unpickler(data, persistent_load).load()
+        return _Unpickler(data, persistent_load, modules).load()
     except StateError:
         raise
     except Exception as exc:  # a truncated or hand-made stream: any of pickle's many errors

@@ -129,3 +129,15 @@ def test_state_pickles_refuse_functions_and_constructor_calls_of_project_classes
         statepickle.loads(crafted)
     with pytest.raises(statepickle.StateError, match="cannot be loaded"):
         statepickle.loads(b"\x80\x05garbage")
+
+
+def test_a_domain_process_loads_none_of_the_hypervisors_classes_nor_the_hypervisor_a_domains() -> None:
+    from domains.link import LinkReceiver
+
+    hv_state = statepickle.dumps({"runstate": RunState.RUNNING})
+    with pytest.raises(statepickle.StateError, match="hypervisor.vcpu.RunState"):
+        statepickle.loads(hv_state, modules=statepickle.DOMAIN_MODULES)
+    dom_state = statepickle.dumps(LinkReceiver())
+    with pytest.raises(statepickle.StateError, match="domains.link.LinkReceiver"):
+        statepickle.loads(dom_state, modules=statepickle.HYPERVISOR_MODULES)
+    assert isinstance(statepickle.loads(dom_state, modules=statepickle.DOMAIN_MODULES), LinkReceiver)
