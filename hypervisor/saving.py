@@ -73,6 +73,9 @@ _SHELL_METHODS = frozenset({"_record_fault"})
 _REBUILT = frozenset({"Domain.__attrs_post_init__.<locals>.<lambda>"})
 
 
+_RUNS = (DomainState.RUNNING, DomainState.PAUSED)
+
+
 class SaveError(Exception):
     """The cluster cannot be saved (or the domain migrated) now, and why."""
 
@@ -155,8 +158,10 @@ async def save(hvp: HypervisorProcess, path: Path, at_ns: int | None, wait_s: fl
     async with hvp.boundary.held(at_ns=at_ns, wait_s=wait_s) as vt_ns:
         check_savable(core)
         held_wall = time.monotonic()
+        # the domains whose processes run windows; one shutting down has been told to stop, and its process exits
+        # on its own (a restore takes it for exited: restore_domains)
         domains = {d.domid: await capture_domain(hvp, d, "save")
-                   for d in core.domains if d.alive and d.identity}
+                   for d in core.domains if d.state in _RUNS and d.identity}
         blob = pickle_core(hvp)
         hvp.flush_trace()  # every event up to this boundary is in the files whose sizes are saved
         faults = hvp.run_dir / "faults.jsonl"
@@ -356,9 +361,12 @@ async def restore_domains(hvp: HypervisorProcess, image: dict[str, Any]) -> None
     core = hvp.core
     try:
         joiners: list[Joiner] = []
+        for stopped in core.domains:
+            if stopped.state is DomainState.SHUTTING_DOWN and stopped.domid not in image["domains"]:
+                core.process_exited(stopped, 0)  # it was told to stop before the save: its process has gone
         for domid, saved in sorted(image["domains"].items()):
             dom = core.domains.get(domid)
-            if dom is None or not dom.alive:
+            if dom is None or dom.state not in _RUNS:
                 continue
             joiner = hvp.joiners.expect(dom, DomainImage(**saved), None)
             joiners.append(joiner)
@@ -398,7 +406,7 @@ async def migrate(hvp: HypervisorProcess, dom: Domain, host: str | None) -> dict
     wall = time.monotonic()
     core = hvp.core
     async with hvp.boundary.held() as vt_ns:
-        if dom.state not in (DomainState.RUNNING, DomainState.PAUSED) or not dom.identity:
+        if dom.state not in _RUNS or not dom.identity:
             raise SaveError(f"domain {dom.domid} ({dom.name}) is {dom.state.value}: only a running or paused "
                             f"domain with a process can migrate")
         check_savable(core)
