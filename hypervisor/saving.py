@@ -368,7 +368,7 @@ async def restore_domains(hvp: HypervisorProcess, image: dict[str, Any]) -> None
             dom = core.domains.get(domid)
             if dom is None or dom.state not in _RUNS:
                 continue
-            joiner = hvp.joiners.expect(dom, DomainImage(**saved), None)
+            joiner = hvp.joiners.expect(dom, DomainImage(saved["state"], saved["ram"], saved["ram_sha256"]), None)
             joiners.append(joiner)
             if dom.spec.placement == "local":
                 hvp.start_process(dom, joiner)
@@ -380,9 +380,9 @@ async def restore_domains(hvp: HypervisorProcess, image: dict[str, Any]) -> None
         async def one(joiner: Joiner) -> None:
             try:
                 await _hand_over(hvp, joiner, hvp.spec.hypervisor.join_timeout_s)
-            except SaveError as exc:
+            except Exception as exc:  # SaveError, or a bug: this domain is not restored, the others go on
                 await hvp.end_joiner(joiner)
-                core.crash(joiner.dom, f"not restored: {exc}")
+                core.crash(joiner.dom, f"not restored: {exc}", exc=None if isinstance(exc, SaveError) else exc)
             else:
                 _bind(hvp, joiner)
             finally:
@@ -423,7 +423,7 @@ async def migrate(hvp: HypervisorProcess, dom: Domain, host: str | None) -> dict
             await _hand_over(hvp, joiner, hvp.spec.hypervisor.join_timeout_s)
             if not dom.alive or not dom.identity:  # its old process died meanwhile: the domain ended with it
                 raise SaveError(f"domain {dom.name} ended while it was migrating ({dom.state.value})")
-        except SaveError:
+        except Exception:  # SaveError, or a bug (the control server answers it): the domain stays where it was
             await hvp.end_joiner(joiner)
             raise
         finally:
