@@ -14,10 +14,12 @@ import signal
 import sys
 from pathlib import Path
 
+from domains import capture
 from domains.join import JOIN_WAIT_S, JoinError, StoppedBeforeBuild, join
 from domains.runtime import DomainProcess
 from pvcluster import trace
 from pvcluster.bus import codec
+from pvcluster.bus.messages import Restore
 from pvcluster.launch import HYPERVISOR_GONE_SIGNAL
 
 EXIT_REFUSED = 6
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBeforeBuild as exc:
         print(f"domain {args.name}: stopped before it was built ({exc})", file=sys.stderr, flush=True)
         return 0
-    build = codec.decode(build_frame).body
+    first = codec.decode(build_frame).body
+    build = first.build if isinstance(first, Restore) else first
     log, sink = trace.configure(args.trace_dir / f"dom{build.domid}-{build.name}.jsonl", f"dom{build.domid}")
     proc = DomainProcess(conn, build.domid, build.name, log, flush_trace=sink.flush, exit_now=sink.flush_and_exit,
                          spawned=args.spawned)
@@ -61,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, leave)
     if args.spawned:
         signal.signal(HYPERVISOR_GONE_SIGNAL, proc.on_hypervisor_gone)
+    if isinstance(first, Restore):  # a restored or migrated domain: its state instead of a build
+        restored = capture.receive(proc, first)
+        proc.send(restored)
+        if not restored.ok:
+            print(f"domain {args.name}: cannot restore: {restored.error}", file=sys.stderr, flush=True)
+            return EXIT_REFUSED
+        return proc.run(None)
     return proc.run(build_frame)
 
 

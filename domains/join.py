@@ -3,7 +3,8 @@
 Whoever starts a domain process (the hypervisor's local launcher, a container, a Kubernetes pod, ``srun``, ssh) it
 joins the same way: it connects to the bus endpoint (on tcp as a CurveZMQ client with its domain's key pair and the
 cluster's public key, read from a key directory: never from the command line), says Hello with the name of the
-domain it claims, and waits for the hypervisor's answer: the Build of that domain, or a refusal.
+domain it claims, and waits for the hypervisor's answer: the Build of that domain (or, for a domain restored from a
+save file or migrating, its saved state: Restore), or a refusal.
 
 The socket's monitor tells why nothing comes back when the hypervisor's side turns the connection down (an unknown
 key, a wrong cluster key): the wait then ends with that reason instead of a silent timeout. After the join, the
@@ -22,7 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from pvcluster.bus import codec
-from pvcluster.bus.messages import Build, Error, Hello, Leaving, Stop
+from pvcluster.bus.messages import Build, Error, Hello, Leaving, Restore, Stop
 from pvcluster.keys import KeyStore, Role
 
 # How long a process waits for the hypervisor's answer to its Hello (the hypervisor may not be up yet).
@@ -133,7 +134,7 @@ def _answer(conn: Connection, hello: bytes, wait_s: float) -> bytes:
             body = codec.decode(frame).body
         except codec.FrameError as exc:
             raise JoinError(f"bad answer from the hypervisor: {exc}") from None
-        if isinstance(body, Build):
+        if isinstance(body, Build | Restore):  # Restore: a restored or migrated domain (domains/capture.py)
             return frame  # type: ignore[no-any-return]
         if isinstance(body, Stop):
             conn.sock.send(codec.encode(Leaving(code=0), seq=2, vt_ns=0))

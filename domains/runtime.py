@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from domains import effects, timeinfo
+from domains import capture, effects, timeinfo
 from domains.builder import RING1_BACKENDS, BootState, build_domain
 from domains.debug import Debugger
 from domains.elf_load import ImageError
@@ -47,6 +47,7 @@ from pvcluster.bus.messages import (
     Ipi,
     Leaving,
     Region,
+    Retire,
     Stop,
     VcpuFault,
     VcpuReport,
@@ -116,6 +117,7 @@ class DomainProcess:
         # built domain.
         self.answers: dict[type, Callable[[Any], Any]] = {}
         self.debugger = Debugger(self)  # dumps and the gdb stub: registers, memory, breakpoints, steps
+        capture.register(self)  # save and migrate: its state and memory
 
     @property
     def memory(self) -> GuestRam:
@@ -129,6 +131,10 @@ class DomainProcess:
         self.log.info(event, **fields)
 
 
+    def send(self, body: Any) -> None:
+        """Send one message to the hypervisor (outside the serving loop: a restored process's Restored)."""
+        self._send(self.conn.sock, body)
+
     def _send(self, sock: zmq.Socket, body: Any) -> None:
         """Send one message. The trace is flushed first: whatever the hypervisor learns from this process, its
         trace already shows (a process killed outright leaves a trace that ends at its last report)."""
@@ -136,8 +142,9 @@ class DomainProcess:
         self._seq += 1
         sock.send(codec.encode(body, seq=self._seq, vt_ns=self.vt_ns))
 
-    def run(self, build_frame: bytes) -> int:
-        """Serve the hypervisor, starting with the Build that answered this process's Hello; the exit code."""
+    def run(self, build_frame: bytes | None) -> int:
+        """Serve the hypervisor, starting with the Build that answered this process's Hello (None: a restored
+        process, already past its build); the exit code."""
         sock = self.conn.sock
         poller = zmq.Poller()  # one poll set for the process's life, not one per message
         poller.register(sock, zmq.POLLIN)
@@ -205,6 +212,9 @@ class DomainProcess:
                 self._send(sock, self._window(body))
             elif type(body) in self.answers and self.ram is not None:
                 self._send(sock, self._answer(body, env.seq))
+            elif isinstance(body, Retire):
+                # the domain goes on in another process (migrate): nothing to trace, nobody to say goodbye to
+                return 0
             elif isinstance(body, Stop):
                 self.trace("domain.stop", reason=body.reason)
                 self._send(sock, Leaving(code=self.exit_code))  # a remote hypervisor learns the exit code only so
@@ -240,21 +250,10 @@ class DomainProcess:
             self._console = (req.console_evtchn, (boot.console_mfn << PAGE_SHIFT) + _RING_OUT)
         self._ext_copyin = extcopy.descriptors(req.copyin)
         self._shootdown_mode = mode_of({"backend": req.backend, "cmdline": req.cmdline})
-        counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None, req.tlb_refill_ns * 1000)
         ram.write_pa(ram.gdt_paddr, flat_gdt())
         # Every vCPU starts with paging on over the builder's tables; a secondary's VCPUOP_initialise context
         # may name other ones (the hypervisor then sends set_cr3).
-        self.vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, boot.cr3, ring1=req.backend in RING1_BACKENDS)
-                      for v in range(req.vcpus)]
-        for vcpu in self.vcpus:
-            vcpu.irq_entry_ps, vcpu.mmio_ps = req.irq_entry_ns * 1000, req.mmio_ns * 1000
-            vcpu.refill_ps = req.tlb_refill_ns * 1000
-            vcpu.ipi_sink = self._route_ipi
-            vcpu.mark_sink = self._mark
-            vcpu.irq_sink = self._irq_entered
-        if req.rom:
-            for vcpu in self.vcpus:
-                vcpu.map_rom(VMI_ROM_BASE, req.rom)
+        self.vcpus = self.make_vcpus(req, ram, boot.cr3)
         boot_vcpu = self.vcpus[0]
         boot_vcpu.set_regs(boot.regs)
         if boot_vcpu.pv is not None:
@@ -291,6 +290,22 @@ class DomainProcess:
             pae=boot.pae,
             l2_mfns=list(boot.l2_mfns),
         )
+
+    def make_vcpus(self, req: Build, ram: GuestRam, cr3: int) -> list[Vcpu]:
+        """The domain's vCPUs over ``ram``, wired to this process, as ``req`` configures them (a build, or a
+        restore that then loads their saved state: domains/capture.py)."""
+        counter = InsnCounter(tuple(req.insn_ps) if req.insn_ps else None, req.tlb_refill_ns * 1000)
+        vcpus = [Vcpu(v, ram, counter, req.ps_per_instr, cr3, ring1=req.backend in RING1_BACKENDS)
+                 for v in range(req.vcpus)]
+        for vcpu in vcpus:
+            vcpu.irq_entry_ps, vcpu.mmio_ps = req.irq_entry_ns * 1000, req.mmio_ns * 1000
+            vcpu.refill_ps = req.tlb_refill_ns * 1000
+            vcpu.ipi_sink = self._route_ipi
+            vcpu.mark_sink = self._mark
+            vcpu.irq_sink = self._irq_entered
+            if req.rom:
+                vcpu.map_rom(VMI_ROM_BASE, req.rom)
+        return vcpus
 
     # -- windows ---------------------------------------------------------------------------------------------
 

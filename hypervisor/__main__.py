@@ -12,10 +12,11 @@ from typing import Any
 import trio
 
 from hypervisor.shell import HypervisorProcess
-from pvcluster import trace
+from pvcluster import savefile, trace
 from pvcluster.extensions import ExtensionError
 from pvcluster.faults import request
 from pvcluster.spec import ClusterSpec, SpecError
+from pvcluster.statepickle import StateError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec-json", required=True, type=Path, help="validated cluster spec, as ClusterSpec.to_dict()")
     ap.add_argument("--run-dir", required=True, type=Path)
     ap.add_argument("--replay", type=Path, help="JSON list of recorded interactive faults to act at their steps")
+    ap.add_argument("--restore", type=Path, help="a save file (pvcluster save): continue the cluster saved in it")
     args = ap.parse_args(argv)
     try:
         spec = ClusterSpec.from_dict(json.loads(args.spec_json.read_text()))
@@ -34,15 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"hypervisor: bad replay file: {exc}", file=sys.stderr)
         return 2
+    try:
+        image = savefile.read(args.restore) if args.restore is not None else None
+    except savefile.SaveFileError as exc:
+        print(f"hypervisor: cannot restore: {exc}", file=sys.stderr)
+        return 2
     log, sink = trace.configure(args.run_dir / "trace" / "hypervisor.jsonl", "hypervisor")
     # Ctrl-C lands between two bytecodes of unprotected code; inside a flush it could drop the lines being
     # written. Under KI protection trio delivers it at the next checkpoint instead.
     trio.lowlevel.enable_ki_protection(trace.TraceFile.flush)
     try:
-        hv = HypervisorProcess(spec, args.run_dir, log, replay, flush_trace=sink.flush)
+        hv = HypervisorProcess(spec, args.run_dir, log, replay, flush_trace=sink.flush, restore=image)
     except ExtensionError as exc:  # the spec's [[extension]] cannot be loaded: say which and why, not a traceback
         print(f"hypervisor: {exc}", file=sys.stderr)
         sink.flush()
+        return 2
+    except StateError as exc:
+        print(f"hypervisor: cannot restore: {exc}", file=sys.stderr)
         return 2
 
     def on_term(signum: int, _frame: object) -> None:

@@ -49,11 +49,13 @@ class Boundary:
         self.holds = 0
         self._reports_in = trio.Event()
         self._asked: dict[int, _Asked] = {}  # domid -> the answer awaited from its process
+        self._at: list[int] = []  # virtual times holds wait for (save --at)
 
     @property
     def holding(self) -> bool:
-        """Whether the clock must not open a new window (hypervisor/shell.py's ``advance`` asks)."""
-        return self.holds > 0
+        """Whether the clock must not open a new window (hypervisor/shell.py's ``advance`` asks): held, or a hold
+        waits for this virtual time (``held(at_ns=...)``)."""
+        return self.holds > 0 or (bool(self._at) and self.hvp.core.clock.now_ns >= min(self._at))
 
     def quiet(self) -> None:
         """The open window has every report it waits for (or none is open): a held cluster is now at a boundary."""
@@ -61,9 +63,13 @@ class Boundary:
         self._reports_in = trio.Event()
 
     @asynccontextmanager
-    async def held(self) -> AsyncIterator[int]:
+    async def held(self, at_ns: int | None = None, wait_s: float = 0.0) -> AsyncIterator[int]:
         """Hold the cluster at the next window boundary for the body; yields the boundary's virtual time (the end
-        of the last window opened). The window open when this is entered still runs to its end first."""
+        of the last window opened). The window open when this is entered still runs to its end first. ``at_ns``:
+        the first boundary at or after that virtual time instead, waited for ``wait_s`` wall seconds at most
+        (TimeoutError: the clock did not get there, e.g. the cluster went idle)."""
+        if at_ns is not None:
+            await self._reach(at_ns, wait_s)
         self.hold()
         try:
             yield await self.settled()
@@ -71,8 +77,10 @@ class Boundary:
             self.release()
 
     def hold(self) -> None:
-        """Take a hold without waiting (from code that cannot await: the gdb stub, when a report says a vCPU
-        stopped at a breakpoint, holds before the window loop can open the next window). Pair with release()."""
+        """Take a hold without waiting, before any task could step the clock, from code that cannot await: the gdb
+        stub, when a report says a vCPU stopped at a breakpoint, holds before the window loop can open the next
+        window; a restored hypervisor holds from its start until every domain process has its state. Pair with
+        ``release``."""
         self.holds += 1
 
     def release(self) -> None:
@@ -84,6 +92,20 @@ class Boundary:
         while self.hvp.core.clock.awaiting:
             await self._reports_in.wait()
         return self.hvp.core.clock.now_ns
+
+    async def _reach(self, at_ns: int, wait_s: float) -> None:
+        """Let the clock run to the first boundary at or after ``at_ns`` (``advance`` stops there: ``holding``)."""
+        clock = self.hvp.core.clock
+        self._at.append(at_ns)
+        try:
+            self.hvp.poke()
+            with trio.move_on_after(wait_s):
+                while clock.awaiting or clock.now_ns < at_ns:
+                    await self._reports_in.wait()
+                return
+            raise TimeoutError(f"virtual time {at_ns} ns not reached within {wait_s:g} s (now {clock.now_ns} ns)")
+        finally:
+            self._at.remove(at_ns)  # the caller's hold (taken before any checkpoint) keeps the clock here
 
     async def ask(self, dom: Domain, body: Any, kind: type[T], ending: bool = False) -> T:
         """Send ``body`` to ``dom``'s process and return its answer, a ``kind``. Only while held: the process is

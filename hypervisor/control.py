@@ -7,6 +7,7 @@ caught, traced with its traceback and answered as an internal error, just the sa
 
 from __future__ import annotations
 
+import stat
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zmq
 
+from hypervisor import saving
 from hypervisor.domain import Domain, DomainState
 from hypervisor.dump import DumpError, dump_domain
 from hypervisor.gdbstub import StubError
 from hypervisor.kernel_files import KernelFileError, Requester
+from pvcluster import savefile
 from pvcluster.abi.xen import ShutdownReason
 from pvcluster.bus import codec
 from pvcluster.bus.messages import CtlReply, CtlRequest
@@ -34,6 +37,8 @@ MAX_COMMAND_LEN = 64
 WAIT_S = 10.0
 MAX_WAIT_S = 600
 MAX_PATH_LEN = 4096
+# write and search permission on a directory: where a save file may go
+_WRITE_DIR = (stat.S_IWUSR | stat.S_IXUSR, stat.S_IWGRP | stat.S_IXGRP, stat.S_IWOTH | stat.S_IXOTH)
 
 
 class CommandError(Exception):
@@ -64,6 +69,8 @@ class ControlServer:
             "dump": self.cmd_dump,
             "gdb": self.cmd_gdb,
             "down": self.cmd_down,
+            "save": self.cmd_save,
+            "migrate": self.cmd_migrate,
         }
 
     async def serve(self) -> None:
@@ -299,6 +306,61 @@ class ControlServer:
             return await self.hvp.gdb.start(dom, port)
         except StubError as exc:
             raise CommandError(str(exc)) from None
+
+    async def cmd_save(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Save the whole cluster at the next window boundary (``at_ns``: the first at or after that virtual time,
+        waited for ``wait_s`` at most) to ``path``, a file the hypervisor's user may write (hypervisor/saving.py)."""
+        path = args.get("path")
+        if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
+            raise CommandError("missing 'path': the save file to write")
+        target = Path(path)
+        self._check_save_target(target)
+        at_ns = args.get("at_ns")
+        if at_ns is not None and (not isinstance(at_ns, int) or isinstance(at_ns, bool) or not 0 <= at_ns < 1 << 63):
+            raise CommandError("at_ns must be a virtual time in ns")
+        wait_s = args.get("wait_s", WAIT_S)
+        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not 0 <= wait_s <= MAX_WAIT_S:
+            raise CommandError(f"wait_s must be a number of seconds between 0 and {MAX_WAIT_S}")
+        try:
+            return await saving.save(self.hvp, target, at_ns, float(wait_s))
+        except (saving.SaveError, TimeoutError) as exc:
+            raise CommandError(f"cannot save: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"cannot write {path[:200]}: {exc.strerror or exc}") from None
+
+    def _check_save_target(self, target: Path) -> None:
+        """The hypervisor writes the file: only where the requester may write (a remote toolstack user is not the
+        hypervisor's user), and never over a file that is not a save file already."""
+        if not target.is_absolute():
+            raise CommandError(f"{str(target)[:200]!r}: give an absolute path")
+        try:
+            st = target.parent.stat()
+        except OSError as exc:
+            raise CommandError(f"{str(target.parent)[:200]}: {exc.strerror or exc}") from None
+        requester = Requester.this_process() if self.requester_user is None else Requester.named(self.requester_user)
+        if not stat.S_ISDIR(st.st_mode) or not requester.may(st, _WRITE_DIR):
+            raise CommandError(f"{str(target.parent)[:200]}: not a directory {requester.name} may write in")
+        try:
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise CommandError(f"{str(target)[:200]}: exists and is not a regular file")
+            if target.exists():
+                with open(target, "rb") as fh:
+                    if fh.read(len(savefile.MAGIC)) != savefile.MAGIC:
+                        raise CommandError(f"{str(target)[:200]}: exists and is not a save file: not overwritten")
+        except OSError as exc:
+            raise CommandError(f"{str(target)[:200]}: {exc.strerror or exc}") from None
+
+    async def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Move a domain to a new process at the next boundary: a local one, or (``to``) one that joins from that
+        host (hypervisor/saving.py)."""
+        dom = self._domain(args)
+        to = args.get("to")
+        if to is not None and (not isinstance(to, str) or not to or len(to) > 255):
+            raise CommandError("'to' must be a host name")
+        try:
+            return await saving.migrate(self.hvp, dom, to)
+        except saving.SaveError as exc:
+            raise CommandError(f"cannot migrate {dom.name}: {exc}") from None
 
     async def cmd_down(self, args: dict[str, Any]) -> dict[str, Any]:
         for dom in list(self.core.domains):

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 import zmq
 
+from hypervisor import saving
 from hypervisor.boundary import Boundary
 from hypervisor.core import Hypervisor
 from hypervisor.coredumps import Coredumps
@@ -41,7 +42,7 @@ from hypervisor.kernel_files import Requester, kernel_image
 from pvcluster import launch
 from pvcluster.bus import codec
 from pvcluster.bus.endpoints import Endpoints
-from pvcluster.bus.messages import Error, Hello, Stop
+from pvcluster.bus.messages import Error, Hello, Retire, Stop
 from pvcluster.bus.zsock import TrioSocket
 from pvcluster.spec import ClusterSpec, DomainSpec
 from pvcluster.trace import no_flush as trace_no_flush
@@ -60,12 +61,14 @@ Waited = dict[tuple[int, bool], float]
 
 class HypervisorProcess:
     def __init__(self, spec: ClusterSpec, run_dir: Path, log: Any, replay: list[dict[str, Any]] | None = None,
-                 flush_trace: Callable[[], None] = trace_no_flush) -> None:
+                 flush_trace: Callable[[], None] = trace_no_flush, restore: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.log = log
         self.flush_trace = flush_trace  # writes out the buffered trace (pvcluster.trace.TraceFile.flush)
-        self.core = Hypervisor(spec, log)
+        # restore: a save file's image (pvcluster/savefile.py): the core is the saved one, not a new one
+        self.restore_image = restore
+        self.core = saving.load_core(restore, log, self) if restore is not None else Hypervisor(spec, log)
         for record in replay or []:
             self.core.faults.replay(record)
         self.core.faults.on_record = self._record_fault
@@ -93,6 +96,9 @@ class HypervisorProcess:
         self.boundary = Boundary(self)
         self.coredumps = Coredumps(self)
         self.gdb = GdbStubs(self)  # the gdb stubs, by domain (`pvcluster gdb`)
+        # processes joining as a restored or migrating domain, until they have its state (hypervisor/saving.py)
+        self.joiners = saving.Joiners(self)
+        self._last_frame: Any = None
 
     def poke(self) -> None:
         """Something outside the bus reader changed (a control command, a process that exited, a liveness verdict):
@@ -249,6 +255,7 @@ class HypervisorProcess:
             user_id = None
             if self.secured:  # the ZAP handler's verdict on the connection this message came over
                 user_id = frames[-1].get("User-Id")  # type: ignore[attr-defined]
+                self._last_frame = frames[-1]  # its peer's address, should a joiner need it (_peer_address)
                 frames = [f.bytes for f in frames]  # type: ignore[attr-defined]
             await self.on_frames(frames, user_id)
             await self.carry_out()
@@ -294,6 +301,8 @@ class HypervisorProcess:
             body = codec.decode(frames[1]).body if len(frames) == 2 else None
         except codec.FrameError:
             body = None
+        if self.joiners.take(identity, body, self._key_domain(user_id), self._peer_address()):
+            return  # a process taking over a restored or migrating domain (hypervisor/saving.py)
         if not isinstance(body, Hello):
             await self._reject(identity, "unknown-peer", "this peer has not joined as a domain (send Hello first)", -1,
                                peer=identity[:32].hex())
@@ -311,6 +320,22 @@ class HypervisorProcess:
             return
         self.core.printk(f"d{claimed.domid} ({claimed.name}): joined from {body.host[:64] or '?'} "
                          f"(process {body.pid})", dom=claimed.domid, hostdep=True)
+
+    def _peer_address(self) -> str:
+        """On tcp, the address the frame being handled came from (a migration's joiner must come from its host)."""
+        if self._last_frame is None:
+            return ""
+        try:
+            return str(self._last_frame.get("Peer-Address"))
+        except (zmq.ZMQError, AttributeError):
+            return ""
+
+    def _key_domain(self, user_id: str | None) -> str | None:
+        """On tcp, the domain whose key the connection authenticated with ("" for any other key); None on ipc."""
+        if not self.secured:
+            return None
+        kind, _, name = str(user_id).partition(":")
+        return name if kind == "domain" else ""
 
     def bus_has_pending(self) -> bool:
         """Whether frames wait to be read: then nobody may be judged silent yet."""
@@ -438,31 +463,73 @@ class HypervisorProcess:
     def _launch(self, dom: Domain) -> None:
         """Start a declared domain's process when it runs locally (it joins like any other); a remote one waits for
         whatever starts it. OSError (after crashing the domain) when the process cannot be started."""
-        assert self.nursery is not None
-        spec = dom.spec
-        if spec.placement == "remote":
+        if dom.spec.placement == "remote":
             self.core.printk(f"d{dom.domid} ({dom.name}): created, waiting for its process to join "
                              f"(`pvcluster join {dom.name} --endpoint {self.endpoints.bus}`)", dom=dom.domid,
                              hostdep=True)
             return
+        try:
+            proc = self._spawn(dom)
+        except OSError as exc:  # a domain that never gets a process must not hold every window back
+            self.core.crash(dom, f"could not start its process: {exc}")
+            raise
+        self.procs[dom.domid] = proc
+        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
+
+    def _spawn(self, dom: Domain) -> subprocess.Popen[bytes]:
+        """Start a local process that joins as ``dom``, and watch it."""
+        assert self.nursery is not None
         argv = launch.python_module_argv(
             "domains", "--endpoint", self.endpoints.bus, "--name", dom.name,
             "--trace-dir", str(self.run_dir / "trace"), "--spawned",
         )
         if self.secured:  # the directory, not a key: nothing secret goes on a command line
             argv += ["--keys", str(self.keys_dir)]
-        try:
-            proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
-                                death_signal=launch.HYPERVISOR_GONE_SIGNAL)
-        except OSError as exc:  # a domain that never gets a process must not hold every window back
-            self.core.crash(dom, f"could not start its process: {exc}")
-            raise
-        self.procs[dom.domid] = proc
-        self.core.printk(f"d{dom.domid} ({dom.name}): created, process {proc.pid}", dom=dom.domid, hostdep=True)
+        proc = launch.spawn(argv, log=self.run_dir / "logs" / f"dom{dom.domid}-{dom.name}.log",
+                            death_signal=launch.HYPERVISOR_GONE_SIGNAL)
         self.nursery.start_soon(self._watch, dom, proc)
+        return proc
+
+    def start_process(self, dom: Domain, joiner: saving.Joiner) -> None:
+        """A local process to take over ``dom`` from a save file or a migration; it becomes the domain's once
+        restored (``adopt``). One that cannot be started fails the joiner."""
+        try:
+            joiner.proc = self._spawn(dom)
+        except OSError as exc:
+            self.joiners.failed(joiner, f"could not start its process: {exc}")
+            return
+        self.core.printk(f"d{dom.domid} ({dom.name}): process {joiner.proc.pid} started to take it over",
+                         dom=dom.domid, hostdep=True)
+
+    def adopt(self, dom: Domain, joiner: saving.Joiner) -> None:
+        """The joiner's local process is now ``dom``'s (its exit is the domain's)."""
+        if joiner.proc is not None:
+            self.procs[dom.domid] = joiner.proc
+
+    def retire(self, dom: Domain) -> None:
+        """``dom``'s process no longer runs it (it migrated): its frames are unknown from now, and its exit is
+        nobody's business."""
+        self.core.domains.forget_identity(dom)
+        dom.identity = b""
+        self.procs.pop(dom.domid, None)
+
+    async def end_joiner(self, joiner: saving.Joiner) -> None:
+        """A joiner that did not become its domain: tell it to leave, and end it if it is ours."""
+        if joiner.identity:
+            await self.send(joiner.identity, Retire(reason="not taken"))
+        proc = joiner.proc
+        if proc is not None and proc.poll() is None:
+            with trio.move_on_after(STOP_GRACE_S):
+                await launch.wait_exit(proc)
+            if proc.poll() is None:
+                proc.kill()
 
     async def _watch(self, dom: Domain, proc: subprocess.Popen[bytes]) -> None:
         rc = await launch.wait_exit(proc)
+        if self.procs.get(dom.domid) is not proc:
+            # not (or no longer) the domain's process: a joiner that never took it over, or one it migrated from
+            self.joiners.exited(proc, rc)
+            return
         self.boundary.gone(dom)
         self.core.process_exited(dom, rc)
         await self.flush()
@@ -503,11 +570,17 @@ class HypervisorProcess:
 
         self.bind()
         h = self.spec.hypervisor
+        restoring = self.restore_image is not None
+        # a restored hypervisor's start is not an event of the simulation it continues
         self.core.printk(f"pvcluster hypervisor up: {h.pcpus} pcpus, window {h.window_ns} ns, "
-                         f"seed {self.spec.cluster.seed}")
+                         f"seed {self.spec.cluster.seed}" + (" (restored)" if restoring else ""),
+                         **({"hostdep": True} if restoring else {}))
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                if self.restore_image is not None:  # no window before every domain process has its state
+                    self.boundary.hold()
+                    nursery.start_soon(saving.restore_domains, self, self.restore_image)
                 nursery.start_soon(self.bus_reader)
                 nursery.start_soon(self.window_loop)
                 nursery.start_soon(self.liveness_watch)

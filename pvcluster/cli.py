@@ -66,6 +66,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
     cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say, replay=replay,
                             replayed_from=source)
+    return _run(args, cluster, say)
+
+
+def _run(args: argparse.Namespace, cluster: Cluster, say: Any) -> int:
+    """What `up` and `restore` do with a started cluster: return (--detach), or wait for its end and report."""
     if args.detach:
         say(f"cluster running in {cluster.run_dir}; `pvcluster list`, `pvcluster down` to stop")
         if args.json:
@@ -112,6 +117,53 @@ def _serve(cluster: Cluster, say: Any) -> None:
     say(f"serving {cluster.run_dir} until `pvcluster down --run-dir {cluster.run_dir}` (or SIGTERM)")
     if cluster.proc is not None:
         cluster.proc.wait()
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    """Save the running cluster at a window boundary (hypervisor/saving.py; the file: pvcluster/savefile.py)."""
+    path = Path(args.file).absolute()
+    call: dict[str, Any] = {"path": str(path), "wait_s": args.wait}
+    if args.at is not None:
+        call["at_ns"] = args.at
+    info = _client(args).call("save", timeout_s=args.wait + 60.0, **call)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        out.print(f"saved {info['path']}: virtual time {info['vt_ns']} ns, {info['bytes']} bytes, "
+                  f"{len(info['domains'])} domain processes, {info['wall_s']:.3f} s", markup=False)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Start a cluster from a save file: into the run directory it was saved from unless --run-dir says otherwise."""
+    from pvcluster import savefile
+    from pvcluster.spec import ClusterSpec
+
+    path = Path(args.file).absolute()
+    try:
+        image = savefile.read(path)
+        spec = ClusterSpec.from_dict(image["spec"])
+    except savefile.SaveFileError as exc:
+        _error(f"cannot restore {path}: {exc}")
+        return 2
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else Path(image["run_dir"])
+    say = (lambda m: None) if args.quiet else (lambda m: err.print(f"[dim]pvcluster:[/] {escape(m)}"))
+    cluster = Cluster.start(spec, run_dir=run_dir, detach=args.detach, progress=say, restore=(path, image))
+    return _run(args, cluster, say)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Move a domain to a new process (on another host with --to) at a window boundary."""
+    call: dict[str, Any] = {"dom": args.dom}
+    if args.to:
+        call["to"] = args.to
+    info = _client(args).call("migrate", timeout_s=args.timeout, **call)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        out.print(f"migrated d{info['domid']} ({info['name']}) to process {info['pid']} on {info['host']} at "
+                  f"virtual time {info['vt_ns']} ns ({info['wall_s']:.3f} s)", markup=False)
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -641,6 +693,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_join.add_parsers(sub, after)
     cli_sdk.add_parsers(sub, after)
+
+    p = sub.add_parser("save", parents=[after], help="save the whole cluster at a window boundary to a file")
+    common(p)
+    p.add_argument("file", help="the save file to write (restore it with `pvcluster restore FILE`)")
+    p.add_argument("--at", type=int, metavar="VT_NS", help="at the first window boundary at or after this virtual "
+                                                            "time (default: the next one)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S",
+                   help="wall seconds to wait for that boundary (60)")
+    p.add_argument("--json", action="store_true", help="what was saved, as one JSON document")
+    p.set_defaults(fn=cmd_save)
+
+    p = sub.add_parser("restore", parents=[after], help="start a cluster from a save file, where it was saved")
+    p.add_argument("file", help="a file written by `pvcluster save`")
+    p.add_argument("--run-dir", help="restore into this run directory (default: the one it was saved from)")
+    p.add_argument("--detach", action="store_true", help="leave the cluster running and return at once")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many wall seconds (600)")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary table")
+    p.add_argument("--serve", action="store_true", help="as `up --serve`: keep the hypervisor up after the run")
+    p.add_argument("--json", action="store_true", help="as `up --json`: one JSON document on stdout")
+    p.set_defaults(fn=cmd_restore)
+
+    p = sub.add_parser("migrate", parents=[after], help="move a domain to a new process (another host) at a "
+                                                         "window boundary")
+    common(p)
+    p.add_argument("dom", help="domain id or name")
+    p.add_argument("--to", metavar="HOST", help="the host whose `pvcluster join` process takes it over (default: a "
+                                                "new local process)")
+    p.add_argument("--timeout", type=float, default=180.0, help="wall seconds to wait for the migration (180)")
+    p.add_argument("--json", action="store_true", help="what was moved where, as one JSON document")
+    p.set_defaults(fn=cmd_migrate)
 
     p = sub.add_parser("down", parents=[after], help="destroy every domain and stop the hypervisor")
     common(p)

@@ -66,9 +66,13 @@ class Cluster:
         progress: Callable[[str], None] | None = None,
         replay: list[dict[str, Any]] | None = None,
         replayed_from: Path | None = None,
+        restore: tuple[Path, dict[str, Any]] | None = None,
     ) -> Cluster:
         """Start the hypervisor in ``run_dir`` and create the spec's domains. ``replay``: recorded interactive
-        faults (``runrecord.load_replay``) to act at the steps they acted at in the run ``replayed_from``."""
+        faults (``runrecord.load_replay``) to act at the steps they acted at in the run ``replayed_from``.
+        ``restore``: a save file and its image (``pvcluster.savefile.read``): the hypervisor continues the cluster
+        saved there, its domains and all, instead of creating the spec's; restored into the directory it was saved
+        from, the traces are cut back to where they were at the save, so they go on as the saved run's did."""
         say = progress or (lambda _msg: None)
         run_dir = (run_dir or spec.resolved_run_dir()).absolute()
         claim_run_dir(run_dir, spec.cluster.name)
@@ -78,7 +82,10 @@ class Cluster:
                 f"a cluster is already running in {run_dir} (hypervisor pid {info['pid']}); "
                 f"stop it with `pvcluster down --run-dir {run_dir}`"
             )
-        _remove_stale(run_dir)
+        if restore is not None and run_dir == Path(restore[1]["run_dir"]):
+            _rewind_run(run_dir, restore[1])
+        else:
+            _remove_stale(run_dir)
         (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
         try:
             runrecord.write_run_record(run_dir, spec, replayed_from)
@@ -94,6 +101,8 @@ class Cluster:
         if replay:
             (run_dir / runrecord.REPLAY_INPUT).write_text(json.dumps(replay))
             argv += ["--replay", str(run_dir / runrecord.REPLAY_INPUT)]
+        if restore is not None:
+            argv += ["--restore", str(restore[0].absolute())]
         hv_log = run_dir / "logs" / "hypervisor.log"
         proc = launch.spawn(argv, log=hv_log, detached=detach)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -107,6 +116,9 @@ class Cluster:
                 raise ClusterError(f"the hypervisor did not come up within {START_TIMEOUT_S:.0f} s:\n{_tail(hv_log)}")
             time.sleep(0.02)
         cluster = cls(spec, run_dir, proc, ControlClient.for_run_dir(run_dir))
+        if restore is not None:
+            say(f"restoring {restore[0]} (virtual time {restore[1]['vt_ns']} ns)")
+            return cluster
         try:
             for dom in spec.domains:
                 created = cluster.client.call("create", domain=_domain_dict(dom))
@@ -358,6 +370,30 @@ def _write_marker(run_dir: Path, cluster_name: str) -> None:
     tmp = run_dir / f"{RUN_DIR_MARKER}.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir / RUN_DIR_MARKER)
+
+
+def _rewind_run(run_dir: Path, image: dict[str, Any]) -> None:
+    """A restore into the run directory it was saved from: the previous run's files go, except its traces and fault
+    record, cut back to their sizes at the save (a trace file begun after it goes too)."""
+    positions = image["traces"]
+    for name in STALE:
+        if name not in ("trace", "faults.jsonl"):
+            p = run_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.is_symlink() or p.exists():
+                p.unlink()
+    trace = run_dir / "trace"
+    if trace.is_dir() and not trace.is_symlink():
+        for p in trace.iterdir():
+            size = positions.get(p.name)
+            if size is None or not p.is_file() or p.is_symlink():
+                p.unlink()
+            elif p.stat().st_size >= size:
+                os.truncate(p, size)
+    faults_file = run_dir / "faults.jsonl"
+    if faults_file.is_file() and not faults_file.is_symlink() and faults_file.stat().st_size >= image["faults_bytes"]:
+        os.truncate(faults_file, image["faults_bytes"])
 
 
 def _remove_stale(run_dir: Path) -> None:

@@ -42,6 +42,8 @@ from pvcluster.bus.effects import (
 from pvcluster.bus.messages import (
     Build,
     BuildResult,
+    CapturedState,
+    CaptureState,
     CtlReply,
     CtlRequest,
     DebugAck,
@@ -64,7 +66,13 @@ from pvcluster.bus.messages import (
     Leaving,
     MapRun,
     MemWrite,
+    RamChunk,
+    ReadRam,
     Region,
+    Restore,
+    Restored,
+    RestoreRam,
+    Retire,
     Stop,
     VcpuFault,
     VcpuReport,
@@ -173,6 +181,18 @@ SAMPLES: dict[type, list[Any]] = {
     ],
 }
 
+# save, restore and migrate (hypervisor/saving.py, domains/capture.py)
+SAMPLES.update({
+    CaptureState: [CaptureState(), CaptureState(reason="migrate")],
+    CapturedState: [CapturedState(state=b"\x80\x05N.", ram_size=4 << 20, ram_sha256=bytes(32))],
+    ReadRam: [ReadRam(offset=0, length=1 << 20), ReadRam(offset=3 << 20, length=4096)],
+    RamChunk: [RamChunk(offset=1 << 20, data=b"\x00\xff" * 512)],
+    Restore: [Restore(build=SAMPLES[Build][0], state=b"state", ram_size=8192, ram_sha256=bytes(range(32)))],
+    RestoreRam: [RestoreRam(offset=0, data=b"page" * 1024)],
+    Restored: [Restored(ok=True), Restored(ok=False, error="memory does not match its checksum")],
+    Retire: [Retire(), Retire(reason="not taken")],
+})
+
 ALL_SAMPLES = [s for samples in SAMPLES.values() for s in samples]
 
 
@@ -238,8 +258,13 @@ def test_message_codes_are_unique_and_stable() -> None:
     codes = {t: c for c, t in codec.message_types().items()}
     # wire codes are protocol: a renumbering breaks every peer built from an older tree
     assert codes == {Error: 1, Hello: 2, Build: 3, BuildResult: 4, Window: 5, WindowDone: 6, Stop: 7,
-                     Leaving: 8, CtlRequest: 20, CtlReply: 21, DebugRegsReq: 30, DebugRegs: 31, DebugMapsReq: 32,
-                     DebugMaps: 33, DebugRead: 34, DebugData: 35, DebugWrite: 36, DebugAck: 37, DebugArm: 38}
+                     Leaving: 8, CtlRequest: 20, CtlReply: 21,
+                     # the debugger and dumps: 30-39
+                     DebugRegsReq: 30, DebugRegs: 31, DebugMapsReq: 32, DebugMaps: 33, DebugRead: 34, DebugData: 35,
+                     DebugWrite: 36, DebugAck: 37, DebugArm: 38,
+                     # save, restore and migrate: 40-49
+                     CaptureState: 40, CapturedState: 41, ReadRam: 42, RamChunk: 43, Restore: 44, RestoreRam: 45,
+                     Restored: 46, Retire: 47}
 
 
 # ------------------------------------------------------------------------------------------- frame-level rejects

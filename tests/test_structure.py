@@ -25,8 +25,10 @@ TOOLSTACK = ("pvcluster.cli", "pvcluster.cluster", "pvcluster.control", "pvclust
 DOMAIN_PROCESS_FORBIDDEN = ("keystone", "rich", *TOOLSTACK)
 # The simulation core: everything in hypervisor/ but the transport shell (sockets, their authentication) and the
 # process entry point.
+# the transport shell: trio, sockets, processes (boundary.py holds the clock; saving.py moves state between
+# processes; gdbstub.py serves gdb; coredumps.py dumps ending domains)
 SHELL = ("hypervisor/shell.py", "hypervisor/control.py", "hypervisor/auth.py", "hypervisor/__main__.py",
-         "hypervisor/boundary.py", "hypervisor/gdbstub.py")
+         "hypervisor/boundary.py", "hypervisor/gdbstub.py", "hypervisor/saving.py", "hypervisor/coredumps.py")
 _MUTATING = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
              "discard", "appendleft", "__setitem__", "__delitem__"}
 _CONTAINER_CALLS = {"dict", "list", "set", "defaultdict", "deque", "Counter", "OrderedDict", "bytearray"}

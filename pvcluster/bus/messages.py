@@ -369,3 +369,77 @@ class DebugArm:
 MESSAGES: tuple[type, ...] = (Error, Hello, Build, BuildResult, Window, WindowDone, Stop, Leaving, CtlRequest,
                               CtlReply, DebugRegsReq, DebugRegs, DebugMapsReq, DebugMaps, DebugRead, DebugData,
                               DebugWrite, DebugAck, DebugArm)
+
+
+# -- save, restore and migrate (hypervisor/saving.py, domains/capture.py) -------------------------------------
+# Asked of a domain process while the cluster is held at a window boundary (hypervisor/boundary.py): its state, then
+# its memory in chunks (a frame holds at most codec.MAX_FRAME_BYTES). A process that joins as a restored or migrated
+# domain gets Restore and RestoreRam chunks in place of a Build, and answers Restored.
+
+
+@attrs.frozen
+class CaptureState:
+    """Asked of a domain process: its vCPUs' and its own state (``CapturedState``)."""
+
+    WIRE: ClassVar[int] = 40
+    reason: str = "save"  # "save" or "migrate", for the process's log only
+
+
+@attrs.frozen
+class CapturedState:
+    WIRE: ClassVar[int] = 41
+    state: bytes  # the process's state, pickled (pvcluster/statepickle.py: only allowed classes load)
+    ram_size: int  # bytes of guest memory to read with ReadRam
+    ram_sha256: bytes  # of that memory, as it is at this boundary
+
+
+@attrs.frozen
+class ReadRam:
+    WIRE: ClassVar[int] = 42
+    offset: int
+    length: int  # at most statepickle.CHUNK_BYTES
+
+
+@attrs.frozen
+class RamChunk:
+    WIRE: ClassVar[int] = 43
+    offset: int
+    data: bytes
+
+
+@attrs.frozen
+class Restore:
+    """The answer to a Hello from a process that joins as a restored (or migrated) domain: what its Build was, its
+    saved state, and how much memory follows in RestoreRam chunks; it answers Restored once all of it is in."""
+
+    WIRE: ClassVar[int] = 44
+    build: Build
+    state: bytes
+    ram_size: int
+    ram_sha256: bytes
+
+
+@attrs.frozen
+class RestoreRam:
+    WIRE: ClassVar[int] = 45
+    offset: int
+    data: bytes
+
+
+@attrs.frozen
+class Restored:
+    WIRE: ClassVar[int] = 46
+    ok: bool
+    error: str = ""
+
+
+@attrs.frozen
+class Retire:
+    """To a domain process whose domain moved to another process (migrate): leave at once, tracing nothing (the
+    domain's trace goes on in the new process)."""
+
+    WIRE: ClassVar[int] = 47
+    reason: str = "migrated"
+
+
+MESSAGES = MESSAGES + (CaptureState, CapturedState, ReadRam, RamChunk, Restore, RestoreRam, Restored, Retire)

@@ -140,7 +140,8 @@ def configure(path: Path, proc: str) -> tuple[TraceLogger, TraceFile]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = TraceFile(path)
     logger = TraceLogger(sink, {"proc": proc})
-    logger.info("trace.start", schema=SCHEMA_VERSION)
+    if os.fstat(sink._fd).st_size == 0:  # the file's first line; a process continuing a file (restore, migrate) appends
+        logger.info("trace.start", schema=SCHEMA_VERSION)
     return logger, sink
 
 
