@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 # The process's wiring: live objects, rebuilt by the new process, never pickled.
+# The debugger's breakpoints and steps belong to a gdb session, which a save or a migration does not carry; the
+# extensions' copy-in descriptors are rebuilt from the Build the new process is given.
 _PROC_WIRING = frozenset({"conn", "log", "flush_trace", "exit_now", "ram", "boot", "vcpus", "answers", "parent",
-                          "spawned"})
+                          "spawned", "debugger", "_ext_copyin"})
 _VCPU_WIRING = frozenset({"ram", "counter", "uc", "_hook", "_st", "_rom", "mark_sink", "irq_sink", "ipi_sink"})
 # The C hook's numbers that are simulation state (the rest are pointers and memos of this process).
 HOOK_FIELDS = ("clock_ps", "end_ps", "instructions", "misses", "unreadable", "block_addr", "block_ps", "base_ps",

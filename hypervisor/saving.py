@@ -43,7 +43,9 @@ from hypervisor.clock import Clock
 from hypervisor.core import Hypervisor, RunWall
 from hypervisor.domain import Domain, DomainState, DomainTable
 from hypervisor.evtchn import EvtchnTable
+from hypervisor.extensions import load_extensions
 from hypervisor.faults import FaultPlan
+from hypervisor.hypercalls import FAMILIES
 from hypervisor.link import Link
 from hypervisor.pagetypes import Frames
 from hypervisor.scheduler import Scheduler
@@ -114,6 +116,8 @@ async def capture_domain(hvp: HypervisorProcess, dom: Domain, reason: str) -> Do
 
 def _persistent_id(hvp: HypervisorProcess, dropped: list[str]) -> Any:
     def persistent_id(obj: Any) -> Any:
+        if obj is hvp.core.extensions:  # modules and their handlers: loaded again from the spec on restore
+            return ("extensions",)
         if isinstance(obj, TraceLogger):
             return ("log", dict(obj._context))
         if isinstance(obj, types.MethodType) and obj.__self__ is hvp and obj.__name__ in _SHELL_METHODS:
@@ -200,6 +204,8 @@ def load_core(image: dict[str, Any], log: Any, hvp: HypervisorProcess) -> Hyperv
             return sink.bind(**context)
         if kind == "shell" and len(token) == 2 and token[1] in _SHELL_METHODS:
             return getattr(hvp, token[1])
+        if kind == "extensions" and len(token) == 1:
+            return None  # loaded again from the spec below
         if kind == "rebuilt" and len(token) == 2 and token[1] in _REBUILT:
             return None  # Domain.__attrs_post_init__ puts it back
         raise statepickle.StateError(f"unknown live-object reference {str(token)[:80]}")
@@ -207,6 +213,7 @@ def load_core(image: dict[str, Any], log: Any, hvp: HypervisorProcess) -> Hyperv
     core = statepickle.loads(image["hypervisor"], persistent_load, statepickle.HYPERVISOR_MODULES)
     check_core(core, image)
     core.log = log
+    core.extensions = load_extensions(core.spec.extensions, FAMILIES.keys())
     core.run_wall = RunWall()
     core.outbox, core.to_kill, core.signals = [], [], []
     for dom in core.domains:
