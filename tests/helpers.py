@@ -6,6 +6,8 @@ import shutil
 import struct
 import subprocess
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,20 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
     return subprocess.run([sys.executable, "-m", "pvcluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextmanager
+def detached_cluster(run_dir: Path, spec_text: str) -> Iterator[Path]:
+    """`pvcluster up SPEC --detach` into ``run_dir``/c; its run directory, brought down on the way out."""
+    spec = run_dir / "spec.toml"
+    spec.write_text(spec_text)
+    rd = run_dir / "c"
+    up = run_cli("up", str(spec), "--run-dir", str(rd), "--detach")
+    assert up.returncode == 0, up.stderr
+    try:
+        yield rd
+    finally:
+        run_cli("down", "--run-dir", str(rd))
 
 
 def alive(pid: int) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
-from helpers import run_cli, wait_until
+from helpers import detached_cluster, run_cli, wait_until
 
 from pvcluster.coredump import GREGS
 
@@ -33,16 +33,9 @@ cmdline = "workload=forever"
 
 @pytest.fixture
 def cluster(run_dir: Path) -> Iterator[Path]:
-    spec = run_dir / "spec.toml"
-    spec.write_text(SPEC)
-    rd = run_dir / "c"
-    up = run_cli("up", str(spec), "--run-dir", str(rd), "--detach")
-    assert up.returncode == 0, up.stderr
-    try:
+    with detached_cluster(run_dir, SPEC) as rd:
         wait_until(lambda: "spinning forever" in run_cli("console", "spin", "--run-dir", str(rd)).stdout)
         yield rd
-    finally:
-        run_cli("down", "--run-dir", str(rd))
 
 
 def kernel_symbols(kernel: Path) -> dict[str, int]:

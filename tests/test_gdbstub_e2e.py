@@ -16,7 +16,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 from gdbclient import GdbClient
-from helpers import run_cli, wait_until
+from helpers import detached_cluster, run_cli, wait_until
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -34,15 +34,8 @@ cmdline = "workload=shootdown sdrounds={ROUNDS} shutdown=poweroff"
 
 @pytest.fixture
 def cluster(run_dir: Path) -> Iterator[Path]:
-    spec = run_dir / "spec.toml"
-    spec.write_text(SPEC)
-    rd = run_dir / "c"
-    up = run_cli("up", str(spec), "--run-dir", str(rd), "--detach")
-    assert up.returncode == 0, up.stderr
-    try:
+    with detached_cluster(run_dir, SPEC) as rd:
         yield rd
-    finally:
-        run_cli("down", "--run-dir", str(rd))
 
 
 def symbols(kernel: Path) -> dict[str, int]:
