@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import trio
 
 from hypervisor.shell import HypervisorProcess
 from pvcluster import savefile, trace
-from pvcluster.extensions import ExtensionError
-from pvcluster.faults import request
+from pvcluster.extensions import ExtensionError, load
+from pvcluster.faults import KINDS, Kind, request
 from pvcluster.spec import ClusterSpec, SpecError
 from pvcluster.statepickle import StateError
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypervisor: bad spec: {exc}", file=sys.stderr)
         return 2
     try:
-        replay = read_replay(args.replay) if args.replay is not None else []
+        replay = read_replay(args.replay, spec) if args.replay is not None else []
     except (OSError, ValueError) as exc:
         print(f"hypervisor: bad replay file: {exc}", file=sys.stderr)
         return 2
@@ -72,17 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read_replay(path: Path) -> list[dict[str, Any]]:
-    """The recorded faults to replay, each checked against the fault catalog before the run starts."""
+def read_replay(path: Path, spec: ClusterSpec) -> list[dict[str, Any]]:
+    """The recorded faults to replay, each checked against the fault catalog before the run starts: the built-in
+    kinds, and (only when a record names another kind) those the spec's extensions add."""
     records = json.loads(path.read_text())
     if not isinstance(records, list):
         raise ValueError("not a JSON list")
     keys = ("fid", "step", "planned_vt_ns", "after")
+    kinds: Mapping[str, Kind] = KINDS
     for r in records:
         if not isinstance(r, dict) or not all(isinstance(r.get(k), int) for k in keys) or r.get("point") not in (
                 "open", "close"):
             raise ValueError(f"not a fault record: {str(r)[:200]}")
-        request(r.get("kind"), r.get("target"), r.get("at_ns"), r.get("params"))
+        if r.get("kind") not in kinds and spec.extensions and kinds is KINDS:
+            try:
+                kinds = load(spec.extensions).fault_catalog()
+            except ExtensionError as exc:
+                raise ValueError(f"fault kind {r.get('kind')!r} is not built in and the extensions do not load: "
+                                 f"{exc}") from None
+        request(r.get("kind"), r.get("target"), r.get("at_ns"), r.get("params"), kinds)
     return records
 
 

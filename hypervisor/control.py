@@ -237,7 +237,8 @@ class ControlServer:
         """A fault from the toolstack: one that ends a domain acts at once; the others act at the step given
         (``at_ns``) or the next one, and with ``wait_s`` the reply waits (that long at most) for the outcome."""
         try:
-            req = request(args.get("kind"), args.get("target"), args.get("at_ns"), args.get("params"))
+            req = request(args.get("kind"), args.get("target"), args.get("at_ns"), args.get("params"),
+                          self.core.fault_kinds)  # the built-in kinds and this cluster's extensions'
         except FaultError as exc:
             raise CommandError(str(exc)) from None
         dom = self._domain({"dom": req.domain})

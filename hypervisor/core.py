@@ -51,7 +51,7 @@ from pvcluster.bus.messages import (
     Window,
     WindowDone,
 )
-from pvcluster.faults import random_schedule
+from pvcluster.faults import Kind, random_schedule
 from pvcluster.spec import ClusterSpec, DomainSpec
 
 MAX_DMESG_LINES = 5000
@@ -145,6 +145,11 @@ class Hypervisor:
             doms = [(d.name, d.vcpus) for d in spec.domains]
             for req in random_schedule(spec.random_faults, spec.cluster.seed, doms, h.pcpus):
                 self.faults.schedule(req, "random")
+
+    @property
+    def fault_kinds(self) -> dict[str, Kind]:
+        """The fault catalog of this hypervisor: the built-in kinds and those its extensions add."""
+        return self.extensions.fault_catalog()
 
     # -- what hypercall handlers may ask about other domains ------------------------------------------------
 

@@ -14,6 +14,10 @@ An extension's handler is untrusted code in the one process that must never fall
   the calling domain with that as its crash cause (``Clock._apply_hypercalls``), and every other domain and the
   hypervisor go on;
 * a result that is not an int in the 32-bit range is an ``ExtensionFailed`` too (the guest's EAX must be defined).
+
+An extension's fault kind (``Registry.fault_kind``) is run by ``apply_fault`` when the ``FaultPlan`` reaches it:
+what it raises (or an outcome that is not a string) becomes ``ExtensionFailed`` naming the extension and the kind,
+and the plan crashes the targeted domain with that as its cause; the hypervisor goes on.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from typing import TYPE_CHECKING
 
 from hypervisor.guestmem import GuestFault, NotCopied
 from pvcluster.abi.errno import Errno
-from pvcluster.extensions import Extensions, ExtensionSpec, Family, load
+from pvcluster.extensions import Extensions, ExtensionSpec, Family, FaultKind, load
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
+    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
     from hypervisor.hypercalls.base import Call
+    from pvcluster.faults import FaultRequest
 
 
 class ExtensionFailed(Exception):
@@ -56,3 +63,20 @@ def run(family: Family, call: Call) -> int:
         raise ExtensionFailed(f"extension {family.extension}: hypercall {family.name} ({family.nr}) returned "
                               f"{value!r}, not a 32-bit integer")
     return value
+
+
+def apply_fault(kind: FaultKind, hv: Hypervisor, dom: Domain, req: FaultRequest, vt: int) -> str:
+    """Run an extension's fault kind on ``dom`` (already checked live); its outcome, or ``ExtensionFailed``."""
+    params = dict(req.params)
+    if kind.kind.target == "vcpu":
+        if req.vcpu is None or not 0 <= req.vcpu < len(dom.vcpus):
+            return f"refused: domain {dom.name} has no vCPU {req.vcpu}"
+        params["vcpu"] = req.vcpu
+    try:
+        outcome = kind.apply(hv, dom, params, vt)
+    except Exception as exc:
+        raise ExtensionFailed(f"extension {kind.extension}: fault kind {kind.name} raised {exc!r}") from exc
+    if not isinstance(outcome, str):
+        raise ExtensionFailed(f"extension {kind.extension}: fault kind {kind.name} returned {outcome!r}, not an "
+                              f"outcome string")
+    return outcome

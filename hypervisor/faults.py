@@ -2,7 +2,8 @@
 
 A fault is a deliberate deviation (a process killed, a vCPU preempted, a link that drops messages, a hypervisor
 bug) that shows how guests and protocols behave under failure, or proves a checker catches what it must. The kinds
-and their parameters are the shared catalog's (``pvcluster/faults.py``); this module carries them out. Faults come
+and their parameters are the shared catalog's (``pvcluster/faults.py``); this module carries them out, and hands a
+kind one of the hypervisor's extensions adds (``Registry.fault_kind``) to ``hypervisor/extensions.py``. Faults come
 from the spec (a domain's permanent ``faults``, the ``[[fault]]`` schedule, ``[faults] random``), from the
 toolstack (``pvcluster inject``, ``Cluster.inject``) and from a replayed run's record.
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from hypervisor.domain import DomainState
+from hypervisor.extensions import ExtensionFailed, apply_fault
 from hypervisor.tracing import DomainTrace
 from hypervisor.vcpu import HELD_FOREVER, RunState
 from pvcluster.abi.xen import ShutdownReason
@@ -216,10 +218,20 @@ class FaultPlan:
             # (as `xl destroy` does to a domain stuck in shutdown).
             outcome = f"{NO_SUCH_DOMAIN} (it shut down at {dom.ended_vt} ns)"
         else:
+            ext = self.hv.extensions.fault_kinds.get(req.kind) if req.kind not in _KINDS else None
+            more = {"extension": ext.extension} if ext is not None else {}
             dom.trace.event("fault.inject", vt_ns=vt, fid=p.fid, kind=req.kind, target=req.target,
-                            params=dict(req.params), origin=p.origin, step=step, at_ns=req.at_ns)
+                            params=dict(req.params), origin=p.origin, step=step, at_ns=req.at_ns, **more)
             try:
-                outcome = _KINDS[req.kind](self, dom, req, vt, p.fid)
+                if ext is not None:
+                    outcome = apply_fault(ext, self.hv, dom, req, vt)
+                elif req.kind in _KINDS:
+                    outcome = _KINDS[req.kind](self, dom, req, vt, p.fid)
+                else:  # a replayed record naming a kind this hypervisor's extensions do not add
+                    outcome = f"refused: no fault kind {req.kind} in this cluster (its extensions add none such)"
+            except ExtensionFailed as exc:  # the extension's bug: the domain it targets ends, nothing else
+                self.hv.crash(dom, str(exc), vt_ns=vt, exc=exc)
+                outcome = f"error: {exc}"
             except Exception as exc:  # a bug in a fault must not take the hypervisor down
                 self.hv.crash(dom, f"hypervisor error injecting {req.kind}: {exc!r}", exc=exc)
                 outcome = f"error: {exc!r}"

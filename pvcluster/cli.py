@@ -300,7 +300,7 @@ def _param(text: str) -> tuple[str, int]:
 
 def cmd_inject(args: argparse.Namespace) -> int:
     try:
-        req = faults.request(args.kind, args.target, args.at, dict(args.params))
+        req = faults.checked_here(args.kind, args.target, args.at, dict(args.params))
     except faults.FaultError as exc:
         _error(str(exc))
         return 2
@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kill, crash and destroy act at once. Every injection is traced (fault.inject, fault.outcome) and recorded "
         "in the run directory's faults.jsonl, so `pvcluster up --replay` reproduces it.",
         epilog="kinds (TARGET is a domain name or id, DOM.VCPU for vCPU faults; [NAME=default]):\n"
-        + faults.describe_kinds())
+        + faults.describe_kinds() + "\n  ...and the kinds the cluster's extensions add (Registry.fault_kind)")
     common(p)
     p.add_argument("kind", metavar="KIND", help="the fault kind (listed below)")
     p.add_argument("target", metavar="TARGET", help="domain name or id, or DOM.VCPU (e.g. alpha.1)")

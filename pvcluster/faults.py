@@ -40,7 +40,7 @@ class Param:
 
 @attrs.frozen
 class Kind:
-    group: str  # "domain", "vcpu", "link", "bug", "clock"
+    group: str  # "domain", "vcpu", "link", "bug", "clock", "sched"; "extension" for one an extension registers
     target: str  # "domain" or "vcpu"
     doc: str
     params: Mapping[str, Param] = attrs.Factory(dict)
@@ -145,11 +145,13 @@ def describe_kinds() -> str:
     return "\n".join(lines)
 
 
-def request(kind: object, target: object, at_ns: object = None, params: object = None) -> FaultRequest:
-    """Validate a fault request from any source; FaultError says exactly what is wrong."""
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise FaultError(f"unknown fault kind {kind!r}; kinds: {', '.join(KINDS)}")
-    spec = KINDS[kind]
+def request(kind: object, target: object, at_ns: object = None, params: object = None,
+            kinds: Mapping[str, Kind] = KINDS) -> FaultRequest:
+    """Validate a fault request from any source; FaultError says exactly what is wrong. ``kinds``: the catalog to
+    check against, the built-in one unless the cluster's extensions add kinds (``Extensions.fault_catalog``)."""
+    if not isinstance(kind, str) or kind not in kinds:
+        raise FaultError(f"unknown fault kind {kind!r}; kinds: {', '.join(kinds)}")
+    spec = kinds[kind]
     m = _TARGET.fullmatch(target) if isinstance(target, str) else None
     if m is None:
         what = "a domain name or id and a vCPU, DOM.N" if spec.target == "vcpu" else "a domain name or id"
@@ -160,6 +162,16 @@ def request(kind: object, target: object, at_ns: object = None, params: object =
     if at_ns is not None and (not _is_int(at_ns) or not 0 <= at_ns <= MAX_FAULT_NS):  # type: ignore[operator]
         raise FaultError(f"{kind}: at_ns must be an integer between 0 and {MAX_FAULT_NS}, got {at_ns!r}")
     return FaultRequest(kind, target, at_ns, _params(kind, spec, params))  # type: ignore[arg-type]
+
+
+def checked_here(kind: object, target: object, at_ns: object = None, params: object = None) -> FaultRequest:
+    """A request from the toolstack to a running cluster (``pvcluster inject``, ``Cluster.inject``): a built-in kind
+    is checked here; any other kind may be one the cluster's extensions add, which only the hypervisor knows, so it
+    goes as given and the hypervisor checks it against its own catalog (``hypervisor/control.py``)."""
+    if isinstance(kind, str) and kind not in KINDS and isinstance(target, str):
+        given = params if isinstance(params, Mapping) else {}
+        return FaultRequest(kind, target, at_ns, given)  # type: ignore[arg-type]
+    return request(kind, target, at_ns, params)
 
 
 def _params(kind: str, spec: Kind, raw: object) -> dict[str, int]:

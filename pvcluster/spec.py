@@ -576,9 +576,9 @@ class _Checker:
         # Domains' cpus are checked against pcpus only when pcpus itself is valid (else only against MAX_PCPUS).
         pcpus = hypervisor.pcpus if self.ok("hypervisor.pcpus") else None
         domains = self.domains(top.get("domain", _MISSING), pcpus)
-        schedule = self.fault_schedule(top.get("fault", []), domains, hypervisor.pcpus)
-        random_faults = self.random_faults(top.get("faults", {}), domains)
         extensions = extspec.check(self, top.get("extension", []))
+        schedule = self.fault_schedule(top.get("fault", []), domains, hypervisor.pcpus, extensions)
+        random_faults = self.random_faults(top.get("faults", {}), domains)
         if self.problems:
             raise SpecError(source, self.problems)
         return ClusterSpec(cluster, hypervisor, bus, domains, source, schedule, random_faults, extensions)
@@ -766,9 +766,13 @@ class _Checker:
             self.error(path, f"unknown fault {_quote(raw)} (known: {KNOWN_FAULTS_TEXT}){_hint(raw, DOMAIN_FAULTS)}")
         return None
 
-    def fault_schedule(self, raw: object, domains: Sequence[DomainSpec], pcpus: int) -> tuple[FaultRequest, ...]:
+    def fault_schedule(self, raw: object, domains: Sequence[DomainSpec], pcpus: int,
+                       extensions: Sequence[ExtensionSpec] = ()) -> tuple[FaultRequest, ...]:
         """``[[fault]]``: each a kind, a target domain (or DOM.VCPU) of this spec, ``at_ns`` and the kind's
-        parameters inline, all checked against the shared fault catalog."""
+        parameters inline, all checked against the shared fault catalog; a kind that is not built in, against the
+        kinds the spec's extensions add (loaded here only then: ``fault_catalog``)."""
+        catalog: Mapping[str, Any] = FAULT_KINDS
+        tried = False
         if not isinstance(raw, list | tuple):
             self.error("fault", f"must be an array of tables ([[fault]]), got {_describe(raw)}")
             return ()
@@ -787,8 +791,15 @@ class _Checker:
             if "at_ns" not in item:
                 self.error(f"{path}.at_ns", "required key missing (the virtual time the fault acts at)")
                 continue
+            kind = item.get("kind")
+            if isinstance(kind, str) and kind not in catalog and extensions and not tried:
+                tried = True  # once: the extensions either add it or are reported once
+                loaded = self.fault_catalog(extensions, f"{path}.kind", kind)
+                if loaded is None:
+                    continue
+                catalog = loaded
             try:
-                req = request(item.get("kind"), item.get("target"), item["at_ns"], params)
+                req = request(kind, item.get("target"), item["at_ns"], params, catalog)
             except FaultError as exc:
                 self.error(path, str(exc))
                 continue
@@ -802,6 +813,22 @@ class _Checker:
             else:
                 out.append(req)
         return tuple(out)
+
+    def fault_catalog(self, extensions: Sequence[ExtensionSpec], path: str, kind: str) -> dict[str, Any] | None:
+        """The built-in fault kinds and those the spec's extensions add (this imports the extension modules, which
+        a spec whose faults are all built in never does); None, with the reason, when they do not load."""
+        if any(b == "extension" or b.startswith(("extension[", "extension.")) for b in self._bad):
+            self.error(path, f"fault kind {_quote(kind)} is not built in, and the spec's [[extension]] tables, which "
+                             f"might add it, have problems")
+            return None
+        from pvcluster.extensions import ExtensionError, load
+
+        try:
+            return load(extensions).fault_catalog()
+        except ExtensionError as exc:
+            self.error(path, f"fault kind {_quote(kind)} is not built in, and the spec's extensions, which might add "
+                             f"it, do not load: {exc}")
+            return None
 
     def random_faults(self, raw: object, domains: Sequence[DomainSpec]) -> RandomFaults | None:
         """``[faults] random = {rate, kinds, until_ns, targets}``: a seeded random schedule per domain."""

@@ -27,6 +27,21 @@ Errors, each with a ``batched_flush.denied`` trace event: ``count`` 0 or over ``
 vCPU or one the domain lacks, or a ``done_port`` that is not an IPI port of the caller's: -EINVAL; an unmapped
 request array: -EFAULT. Nothing is flushed when any request is refused.
 
+A fault kind, ``batched-flush-lose`` (``count``, default 1): the next ``count`` batched flushes of the domain that
+go through lose their remote part, a hypervisor bug the guest's own check must catch. The caller's own flushes are
+done and the completion event is still raised (so the guest does not wait forever), but no target other than the
+caller is flushed: each such call is a ``batched_flush.lost`` trace event, and the targets read the old frames
+("no stale read on the targets FAIL"). Schedule it in the spec::
+
+    [[fault]]
+    kind = "batched-flush-lose"
+    target = "batched"
+    at_ns = 0
+    count = 3
+
+or inject it into a running cluster: ``pvcluster inject batched-flush-lose batched count=3``. What it arms lives
+in ``dom.ext["batched_flush"]``, the domain's state for this extension, which the handler reads.
+
 Traced: ``batched_flush`` (one per call: requests, targets, pages, full flushes, the completion's virtual time) and
 a ``shootdown`` event as the built-in paravirtual flush has, so ``pvcluster trace`` puts a domain that uses it
 (``design=batched`` on its command line) beside the native and pv designs.
@@ -44,6 +59,7 @@ from hypervisor.guestmem import GuestFault
 from pvcluster.abi.errno import Errno
 from pvcluster.abi.extcopy import ArgSpan
 from pvcluster.bus.effects import FlushTlb, Invlpg, SetPending
+from pvcluster.faults import Param
 
 NR = 50
 NAME = "batched_flush"
@@ -57,6 +73,15 @@ def register(reg: Any) -> None:
     reg.hypercall(NR, NAME, handle,
                   copyin=[ArgSpan(addr_arg=0, size=REQ.size, count_arg=1, max_count=MAX_REQS)])
     reg.trace_table("batched flushes (extension batched_flush)", events=(NAME,), build=table)
+    reg.fault_kind("batched-flush-lose", "the next COUNT batched flushes skip every target but the caller, though "
+                   "their completion is still raised", lose, params={"count": Param("how many calls", 1, 1, 1 << 20)})
+
+
+def lose(hv: Any, dom: Any, params: dict[str, int], vt_ns: int) -> str:
+    """``batched-flush-lose``: arm the domain's next ``count`` batched flushes to lose their remote part."""
+    state = dom.ext.setdefault(NAME, {})
+    state["lose"] = state.get("lose", 0) + params["count"]
+    return f"the next {state['lose']} batched flushes lose their remote targets"
 
 
 def _deny(call: Any, err: Errno, reason: str, **fields: Any) -> int:
@@ -92,7 +117,15 @@ def handle(call: Any) -> int:
                 have.add(va & ~0xFFF)
     full = sorted(t for t, ps in pages.items() if ps is None or len(ps) > FULL_FLUSH_OVER)
     flushed = 0
+    state = call.dom.ext.get(NAME, {})
+    lost = []  # batched-flush-lose (the fault kind): the targets this call does not flush
+    if state.get("lose", 0) > 0:
+        state["lose"] -= 1
+        lost = [t for t in sorted(pages) if t != call.vcpu]
+        call.trace("batched_flush.lost", targets=lost, left=state["lose"])
     for t, ps in sorted(pages.items()):
+        if t in lost:
+            continue
         if t in full:
             call.effects.append(FlushTlb(vcpu=t))
         else:

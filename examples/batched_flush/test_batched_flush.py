@@ -7,6 +7,7 @@ the native and pv designs, the extension's own trace table), and that without th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,10 +47,10 @@ def build(work: Path) -> Path:
     return elf
 
 
-def run(run_dir: Path, elf: Path, extra: str = "") -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """The example's spec with the guest built here (and ``extra`` lines in the batched domain's table): the final
-    status and every domain's console."""
-    text = (HERE / "spec.toml").read_text().replace('kernel = "guest.elf"', f'kernel = "{elf}"{extra}')
+def run(run_dir: Path, elf: Path, extra: str = "", tail: str = "") -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The example's spec with the guest built here (and ``extra`` lines in the batched domain's table, ``tail``
+    tables after it): the final status and every domain's console."""
+    text = (HERE / "spec.toml").read_text().replace('kernel = "guest.elf"', f'kernel = "{elf}"{extra}') + tail
     spec = parse_spec(text, base_dir=HERE)  # the extension's path ("." = this directory) as in the example
     with Cluster.start(spec, run_dir=run_dir / "run") as cluster:
         final = cluster.wait(timeout_s=240)
@@ -127,3 +128,33 @@ def test_without_the_flushes_the_guest_sees_stale_translations(tmp_path: Path) -
     batched = next(d for d in final["domains"] if d["name"] == "batched")
     assert (batched["state"], batched["shutdown_reason"]) == ("crashed", "crash"), batched
     assert "no stale read on the targets FAIL 160" in consoles["batched"]  # 20 rounds x 2 targets x 4 pages
+
+
+def test_the_extension_s_own_fault_kind_loses_remote_flushes_and_the_guest_s_check_catches_it(tmp_path: Path) -> None:
+    """``batched-flush-lose`` (the extension's fault kind, scheduled by the spec's [[fault]] table like a built-in
+    kind): the next 3 batched flushes flush only their caller; the completion still comes (the guest does not hang),
+    but the targets read the old frames and the guest's check fails the run; the fault and each lost flush are in
+    the trace."""
+    elf = build(tmp_path)
+    run_dir = Path(os.environ.get("PVC_TEST_TMP", "/tmp")) / f"pvc-bfl-{tmp_path.name[-12:]}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tail = '\n[[fault]]\nkind = "batched-flush-lose"\ntarget = "batched"\nat_ns = 0\ncount = 3\n'
+    try:
+        final, consoles = run(run_dir, elf, tail=tail)
+        events = [e for f in sorted((run_dir / "run" / "trace").glob("*.jsonl")) for e in read_events(f)]
+        records = [json.loads(line) for line in (run_dir / "run" / "faults.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    doms = {d["name"]: d for d in final["domains"]}
+    assert (doms["batched"]["state"], doms["batched"]["shutdown_reason"]) == ("crashed", "crash"), doms["batched"]
+    assert (doms["pv"]["state"], doms["native"]["state"]) == ("dead", "dead")  # the other designs are untouched
+    console = consoles["batched"]
+    assert any(line.startswith("no stale read on the targets FAIL") for line in console), console
+    assert "a completion event for every batch ok" in console  # only the remote flushes were lost
+    (inject,) = [e for e in events if e["event"] == "fault.inject"]
+    assert (inject["kind"], inject["extension"], inject["params"]) == ("batched-flush-lose", "batched_flush_ext",
+                                                                      {"count": 3})
+    lost = [e for e in events if e["event"] == "batched_flush.lost"]
+    assert [(e["targets"], e["left"]) for e in lost] == [([1, 2], 2), ([1, 2], 1), ([1, 2], 0)]
+    assert [(r["kind"], r["outcome"]) for r in records] == [
+        ("batched-flush-lose", "the next 3 batched flushes lose their remote targets")]
