@@ -70,13 +70,10 @@ import attrs
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from pvcluster.abi.elf import ELFCLASS32, ELFDATA2LSB, EM_386
 from pvcluster.abi.layouts import START_INFO_MAGIC
 from pvcluster.abi.xen import LIBELF_FEATURE_NAMES, PAGE_SHIFT, PAGE_SIZE, XenElfNote, XenFeat
 
-EM_386 = 3
-ELFCLASS32 = 1
-ELFCLASS64 = 2
-ELFDATA2LSB = 1
 ADDRESS_LIMIT = 1 << 32
 PF_LOADABLE = 0x7  # PF_R | PF_W | PF_X: elf_phdr_is_loadable wants at least one of them
 

@@ -13,17 +13,8 @@ from typing import Literal
 
 import attrs
 
+from pvcluster.abi.elf import ELFCLASS32, ELFDATA2LSB, EM_386, ET_EXEC, EV_CURRENT, PF_R, PF_W, PF_X, PT_LOAD, PT_NOTE
 from pvcluster.abi.xen import PAGE_SIZE
-
-EM_386 = 3
-ELFCLASS32 = 1
-ELFDATA2LSB = 1
-ET_EXEC = 2
-EV_CURRENT = 1
-
-PT_LOAD = 1
-PT_NOTE = 4
-PF_X, PF_W, PF_R = 1, 2, 4
 
 SHT_PROGBITS = 1
 SHT_SYMTAB = 2

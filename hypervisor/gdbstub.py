@@ -269,8 +269,9 @@ class Session:
                 await self.hvp.boundary.settled()
                 try:
                     await self.hvp.boundary.ask(self.dom, DebugArm([]), DebugAck)
-                except AskError:
-                    pass
+                except AskError as exc:  # its breakpoints stay armed: say so, the session ends all the same
+                    self.dom.trace.warning("gdb.disarm_failed", vt_ns=self.hvp.core.clock.now_ns,
+                                           error=str(exc)[:200])
         self._release()
         await self.stream.aclose()
 

@@ -38,6 +38,15 @@ def _error(message: str) -> None:
     err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
 
 
+def _report(args: argparse.Namespace, doc: Any, text: str) -> int:
+    """What a verb reports: exactly one JSON document under --json, else ``text`` for a person."""
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        out.print(text, markup=False)
+    return 0
+
+
 def _run_dir(args: argparse.Namespace) -> Path:
     if args.run_dir:
         return Path(args.run_dir).absolute()
@@ -126,12 +135,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     if args.at is not None:
         call["at_ns"] = args.at
     info = _client(args).call("save", timeout_s=args.wait + 60.0, **call)
-    if args.json:
-        print(json.dumps(info))
-    else:
-        out.print(f"saved {info['path']}: virtual time {info['vt_ns']} ns, {info['bytes']} bytes, "
-                  f"{len(info['domains'])} domain processes, {info['wall_s']:.3f} s", markup=False)
-    return 0
+    return _report(args, info, f"saved {info['path']}: virtual time {info['vt_ns']} ns, {info['bytes']} bytes, "
+                               f"{len(info['domains'])} domain processes, {info['wall_s']:.3f} s")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -158,12 +163,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.to:
         call["to"] = args.to
     info = _client(args).call("migrate", timeout_s=args.timeout, **call)
-    if args.json:
-        print(json.dumps(info))
-    else:
-        out.print(f"migrated d{info['domid']} ({info['name']}) to process {info['pid']} on {info['host']} at "
-                  f"virtual time {info['vt_ns']} ns ({info['wall_s']:.3f} s)", markup=False)
-    return 0
+    return _report(args, info, f"migrated d{info['domid']} ({info['name']}) to process {info['pid']} on "
+                               f"{info['host']} at virtual time {info['vt_ns']} ns ({info['wall_s']:.3f} s)")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -224,11 +225,7 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 def _domain_state(args: argparse.Namespace, d: dict[str, Any]) -> int:
     """What destroy, pause and unpause report: the domain's record after the command."""
-    if args.json:
-        print(json.dumps(d))
-    else:
-        out.print(f"domain {d['domid']} ({d['name']}): {d['state']}", markup=False)
-    return 0
+    return _report(args, d, f"domain {d['domid']} ({d['name']}): {d['state']}")
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -327,12 +324,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         return 2
     client = _client(args)
     created = [client.call("create", domain=table) for table in tables]
-    if args.json:
-        print(json.dumps(created))
-    else:
-        for d in created:
-            out.print(f"domain {d['domid']} ({d['name']}): created", markup=False)
-    return 0
+    return _report(args, created, "\n".join(f"domain {d['domid']} ({d['name']}): created" for d in created))
 
 
 def cmd_vcpu_pin(args: argparse.Namespace) -> int:
@@ -345,11 +337,7 @@ def cmd_vcpu_pin(args: argparse.Namespace) -> int:
         return 2
     rec = _client(args).call("inject", timeout_s=20, kind=req.kind, target=req.target, at_ns=None,
                              params=dict(req.params), wait_s=10)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        out.print(f"vCPU {target} on pCPU {args.pcpu}: {rec['outcome']}", markup=False)
-    return 0
+    return _report(args, rec, f"vCPU {target} on pCPU {args.pcpu}: {rec['outcome']}")
 
 
 def cmd_sched(args: argparse.Namespace) -> int:
@@ -373,23 +361,15 @@ def cmd_dump(args: argparse.Namespace) -> int:
     """An ELF core of the domain (gdb KERNEL.elf FILE reads it), written by the hypervisor at a window boundary."""
     path = Path(args.file).expanduser().absolute()
     rec = _client(args).call("dump", timeout_s=args.timeout, dom=args.dom, path=str(path), force=args.force)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        out.print(f"domain {rec['dom']} ({rec['name']}): {rec['size']} bytes, {rec['vcpus']} vCPUs, "
-                  f"{rec['segments']} segments at vt {rec['vt_ns'] / 1000:.3f} us -> {rec['path']}", markup=False)
-    return 0
+    return _report(args, rec, f"domain {rec['dom']} ({rec['name']}): {rec['size']} bytes, {rec['vcpus']} vCPUs, "
+                              f"{rec['segments']} segments at vt {rec['vt_ns'] / 1000:.3f} us -> {rec['path']}")
 
 
 def cmd_gdb(args: argparse.Namespace) -> int:
     """Have the hypervisor serve the GDB remote protocol for a domain on a loopback port; print where."""
     rec = _client(args).call("gdb", dom=args.dom, port=args.port)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        out.print(f"domain {rec['dom']} ({rec['name']}): gdb stub on {rec['host']}:{rec['port']}\n"
-                  f"  gdb KERNEL.elf -ex 'target remote {rec['host']}:{rec['port']}'", markup=False)
-    return 0
+    return _report(args, rec, f"domain {rec['dom']} ({rec['name']}): gdb stub on {rec['host']}:{rec['port']}\n"
+                              f"  gdb KERNEL.elf -ex 'target remote {rec['host']}:{rec['port']}'")
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
@@ -458,11 +438,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     client = ControlClient.for_run_dir(run_dir)
     client.call("down")
-    if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "down": True}))
-    else:
-        out.print(f"cluster in {run_dir} is down", markup=False)
-    return 0
+    return _report(args, {"run_dir": str(run_dir), "down": True}, f"cluster in {run_dir} is down")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

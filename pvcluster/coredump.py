@@ -20,13 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from pvcluster.abi.elf import EM_386, ET_CORE, EV_CURRENT, PF_R, PF_W, PF_X, PT_LOAD, PT_NOTE
+
 PAGE = 4096
-ET_CORE = 4
-EM_386 = 3
-EV_CURRENT = 1
-PT_LOAD = 1
-PT_NOTE = 4
-PF_X, PF_W, PF_R = 1, 2, 4
 NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 EHDR_SIZE = 52

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from pvcluster.abi import elf
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 HYPERCALL_STUB_SHIFT = 5  # the hypercall page holds one 32-byte stub per hypercall number
@@ -112,8 +114,8 @@ class KexecType(enum.IntEnum):
 
 # KEXEC_SEGMENT_MAX (xen/include/xen/kimage.h): xen/common/kexec.c's kexec_load refuses nr_segments >= this.
 KEXEC_SEGMENT_MAX = 16
-# The ELF machine number kexec_load's ``arch`` names for a 32-bit x86 image (ELF's EM_386).
-EM_386 = 3
+# The ELF machine number kexec_load's ``arch`` names for a 32-bit x86 image (ELF's EM_386, defined in abi/elf.py).
+EM_386 = elf.EM_386
 
 
 class ShutdownReason(enum.IntEnum):
